@@ -1,0 +1,101 @@
+// Package config reads l4lb's TOML configuration, validates all of it, and
+// compiles it into an immutable Config that the rest of l4lb reads.
+//
+// Usage:
+//
+//	cfg, err := config.Load("/etc/l4lb/l4lb.toml")
+//	if err != nil {
+//		// err is an *Errors listing every problem, each naming file:line:col
+//		// (syntax) or the dotted key (values).
+//	}
+//
+// The TOML-shaped structs stay inside this package: callers only ever see
+// Config, whose addresses are already parsed and whose defaults are filled in.
+// A Config is never modified after Load returns, so it can be shared between
+// goroutines without locks. This package imports none of l4lb's packages.
+package config
+
+import (
+	"net/netip"
+	"time"
+)
+
+// Protocol is the transport a service balances.
+type Protocol string
+
+const (
+	TCP Protocol = "tcp"
+	UDP Protocol = "udp"
+)
+
+// Balance names the algorithm that picks a backend for a new connection.
+type Balance string
+
+const (
+	Maglev     Balance = "maglev"
+	RoundRobin Balance = "round_robin"
+	LeastConn  Balance = "least_conn"
+)
+
+// HashKey says which part of the client address Maglev hashes.
+type HashKey string
+
+const (
+	SourceIP     HashKey = "source_ip"
+	SourceIPPort HashKey = "source_ip_port"
+)
+
+// Config is one complete, validated configuration.
+type Config struct {
+	// Path is the file the config was read from ("" when parsed from bytes).
+	Path string
+	// Hash is the SHA-256 of the file's bytes, hex encoded: two loads of the
+	// same bytes compare equal, which lets a reload of an unchanged file be a
+	// no-op.
+	Hash  string
+	Admin Admin
+	// Services are sorted by name.
+	Services []Service
+}
+
+// Admin configures the local admin HTTP endpoint.
+type Admin struct {
+	// Listen is "" when the admin endpoint is disabled.
+	Listen string
+}
+
+// Service is one balanced listen address.
+type Service struct {
+	Name     string
+	Listen   netip.AddrPort
+	Protocol Protocol
+	Balance  Balance
+	HashKey  HashKey
+	// Workers is the number of SO_REUSEPORT sockets, already resolved from 0
+	// ("one per core") to a positive count.
+	Workers        int
+	ConnectTimeout time.Duration
+	IdleTimeout    time.Duration
+	DrainTimeout   time.Duration
+	// Backends keep the order of the file. Balancers that need an order of
+	// their own (Maglev) sort by address so every node builds the same table.
+	Backends []Backend
+}
+
+// Backend is one destination of a service.
+type Backend struct {
+	Address netip.AddrPort
+	// Weight is in [0, MaxWeight]; 0 keeps the backend configured (its open
+	// connections live on) but sends it no new connections.
+	Weight int
+}
+
+// Service returns the service called name, or nil.
+func (c *Config) Service(name string) *Service {
+	for i := range c.Services {
+		if c.Services[i].Name == name {
+			return &c.Services[i]
+		}
+	}
+	return nil
+}

@@ -1,0 +1,442 @@
+package config
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"regexp"
+	"runtime"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Defaults. They live here and nowhere else; the README's config reference
+// lists the same values.
+const (
+	DefaultAdminListen    = "127.0.0.1:9901"
+	DefaultProtocol       = TCP
+	DefaultBalance        = Maglev
+	DefaultHashKey        = SourceIP
+	DefaultWorkers        = 0 // one per core
+	DefaultConnectTimeout = 3 * time.Second
+	DefaultIdleTimeout    = time.Hour
+	DefaultDrainTimeout   = 30 * time.Second
+	DefaultWeight         = 100
+
+	// MaxWeight bounds weights so that round-robin sequences and Maglev
+	// credit arithmetic stay small; 0..1000 gives operators three digits of
+	// precision, more than HAProxy's 0..256.
+	MaxWeight = 1000
+	// MaxWorkers bounds SO_REUSEPORT sockets per service; more than a few per
+	// core only costs memory.
+	MaxWorkers = 1024
+)
+
+// Errors is every problem found in one config file. Load returns it (as
+// error) whenever the file is rejected.
+type Errors struct {
+	Path     string
+	Problems []Problem
+}
+
+// Problem is one error in a config file. Exactly one of Key or Line is set:
+// Key (dotted, with 0-based indexes: services.pg.backends[2].address) for a
+// bad value, Line and Col for a syntax error.
+type Problem struct {
+	Key       string
+	Line, Col int
+	Message   string
+	// Context is the offending line with a caret under the error, for syntax
+	// errors only; the check command prints it.
+	Context string
+}
+
+func (p Problem) String() string {
+	if p.Key != "" {
+		return p.Key + ": " + p.Message
+	}
+	return fmt.Sprintf("%d:%d: %s", p.Line, p.Col, p.Message)
+}
+
+func (e *Errors) Error() string {
+	var b strings.Builder
+	for i, p := range e.Problems {
+		if i > 0 {
+			b.WriteByte('\n')
+		}
+		name := e.Path
+		if name == "" {
+			name = "config"
+		}
+		b.WriteString(name)
+		if p.Key != "" {
+			b.WriteString(": ")
+		} else {
+			b.WriteByte(':')
+		}
+		b.WriteString(p.String())
+	}
+	return b.String()
+}
+
+// Load reads and compiles the config file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return Parse(data, path)
+}
+
+// The TOML-shaped file. Leaves are `any` so that a value of the wrong type
+// does not abort decoding: every leaf is checked by the validator, which can
+// then report all problems at once with their dotted keys.
+type fileConfig struct {
+	Admin    *fileAdmin              `toml:"admin"`
+	Services map[string]*fileService `toml:"services"`
+}
+
+type fileAdmin struct {
+	Listen any `toml:"listen"`
+}
+
+type fileService struct {
+	Listen         any `toml:"listen"`
+	Protocol       any `toml:"protocol"`
+	Balance        any `toml:"balance"`
+	HashKey        any `toml:"hash_key"`
+	Workers        any `toml:"workers"`
+	ConnectTimeout any `toml:"connect_timeout"`
+	IdleTimeout    any `toml:"idle_timeout"`
+	DrainTimeout   any `toml:"drain_timeout"`
+	// Backends are decoded as plain tables so that unknown keys can be
+	// reported with the backend's index, which MetaData.Undecoded cannot do
+	// for arrays of tables.
+	Backends []map[string]any `toml:"backends"`
+}
+
+var backendKeys = []string{"address", "weight"}
+
+var serviceName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// Parse compiles a config from the bytes of a file; path is used in errors.
+func Parse(data []byte, path string) (*Config, error) {
+	var file fileConfig
+	md, err := toml.Decode(string(data), &file)
+	if err != nil {
+		return nil, &Errors{Path: path, Problems: []Problem{decodeProblem(data, err)}}
+	}
+	v := validator{}
+	for _, key := range md.Undecoded() {
+		v.add(key.String(), "unknown key")
+	}
+	sum := sha256.Sum256(data)
+	cfg := &Config{
+		Path:  path,
+		Hash:  hex.EncodeToString(sum[:]),
+		Admin: v.admin(file.Admin),
+	}
+	if len(file.Services) == 0 {
+		v.add("services", "no services defined: add at least one [services.NAME] table")
+	}
+	names := make([]string, 0, len(file.Services))
+	for name := range file.Services {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		if svc, ok := v.service(name, file.Services[name]); ok {
+			cfg.Services = append(cfg.Services, svc)
+		}
+	}
+	v.checkListenConflicts(cfg.Services)
+	if len(v.problems) > 0 {
+		return nil, &Errors{Path: path, Problems: v.problems}
+	}
+	return cfg, nil
+}
+
+func decodeProblem(data []byte, err error) Problem {
+	var pe toml.ParseError
+	if !errors.As(err, &pe) {
+		return Problem{Line: 1, Col: 1, Message: err.Error()}
+	}
+	// Position.Line is off by one when the offending byte is a newline, so
+	// line and column are derived from the byte offset instead.
+	start := min(max(pe.Position.Start, 0), len(data))
+	lineStart := bytes.LastIndexByte(data[:start], '\n') + 1
+	lineEnd := bytes.IndexByte(data[lineStart:], '\n')
+	if lineEnd < 0 {
+		lineEnd = len(data) - lineStart
+	}
+	line := bytes.Count(data[:start], []byte{'\n'}) + 1
+	col := start - lineStart + 1
+	msg := pe.Message
+	if pe.LastKey != "" && !strings.Contains(msg, pe.LastKey) {
+		msg = fmt.Sprintf("%s (after key %s)", msg, pe.LastKey)
+	}
+	text := string(data[lineStart : lineStart+lineEnd])
+	context := fmt.Sprintf("%6d | %s\n%6s | %s^", line, text, "", strings.Repeat(" ", col-1))
+	return Problem{Line: line, Col: col, Message: msg, Context: context}
+}
+
+// validator collects problems while it converts file values to Config values.
+type validator struct {
+	problems []Problem
+}
+
+func (v *validator) add(key, format string, args ...any) {
+	v.problems = append(v.problems, Problem{Key: key, Message: fmt.Sprintf(format, args...)})
+}
+
+func (v *validator) admin(a *fileAdmin) Admin {
+	if a == nil || a.Listen == nil {
+		return Admin{Listen: DefaultAdminListen}
+	}
+	s, ok := v.str("admin.listen", a.Listen)
+	if !ok || s == "" {
+		return Admin{}
+	}
+	if _, err := parseAddrPort(s); err != nil {
+		v.add("admin.listen", "%v", err)
+	}
+	return Admin{Listen: s}
+}
+
+func (v *validator) service(name string, f *fileService) (Service, bool) {
+	at := "services." + name
+	before := len(v.problems)
+	if !serviceName.MatchString(name) {
+		v.add(at, "service name must be 1-64 letters, digits, '_' or '-'")
+	}
+	if f == nil {
+		f = &fileService{}
+	}
+	svc := Service{Name: name}
+	if f.Listen == nil {
+		v.add(at+".listen", "missing: every service needs a listen address such as \"0.0.0.0:5432\"")
+	} else if s, ok := v.str(at+".listen", f.Listen); ok {
+		ap, err := parseAddrPort(s)
+		if err != nil {
+			v.add(at+".listen", "%v", err)
+		}
+		svc.Listen = ap
+	}
+	svc.Protocol = Protocol(v.enum(at+".protocol", f.Protocol, string(DefaultProtocol), "tcp", "udp"))
+	if svc.Protocol == UDP {
+		v.add(at+".protocol", "udp services are not supported yet; only \"tcp\" is")
+	}
+	svc.Balance = Balance(v.enum(at+".balance", f.Balance, string(DefaultBalance), "maglev", "round_robin", "least_conn"))
+	svc.HashKey = HashKey(v.enum(at+".hash_key", f.HashKey, string(DefaultHashKey), "source_ip", "source_ip_port"))
+	if f.HashKey != nil && svc.Balance != Maglev {
+		v.add(at+".hash_key", "applies only to balance = \"maglev\" (balance is %q)", svc.Balance)
+	}
+	svc.Workers = int(v.integer(at+".workers", f.Workers, DefaultWorkers, 0, MaxWorkers))
+	if svc.Workers == 0 {
+		svc.Workers = runtime.GOMAXPROCS(0)
+	}
+	svc.ConnectTimeout = v.duration(at+".connect_timeout", f.ConnectTimeout, DefaultConnectTimeout, false)
+	svc.IdleTimeout = v.duration(at+".idle_timeout", f.IdleTimeout, DefaultIdleTimeout, false)
+	svc.DrainTimeout = v.duration(at+".drain_timeout", f.DrainTimeout, DefaultDrainTimeout, true)
+
+	if len(f.Backends) == 0 {
+		v.add(at+".backends", "no backends: add at least one [[%s.backends]] table", at)
+	}
+	seen := make(map[netip.AddrPort]int, len(f.Backends))
+	for i, fb := range f.Backends {
+		bat := fmt.Sprintf("%s.backends[%d]", at, i)
+		for key := range fb {
+			if !contains(backendKeys, key) {
+				v.add(bat+"."+key, "unknown key")
+			}
+		}
+		b := Backend{Weight: DefaultWeight}
+		if raw, ok := fb["address"]; !ok {
+			v.add(bat+".address", "missing: every backend needs an address such as \"10.0.0.11:5432\"")
+		} else if s, ok := v.str(bat+".address", raw); ok {
+			ap, err := parseAddrPort(s)
+			if err != nil {
+				v.add(bat+".address", "%v", err)
+			} else if first, dup := seen[ap]; dup {
+				v.add(bat+".address", "duplicate backend %s (also %s.backends[%d])", ap, at, first)
+			} else {
+				seen[ap] = i
+			}
+			b.Address = ap
+		}
+		b.Weight = int(v.integer(bat+".weight", fb["weight"], DefaultWeight, 0, MaxWeight))
+		svc.Backends = append(svc.Backends, b)
+	}
+	return svc, len(v.problems) == before
+}
+
+// checkListenConflicts rejects two services that would receive the same
+// packets: the same port and protocol with equal addresses, or with either
+// address a wildcard (SO_REUSEPORT would let both bind and silently split
+// the traffic).
+func (v *validator) checkListenConflicts(services []Service) {
+	for i := range services {
+		for j := 0; j < i; j++ {
+			a, b := services[j], services[i]
+			if a.Protocol != b.Protocol || a.Listen.Port() != b.Listen.Port() {
+				continue
+			}
+			aa, ba := a.Listen.Addr(), b.Listen.Addr()
+			if aa == ba || aa.IsUnspecified() || ba.IsUnspecified() {
+				v.add("services."+b.Name+".listen", "%s overlaps services.%s.listen (%s)", b.Listen, a.Name, a.Listen)
+			}
+		}
+	}
+}
+
+func (v *validator) str(key string, raw any) (string, bool) {
+	s, ok := raw.(string)
+	if !ok {
+		v.add(key, "want a string, got %s", tomlType(raw))
+	}
+	return s, ok
+}
+
+func (v *validator) enum(key string, raw any, def string, choices ...string) string {
+	if raw == nil {
+		return def
+	}
+	s, ok := v.str(key, raw)
+	if !ok {
+		return def
+	}
+	if !contains(choices, s) {
+		v.add(key, "%q is not one of %s", s, strings.Join(choices, ", "))
+		return def
+	}
+	return s
+}
+
+func (v *validator) integer(key string, raw any, def, lo, hi int64) int64 {
+	if raw == nil {
+		return def
+	}
+	n, ok := raw.(int64)
+	if !ok {
+		v.add(key, "want an integer, got %s", tomlType(raw))
+		return def
+	}
+	if n < lo || n > hi {
+		v.add(key, "%d is out of range [%d, %d]", n, lo, hi)
+		return def
+	}
+	return n
+}
+
+func (v *validator) duration(key string, raw any, def time.Duration, zeroOK bool) time.Duration {
+	if raw == nil {
+		return def
+	}
+	s, ok := raw.(string)
+	if !ok {
+		v.add(key, "want a duration string such as \"3s\" or \"1h30m\", got %s", tomlType(raw))
+		return def
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		v.add(key, "%q is not a duration (use units: \"500ms\", \"3s\", \"1h\")", s)
+		return def
+	}
+	if d < 0 || (d == 0 && !zeroOK) {
+		v.add(key, "%s must be greater than zero", s)
+		return def
+	}
+	return d
+}
+
+// parseAddrPort accepts an IP literal and port: "10.0.0.1:80", "[::1]:80".
+// Host names are refused on purpose: the data path never resolves names, and
+// a name resolved once at load time would silently go stale.
+func parseAddrPort(s string) (netip.AddrPort, error) {
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		if strings.Count(s, ":") > 1 && !strings.HasPrefix(s, "[") {
+			return netip.AddrPort{}, fmt.Errorf("%q: put IPv6 addresses in brackets, e.g. \"[::1]:5432\"", s)
+		}
+		host, port, found := strings.Cut(s, ":")
+		switch {
+		case !found:
+			return netip.AddrPort{}, fmt.Errorf("%q: want IP:port, e.g. \"10.0.0.1:5432\" or \"[::1]:5432\"", s)
+		case host == "":
+			return netip.AddrPort{}, fmt.Errorf("%q: missing IP: use \"0.0.0.0:%s\" or \"[::]:%s\" to listen on every address", s, port, port)
+		}
+		if _, perr := netip.ParseAddr(host); perr != nil && !strings.HasPrefix(host, "[") && !strings.Contains(port, ":") {
+			return netip.AddrPort{}, fmt.Errorf("%q: %q is not an IP address (host names are not resolved)", s, host)
+		}
+		if i := strings.LastIndexByte(s, ':'); i >= 0 {
+			if _, perr := parsePort(s[i+1:]); perr != nil {
+				return netip.AddrPort{}, fmt.Errorf("%q: %v", s, perr)
+			}
+		}
+		return netip.AddrPort{}, fmt.Errorf("%q: want IP:port, e.g. \"10.0.0.1:5432\" or \"[::1]:5432\"", s)
+	}
+	if ap.Port() == 0 {
+		return netip.AddrPort{}, fmt.Errorf("%q: port 0 is not allowed, use 1-65535", s)
+	}
+	if ap.Addr().Zone() != "" {
+		return netip.AddrPort{}, fmt.Errorf("%q: IPv6 zones are not supported", s)
+	}
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+}
+
+func parsePort(s string) (int, error) {
+	n := 0
+	if s == "" {
+		return 0, errors.New("missing port")
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return 0, fmt.Errorf("port %q is not a number", s)
+		}
+		n = n*10 + int(c-'0')
+		if n > 65535 {
+			return 0, fmt.Errorf("port %s is out of range, use 1-65535", s)
+		}
+	}
+	if n == 0 {
+		return 0, errors.New("port 0 is not allowed, use 1-65535")
+	}
+	return n, nil
+}
+
+func tomlType(raw any) string {
+	switch raw.(type) {
+	case string:
+		return "a string"
+	case int64:
+		return "an integer"
+	case float64:
+		return "a float"
+	case bool:
+		return "a boolean"
+	case []any, []map[string]any:
+		return "an array"
+	case map[string]any:
+		return "a table"
+	case time.Time:
+		return "a date-time"
+	default:
+		return fmt.Sprintf("%T", raw)
+	}
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

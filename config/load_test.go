@@ -1,0 +1,236 @@
+package config
+
+import (
+	"errors"
+	"net/netip"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+const full = `
+[admin]
+listen = "127.0.0.1:9901"
+
+[services.pg]
+listen = "0.0.0.0:5432"
+protocol = "tcp"
+balance = "maglev"
+hash_key = "source_ip_port"
+workers = 3
+connect_timeout = "2s"
+idle_timeout = "10m"
+drain_timeout = "5s"
+
+  [[services.pg.backends]]
+  address = "10.0.0.11:5432"
+  weight = 50
+
+  [[services.pg.backends]]
+  address = "[fd00::12]:5432"
+
+[services.cache]
+listen = "[::1]:6379"
+balance = "least_conn"
+
+  [[services.cache.backends]]
+  address = "[::ffff:10.0.0.21]:6379"
+  weight = 0
+`
+
+func TestParseFull(t *testing.T) {
+	cfg, err := Parse([]byte(full), "full.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Admin.Listen != "127.0.0.1:9901" {
+		t.Errorf("admin.listen = %q", cfg.Admin.Listen)
+	}
+	if len(cfg.Services) != 2 || cfg.Services[0].Name != "cache" || cfg.Services[1].Name != "pg" {
+		t.Fatalf("services not sorted by name: %+v", cfg.Services)
+	}
+	pg := cfg.Service("pg")
+	want := Service{
+		Name: "pg", Listen: netip.MustParseAddrPort("0.0.0.0:5432"), Protocol: TCP, Balance: Maglev,
+		HashKey: SourceIPPort, Workers: 3, ConnectTimeout: 2 * time.Second, IdleTimeout: 10 * time.Minute,
+		DrainTimeout: 5 * time.Second,
+		Backends: []Backend{
+			{Address: netip.MustParseAddrPort("10.0.0.11:5432"), Weight: 50},
+			{Address: netip.MustParseAddrPort("[fd00::12]:5432"), Weight: DefaultWeight},
+		},
+	}
+	if got := *pg; !equalService(got, want) {
+		t.Errorf("pg =\n%+v\nwant\n%+v", got, want)
+	}
+	cache := cfg.Service("cache")
+	if cache.Workers != runtime.GOMAXPROCS(0) {
+		t.Errorf("workers = 0 should resolve to GOMAXPROCS, got %d", cache.Workers)
+	}
+	if cache.ConnectTimeout != DefaultConnectTimeout || cache.IdleTimeout != DefaultIdleTimeout || cache.DrainTimeout != DefaultDrainTimeout {
+		t.Errorf("default timeouts not applied: %+v", cache)
+	}
+	if got := cache.Backends[0].Address.Addr(); got != netip.MustParseAddr("10.0.0.21") {
+		t.Errorf("IPv4-mapped backend not unmapped: %v", got)
+	}
+	if cache.Backends[0].Weight != 0 {
+		t.Errorf("explicit weight 0 lost: %d", cache.Backends[0].Weight)
+	}
+	if cfg.Hash == "" || cfg.Path != "full.toml" {
+		t.Errorf("hash/path not set: %q %q", cfg.Hash, cfg.Path)
+	}
+	again, _ := Parse([]byte(full), "other.toml")
+	if again.Hash != cfg.Hash {
+		t.Error("same bytes must hash the same")
+	}
+}
+
+func TestAdminDefaultsAndDisable(t *testing.T) {
+	base := "[services.a]\nlisten = \"127.0.0.1:1000\"\n[[services.a.backends]]\naddress = \"127.0.0.1:2000\"\n"
+	cfg, err := Parse([]byte(base), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Admin.Listen != DefaultAdminListen {
+		t.Errorf("default admin.listen = %q", cfg.Admin.Listen)
+	}
+	cfg, err = Parse([]byte("[admin]\nlisten = \"\"\n"+base), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Admin.Listen != "" {
+		t.Errorf("empty admin.listen should disable, got %q", cfg.Admin.Listen)
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	svc := func(body string) string {
+		return "[services.pg]\nlisten = \"127.0.0.1:5432\"\n" + body + "\n[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n"
+	}
+	tests := []struct {
+		name string
+		file string
+		want []string // each must appear in the error text
+	}{
+		{"syntax", "[services.pg\nlisten = 1", []string{"bad.toml:1:"}},
+		{"truncated", "[services.pg]\nlisten = \"127.0.0.1:5", []string{"bad.toml:2:"}},
+		{"unknown top key", "colour = 1\n" + svc(""), []string{"colour: unknown key"}},
+		{"unknown service key", svc("wieght = 3"), []string{"services.pg.wieght: unknown key"}},
+		{"unknown backend key", svc("") + "wieght = 3\n", []string{"services.pg.backends[0].wieght: unknown key"}},
+		{"wrong type", svc("workers = \"four\""), []string{"services.pg.workers: want an integer, got a string"}},
+		{"bad duration", svc("idle_timeout = \"10 minutes\""), []string{"services.pg.idle_timeout:", "not a duration"}},
+		{"duration as number", svc("connect_timeout = 3"), []string{"services.pg.connect_timeout: want a duration string"}},
+		{"zero timeout", svc("connect_timeout = \"0s\""), []string{"services.pg.connect_timeout: 0s must be greater than zero"}},
+		{"udp not yet", svc("protocol = \"udp\""), []string{"services.pg.protocol: udp services are not supported yet"}},
+		{"bad enum", svc("balance = \"random\""), []string{"services.pg.balance: \"random\" is not one of maglev, round_robin, least_conn"}},
+		{"hash_key without maglev", svc("balance = \"round_robin\"\nhash_key = \"source_ip\""), []string{"services.pg.hash_key: applies only to balance = \"maglev\""}},
+		{"workers range", svc("workers = -1"), []string{"services.pg.workers: -1 is out of range [0, 1024]"}},
+		{"port range", "[services.pg]\nlisten = \"127.0.0.1:70000\"\n[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg.listen:", "out of range"}},
+		{"port zero", svc("") + "[[services.pg.backends]]\naddress = \"10.0.0.2:0\"\n", []string{"services.pg.backends[1].address:", "port 0"}},
+		{"hostname", svc("") + "[[services.pg.backends]]\naddress = \"db.local:5432\"\n", []string{"services.pg.backends[1].address:", "not an IP address"}},
+		{"ipv6 without brackets", svc("") + "[[services.pg.backends]]\naddress = \"fd00::1:5432\"\n", []string{"brackets"}},
+		{"missing listen", "[services.pg]\n[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg.listen: missing"}},
+		{"listen without ip", "[services.pg]\nlisten = \":5432\"\n[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg.listen:", "missing IP"}},
+		{"no backends", "[services.pg]\nlisten = \"127.0.0.1:5432\"\n", []string{"services.pg.backends: no backends"}},
+		{"no services", "[admin]\nlisten = \"127.0.0.1:9901\"\n", []string{"services: no services defined"}},
+		{"duplicate backend", svc("") + "[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg.backends[1].address: duplicate backend 10.0.0.1:5432 (also services.pg.backends[0])"}},
+		{"weight range", svc("") + "weight = 1001\n", []string{"services.pg.backends[0].weight: 1001 is out of range [0, 1000]"}},
+		{"negative weight", svc("") + "weight = -1\n", []string{"services.pg.backends[0].weight: -1 is out of range"}},
+		{"same listen", svc("") + "[services.pg2]\nlisten = \"127.0.0.1:5432\"\n[[services.pg2.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg2.listen: 127.0.0.1:5432 overlaps services.pg.listen"}},
+		{"wildcard overlap", svc("") + "[services.pg2]\nlisten = \"0.0.0.0:5432\"\n[[services.pg2.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg2.listen:", "overlaps"}},
+		{"bad admin", "[admin]\nlisten = \"localhost\"\n" + svc(""), []string{"admin.listen:"}},
+		{"bad service name", "[services.\"p g\"]\nlisten = \"127.0.0.1:5432\"\n[[services.\"p g\".backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"service name must be"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.file), "bad.toml")
+			if err == nil {
+				t.Fatalf("accepted:\n%s", tt.file)
+			}
+			var errs *Errors
+			if !errors.As(err, &errs) {
+				t.Fatalf("error is %T, want *Errors", err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error\n%s\ndoes not contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestParseReportsEveryProblem(t *testing.T) {
+	file := `
+[services.pg]
+listen = "127.0.0.1:99999"
+workers = "x"
+idle_timeout = "forever"
+colour = "blue"
+
+  [[services.pg.backends]]
+  address = "10.0.0.1"
+  weight = 5000
+
+  [[services.pg.backends]]
+  address = "10.0.0.2:5432"
+  [[services.pg.backends]]
+  address = "10.0.0.2:5432"
+
+[services.empty]
+listen = "127.0.0.1:1"
+`
+	_, err := Parse([]byte(file), "many.toml")
+	var errs *Errors
+	if !errors.As(err, &errs) {
+		t.Fatalf("want *Errors, got %v", err)
+	}
+	keys := map[string]bool{}
+	for _, p := range errs.Problems {
+		keys[p.Key] = true
+	}
+	for _, k := range []string{
+		"services.pg.listen", "services.pg.workers", "services.pg.idle_timeout", "services.pg.colour",
+		"services.pg.backends[0].address", "services.pg.backends[0].weight", "services.pg.backends[2].address",
+		"services.empty.backends",
+	} {
+		if !keys[k] {
+			t.Errorf("no problem reported for %s; got:\n%v", k, err)
+		}
+	}
+	for _, line := range strings.Split(err.Error(), "\n") {
+		if !strings.HasPrefix(line, "many.toml: services.") {
+			t.Errorf("line does not name file and key: %q", line)
+		}
+	}
+}
+
+func TestSyntaxErrorPosition(t *testing.T) {
+	_, err := Parse([]byte("[admin]\nlisten = \"127.0.0.1:9901\"\n\n[services.pg\n"), "s.toml")
+	var errs *Errors
+	if !errors.As(err, &errs) || len(errs.Problems) != 1 {
+		t.Fatalf("want one problem, got %v", err)
+	}
+	p := errs.Problems[0]
+	if p.Line != 4 || p.Col < 1 || p.Context == "" {
+		t.Errorf("want line 4 with a column and context, got %+v", p)
+	}
+	if !strings.HasPrefix(err.Error(), "s.toml:4:") {
+		t.Errorf("want s.toml:4:COL: prefix, got %q", err)
+	}
+}
+
+func equalService(a, b Service) bool {
+	if len(a.Backends) != len(b.Backends) {
+		return false
+	}
+	for i := range a.Backends {
+		if a.Backends[i] != b.Backends[i] {
+			return false
+		}
+	}
+	a.Backends, b.Backends = nil, nil
+	return a.Name == b.Name && a.Listen == b.Listen && a.Protocol == b.Protocol && a.Balance == b.Balance &&
+		a.HashKey == b.HashKey && a.Workers == b.Workers && a.ConnectTimeout == b.ConnectTimeout &&
+		a.IdleTimeout == b.IdleTimeout && a.DrainTimeout == b.DrainTimeout
+}
