@@ -1,0 +1,123 @@
+// Package listener opens the per-core SO_REUSEPORT sockets of a service and
+// runs their accept loops.
+//
+// Usage:
+//
+//	lns, err := listener.ListenTCP(ctx, addr, workers)
+//	for _, ln := range lns {
+//		go listener.Serve(ln, handle, logger) // returns when ln is closed
+//	}
+//
+// Each socket of a group has its own accept queue; the kernel spreads new
+// connections over them by a hash of the 4-tuple, so each core accepts from
+// its own queue without contending with the others.
+package listener
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// ListenTCP binds n TCP sockets to addr with SO_REUSEPORT. On error none of
+// them stays open. An unspecified IPv6 address ("[::]") also accepts IPv4.
+func ListenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.TCPListener, error) {
+	if n < 1 {
+		return nil, fmt.Errorf("listen %s: need at least one socket, got %d", addr, n)
+	}
+	lc := net.ListenConfig{Control: setReusePort}
+	lns := make([]*net.TCPListener, 0, n)
+	for range n {
+		ln, err := lc.Listen(ctx, "tcp", addr.String())
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, fmt.Errorf("listen %s: %w", addr, err)
+		}
+		lns = append(lns, ln.(*net.TCPListener))
+	}
+	return lns, nil
+}
+
+func setReusePort(network, address string, c syscall.RawConn) error {
+	var sockErr error
+	err := c.Control(func(fd uintptr) {
+		sockErr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	})
+	if err != nil {
+		return err
+	}
+	if sockErr != nil {
+		return fmt.Errorf("set SO_REUSEPORT: %w", sockErr)
+	}
+	return nil
+}
+
+// Backoff bounds for accept errors. An accept that fails for lack of file
+// descriptors or buffers fails again at once; retrying immediately would
+// spin a core while nothing can change, so the loop sleeps, doubling from
+// the first to the last bound, and resets after the next success.
+const (
+	minAcceptBackoff = 5 * time.Millisecond
+	maxAcceptBackoff = time.Second
+)
+
+// Acceptor is the part of *net.TCPListener that Serve uses.
+type Acceptor interface {
+	AcceptTCP() (*net.TCPConn, error)
+	Addr() net.Addr
+}
+
+var _ Acceptor = (*net.TCPListener)(nil)
+
+// Serve accepts connections on ln and runs handle for each in a new
+// goroutine; handle owns the connection. Serve returns nil once ln is
+// closed. It never returns on other errors: the process must keep serving
+// its open connections, and accept will succeed again once descriptors
+// free up.
+func Serve(ln Acceptor, handle func(*net.TCPConn), log hclog.Logger) error {
+	return serve(ln, handle, log, time.Sleep)
+}
+
+func serve(ln Acceptor, handle func(*net.TCPConn), log hclog.Logger, sleep func(time.Duration)) error {
+	var backoff time.Duration
+	for {
+		conn, err := ln.AcceptTCP()
+		if err == nil {
+			backoff = 0
+			go handle(conn)
+			continue
+		}
+		if errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		if backoff == 0 {
+			backoff = minAcceptBackoff
+		} else {
+			backoff = min(2*backoff, maxAcceptBackoff)
+		}
+		if isTransient(err) {
+			log.Warn("accept failed, backing off", "listen", ln.Addr(), "error", err, "retry_in", backoff)
+		} else {
+			log.Error("accept failed unexpectedly, backing off", "listen", ln.Addr(), "error", err, "retry_in", backoff)
+		}
+		sleep(backoff)
+	}
+}
+
+// isTransient reports the accept errors that are expected under load and
+// clear up by themselves.
+func isTransient(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) ||
+		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, os.ErrDeadlineExceeded)
+}
