@@ -1,0 +1,116 @@
+package l4
+
+import (
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Backend is the runtime state of one backend address of one service. It
+// outlives configs: a reload that keeps an address keeps its *Backend, so
+// counters and open connections carry over.
+type Backend struct {
+	addr netip.AddrPort
+	// dialAddr is addr formatted once, so that dialing does not format it
+	// per connection.
+	dialAddr string
+
+	active      atomic.Int64  // open proxied connections
+	total       atomic.Uint64 // proxied connections ever opened
+	dialFailed  atomic.Uint64 // connect attempts that failed or timed out
+	bytesToBack atomic.Uint64 // bytes from clients to this backend
+	bytesToCli  atomic.Uint64 // bytes from this backend to clients
+	lastDialLog atomic.Int64  // monotonicNow of the last dial failure log line
+
+	mu sync.Mutex // guards conns
+	// conns links the open connections so a drain or shutdown can close
+	// them. An intrusive list: linking and unlinking allocate nothing.
+	conns proxyConnList
+}
+
+func newBackend(addr netip.AddrPort) *Backend {
+	return &Backend{addr: addr, dialAddr: addr.String()}
+}
+
+// Addr is the backend's address.
+func (b *Backend) Addr() netip.AddrPort { return b.addr }
+
+// BackendStats is a point-in-time copy of a backend's counters.
+type BackendStats struct {
+	Active      int64
+	Total       uint64
+	DialFailed  uint64
+	BytesToBack uint64
+	BytesToCli  uint64
+}
+
+// Stats reads the backend's counters.
+func (b *Backend) Stats() BackendStats {
+	return BackendStats{
+		Active:      b.active.Load(),
+		Total:       b.total.Load(),
+		DialFailed:  b.dialFailed.Load(),
+		BytesToBack: b.bytesToBack.Load(),
+		BytesToCli:  b.bytesToCli.Load(),
+	}
+}
+
+func (b *Backend) track(c *proxyConn) {
+	b.active.Add(1)
+	b.total.Add(1)
+	b.mu.Lock()
+	b.conns.pushBack(c)
+	b.mu.Unlock()
+}
+
+func (b *Backend) untrack(c *proxyConn) {
+	b.mu.Lock()
+	b.conns.remove(c)
+	b.mu.Unlock()
+	b.active.Add(-1)
+}
+
+// closeConns aborts every open connection to the backend.
+func (b *Backend) closeConns() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for c := b.conns.head; c != nil; c = c.next {
+		c.abort()
+	}
+}
+
+// proxyConnList is a doubly linked list threaded through proxyConn.
+type proxyConnList struct {
+	head, tail *proxyConn
+}
+
+func (l *proxyConnList) pushBack(c *proxyConn) {
+	c.prev, c.next = l.tail, nil
+	if l.tail != nil {
+		l.tail.next = c
+	} else {
+		l.head = c
+	}
+	l.tail = c
+}
+
+func (l *proxyConnList) remove(c *proxyConn) {
+	if c.prev != nil {
+		c.prev.next = c.next
+	} else {
+		l.head = c.next
+	}
+	if c.next != nil {
+		c.next.prev = c.prev
+	} else {
+		l.tail = c.prev
+	}
+	c.prev, c.next = nil, nil
+}
+
+// clockStart anchors the monotonic clock that idle tracking reads: an
+// int64 offset from it fits an atomic, where a time.Time does not.
+var clockStart = time.Now()
+
+func monotonicNow() int64 { return int64(time.Since(clockStart)) }

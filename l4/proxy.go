@@ -1,0 +1,103 @@
+package l4
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// proxyConn is one client connection joined to one backend connection.
+type proxyConn struct {
+	client  *net.TCPConn
+	backend *net.TCPConn
+	target  *Backend
+
+	idleTimeout time.Duration
+	// lastActive is when a byte last moved either way, in monotonicNow
+	// units. Both copy directions write it; either may read it.
+	lastActive atomic.Int64
+
+	abortOnce sync.Once
+
+	prev, next *proxyConn // links in target.conns, guarded by target.mu
+}
+
+func (c *proxyConn) touch() { c.lastActive.Store(monotonicNow()) }
+
+// idleDeadline returns when the connection becomes idle if nothing moves,
+// and whether that moment has already passed.
+func (c *proxyConn) idleDeadline() (time.Time, bool) {
+	last := time.Duration(c.lastActive.Load())
+	deadline := clockStart.Add(last + c.idleTimeout)
+	return deadline, !time.Now().Before(deadline)
+}
+
+// abort closes both sockets at once, which ends both copy directions.
+func (c *proxyConn) abort() {
+	c.abortOnce.Do(func() {
+		c.client.Close()
+		c.backend.Close()
+	})
+}
+
+// run moves bytes both ways until both directions are done, then closes
+// both sockets. A direction that reads EOF half-closes its destination
+// (CloseWrite), so a client that shuts its write side still receives the
+// whole reply; any error or the idle timeout aborts both directions.
+func (c *proxyConn) run(pipes *pipePool) error {
+	c.touch()
+	deadline := clockStart.Add(time.Duration(c.lastActive.Load()) + c.idleTimeout)
+	c.client.SetDeadline(deadline)
+	c.backend.SetDeadline(deadline)
+
+	toBackend, err := newSpliceCopier(c, pipes, c.backend, c.client)
+	if err != nil {
+		c.abort()
+		return err
+	}
+	toClient, err := newSpliceCopier(c, pipes, c.client, c.backend)
+	if err != nil {
+		c.abort()
+		return err
+	}
+	upErr := make(chan error, 1)
+	go c.copyClientToBackend(toBackend, upErr)
+	downErr := c.copyBackendToClient(toClient)
+	err = <-upErr
+	c.target.bytesToBack.Add(uint64(toBackend.bytes))
+	c.target.bytesToCli.Add(uint64(toClient.bytes))
+	c.abort()
+	if err == nil {
+		err = downErr
+	}
+	return err
+}
+
+// The two directions have their own named functions so that goroutine
+// dumps say which way a stuck copy was going.
+
+func (c *proxyConn) copyClientToBackend(s *spliceCopier, done chan<- error) {
+	done <- c.finishDirection(s.copy(), c.backend)
+}
+
+func (c *proxyConn) copyBackendToClient(s *spliceCopier) error {
+	return c.finishDirection(s.copy(), c.client)
+}
+
+func (c *proxyConn) finishDirection(err error, dst *net.TCPConn) error {
+	if err == nil {
+		// EOF: pass the half-close on. An error here means dst is already
+		// gone, which the other direction will see for itself.
+		dst.CloseWrite()
+		return nil
+	}
+	c.abort()
+	if errors.Is(err, net.ErrClosed) {
+		// Only l4lb closes these sockets: the other direction or a drain
+		// ended the connection on purpose.
+		return nil
+	}
+	return err
+}

@@ -1,0 +1,210 @@
+package l4
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/config"
+)
+
+// maxDialAttempts is the first choice plus up to two more backends in the
+// key's order before a client is turned away.
+const maxDialAttempts = 3
+
+// route is what the data path reads for a new connection: immutable, built
+// on the control side, published with one atomic store.
+type route struct {
+	cfg *config.Service
+	// backends are the balancer's members, in the order it was built from:
+	// those with weight > 0.
+	backends []*Backend
+	// balancer is nil when no backend may take new connections.
+	balancer balancer
+	dialer   net.Dialer
+}
+
+// Service balances the connections of one configured service. The accept
+// loops call Handle; the control side calls Update and Drain.
+type Service struct {
+	name  string
+	log   hclog.Logger
+	pipes *pipePool
+
+	route atomic.Pointer[route]
+
+	mu sync.Mutex // guards backends
+	// backends holds the state of every configured backend by address, so
+	// that an Update keeps the state of the ones that stay.
+	backends map[netip.AddrPort]*Backend
+
+	handlers sync.WaitGroup // running Handle calls
+
+	refused     atomic.Uint64 // clients closed because no backend could take them
+	lastRefusal atomic.Int64  // monotonicNow of the last refusal log line
+	proxyErrors atomic.Uint64 // connections that ended with an error other than idle
+}
+
+// NewService returns a service that routes by cfg. pipes is shared by all
+// services so that busy ones can reuse what quiet ones returned.
+func NewService(cfg *config.Service, pipes *pipePool, log hclog.Logger) *Service {
+	s := &Service{
+		name:     cfg.Name,
+		log:      log.With("service", cfg.Name),
+		pipes:    pipes,
+		backends: make(map[netip.AddrPort]*Backend),
+	}
+	s.Update(cfg)
+	return s
+}
+
+// Name is the service's name from the config.
+func (s *Service) Name() string { return s.name }
+
+// Update makes cfg the service's routing for new connections. Connections
+// already open keep their backend.
+func (s *Service) Update(cfg *config.Service) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := &route{cfg: cfg, dialer: net.Dialer{Timeout: cfg.ConnectTimeout}}
+	var members []member
+	kept := make(map[netip.AddrPort]*Backend, len(cfg.Backends))
+	for _, b := range cfg.Backends {
+		be := s.backends[b.Address]
+		if be == nil {
+			be = newBackend(b.Address)
+		}
+		kept[b.Address] = be
+		if b.Weight > 0 {
+			r.backends = append(r.backends, be)
+			members = append(members, member{key: be.dialAddr, weight: b.Weight, active: &be.active})
+		}
+	}
+	if len(members) > 0 {
+		r.balancer = newBalancer(cfg.Balance, members)
+	}
+	s.backends = kept
+	s.route.Store(r)
+}
+
+// Backends returns the state of every configured backend.
+func (s *Service) Backends() []*Backend {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*Backend, 0, len(s.backends))
+	for _, be := range s.backends {
+		out = append(out, be)
+	}
+	return out
+}
+
+// Handle proxies one accepted client connection and closes it when done.
+func (s *Service) Handle(client *net.TCPConn) {
+	s.handlers.Add(1)
+	defer s.handlers.Done()
+	r := s.route.Load()
+	backend, target := s.connect(r, client)
+	if backend == nil {
+		client.Close()
+		return
+	}
+	c := &proxyConn{client: client, backend: backend, target: target, idleTimeout: r.cfg.IdleTimeout}
+	target.track(c)
+	err := c.run(s.pipes)
+	target.untrack(c)
+	if err != nil && !errors.Is(err, errIdle) {
+		s.proxyErrors.Add(1)
+	}
+	if err != nil && s.log.IsDebug() {
+		s.log.Debug("connection ended", "client", client.RemoteAddr(), "backend", target.addr, "reason", err)
+	}
+}
+
+// connect dials the key's first choice and, if that fails, the next
+// backends in the key's order. It returns nil when none answered.
+func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend) {
+	if r.balancer == nil {
+		s.refuse(client, "no backend with weight > 0")
+		return nil, nil
+	}
+	key := clientKey(client.RemoteAddr().(*net.TCPAddr).AddrPort(), r.cfg.HashKey)
+	var triedBuf [maxDialAttempts]int
+	tried := triedBuf[:0]
+	for len(tried) < maxDialAttempts {
+		i := r.balancer.pick(key, tried)
+		if i < 0 {
+			break
+		}
+		tried = append(tried, i)
+		be := r.backends[i]
+		conn, err := r.dialer.Dial("tcp", be.dialAddr)
+		if err == nil {
+			// Go sets TCP_NODELAY on every TCP socket by default, client
+			// and backend alike: requests and replies leave at once.
+			return conn.(*net.TCPConn), be
+		}
+		failures := be.dialFailed.Add(1)
+		if s.allowLog(&be.lastDialLog) {
+			s.log.Warn("connect to backend failed, trying the next one", "backend", be.addr, "error", err, "failures_total", failures)
+		}
+	}
+	s.refuse(client, "every backend tried failed to connect")
+	return nil, nil
+}
+
+func (s *Service) refuse(client *net.TCPConn, reason string) {
+	n := s.refused.Add(1)
+	if s.allowLog(&s.lastRefusal) {
+		s.log.Warn("closing client: no backend available", "client", client.RemoteAddr(), "reason", reason, "refused_total", n)
+	}
+}
+
+// allowLog rate-limits a log line to one per second: a dead backend pool
+// must not turn every refused connection into a line of log.
+func (s *Service) allowLog(last *atomic.Int64) bool {
+	now := monotonicNow()
+	prev := last.Load()
+	if prev != 0 && now-prev < int64(time.Second) {
+		return false
+	}
+	return last.CompareAndSwap(prev, now)
+}
+
+// Drain waits for open connections to end by themselves until deadline,
+// then closes the rest; it returns once every connection is closed. Call it
+// after the service's listeners are closed, so that no new connection
+// arrives.
+func (s *Service) Drain(deadline time.Time) {
+	done := make(chan struct{})
+	go func() {
+		s.handlers.Wait()
+		close(done)
+	}()
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	select {
+	case <-done:
+		return
+	case <-timer.C:
+	}
+	// A handler may still be dialing when the deadline passes and register
+	// its connection after a sweep; sweep again until every handler is gone.
+	// Dials are bounded by connect_timeout, so this ends.
+	ticker := time.NewTicker(50 * time.Millisecond)
+	defer ticker.Stop()
+	for {
+		for _, be := range s.Backends() {
+			be.closeConns()
+		}
+		select {
+		case <-done:
+			return
+		case <-ticker.C:
+		}
+	}
+}

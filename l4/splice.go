@@ -1,0 +1,225 @@
+package l4
+
+import (
+	"errors"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// pipeSize is what each borrowed pipe is asked to hold. Bigger pipes move
+// more bytes per splice call on bulk transfers; the kernel only pins pages
+// that are in flight, and a pipe is only held while bytes move (see
+// spliceCopier), so an idle connection costs no pipe at all. 1 MiB is
+// Go's own choice for io.Copy between sockets; the call fails harmlessly
+// (leaving the 64 KiB default) above fs.pipe-max-size for non-root.
+const pipeSize = 1 << 20
+
+// pipe is a kernel pipe used as the zero-copy buffer between two sockets.
+type pipe struct {
+	r, w int
+	// buffered is how many bytes sit in the pipe, moved in but not yet out.
+	buffered int
+}
+
+// pipePool lends pipes to copiers while they move bytes. A pipe is only put
+// back empty. sync.Pool may drop pooled pipes at any GC; the cleanup
+// attached at creation closes their descriptors then.
+type pipePool struct {
+	pool sync.Pool
+}
+
+func (pp *pipePool) get() (*pipe, error) {
+	if p, ok := pp.pool.Get().(*pipe); ok {
+		return p, nil
+	}
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, &net.OpError{Op: "pipe2", Err: err}
+	}
+	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize)
+	p := &pipe{r: fds[0], w: fds[1]}
+	runtime.AddCleanup(p, closePipeFDs, fds)
+	return p, nil
+}
+
+func closePipeFDs(fds [2]int) {
+	unix.Close(fds[0])
+	unix.Close(fds[1])
+}
+
+func (pp *pipePool) put(p *pipe) {
+	if p.buffered != 0 {
+		// Bytes stuck in a pipe belong to a dead connection; the pipe
+		// cannot be reused, and its cleanup closes it once unreachable.
+		return
+	}
+	pp.pool.Put(p)
+}
+
+// errIdle ends a copy whose connection moved no byte in either direction
+// for the idle timeout.
+var errIdle = errors.New("idle timeout")
+
+// spliceCopier moves bytes from one socket to another through a borrowed
+// pipe with splice(2), on Go's netpoller: each splice is non-blocking, and
+// when a socket is not ready the goroutine parks in RawConn.Read/Write
+// until it is. Compared with io.Copy between TCP conns (which also
+// splices), it holds no pipe while the connection is idle (io.Copy keeps
+// one per direction for the connection's life: 4 descriptors and up to 2
+// MiB of pipe buffers per idle connection), and it lets the idle timeout
+// see every chunk.
+//
+// The read and write callbacks are built once per copier, so that moving a
+// chunk allocates nothing.
+type spliceCopier struct {
+	conn   *proxyConn
+	pipes  *pipePool
+	src    syscall.RawConn
+	dst    syscall.RawConn
+	srcTCP *net.TCPConn
+	dstTCP *net.TCPConn
+
+	pipe *pipe
+	// Results of the last callback.
+	eof  bool
+	err  error
+	read func(fd uintptr) bool
+	// write drains the pipe into the destination socket.
+	write func(fd uintptr) bool
+	bytes int64
+}
+
+func newSpliceCopier(c *proxyConn, pipes *pipePool, dst, src *net.TCPConn) (*spliceCopier, error) {
+	srcRaw, err := src.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	dstRaw, err := dst.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	s := &spliceCopier{conn: c, pipes: pipes, src: srcRaw, dst: dstRaw, srcTCP: src, dstTCP: dst}
+	s.read = s.fillPipe
+	s.write = s.drainPipe
+	return s, nil
+}
+
+// copy runs until src reports EOF (nil error) or a failure. It never
+// closes a socket; the caller decides what EOF and errors mean for the
+// connection.
+func (s *spliceCopier) copy() error {
+	defer func() {
+		if s.pipe != nil {
+			s.pipes.put(s.pipe)
+			s.pipe = nil
+		}
+	}()
+	for {
+		if err := s.waitIdle(s.srcTCP, s.src.Read(s.read), true); err != nil {
+			return err
+		}
+		if s.err != nil {
+			return s.err
+		}
+		if s.eof {
+			return nil
+		}
+		if s.pipe == nil || s.pipe.buffered == 0 {
+			continue
+		}
+		if err := s.waitIdle(s.dstTCP, s.dst.Write(s.write), false); err != nil {
+			return err
+		}
+		if s.err != nil {
+			return s.err
+		}
+		s.conn.touch()
+	}
+}
+
+// fillPipe is the RawConn.Read callback: it returns false to park until
+// the source is readable.
+func (s *spliceCopier) fillPipe(fd uintptr) bool {
+	s.err = nil
+	if s.pipe == nil {
+		p, err := s.pipes.get()
+		if err != nil {
+			s.err = err
+			return true
+		}
+		s.pipe = p
+	}
+	for {
+		n, err := unix.Splice(int(fd), nil, s.pipe.w, nil, pipeSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			if s.pipe.buffered == 0 {
+				// Nothing in flight: give the pipe back while we wait, so
+				// idle connections hold none.
+				s.pipes.put(s.pipe)
+				s.pipe = nil
+			}
+			return false
+		case err != nil:
+			s.err = &net.OpError{Op: "splice", Net: "tcp", Err: err}
+			return true
+		case n == 0:
+			s.eof = true
+			return true
+		}
+		s.pipe.buffered += int(n)
+		s.bytes += n
+		return true
+	}
+}
+
+// drainPipe is the RawConn.Write callback: it returns false to park until
+// the destination has room.
+func (s *spliceCopier) drainPipe(fd uintptr) bool {
+	s.err = nil
+	for s.pipe.buffered > 0 {
+		n, err := unix.Splice(s.pipe.r, nil, int(fd), nil, s.pipe.buffered, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return false
+		case err != nil:
+			s.err = &net.OpError{Op: "splice", Net: "tcp", Err: err}
+			return true
+		}
+		s.pipe.buffered -= int(n)
+	}
+	return true
+}
+
+// waitIdle turns a deadline expiry into either errIdle, when the whole
+// connection has been idle for its timeout, or a new deadline and a nil
+// error, so that the caller retries. Deadlines are pushed lazily, when they
+// fire, rather than on every chunk: one timer reset per idle period instead
+// of one per read.
+func (s *spliceCopier) waitIdle(conn *net.TCPConn, err error, reading bool) error {
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		return err
+	}
+	next, idle := s.conn.idleDeadline()
+	if idle {
+		return errIdle
+	}
+	if reading {
+		conn.SetReadDeadline(next)
+	} else {
+		conn.SetWriteDeadline(next)
+	}
+	return nil
+}
