@@ -52,8 +52,9 @@ type Config struct {
 	// Hash is the SHA-256 of the file's bytes, hex encoded: two loads of the
 	// same bytes compare equal, which lets a reload of an unchanged file be a
 	// no-op.
-	Hash  string
-	Admin Admin
+	Hash   string
+	Admin  Admin
+	Reload Reload
 	// Services are sorted by name.
 	Services []Service
 }
@@ -62,6 +63,13 @@ type Config struct {
 type Admin struct {
 	// Listen is "" when the admin endpoint is disabled.
 	Listen string
+}
+
+// Reload configures how the running process picks up config changes.
+type Reload struct {
+	// Watch makes l4lb reload when the config file changes (inotify),
+	// besides on SIGHUP.
+	Watch bool
 }
 
 // Service is one balanced listen address.

@@ -21,6 +21,7 @@ import (
 // lists the same values.
 const (
 	DefaultAdminListen    = "127.0.0.1:9901"
+	DefaultReloadWatch    = false
 	DefaultProtocol       = TCP
 	DefaultBalance        = Maglev
 	DefaultHashKey        = SourceIP
@@ -100,11 +101,16 @@ func Load(path string) (*Config, error) {
 // then report all problems at once with their dotted keys.
 type fileConfig struct {
 	Admin    *fileAdmin              `toml:"admin"`
+	Reload   *fileReload             `toml:"reload"`
 	Services map[string]*fileService `toml:"services"`
 }
 
 type fileAdmin struct {
 	Listen any `toml:"listen"`
+}
+
+type fileReload struct {
+	Watch any `toml:"watch"`
 }
 
 type fileService struct {
@@ -142,6 +148,9 @@ func Parse(data []byte, path string) (*Config, error) {
 		Path:  path,
 		Hash:  hex.EncodeToString(sum[:]),
 		Admin: v.admin(file.Admin),
+	}
+	if file.Reload != nil {
+		cfg.Reload.Watch = v.boolean("reload.watch", file.Reload.Watch, DefaultReloadWatch)
 	}
 	if len(file.Services) == 0 {
 		v.add("services", "no services defined: add at least one [services.NAME] table")
@@ -317,6 +326,18 @@ func (v *validator) enum(key string, raw any, def string, choices ...string) str
 		return def
 	}
 	return s
+}
+
+func (v *validator) boolean(key string, raw any, def bool) bool {
+	if raw == nil {
+		return def
+	}
+	b, ok := raw.(bool)
+	if !ok {
+		v.add(key, "want true or false, got %s", tomlType(raw))
+		return def
+	}
+	return b
 }
 
 func (v *validator) integer(key string, raw any, def, lo, hi int64) int64 {

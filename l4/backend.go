@@ -23,6 +23,11 @@ type Backend struct {
 	bytesToCli  atomic.Uint64 // bytes from this backend to clients
 	lastDialLog atomic.Int64  // monotonicNow of the last dial failure log line
 
+	// Drain state, guarded by the owning Service's mu: drainTimer is
+	// non-nil while the backend drains.
+	drainTimer    *time.Timer
+	drainDeadline time.Time
+
 	mu sync.Mutex // guards conns
 	// conns links the open connections so a drain or shutdown can close
 	// them. An intrusive list: linking and unlinking allocate nothing.

@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
+	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -15,21 +18,35 @@ import (
 )
 
 // Server runs every service of a config: their listeners, accept loops and
-// proxied connections.
+// proxied connections, and moves from one config to the next without
+// dropping a connection.
 //
 //	srv := l4.NewServer(logger)
-//	if err := srv.Apply(ctx, cfg); err != nil { ... } // binds, then serves
+//	if _, err := srv.Apply(ctx, cfg); err != nil { ... } // binds, then serves
+//	...
+//	srv.Apply(ctx, newCfg) // reload: bind what is new, swap, drain what left
 //	...
 //	srv.Shutdown() // stops accepting, drains, returns when all is closed
 type Server struct {
 	log   hclog.Logger
 	pipes pipePool
 
-	mu sync.Mutex // guards running and closed
-	// running is keyed by service name.
-	running map[string]*runningService
+	mu sync.Mutex // guards everything below; held for a whole Apply
+	// running is keyed by socket identity (protocol and listen address), not
+	// by name: a renamed service keeps its sockets.
+	running map[socketKey]*runningService
+	current *config.Config
+	version uint64
+	loaded  time.Time
 	closed  bool
 }
+
+type socketKey struct {
+	protocol config.Protocol
+	listen   netip.AddrPort
+}
+
+func keyOf(sc *config.Service) socketKey { return socketKey{sc.Protocol, sc.Listen} }
 
 type runningService struct {
 	svc       *Service
@@ -40,73 +57,141 @@ type runningService struct {
 
 // NewServer returns a server with no services.
 func NewServer(log hclog.Logger) *Server {
-	return &Server{log: log, running: make(map[string]*runningService)}
+	return &Server{log: log, running: make(map[socketKey]*runningService)}
 }
 
-// Apply makes cfg the running config. Every new listener is bound before
-// anything changes; if one cannot be bound, Apply closes what it bound and
-// returns the error with the running services untouched.
-func (srv *Server) Apply(ctx context.Context, cfg *config.Config) error {
+// Change describes what an Apply did.
+type Change struct {
+	// OldVersion and Version are equal when the config was identical to the
+	// running one and nothing was done.
+	OldVersion, Version uint64
+	// Summary is a one-line description of the difference, for the log.
+	Summary string
+}
+
+// Apply makes cfg the running config. All new sockets are bound before
+// anything changes: if one cannot be bound, Apply closes what it bound and
+// returns the error with the running config untouched. Services whose
+// protocol and listen address stay keep their sockets (closing a
+// SO_REUSEPORT socket would reset the connections in its accept queue);
+// the others are bound anew or stopped and drained. A config with the same
+// content hash as the running one is a no-op.
+func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error) {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
+	change := Change{OldVersion: srv.version, Version: srv.version}
 	if srv.closed {
-		return errors.New("server is shut down")
+		return change, errors.New("server is shut down")
 	}
-	bound := make(map[string][]*net.TCPListener)
-	for i := range cfg.Services {
-		sc := &cfg.Services[i]
-		if old := srv.running[sc.Name]; old != nil && sameSockets(old.cfg, sc) {
-			continue
-		}
-		lns, err := listener.ListenTCP(ctx, sc.Listen, sc.Workers)
-		if err != nil {
-			for _, lns := range bound {
-				closeListeners(lns)
-			}
-			return fmt.Errorf("services.%s: %w", sc.Name, err)
-		}
-		bound[sc.Name] = lns
+	if srv.current != nil && srv.current.Hash == cfg.Hash {
+		change.Summary = "no change"
+		return change, nil
 	}
 
-	wanted := make(map[string]bool, len(cfg.Services))
+	// Phase 1: bind every socket the new config needs. Nothing running is
+	// touched yet.
+	fresh := make(map[socketKey][]*net.TCPListener)
+	extra := make(map[socketKey][]*net.TCPListener)
+	undo := func() {
+		for _, lns := range fresh {
+			closeListeners(lns)
+		}
+		for _, lns := range extra {
+			closeListeners(lns)
+		}
+	}
 	for i := range cfg.Services {
 		sc := &cfg.Services[i]
-		wanted[sc.Name] = true
-		old := srv.running[sc.Name]
-		if lns, isNew := bound[sc.Name]; isNew {
-			if old != nil {
-				srv.retire(old)
-			}
-			rs := &runningService{svc: NewService(sc, &srv.pipes, srv.log), cfg: sc, listeners: lns}
-			srv.running[sc.Name] = rs
-			srv.serve(rs)
+		key := keyOf(sc)
+		old := srv.running[key]
+		need := sc.Workers
+		if old != nil {
+			need = sc.Workers - len(old.listeners)
+		}
+		if need <= 0 {
+			continue
+		}
+		lns, err := listener.ListenTCP(ctx, sc.Listen, need)
+		if err != nil {
+			undo()
+			return change, fmt.Errorf("services.%s.listen: %w", sc.Name, err)
+		}
+		if old != nil {
+			extra[key] = lns
+		} else {
+			fresh[key] = lns
+		}
+	}
+
+	// Phase 2: publish. Only in-memory swaps from here on: nothing fails.
+	summary := describeChange(srv.current, cfg)
+	wanted := make(map[socketKey]bool, len(cfg.Services))
+	for i := range cfg.Services {
+		sc := &cfg.Services[i]
+		key := keyOf(sc)
+		wanted[key] = true
+		if lns, ok := fresh[key]; ok {
+			rs := &runningService{svc: NewService(sc, &srv.pipes, srv.log), cfg: sc}
+			srv.running[key] = rs
+			srv.serve(rs, lns)
 			srv.log.Info("service started", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
 				"balance", sc.Balance, "workers", sc.Workers, "backends", backendList(sc))
 			continue
 		}
-		old.cfg = sc
-		old.svc.Update(sc)
-	}
-	for name, rs := range srv.running {
-		if !wanted[name] {
-			srv.retire(rs)
-			delete(srv.running, name)
+		rs := srv.running[key]
+		if rs.cfg.Name != sc.Name {
+			srv.log.Info("service renamed; sockets kept", "old", rs.cfg.Name, "new", sc.Name, "listen", sc.Listen)
+		}
+		rs.cfg = sc
+		rs.svc.Update(sc)
+		if lns, ok := extra[key]; ok {
+			srv.serve(rs, lns)
+			srv.log.Info("workers added", "service", sc.Name, "workers", len(rs.listeners))
+		} else if len(rs.listeners) > sc.Workers {
+			srv.shrink(rs, sc.Workers)
 		}
 	}
-	return nil
+	for key, rs := range srv.running {
+		if !wanted[key] {
+			srv.retire(rs)
+			delete(srv.running, key)
+		}
+	}
+	srv.current = cfg
+	srv.version++
+	srv.loaded = time.Now()
+	change.Version = srv.version
+	change.Summary = summary
+	return change, nil
 }
 
-// sameSockets reports whether a service's sockets can stay as they are.
-func sameSockets(a, b *config.Service) bool {
-	return a.Listen == b.Listen && a.Protocol == b.Protocol && a.Workers == b.Workers
+// migrateSysctl is the kernel setting (Linux 5.14+) that moves connections
+// queued on a closing SO_REUSEPORT socket to the others of its group
+// instead of resetting them.
+const migrateSysctl = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+// shrink lowers a service's socket count when that loses nothing: only if
+// the kernel migrates queued connections on close. Otherwise the extra
+// sockets keep serving until the next restart, which is always safe.
+func (srv *Server) shrink(rs *runningService, workers int) {
+	if v, err := os.ReadFile(migrateSysctl); err != nil || strings.TrimSpace(string(v)) != "1" {
+		srv.log.Info("workers lowered: keeping the extra sockets until restart, since closing one would reset the connections queued on it (set net.ipv4.tcp_migrate_req=1 to allow it)",
+			"service", rs.cfg.Name, "sockets", len(rs.listeners), "workers", workers)
+		return
+	}
+	closeListeners(rs.listeners[workers:])
+	rs.listeners = rs.listeners[:workers]
+	srv.log.Info("workers removed", "service", rs.cfg.Name, "workers", workers)
 }
 
-func (srv *Server) serve(rs *runningService) {
-	for _, ln := range rs.listeners {
+func (srv *Server) serve(rs *runningService, lns []*net.TCPListener) {
+	log := srv.log.With("service", rs.cfg.Name)
+	for _, ln := range lns {
+		rs.listeners = append(rs.listeners, ln)
 		rs.accepting.Add(1)
 		go func() {
 			defer rs.accepting.Done()
-			listener.Serve(ln, rs.svc.Handle, srv.log.With("service", rs.cfg.Name))
+			listener.Serve(ln, rs.svc.Handle, log)
 		}()
 	}
 }
@@ -115,6 +200,8 @@ func (srv *Server) serve(rs *runningService) {
 // background, for its drain_timeout.
 func (srv *Server) retire(rs *runningService) {
 	closeListeners(rs.listeners)
+	srv.log.Info("service removed: stopped accepting, draining", "service", rs.cfg.Name, "listen", rs.cfg.Listen,
+		"drain_timeout", rs.cfg.DrainTimeout)
 	go func() {
 		rs.accepting.Wait()
 		rs.svc.Drain(time.Now().Add(rs.cfg.DrainTimeout))
@@ -132,10 +219,11 @@ func (srv *Server) Shutdown() {
 	srv.running = nil
 	srv.mu.Unlock()
 
-	var wg sync.WaitGroup
 	for _, rs := range running {
 		closeListeners(rs.listeners)
 	}
+	srv.log.Info("listeners closed")
+	var wg sync.WaitGroup
 	for _, rs := range running {
 		wg.Add(1)
 		go func() {
@@ -145,6 +233,14 @@ func (srv *Server) Shutdown() {
 		}()
 	}
 	wg.Wait()
+}
+
+// Version returns the running config's version (1 for the first, +1 per
+// applied change) and the config itself.
+func (srv *Server) Version() (uint64, *config.Config, time.Time) {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	return srv.version, srv.current, srv.loaded
 }
 
 // Services returns the running services, for status views.
@@ -170,4 +266,68 @@ func backendList(sc *config.Service) []string {
 		out[i] = fmt.Sprintf("%s(w=%d)", b.Address, b.Weight)
 	}
 	return out
+}
+
+// describeChange summarises the difference between two configs in one
+// line: services added (+), removed (-), and per service the backends
+// added, removed and reweighted.
+func describeChange(old, cfg *config.Config) string {
+	if old == nil {
+		return fmt.Sprintf("initial config, %d services", len(cfg.Services))
+	}
+	var parts []string
+	for i := range cfg.Services {
+		sc := &cfg.Services[i]
+		prev := old.Service(sc.Name)
+		if prev == nil {
+			parts = append(parts, "+service "+sc.Name)
+			continue
+		}
+		if d := describeServiceChange(prev, sc); d != "" {
+			parts = append(parts, sc.Name+": "+d)
+		}
+	}
+	for i := range old.Services {
+		if cfg.Service(old.Services[i].Name) == nil {
+			parts = append(parts, "-service "+old.Services[i].Name)
+		}
+	}
+	if len(parts) == 0 {
+		return "no service or backend change (formatting or comments)"
+	}
+	return strings.Join(parts, "; ")
+}
+
+func describeServiceChange(prev, sc *config.Service) string {
+	var parts []string
+	weights := make(map[netip.AddrPort]int, len(prev.Backends))
+	for _, b := range prev.Backends {
+		weights[b.Address] = b.Weight
+	}
+	for _, b := range sc.Backends {
+		w, ok := weights[b.Address]
+		switch {
+		case !ok:
+			parts = append(parts, fmt.Sprintf("+%s", b.Address))
+		case w != b.Weight:
+			parts = append(parts, fmt.Sprintf("~%s weight %d→%d", b.Address, w, b.Weight))
+		}
+		delete(weights, b.Address)
+	}
+	for _, b := range prev.Backends {
+		if _, gone := weights[b.Address]; gone {
+			parts = append(parts, fmt.Sprintf("-%s", b.Address))
+		}
+	}
+	if prev.Listen != sc.Listen {
+		parts = append(parts, fmt.Sprintf("listen %s→%s", prev.Listen, sc.Listen))
+	}
+	if prev.Workers != sc.Workers {
+		parts = append(parts, fmt.Sprintf("workers %d→%d", prev.Workers, sc.Workers))
+	}
+	if prev.Balance != sc.Balance || prev.HashKey != sc.HashKey || prev.ConnectTimeout != sc.ConnectTimeout ||
+		prev.IdleTimeout != sc.IdleTimeout || prev.DrainTimeout != sc.DrainTimeout {
+		parts = append(parts, "settings")
+	}
+	return strings.Join(parts, " ")
 }

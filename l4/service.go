@@ -32,16 +32,18 @@ type route struct {
 // Service balances the connections of one configured service. The accept
 // loops call Handle; the control side calls Update and Drain.
 type Service struct {
-	name  string
 	log   hclog.Logger
 	pipes *pipePool
 
 	route atomic.Pointer[route]
 
-	mu sync.Mutex // guards backends
+	mu  sync.Mutex // guards cfg, backends, draining and Backend drain fields
+	cfg *config.Service
 	// backends holds the state of every configured backend by address, so
 	// that an Update keeps the state of the ones that stay.
 	backends map[netip.AddrPort]*Backend
+	// draining holds removed backends whose connections are still open.
+	draining map[netip.AddrPort]*Backend
 
 	handlers sync.WaitGroup // running Handle calls
 
@@ -54,35 +56,61 @@ type Service struct {
 // services so that busy ones can reuse what quiet ones returned.
 func NewService(cfg *config.Service, pipes *pipePool, log hclog.Logger) *Service {
 	s := &Service{
-		name:     cfg.Name,
-		log:      log.With("service", cfg.Name),
+		log:      log,
 		pipes:    pipes,
 		backends: make(map[netip.AddrPort]*Backend),
+		draining: make(map[netip.AddrPort]*Backend),
 	}
 	s.Update(cfg)
 	return s
 }
 
 // Name is the service's name from the config.
-func (s *Service) Name() string { return s.name }
+func (s *Service) Name() string { return s.route.Load().cfg.Name }
 
 // Update makes cfg the service's routing for new connections. Connections
-// already open keep their backend.
+// already open keep their backend. Backends that leave the route (removed,
+// or weight 0) drain: their open connections go on until they close or
+// cfg.DrainTimeout passes, then are closed. A backend that comes back while
+// draining keeps its connections.
 func (s *Service) Update(cfg *config.Service) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.cfg = cfg
+	s.rebuildLocked()
+}
+
+// rebuildLocked builds and publishes the route from s.cfg and starts or
+// stops drains to match. s.mu must be held.
+func (s *Service) rebuildLocked() {
+	cfg := s.cfg
 	r := &route{cfg: cfg, dialer: net.Dialer{Timeout: cfg.ConnectTimeout}}
 	var members []member
 	kept := make(map[netip.AddrPort]*Backend, len(cfg.Backends))
 	for _, b := range cfg.Backends {
 		be := s.backends[b.Address]
 		if be == nil {
+			be = s.draining[b.Address]
+			delete(s.draining, b.Address)
+		}
+		if be == nil {
 			be = newBackend(b.Address)
 		}
 		kept[b.Address] = be
 		if b.Weight > 0 {
+			s.stopDrainLocked(be)
 			r.backends = append(r.backends, be)
 			members = append(members, member{key: be.dialAddr, weight: b.Weight, active: &be.active})
+		} else {
+			s.startDrainLocked(be, cfg.DrainTimeout)
+		}
+	}
+	for addr, be := range s.backends {
+		if kept[addr] == nil {
+			s.startDrainLocked(be, cfg.DrainTimeout)
+			if be.drainTimer != nil {
+				s.draining[addr] = be
+			}
 		}
 	}
 	if len(members) > 0 {
@@ -92,12 +120,53 @@ func (s *Service) Update(cfg *config.Service) {
 	s.route.Store(r)
 }
 
-// Backends returns the state of every configured backend.
+// startDrainLocked arms the drain deadline of a backend that no longer
+// takes new connections. A drain already running keeps its deadline, so
+// that reloads in the middle of a drain do not extend it.
+func (s *Service) startDrainLocked(be *Backend, timeout time.Duration) {
+	if be.drainTimer != nil || be.active.Load() == 0 {
+		return
+	}
+	be.drainDeadline = time.Now().Add(timeout)
+	var timer *time.Timer
+	timer = time.AfterFunc(timeout, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if be.drainTimer != timer {
+			return // cancelled: the backend came back
+		}
+		be.drainTimer = nil
+		if s.draining[be.addr] == be {
+			delete(s.draining, be.addr)
+		}
+		n := be.active.Load()
+		be.closeConns()
+		s.log.Info("drain finished", "service", s.cfg.Name, "backend", be.addr, "closed_connections", n)
+	})
+	be.drainTimer = timer
+	s.log.Info("draining backend", "service", s.cfg.Name, "backend", be.addr, "open_connections", be.active.Load(), "deadline", be.drainDeadline.Format(time.RFC3339))
+}
+
+func (s *Service) stopDrainLocked(be *Backend) {
+	if be.drainTimer == nil {
+		return
+	}
+	be.drainTimer.Stop()
+	be.drainTimer = nil
+	be.drainDeadline = time.Time{}
+	s.log.Info("backend back in service, drain cancelled", "service", s.cfg.Name, "backend", be.addr, "open_connections", be.active.Load())
+}
+
+// Backends returns the state of every configured backend and of removed
+// backends still draining.
 func (s *Service) Backends() []*Backend {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make([]*Backend, 0, len(s.backends))
+	out := make([]*Backend, 0, len(s.backends)+len(s.draining))
 	for _, be := range s.backends {
+		out = append(out, be)
+	}
+	for _, be := range s.draining {
 		out = append(out, be)
 	}
 	return out
@@ -121,7 +190,7 @@ func (s *Service) Handle(client *net.TCPConn) {
 		s.proxyErrors.Add(1)
 	}
 	if err != nil && s.log.IsDebug() {
-		s.log.Debug("connection ended", "client", client.RemoteAddr(), "backend", target.addr, "reason", err)
+		s.log.Debug("connection ended", "service", s.Name(), "client", client.RemoteAddr(), "backend", target.addr, "reason", err)
 	}
 }
 
@@ -150,7 +219,7 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 		}
 		failures := be.dialFailed.Add(1)
 		if s.allowLog(&be.lastDialLog) {
-			s.log.Warn("connect to backend failed, trying the next one", "backend", be.addr, "error", err, "failures_total", failures)
+			s.log.Warn("connect to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr, "error", err, "failures_total", failures)
 		}
 	}
 	s.refuse(client, "every backend tried failed to connect")
@@ -160,7 +229,7 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 func (s *Service) refuse(client *net.TCPConn, reason string) {
 	n := s.refused.Add(1)
 	if s.allowLog(&s.lastRefusal) {
-		s.log.Warn("closing client: no backend available", "client", client.RemoteAddr(), "reason", reason, "refused_total", n)
+		s.log.Warn("closing client: no backend available", "service", s.Name(), "client", client.RemoteAddr(), "reason", reason, "refused_total", n)
 	}
 }
 

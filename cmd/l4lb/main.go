@@ -1,6 +1,6 @@
 // Command l4lb is an L4 (TCP) load balancer.
 //
-//	l4lb run -config /etc/l4lb/l4lb.toml     serve until SIGINT/SIGTERM
+//	l4lb run -config /etc/l4lb/l4lb.toml     serve until SIGINT/SIGTERM; SIGHUP reloads
 //	l4lb check -config /etc/l4lb/l4lb.toml   validate a config file
 //	l4lb version
 package main
@@ -130,18 +130,29 @@ func cmdRun(args []string, stderr io.Writer) int {
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 
 	srv := l4.NewServer(log)
-	if err := srv.Apply(context.Background(), cfg); err != nil {
+	if _, err := srv.Apply(context.Background(), cfg); err != nil {
 		log.Error("cannot start", "error", err)
 		return 1
 	}
-	log.Info("ready", "version", version, "config", *path, "services", len(cfg.Services))
+	log.Info("ready", "version", version, "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	triggers := make(chan string, 8)
+	rl := &reloader{path: *path, srv: srv, log: log}
+	go rl.run(ctx, triggers)
+	watchConfigFile(ctx, log, srv, *path, triggers)
 
 	for sig := range signals {
 		if sig == syscall.SIGHUP {
-			reload(log, srv, *path)
+			select {
+			case triggers <- "SIGHUP":
+			default: // plenty of reloads already pending
+			}
 			continue
 		}
 		log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
+		cancel()
 		srv.Shutdown()
 		log.Info("stopped")
 		return 0
@@ -149,17 +160,29 @@ func cmdRun(args []string, stderr io.Writer) int {
 	return 0
 }
 
-// reload applies the config file again; a bad file leaves the running
-// config in place.
-func reload(log hclog.Logger, srv *l4.Server, path string) {
-	cfg, err := config.Load(path)
+// watchConfigFile turns changes of the config file into reload triggers
+// while the running config has [reload] watch = true. The watcher runs
+// either way, so that a reload can switch watching on.
+func watchConfigFile(ctx context.Context, log hclog.Logger, srv *l4.Server, path string, triggers chan<- string) {
+	w, err := config.NewWatcher(path)
 	if err != nil {
-		log.Error("reload rejected, keeping the running config", "error", err)
+		if _, cfg, _ := srv.Version(); cfg.Reload.Watch {
+			log.Error("cannot watch the config file; reload with SIGHUP", "error", err)
+		}
 		return
 	}
-	if err := srv.Apply(context.Background(), cfg); err != nil {
-		log.Error("reload rejected, keeping the running config", "error", err)
-		return
-	}
-	log.Info("reloaded", "config", path)
+	go func() {
+		<-ctx.Done()
+		w.Close()
+	}()
+	go func() {
+		for range w.Changes() {
+			if _, cfg, _ := srv.Version(); cfg.Reload.Watch {
+				select {
+				case triggers <- "file change":
+				default: // a reload is already pending
+				}
+			}
+		}
+	}()
 }
