@@ -29,7 +29,7 @@ import (
 //	srv.Shutdown() // stops accepting, drains, returns when all is closed
 type Server struct {
 	log   hclog.Logger
-	pipes pipePool
+	pipes *pipePool
 
 	mu sync.Mutex // guards everything below; held for a whole Apply
 	// running is keyed by socket identity (protocol and listen address), not
@@ -57,7 +57,7 @@ type runningService struct {
 
 // NewServer returns a server with no services.
 func NewServer(log hclog.Logger) *Server {
-	return &Server{log: log, running: make(map[socketKey]*runningService)}
+	return &Server{log: log, pipes: newPipePool(), running: make(map[socketKey]*runningService)}
 }
 
 // Change describes what an Apply did.
@@ -131,7 +131,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		key := keyOf(sc)
 		wanted[key] = true
 		if lns, ok := fresh[key]; ok {
-			rs := &runningService{svc: NewService(sc, &srv.pipes, srv.log), cfg: sc}
+			rs := &runningService{svc: NewService(sc, srv.pipes, srv.log), cfg: sc}
 			srv.running[key] = rs
 			srv.serve(rs, lns)
 			srv.log.Info("service started", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,

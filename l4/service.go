@@ -172,9 +172,16 @@ func (s *Service) Backends() []*Backend {
 	return out
 }
 
-// Handle proxies one accepted client connection and closes it when done.
+// Handle takes an accepted client connection and proxies it in a goroutine
+// of its own; the connection is closed when done. It is counted before
+// Handle returns, so that a Drain that starts once the accept loops have
+// stopped waits for it.
 func (s *Service) Handle(client *net.TCPConn) {
 	s.handlers.Add(1)
+	go s.proxy(client)
+}
+
+func (s *Service) proxy(client *net.TCPConn) {
 	defer s.handlers.Done()
 	r := s.route.Load()
 	backend, target := s.connect(r, client)

@@ -4,8 +4,6 @@ import (
 	"errors"
 	"net"
 	"os"
-	"runtime"
-	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -26,39 +24,49 @@ type pipe struct {
 	buffered int
 }
 
-// pipePool lends pipes to copiers while they move bytes. A pipe is only put
-// back empty. sync.Pool may drop pooled pipes at any GC; the cleanup
-// attached at creation closes their descriptors then.
+// pipePool lends pipes to copiers while they move bytes. A pipe is only
+// put back empty. It is a bounded free list rather than a sync.Pool: pooled
+// pipes hold descriptors, which must be closed when dropped, not whenever a
+// GC gets to them.
 type pipePool struct {
-	pool sync.Pool
+	free chan *pipe
+}
+
+// maxIdlePipes bounds the pipes kept for reuse. Only connections moving
+// bytes at this instant hold a pipe, so a few per core cover bursts; an
+// idle empty pipe still costs two descriptors and some kernel memory.
+const maxIdlePipes = 128
+
+func newPipePool() *pipePool {
+	return &pipePool{free: make(chan *pipe, maxIdlePipes)}
 }
 
 func (pp *pipePool) get() (*pipe, error) {
-	if p, ok := pp.pool.Get().(*pipe); ok {
+	select {
+	case p := <-pp.free:
 		return p, nil
+	default:
 	}
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		return nil, &net.OpError{Op: "pipe2", Err: err}
 	}
 	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize)
-	p := &pipe{r: fds[0], w: fds[1]}
-	runtime.AddCleanup(p, closePipeFDs, fds)
-	return p, nil
+	return &pipe{r: fds[0], w: fds[1]}, nil
 }
 
-func closePipeFDs(fds [2]int) {
-	unix.Close(fds[0])
-	unix.Close(fds[1])
-}
-
+// put returns p for reuse, or closes it when it still holds bytes (they
+// belong to a dead connection) or the pool is full.
 func (pp *pipePool) put(p *pipe) {
-	if p.buffered != 0 {
-		// Bytes stuck in a pipe belong to a dead connection; the pipe
-		// cannot be reused, and its cleanup closes it once unreachable.
-		return
+	if p.buffered == 0 {
+		select {
+		case pp.free <- p:
+			return
+		default:
+		}
 	}
-	pp.pool.Put(p)
+	unix.Close(p.r)
+	unix.Close(p.w)
 }
 
 // errIdle ends a copy whose connection moved no byte in either direction
@@ -120,8 +128,11 @@ func (s *spliceCopier) copy() error {
 		}
 	}()
 	for {
-		if err := s.waitIdle(s.srcTCP, s.src.Read(s.read), true); err != nil {
-			return err
+		if err := s.src.Read(s.read); err != nil {
+			if err := s.waitIdle(s.srcTCP, err, true); err != nil {
+				return err
+			}
+			continue // the deadline moved: wait again
 		}
 		if s.err != nil {
 			return s.err
@@ -129,14 +140,18 @@ func (s *spliceCopier) copy() error {
 		if s.eof {
 			return nil
 		}
-		if s.pipe == nil || s.pipe.buffered == 0 {
-			continue
-		}
-		if err := s.waitIdle(s.dstTCP, s.dst.Write(s.write), false); err != nil {
-			return err
-		}
-		if s.err != nil {
-			return s.err
+		// Drain the pipe completely before reading again: bytes left in it
+		// would wait for the source's next bytes.
+		for s.pipe.buffered > 0 {
+			if err := s.dst.Write(s.write); err != nil {
+				if err := s.waitIdle(s.dstTCP, err, false); err != nil {
+					return err
+				}
+				continue
+			}
+			if s.err != nil {
+				return s.err
+			}
 		}
 		s.conn.touch()
 	}
@@ -202,13 +217,10 @@ func (s *spliceCopier) drainPipe(fd uintptr) bool {
 
 // waitIdle turns a deadline expiry into either errIdle, when the whole
 // connection has been idle for its timeout, or a new deadline and a nil
-// error, so that the caller retries. Deadlines are pushed lazily, when they
+// error, so that the caller retries. Other errors pass through. Deadlines are pushed lazily, when they
 // fire, rather than on every chunk: one timer reset per idle period instead
 // of one per read.
 func (s *spliceCopier) waitIdle(conn *net.TCPConn, err error, reading bool) error {
-	if err == nil {
-		return nil
-	}
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
 		return err
 	}

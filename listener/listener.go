@@ -79,8 +79,10 @@ type Acceptor interface {
 
 var _ Acceptor = (*net.TCPListener)(nil)
 
-// Serve accepts connections on ln and runs handle for each in a new
-// goroutine; handle owns the connection. Serve returns nil once ln is
+// Serve accepts connections on ln and passes each to handle, which owns it
+// from then on. handle runs on the accept loop and must not block: it
+// starts the connection's goroutine itself, which lets it account for the
+// connection before Serve can return. Serve returns nil once ln is
 // closed. It never returns on other errors: the process must keep serving
 // its open connections, and accept will succeed again once descriptors
 // free up.
@@ -94,7 +96,7 @@ func serve(ln Acceptor, handle func(*net.TCPConn), log hclog.Logger, sleep func(
 		conn, err := ln.AcceptTCP()
 		if err == nil {
 			backoff = 0
-			go handle(conn)
+			handle(conn)
 			continue
 		}
 		if errors.Is(err, net.ErrClosed) {

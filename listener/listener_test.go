@@ -38,8 +38,10 @@ func TestListenTCPSharesPortAcrossSockets(t *testing.T) {
 					defer wg.Done()
 					err := Serve(ln, func(c *net.TCPConn) {
 						accepted <- i
-						io.Copy(c, c)
-						c.Close()
+						go func() {
+							io.Copy(c, c)
+							c.Close()
+						}()
 					}, hclog.NewNullLogger())
 					if err != nil {
 						t.Errorf("Serve returned %v after close, want nil", err)

@@ -1,0 +1,41 @@
+# l4lb: `make run` starts a local demo, `make test` installs what the tests
+# need (as root, with apt-get) and runs every test.
+
+GO       ?= go
+PKGS_UNIT = $(shell $(GO) list ./... | grep -v /integration)
+# Debian packages the tests and the benchmark use, as "command:package".
+TEST_TOOLS  = ip:iproute2 iperf3:iperf3 ncat:ncat nft:nftables redis-server:redis-server redis-cli:redis-tools nstat:iproute2 strace:strace
+BENCH_TOOLS = haproxy:haproxy nginx:nginx redis-benchmark:redis-tools iperf3:iperf3
+
+.PHONY: all build run test test-unit test-integration deps bench splice-proof fuzz clean
+
+all: build
+
+build:
+	$(GO) build -o bin/l4lb ./cmd/l4lb
+
+run:
+	./scripts/demo.sh
+
+test: deps test-unit test-integration
+
+test-unit:
+	$(GO) vet ./...
+	$(GO) test -race -count=1 $(PKGS_UNIT)
+
+test-integration: build
+	$(GO) test -count=1 -timeout 10m ./integration/
+
+deps:
+	@./scripts/install-deps.sh $(TEST_TOOLS)
+
+bench: build
+	@./scripts/install-deps.sh $(BENCH_TOOLS)
+	./scripts/bench.sh
+
+# Shows with strace that proxied bytes move with splice(2).
+splice-proof: build
+	./scripts/splice-proof.sh
+
+clean:
+	rm -rf bin

@@ -1,0 +1,216 @@
+package l4
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/listener"
+)
+
+// startEcho runs an echo server on loopback until the test ends.
+func startEcho(t *testing.T) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				// A plain read/write loop: io.Copy between TCP conns would
+				// splice through pipes of its own and confuse pipe counts.
+				buf := make([]byte, 32<<10)
+				for {
+					n, err := c.Read(buf)
+					if n > 0 {
+						c.Write(buf[:n])
+					}
+					if err != nil {
+						break
+					}
+				}
+				c.Close()
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// startService proxies a loopback port to backends with idle timeout idle
+// and returns the address clients dial.
+func startService(t *testing.T, idle time.Duration, backends ...netip.AddrPort) (netip.AddrPort, *Service) {
+	t.Helper()
+	cfg := &config.Service{
+		Name: "test", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
+		Balance: config.Maglev, HashKey: config.SourceIPPort, Workers: 1,
+		ConnectTimeout: time.Second, IdleTimeout: idle, DrainTimeout: time.Second,
+	}
+	for _, b := range backends {
+		cfg.Backends = append(cfg.Backends, config.Backend{Address: b, Weight: 1})
+	}
+	svc := NewService(cfg, newPipePool(), hclog.NewNullLogger())
+	lns, err := listener.ListenTCP(context.Background(), cfg.Listen, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go listener.Serve(lns[0], svc.Handle, hclog.NewNullLogger())
+	t.Cleanup(func() {
+		lns[0].Close()
+		svc.Drain(time.Now())
+	})
+	return lns[0].Addr().(*net.TCPAddr).AddrPort(), svc
+}
+
+func roundTrip(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	buf := make([]byte, len(msg))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+		t.Fatalf("echo %q: got %q, %v", msg, buf, err)
+	}
+}
+
+func TestIdleTimeoutClosesQuietConnections(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	addr, _ := startService(t, idle, startEcho(t))
+
+	quiet, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer quiet.Close()
+	busy, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	roundTrip(t, quiet, "hello")
+	lastByte := time.Now()
+
+	// The busy connection moves a byte every idle/3 for 4 idle periods:
+	// it must survive all of them.
+	for range 12 {
+		time.Sleep(idle / 3)
+		roundTrip(t, busy, "x")
+	}
+
+	quiet.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err := quiet.Read(make([]byte, 1))
+	if n != 0 || (err != io.EOF && !isReset(err)) {
+		t.Fatalf("quiet connection: read %d bytes, err %v; want it closed by the idle timeout", n, err)
+	}
+	if quietFor := time.Since(lastByte); quietFor < idle {
+		t.Errorf("closed after %v of silence, before the %v idle timeout", quietFor, idle)
+	}
+	roundTrip(t, busy, "still here")
+}
+
+func isReset(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "connection reset")
+}
+
+// TestIdleConnectionsHoldNoPipes checks the property the splice loop is
+// built for: a proxied connection that is not moving bytes holds its two
+// sockets and no pipe (io.Copy's splice would hold two pipes, four
+// descriptors, for the connection's life).
+func TestIdleConnectionsHoldNoPipes(t *testing.T) {
+	addr, _ := startService(t, time.Minute, startEcho(t))
+	before := countPipes(t)
+	const conns = 50
+	for range conns {
+		c, err := net.Dial("tcp", addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		roundTrip(t, c, strings.Repeat("z", 100_000))
+	}
+	held := countPipes(t) - before
+	t.Logf("%d idle proxied connections hold %d pipe descriptors", conns, held)
+	// Returned pipes wait in the pool for reuse; a handful is fine, one per
+	// connection is not.
+	if held > 8 {
+		t.Errorf("%d idle connections hold %d pipe descriptors, want a small pool", conns, held)
+	}
+}
+
+func countPipes(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "pipe:") {
+			n++
+		}
+	}
+	return n
+}
+
+func TestRetriesNextBackendWhenFirstRefuses(t *testing.T) {
+	// A port that refuses: bind then close.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusing := ln.Addr().(*net.TCPAddr).AddrPort()
+	ln.Close()
+	addr, svc := startService(t, time.Minute, refusing, startEcho(t))
+	for range 20 {
+		c, err := net.Dial("tcp", addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		roundTrip(t, c, "ping")
+		c.Close()
+	}
+	for _, be := range svc.Backends() {
+		st := be.Stats()
+		if be.Addr() == refusing && st.Total != 0 {
+			t.Errorf("refusing backend got %d connections", st.Total)
+		}
+		if be.Addr() != refusing && st.Total != 20 {
+			t.Errorf("working backend got %d connections, want 20", st.Total)
+		}
+	}
+}
+
+func TestNoBackendClosesAtOnce(t *testing.T) {
+	addr, svc := startService(t, time.Minute, startEcho(t))
+	cfg := *svc.route.Load().cfg
+	cfg.Backends = []config.Backend{{Address: cfg.Backends[0].Address, Weight: 0}}
+	svc.Update(&cfg)
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("client left hanging with no backend; want it closed at once")
+	}
+	if svc.refused.Load() != 1 {
+		t.Errorf("refused = %d, want 1", svc.refused.Load())
+	}
+}
