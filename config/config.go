@@ -85,6 +85,15 @@ type Service struct {
 	ConnectTimeout time.Duration
 	IdleTimeout    time.Duration
 	DrainTimeout   time.Duration
+	// Health is how backends are checked (see health.go); its Kind is
+	// HealthNone, every backend healthy, without a [health] table.
+	Health Health
+	// PassiveFall is how many consecutive connect failures seen by the
+	// data path mark a backend down until the active check brings it back;
+	// 0 is off, and so is every service with Health.Kind HealthNone.
+	PassiveFall int
+	PanicMode   PanicMode
+	OnDown      OnDown
 	// Backends keep the order of the file. Balancers that need an order of
 	// their own (Maglev) sort by address so every node builds the same table.
 	Backends []Backend

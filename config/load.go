@@ -31,6 +31,17 @@ const (
 	DefaultDrainTimeout   = 30 * time.Second
 	DefaultWeight         = 100
 
+	// Health checks (health.go). Without a [health] table a service does
+	// not probe; with one, kind defaults to a TCP connect.
+	DefaultHealthKind     = HealthTCP
+	DefaultHealthInterval = 2 * time.Second
+	DefaultHealthTimeout  = time.Second // or interval, when that is shorter
+	DefaultHealthRise     = 2
+	DefaultHealthFall     = 3
+	DefaultPassiveFall    = 3
+	DefaultPanicMode      = PanicNone
+	DefaultOnDown         = OnDownKeep
+
 	// MaxWeight bounds weights so that round-robin sequences and Maglev
 	// credit arithmetic stay small; 0..1000 gives operators three digits of
 	// precision, more than HAProxy's 0..256.
@@ -122,6 +133,7 @@ type fileService struct {
 	ConnectTimeout any `toml:"connect_timeout"`
 	IdleTimeout    any `toml:"idle_timeout"`
 	DrainTimeout   any `toml:"drain_timeout"`
+	fileServiceHealth
 	// Backends are decoded as plain tables so that unknown keys can be
 	// reported with the backend's index, which MetaData.Undecoded cannot do
 	// for arrays of tables.
@@ -254,6 +266,7 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 	svc.ConnectTimeout = v.duration(at+".connect_timeout", f.ConnectTimeout, DefaultConnectTimeout, false)
 	svc.IdleTimeout = v.duration(at+".idle_timeout", f.IdleTimeout, DefaultIdleTimeout, false)
 	svc.DrainTimeout = v.duration(at+".drain_timeout", f.DrainTimeout, DefaultDrainTimeout, true)
+	v.serviceHealth(at, f, &svc)
 
 	if len(f.Backends) == 0 {
 		v.add(at+".backends", "no backends: add at least one [[%s.backends]] table", at)

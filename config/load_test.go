@@ -140,6 +140,25 @@ func TestParseErrors(t *testing.T) {
 		{"wildcard overlap", svc("") + "[services.pg2]\nlisten = \"0.0.0.0:5432\"\n[[services.pg2.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg2.listen:", "overlaps"}},
 		{"bad admin", "[admin]\nlisten = \"localhost\"\n" + svc(""), []string{"admin.listen:"}},
 		{"bad service name", "[services.\"p g\"]\nlisten = \"127.0.0.1:5432\"\n[[services.\"p g\".backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"service name must be"}},
+		// Health checks (health.go).
+		{"health unknown key", svc("") + "[services.pg.health]\nintervall = \"1s\"\n", []string{"services.pg.health.intervall: unknown key"}},
+		{"health bad kind", svc("") + "[services.pg.health]\nkind = \"http\"\n", []string{"services.pg.health.kind: \"http\" is not one of none, tcp, send_expect"}},
+		{"health bad interval", svc("") + "[services.pg.health]\ninterval = \"2 s\"\n", []string{"services.pg.health.interval:", "not a duration"}},
+		{"health interval too short", svc("") + "[services.pg.health]\ninterval = \"1us\"\n", []string{"services.pg.health.interval: 1µs is too short"}},
+		{"health timeout over interval", svc("") + "[services.pg.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n", []string{"services.pg.health.timeout: 2s is longer than interval (1s)"}},
+		{"health rise range", svc("") + "[services.pg.health]\nrise = 0\n", []string{"services.pg.health.rise: 0 is out of range [1, 100]"}},
+		{"health fall type", svc("") + "[services.pg.health]\nfall = \"3\"\n", []string{"services.pg.health.fall: want an integer, got a string"}},
+		{"health port range", svc("") + "[services.pg.health]\nport = 65536\n", []string{"services.pg.health.port: 65536 is out of range [0, 65535]"}},
+		{"health send with tcp", svc("") + "[services.pg.health]\nkind = \"tcp\"\nsend = \"PING\"\n", []string{"services.pg.health.send: applies only to kind = \"send_expect\""}},
+		{"health interval with none", svc("") + "[services.pg.health]\nkind = \"none\"\ninterval = \"1s\"\n", []string{"services.pg.health.interval: applies only to kind = \"tcp\" or \"send_expect\""}},
+		{"health send_expect without expect", svc("") + "[services.pg.health]\nkind = \"send_expect\"\nsend = \"PING\\r\\n\"\n", []string{"services.pg.health.expect: missing"}},
+		{"health expect and regex", svc("") + "[services.pg.health]\nkind = \"send_expect\"\nexpect = \"+PONG\"\nexpect_regex = \"PONG\"\n", []string{"services.pg.health.expect_regex: set expect or expect_regex, not both"}},
+		{"health bad regex", svc("") + "[services.pg.health]\nkind = \"send_expect\"\nexpect_regex = \"(\"\n", []string{"services.pg.health.expect_regex: error parsing regexp"}},
+		{"health empty expect", svc("") + "[services.pg.health]\nkind = \"send_expect\"\nexpect = \"\"\n", []string{"services.pg.health.expect: must not be empty"}},
+		{"passive_fall without checks", svc("passive_fall = 2"), []string{"services.pg.passive_fall: needs an active health check"}},
+		{"passive_fall range", svc("passive_fall = -1") + "[services.pg.health]\n", []string{"services.pg.passive_fall: -1 is out of range [0, 100]"}},
+		{"bad panic_mode", svc("panic_mode = \"some\""), []string{"services.pg.panic_mode: \"some\" is not one of none, all"}},
+		{"bad on_down", svc("on_down = \"drain\""), []string{"services.pg.on_down: \"drain\" is not one of keep, close"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,0 +1,77 @@
+package config
+
+import (
+	"testing"
+	"time"
+)
+
+func TestParseHealth(t *testing.T) {
+	const file = `
+[services.none]
+listen = "127.0.0.1:1000"
+[[services.none.backends]]
+address = "10.0.0.1:1000"
+
+[services.tcp]
+listen = "127.0.0.1:1001"
+on_down = "close"
+panic_mode = "all"
+[services.tcp.health]
+[[services.tcp.backends]]
+address = "10.0.0.1:1001"
+
+[services.redis]
+listen = "127.0.0.1:6379"
+passive_fall = 0
+[services.redis.health]
+kind = "send_expect"
+interval = "500ms"
+rise = 1
+fall = 5
+send = "PING\r\n"
+expect = "+PONG"
+port = 6380
+[[services.redis.backends]]
+address = "10.0.0.1:6379"
+
+[services.ssh]
+listen = "127.0.0.1:22"
+[services.ssh.health]
+kind = "send_expect"
+expect_regex = '^SSH-2\.0-'
+[[services.ssh.backends]]
+address = "10.0.0.1:22"
+`
+	cfg, err := Parse([]byte(file), "health.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		service     string
+		health      Health
+		passiveFall int
+		panicMode   PanicMode
+		onDown      OnDown
+	}{
+		// No [health] table: no probes, and so no passive detection.
+		{"none", Health{Kind: HealthNone}, 0, PanicNone, OnDownKeep},
+		// An empty [health] table: a TCP connect with every default.
+		{"tcp", Health{Kind: HealthTCP, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise, Fall: DefaultHealthFall},
+			DefaultPassiveFall, PanicAll, OnDownClose},
+		// The timeout defaults to the interval when that is shorter.
+		{"redis", Health{Kind: HealthSendExpect, Interval: 500 * time.Millisecond, Timeout: 500 * time.Millisecond, Rise: 1, Fall: 5,
+			Send: "PING\r\n", Expect: "+PONG", Port: 6380}, 0, PanicNone, OnDownKeep},
+		{"ssh", Health{Kind: HealthSendExpect, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise,
+			Fall: DefaultHealthFall, ExpectRegex: `^SSH-2\.0-`}, DefaultPassiveFall, PanicNone, OnDownKeep},
+	}
+	for _, tt := range tests {
+		svc := cfg.Service(tt.service)
+		if svc.Health != tt.health {
+			t.Errorf("%s: health\n%+v\nwant\n%+v", tt.service, svc.Health, tt.health)
+		}
+		if svc.PassiveFall != tt.passiveFall || svc.PanicMode != tt.panicMode || svc.OnDown != tt.onDown {
+			t.Errorf("%s: passive_fall %d panic_mode %q on_down %q; want %d %q %q", tt.service,
+				svc.PassiveFall, svc.PanicMode, svc.OnDown, tt.passiveFall, tt.panicMode, tt.onDown)
+		}
+	}
+}

@@ -1,0 +1,196 @@
+package health
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// firstProbeSpread bounds the random delay before a new target's first
+// probe. A new backend takes no traffic until it has been probed, so the
+// first probe comes almost at once; the spread only keeps the backends of
+// a fresh config from being probed all at the same instant.
+const firstProbeSpread = 100 * time.Millisecond
+
+// Result is the outcome of one probe.
+type Result struct {
+	// Err is nil when the backend passed.
+	Err  error
+	Took time.Duration
+}
+
+// Detail describes the result in a few words, for logs and status views.
+func (r Result) Detail() string {
+	if r.Err != nil {
+		return r.Err.Error()
+	}
+	return fmt.Sprintf("ok in %v", r.Took.Round(time.Microsecond))
+}
+
+// Observer receives the results of one target's probes, one call at a
+// time, from the target's prober goroutine. It should return quickly: the
+// next probe waits for it.
+type Observer interface {
+	Observe(Result)
+}
+
+// Target is one backend to check.
+type Target struct {
+	// Key names the target. A Set that repeats a key with the same Addr,
+	// Spec and Observer keeps its prober running, on its own schedule.
+	Key string
+	// Addr is where probes go (the traffic address, or the check port).
+	Addr netip.AddrPort
+	Spec Spec
+	// Observer must be comparable (a pointer, typically): Set compares
+	// targets to find the changed ones.
+	Observer Observer
+}
+
+// Checker runs one prober goroutine per target: probes of a target never
+// overlap (the next starts Interval after the previous one started, or
+// when it ends if it took longer), and the targets' schedules are offset
+// from one another by random delays, so a pool of backends is not probed in
+// lockstep. The Checker does not decide anything: it hands each result to
+// the target's Observer.
+//
+// A Checker starts probing on Set; Close stops it. The owner of the Checker
+// closes it; Observers are never called after Close returns.
+type Checker struct {
+	log hclog.Logger
+
+	mu sync.Mutex // guards probers and closed
+	// probers is keyed by Target.Key.
+	probers map[string]*prober
+	closed  bool
+
+	running sync.WaitGroup // prober goroutines
+}
+
+// prober is the goroutine of one target.
+type prober struct {
+	target Target
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the goroutine has returned
+}
+
+// NewChecker returns a checker with no targets.
+func NewChecker(log hclog.Logger) *Checker {
+	return &Checker{log: log, probers: make(map[string]*prober)}
+}
+
+// Set makes targets the checked set: probers start for new keys, stop for
+// keys that are gone, and restart for keys whose target changed. An invalid
+// Spec is reported in the error (joined with the others) and its target is
+// not probed; the valid ones are all applied.
+func (c *Checker) Set(targets []Target) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return errors.New("health checker is closed")
+	}
+	var errs []error
+	wanted := make(map[string]bool, len(targets))
+	for _, t := range targets {
+		wanted[t.Key] = true
+		old := c.probers[t.Key]
+		if old != nil && old.target == t {
+			continue
+		}
+		p, err := NewProber(t.Spec)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", t.Key, err))
+			if old != nil {
+				old.cancel()
+				delete(c.probers, t.Key)
+			}
+			continue
+		}
+		var prev <-chan struct{}
+		if old != nil {
+			old.cancel()
+			prev = old.done
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		pr := &prober{target: t, cancel: cancel, done: make(chan struct{})}
+		c.probers[t.Key] = pr
+		c.running.Add(1)
+		go c.run(ctx, pr, p, prev)
+	}
+	for key, pr := range c.probers {
+		if !wanted[key] {
+			pr.cancel()
+			delete(c.probers, key)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Close stops every prober and returns once they have all returned. Probes
+// in flight are cut short and their results dropped. Close may be called
+// more than once.
+func (c *Checker) Close() {
+	c.mu.Lock()
+	c.closed = true
+	for key, pr := range c.probers {
+		pr.cancel()
+		delete(c.probers, key)
+	}
+	c.mu.Unlock()
+	c.running.Wait()
+}
+
+// run probes one target until ctx ends. prev, when not nil, is the done
+// channel of the prober this one replaces: waiting for it keeps the target
+// at one probe in flight across a restart.
+func (c *Checker) run(ctx context.Context, pr *prober, p Prober, prev <-chan struct{}) {
+	defer c.running.Done()
+	defer close(pr.done)
+	if prev != nil {
+		<-prev
+	}
+	t := pr.target
+	timer := time.NewTimer(jitter(min(t.Spec.Interval, firstProbeSpread)))
+	defer timer.Stop()
+	for n := 0; ; n++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+		start := time.Now()
+		pctx, cancel := context.WithTimeout(ctx, t.Spec.Timeout)
+		err := p.Probe(pctx, t.Addr)
+		cancel()
+		if ctx.Err() != nil {
+			return // stopped mid-probe: the result says nothing about the backend
+		}
+		res := Result{Err: err, Took: time.Since(start)}
+		if err != nil && c.log.IsDebug() {
+			c.log.Debug("probe failed", "target", t.Key, "addr", t.Addr, "error", err)
+		}
+		t.Observer.Observe(res)
+		next := t.Spec.Interval
+		if n == 0 {
+			// After the prompt first probe, move this target to a random
+			// phase of the interval, so that targets created together are
+			// not probed together from then on.
+			next = t.Spec.Interval/2 + jitter(t.Spec.Interval/2)
+		}
+		timer.Reset(max(0, next-time.Since(start)))
+	}
+}
+
+// jitter is a random duration in [0, d).
+func jitter(d time.Duration) time.Duration {
+	if d <= 0 {
+		return 0
+	}
+	return rand.N(d)
+}
