@@ -134,14 +134,15 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Error("cannot start", "error", err)
 		return 1
 	}
-	log.Info("ready", "version", version, "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
-
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	triggers := make(chan string, 8)
 	rl := &reloader{path: *path, srv: srv, log: log}
 	go rl.run(ctx, triggers)
 	watchConfigFile(ctx, log, srv, *path, triggers)
+	// Ready only once the file is watched: a change made after this line
+	// must not be missed.
+	log.Info("ready", "version", version, "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
 
 	for sig := range signals {
 		if sig == syscall.SIGHUP {
