@@ -176,24 +176,27 @@ func (p *process) stop() (state *os.ProcessState, clean bool) {
 // lb is a running l4lb.
 type lb struct {
 	*process
+	// Path is the config file l4lb runs from; tests rewrite it to reload.
+	Path      string
 	checkOnce sync.Once
 }
 
-// startLB runs `l4lb run` in namespace ns with config conf and waits for
-// its "l4lb: ready" line on stderr. At cleanup it stops l4lb with SIGTERM,
-// checks that it exits 0, and puts its log in the test log if the test
-// failed.
-func startLB(t *testing.T, ns, conf string) *lb {
+// startLB runs `l4lb run` in namespace ns with config conf, and any extra
+// flags (such as "-log-level", "debug"), and waits for its "l4lb: ready"
+// line on stderr. At cleanup it stops l4lb with SIGTERM, checks that it
+// exits 0, and puts its log in the test log if the test failed.
+func startLB(t *testing.T, ns, conf string, flags ...string) *lb {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "l4lb.toml")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	p, err := startProcess(t, ns, "stderr", "l4lb: ready", l4lbBin, "run", "-config", path)
+	args := append([]string{l4lbBin, "run", "-config", path}, flags...)
+	p, err := startProcess(t, ns, "stderr", "l4lb: ready", args...)
 	if p == nil {
 		t.Fatalf("start l4lb: %v", err)
 	}
-	l := &lb{process: p}
+	l := &lb{process: p, Path: path}
 	t.Cleanup(func() {
 		state, clean := l.stop()
 		switch {
