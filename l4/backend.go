@@ -28,6 +28,8 @@ type Backend struct {
 	drainTimer    *time.Timer
 	drainDeadline time.Time
 
+	health backendHealth // see health.go
+
 	mu sync.Mutex // guards conns
 	// conns links the open connections so a drain or shutdown can close
 	// them. An intrusive list: linking and unlinking allocate nothing.

@@ -22,7 +22,7 @@ const maxDialAttempts = 3
 type route struct {
 	cfg *config.Service
 	// backends are the balancer's members, in the order it was built from:
-	// those with weight > 0.
+	// those with weight > 0 that pass their health checks (health.go).
 	backends []*Backend
 	// balancer is nil when no backend may take new connections.
 	balancer balancer
@@ -45,6 +45,8 @@ type Service struct {
 	// draining holds removed backends whose connections are still open.
 	draining map[netip.AddrPort]*Backend
 
+	health serviceHealth // checks, passive detection, rebuilds on change: health.go
+
 	handlers sync.WaitGroup // running Handle calls
 
 	refused     atomic.Uint64 // clients closed because no backend could take them
@@ -61,6 +63,7 @@ func NewService(cfg *config.Service, pipes *pipePool, log hclog.Logger) *Service
 		backends: make(map[netip.AddrPort]*Backend),
 		draining: make(map[netip.AddrPort]*Backend),
 	}
+	s.health.init(log, s.rebuildForHealth)
 	s.Update(cfg)
 	return s
 }
@@ -86,6 +89,7 @@ func (s *Service) rebuildLocked() {
 	cfg := s.cfg
 	r := &route{cfg: cfg, dialer: net.Dialer{Timeout: cfg.ConnectTimeout}}
 	var members []member
+	var down []standby // weighted but not healthy: routed only in panic mode
 	kept := make(map[netip.AddrPort]*Backend, len(cfg.Backends))
 	for _, b := range cfg.Backends {
 		be := s.backends[b.Address]
@@ -99,8 +103,13 @@ func (s *Service) rebuildLocked() {
 		kept[b.Address] = be
 		if b.Weight > 0 {
 			s.stopDrainLocked(be)
+			m := member{key: be.dialAddr, weight: b.Weight, active: &be.active}
+			if !usable(cfg, be) {
+				down = append(down, standby{be, m})
+				continue
+			}
 			r.backends = append(r.backends, be)
-			members = append(members, member{key: be.dialAddr, weight: b.Weight, active: &be.active})
+			members = append(members, m)
 		} else {
 			s.startDrainLocked(be, cfg.DrainTimeout)
 		}
@@ -113,11 +122,13 @@ func (s *Service) rebuildLocked() {
 			}
 		}
 	}
+	r.backends, members = s.health.choose(cfg, r.backends, members, down)
 	if len(members) > 0 {
 		r.balancer = newBalancer(cfg.Balance, members)
 	}
 	s.backends = kept
 	s.route.Store(r)
+	s.health.sync(cfg, kept)
 }
 
 // startDrainLocked arms the drain deadline of a backend that no longer
@@ -205,7 +216,7 @@ func (s *Service) proxy(client *net.TCPConn) {
 // backends in the key's order. It returns nil when none answered.
 func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend) {
 	if r.balancer == nil {
-		s.refuse(client, "no backend with weight > 0")
+		s.refuse(client, noRouteReason(r.cfg))
 		return nil, nil
 	}
 	key := clientKey(client.RemoteAddr().(*net.TCPAddr).AddrPort(), r.cfg.HashKey)
@@ -222,8 +233,10 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 		if err == nil {
 			// Go sets TCP_NODELAY on every TCP socket by default, client
 			// and backend alike: requests and replies leave at once.
+			connectOK(be)
 			return conn.(*net.TCPConn), be
 		}
+		s.connectFailed(r.cfg, be, err)
 		failures := be.dialFailed.Add(1)
 		if s.allowLog(&be.lastDialLog) {
 			s.log.Warn("connect to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr, "error", err, "failures_total", failures)
@@ -256,6 +269,7 @@ func (s *Service) allowLog(last *atomic.Int64) bool {
 // after the service's listeners are closed, so that no new connection
 // arrives.
 func (s *Service) Drain(deadline time.Time) {
+	s.health.close()
 	done := make(chan struct{})
 	go func() {
 		s.handlers.Wait()

@@ -1,0 +1,336 @@
+package l4
+
+import (
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/health"
+)
+
+// This file is how a Service learns which backends can take traffic.
+//
+// Each Backend carries a health.Tracker (so its state survives reloads,
+// keyed by address like the rest of Backend). Two things feed it: the
+// service's health.Checker, which probes every configured backend and hands
+// the results to a healthObserver, and the data path, which counts failed
+// connects (passive detection) and forces the backend down after
+// passive_fall of them in a row. Either way a state change schedules one
+// route rebuild; the changes of the next rebuildDelay join it, so a rack
+// going dark costs one table build, not one per backend.
+//
+// The route holds only backends with weight > 0 that are up (or every
+// backend, when checks are off). With none up, new connections are closed
+// at once, unless panic_mode = "all" routes them to all weighted backends.
+
+// rebuildDelay is how long a health change waits for others to join its
+// rebuild. Short against any probe interval, long against the few
+// milliseconds in which a switch or rack failure reports all its backends.
+const rebuildDelay = 100 * time.Millisecond
+
+// backendHealth is the health state a Backend carries across reloads.
+type backendHealth struct {
+	tracker health.Tracker
+	// passiveFails counts connects in a row that failed, as seen by every
+	// core's data path; a successful connect or an up transition resets it.
+	passiveFails atomic.Int32
+	// closePending is set when the backend goes down under on_down =
+	// "close": the next rebuild, once the backend is out of the route,
+	// closes its connections.
+	closePending atomic.Bool
+	// observer is the backend's health.Observer, made once so that the
+	// checker sees the same target on every Set and keeps its prober
+	// running. Guarded by the owning Service's mu.
+	observer *healthObserver
+}
+
+// serviceHealth is a Service's side of health checking.
+type serviceHealth struct {
+	log     hclog.Logger
+	checker *health.Checker
+	// rebuild republishes the route from the current config and health,
+	// then closes what on_down = "close" asks for. It takes the owner's
+	// lock, so it runs from a timer, never under serviceHealth's mu.
+	rebuild func()
+	cfg     atomic.Pointer[config.Service] // the latest config synced
+
+	mu sync.Mutex // guards timer and closed
+	// timer is the pending coalesced rebuild, nil when none is pending.
+	timer  *time.Timer
+	closed bool
+
+	// healthy is the number of routed backends that passed their checks in
+	// the route last built; 0 means all down (or none checked yet).
+	healthy   atomic.Int32
+	panicking atomic.Bool   // the route holds unhealthy backends: panic_mode "all" with none healthy
+	rebuilds  atomic.Uint64 // route rebuilds caused by health changes
+}
+
+func (h *serviceHealth) init(log hclog.Logger, rebuild func()) {
+	h.log = log
+	h.checker = health.NewChecker(log)
+	h.rebuild = rebuild
+}
+
+// close stops the probers and any pending rebuild. It returns once no
+// observer runs any more; a service being drained needs neither.
+func (h *serviceHealth) close() {
+	h.mu.Lock()
+	h.closed = true
+	if h.timer != nil {
+		h.timer.Stop()
+		h.timer = nil
+	}
+	h.mu.Unlock()
+	h.checker.Close()
+}
+
+// checksOff reports whether cfg probes nothing. The zero Kind counts as
+// none, for configs built in code rather than loaded.
+func checksOff(cfg *config.Service) bool {
+	return cfg.Health.Kind == config.HealthNone || cfg.Health.Kind == ""
+}
+
+// usable reports whether be may be in the route under cfg's checks.
+func usable(cfg *config.Service, be *Backend) bool {
+	return checksOff(cfg) || be.health.tracker.State() == health.Up
+}
+
+// standby is a weighted backend the checks keep out of the route, and the
+// member it would be.
+type standby struct {
+	be *Backend
+	m  member
+}
+
+// choose finishes the route's members: the healthy ones, or with none
+// healthy and panic_mode = "all", every weighted backend. The owner's lock
+// is held.
+func (h *serviceHealth) choose(cfg *config.Service, backends []*Backend, members []member, down []standby) ([]*Backend, []member) {
+	h.healthy.Store(int32(len(members)))
+	panicking := len(members) == 0 && len(down) > 0 && cfg.PanicMode == config.PanicAll
+	if panicking {
+		for _, sb := range down {
+			backends = append(backends, sb.be)
+			members = append(members, sb.m)
+		}
+	}
+	if was := h.panicking.Swap(panicking); was != panicking {
+		if panicking {
+			h.log.Warn("no healthy backend: panic_mode = \"all\" routes to every weighted backend", "service", cfg.Name, "backends", len(members))
+		} else {
+			h.log.Info("panic mode over: routing to healthy backends only", "service", cfg.Name)
+		}
+	}
+	return backends, members
+}
+
+// sync points the checker at cfg's backends. The owner's lock is held, so
+// observers are made and read safely; backends maps address to state.
+func (h *serviceHealth) sync(cfg *config.Service, backends map[netip.AddrPort]*Backend) {
+	h.mu.Lock()
+	closed := h.closed
+	h.mu.Unlock()
+	if closed {
+		return
+	}
+	h.cfg.Store(cfg)
+	if checksOff(cfg) {
+		// No checks: every backend is up, so that turning checks on later
+		// starts from up instead of taking the pool out of service until
+		// the first probes.
+		for _, be := range backends {
+			if tr, changed := be.health.tracker.Force(health.Up, "health checks turned off"); changed && tr.From != health.Unknown {
+				h.logTransition(cfg, be, tr)
+			}
+		}
+		h.checker.Set(nil)
+		return
+	}
+	spec := healthSpec(cfg)
+	targets := make([]health.Target, 0, len(cfg.Backends))
+	for _, b := range cfg.Backends {
+		be := backends[b.Address]
+		if be.health.observer == nil {
+			be.health.observer = &healthObserver{h: h, be: be}
+		}
+		addr := b.Address
+		if cfg.Health.Port != 0 {
+			addr = netip.AddrPortFrom(addr.Addr(), cfg.Health.Port)
+		}
+		targets = append(targets, health.Target{Key: b.Address.String(), Addr: addr, Spec: spec, Observer: be.health.observer})
+	}
+	if err := h.checker.Set(targets); err != nil {
+		// The config package validates every spec; this is a bug.
+		h.log.Error("health checks not started", "service", cfg.Name, "error", err)
+	}
+}
+
+// healthSpec translates a service's [health] table for the checker:
+// send_expect goes over the service's own protocol.
+func healthSpec(cfg *config.Service) health.Spec {
+	hc := cfg.Health
+	spec := health.Spec{
+		Kind: health.Connect, Network: "tcp",
+		Interval: hc.Interval, Timeout: hc.Timeout, Rise: hc.Rise, Fall: hc.Fall,
+	}
+	if hc.Kind == config.HealthSendExpect {
+		spec.Kind = health.SendExpect
+		spec.Network = string(cfg.Protocol)
+		spec.Send, spec.Expect, spec.ExpectRegex = hc.Send, hc.Expect, hc.ExpectRegex
+	}
+	return spec
+}
+
+// healthObserver applies one backend's probe results.
+type healthObserver struct {
+	h  *serviceHealth
+	be *Backend
+}
+
+var _ health.Observer = (*healthObserver)(nil)
+
+func (o *healthObserver) Observe(res health.Result) {
+	cfg := o.h.cfg.Load()
+	rise := cfg.Health.Rise
+	if o.h.healthy.Load() == 0 {
+		// Nothing serves: the first backend to answer takes traffic at
+		// once. Waiting for rise confirmations would only prolong the
+		// outage; with others up, rise guards against flapping as usual.
+		rise = 1
+	}
+	if tr, changed := o.be.health.tracker.Observe(res.Err == nil, rise, cfg.Health.Fall, res.Detail()); changed {
+		o.h.transition(cfg, o.be, tr)
+	}
+}
+
+// transition logs a state change of be and schedules the rebuild.
+func (h *serviceHealth) transition(cfg *config.Service, be *Backend, tr health.Transition) {
+	h.logTransition(cfg, be, tr)
+	switch tr.To {
+	case health.Up:
+		be.health.passiveFails.Store(0)
+		be.health.closePending.Store(false)
+	case health.Down:
+		if cfg.OnDown == config.OnDownClose {
+			be.health.closePending.Store(true)
+		}
+	}
+	h.schedule(tr.To == health.Up)
+}
+
+func (h *serviceHealth) logTransition(cfg *config.Service, be *Backend, tr health.Transition) {
+	h.log.Info("backend health changed", "service", cfg.Name, "backend", be.addr,
+		"from", tr.From.String(), "to", tr.To.String(), "reason", tr.Reason)
+}
+
+// schedule arranges one rebuild rebuildDelay from now, unless one is
+// pending already: the changes until then share it. When nothing serves
+// (no healthy backend in the route, as at start) a backend coming up is
+// routed at once instead: waiting would only prolong the outage.
+func (h *serviceHealth) schedule(up bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return
+	}
+	if up && h.healthy.Load() == 0 {
+		if h.timer != nil && !h.timer.Stop() {
+			return // firing already: it will see this change
+		}
+		h.timer = nil
+		go h.rebuild()
+		return
+	}
+	if h.timer != nil {
+		return
+	}
+	h.timer = time.AfterFunc(rebuildDelay, func() {
+		h.mu.Lock()
+		h.timer = nil
+		closed := h.closed
+		h.mu.Unlock()
+		if !closed {
+			h.rebuild()
+		}
+	})
+}
+
+// rebuildForHealth republishes the route with the backends' current
+// health, then closes the connections of backends that went down under
+// on_down = "close". They are closed after the swap, so that no new
+// connection reaches them meanwhile.
+func (s *Service) rebuildForHealth() {
+	s.mu.Lock()
+	s.rebuildLocked()
+	cfg := s.cfg
+	backends := make([]*Backend, 0, len(s.backends))
+	for _, be := range s.backends {
+		backends = append(backends, be)
+	}
+	s.mu.Unlock()
+
+	n := s.health.rebuilds.Add(1)
+	s.log.Info("routing table rebuilt after health change", "service", cfg.Name,
+		"healthy", s.health.healthy.Load(), "backends", len(cfg.Backends), "panic", s.health.panicking.Load(), "rebuilds_total", n)
+	if s.health.panicking.Load() {
+		return // down backends are routed to: their connections are all there is
+	}
+	for _, be := range backends {
+		if !be.health.closePending.Swap(false) || be.health.tracker.State() == health.Up {
+			continue
+		}
+		open := be.active.Load()
+		be.closeConns()
+		s.log.Info("closed the connections of a backend marked down (on_down = \"close\")", "service", cfg.Name,
+			"backend", be.addr, "connections", open)
+	}
+}
+
+// connectFailed counts a failed connect to be: passive_fall of them in a
+// row, on any cores, mark it down until its checks bring it back.
+func (s *Service) connectFailed(cfg *config.Service, be *Backend, err error) {
+	if cfg.PassiveFall == 0 {
+		return
+	}
+	// Exactly one goroutine sees the count reach passive_fall.
+	if n := be.health.passiveFails.Add(1); int(n) != cfg.PassiveFall {
+		return
+	}
+	reason := fmt.Sprintf("passive: %d connects in a row failed, last: %v", cfg.PassiveFall, err)
+	if tr, changed := be.health.tracker.Force(health.Down, reason); changed {
+		s.health.transition(cfg, be, tr)
+	}
+}
+
+// connectOK resets be's run of failed connects. It writes only when there
+// is a run, so that the common case leaves the counter's cache line
+// shared between cores.
+func connectOK(be *Backend) {
+	if be.health.passiveFails.Load() != 0 {
+		be.health.passiveFails.Store(0)
+	}
+}
+
+// noRouteReason says why a route has no backend at all, for the refusal
+// log line.
+func noRouteReason(cfg *config.Service) string {
+	for _, b := range cfg.Backends {
+		if b.Weight > 0 {
+			return "no healthy backend"
+		}
+	}
+	return "no backend with weight > 0"
+}
+
+// Health is the backend's health state, for status views.
+func (b *Backend) Health() health.Snapshot { return b.health.tracker.Snapshot() }
+
+// HealthRebuilds is how many times health changes rebuilt the service's
+// routing table.
+func (s *Service) HealthRebuilds() uint64 { return s.health.rebuilds.Load() }

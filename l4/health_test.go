@@ -1,0 +1,402 @@
+package l4
+
+import (
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/health"
+)
+
+// checkedConfig is a service over backends with fast TCP connect checks.
+func checkedConfig(backends ...netip.AddrPort) *config.Service {
+	cfg := &config.Service{
+		Name: "test", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
+		Balance: config.Maglev, HashKey: config.SourceIPPort, Workers: 1,
+		ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: time.Second,
+		Health:      config.Health{Kind: config.HealthTCP, Interval: 50 * time.Millisecond, Timeout: 40 * time.Millisecond, Rise: 2, Fall: 2},
+		PassiveFall: 3, PanicMode: config.PanicNone, OnDown: config.OnDownKeep,
+	}
+	for _, b := range backends {
+		cfg.Backends = append(cfg.Backends, config.Backend{Address: b, Weight: 1})
+	}
+	return cfg
+}
+
+func newCheckedService(t *testing.T, cfg *config.Service) *Service {
+	t.Helper()
+	s := NewService(cfg, newPipePool(), hclog.NewNullLogger())
+	t.Cleanup(func() { s.Drain(time.Now()) })
+	return s
+}
+
+// routed returns the addresses in the service's current route.
+func routed(s *Service) []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, be := range s.route.Load().backends {
+		out = append(out, be.addr)
+	}
+	return out
+}
+
+func backendOf(s *Service, addr netip.AddrPort) *Backend {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.backends[addr]
+}
+
+// eventually polls cond every 5 ms for up to 5 s: health changes have no
+// signal of their own that a unit test could wait on.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after 5s: %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func sameAddrs(got []netip.AddrPort, want ...netip.AddrPort) bool {
+	if len(got) != len(want) {
+		return false
+	}
+	for i := range got {
+		if got[i] != want[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// closedAddr is a loopback address where nothing listens.
+func closedAddr(t *testing.T) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := ln.Addr().(*net.TCPAddr).AddrPort()
+	ln.Close()
+	return ap
+}
+
+// restartable is a loopback echo backend that can stop listening and
+// listen again on the same port.
+type restartable struct {
+	t    *testing.T
+	addr netip.AddrPort
+	ln   net.Listener
+}
+
+func newRestartable(t *testing.T) *restartable {
+	r := &restartable{t: t, addr: closedAddr(t)}
+	r.start()
+	t.Cleanup(func() { r.stop() })
+	return r
+}
+
+func (r *restartable) start() {
+	ln, err := net.Listen("tcp", r.addr.String())
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.ln = ln
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.Copy(c, c)
+				c.Close()
+			}()
+		}
+	}()
+}
+
+func (r *restartable) stop() {
+	if r.ln != nil {
+		r.ln.Close()
+		r.ln = nil
+	}
+}
+
+func TestHealthRouteFollowsChecks(t *testing.T) {
+	live := newRestartable(t)
+	dead := closedAddr(t)
+	s := newCheckedService(t, checkedConfig(live.addr, dead))
+	if got := routed(s); len(got) != 0 {
+		t.Fatalf("route %v before any probe: new backends must wait for their first success", got)
+	}
+	eventually(t, "live backend routed", func() bool { return sameAddrs(routed(s), live.addr) })
+	eventually(t, "dead backend down", func() bool { return backendOf(s, dead).health.tracker.State() == health.Down })
+	if got := backendOf(s, live.addr).Health().Status.State; got != health.Up {
+		t.Errorf("live backend is %v", got)
+	}
+
+	live.stop()
+	eventually(t, "route empty once the live backend stopped", func() bool { return len(routed(s)) == 0 })
+	snap := backendOf(s, live.addr).Health()
+	if last := snap.History[len(snap.History)-1]; last.From != health.Up || last.To != health.Down || !strings.Contains(last.Reason, "2 consecutive probes failed") {
+		t.Errorf("last transition %+v", last)
+	}
+	if got := s.HealthRebuilds(); got < 2 {
+		t.Errorf("%d rebuilds, want at least 2 (up, then down)", got)
+	}
+
+	// All down: the first backend to answer comes back at its first
+	// success, not after rise (2) of them.
+	cfg := checkedConfig(live.addr, dead)
+	cfg.Health.Rise = 50
+	s.Update(cfg)
+	live.start()
+	eventually(t, "live backend routed again with rise 50", func() bool { return sameAddrs(routed(s), live.addr) })
+}
+
+func TestHealthCoalescesRebuilds(t *testing.T) {
+	var addrs []netip.AddrPort
+	for range 5 {
+		addrs = append(addrs, startEcho(t))
+	}
+	cfg := checkedConfig(addrs...)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second // one probe each, then quiet
+	s := newCheckedService(t, cfg)
+	eventually(t, "all 5 up", func() bool { return len(routed(s)) == 5 })
+	time.Sleep(2 * rebuildDelay)
+	before := s.HealthRebuilds()
+
+	// Five changes within a few microseconds: one rebuild.
+	for _, a := range addrs[:4] {
+		be := backendOf(s, a)
+		tr, _ := be.health.tracker.Force(health.Down, "test")
+		s.health.transition(cfg, be, tr)
+	}
+	eventually(t, "route shrunk to one backend", func() bool { return len(routed(s)) == 1 })
+	time.Sleep(2 * rebuildDelay)
+	if got := s.HealthRebuilds() - before; got != 1 {
+		t.Errorf("4 changes at once caused %d rebuilds, want 1", got)
+	}
+}
+
+// TestHealthMaglevKeysStay checks that a backend going down moves only the
+// keys that were on it.
+func TestHealthMaglevKeysStay(t *testing.T) {
+	var addrs []netip.AddrPort
+	for range 4 {
+		addrs = append(addrs, startEcho(t))
+	}
+	cfg := checkedConfig(addrs...)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second
+	s := newCheckedService(t, cfg)
+	eventually(t, "all up", func() bool { return len(routed(s)) == 4 })
+	pick := func(key uint64) netip.AddrPort {
+		r := s.route.Load()
+		return r.backends[r.balancer.pick(key, nil)].addr
+	}
+	before := make(map[uint64]netip.AddrPort)
+	for k := range uint64(2000) {
+		before[k*0x9e3779b97f4a7c15] = pick(k * 0x9e3779b97f4a7c15)
+	}
+	be := backendOf(s, addrs[2])
+	tr, _ := be.health.tracker.Force(health.Down, "test")
+	s.health.transition(cfg, be, tr)
+	eventually(t, "3 routed", func() bool { return len(routed(s)) == 3 })
+	// Maglev moves a few slots of other backends too (about 1% of the
+	// table, see TestMaglevDisruption); a rebuild that reshuffled the
+	// table would move most of them.
+	moved, others := 0, 0
+	for k, was := range before {
+		if was == addrs[2] {
+			if pick(k) == addrs[2] {
+				t.Fatalf("key %x still goes to the backend that is down", k)
+			}
+			continue
+		}
+		others++
+		if pick(k) != was {
+			moved++
+		}
+	}
+	if moved*100 > others*3 {
+		t.Errorf("%d of %d keys of backends still up moved, want under 3%%", moved, others)
+	}
+	t.Logf("%d of %d keys of backends still up moved", moved, others)
+}
+
+func TestHealthPassive(t *testing.T) {
+	live := newRestartable(t)
+	other := startEcho(t)
+	cfg := checkedConfig(live.addr, other)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second // only the first probe
+	s := newCheckedService(t, cfg)
+	eventually(t, "both up", func() bool { return len(routed(s)) == 2 })
+	be := backendOf(s, live.addr)
+
+	// Two failures, a success, two failures: never three in a row.
+	fail := func() { s.connectFailed(cfg, be, net.ErrClosed) }
+	fail()
+	fail()
+	connectOK(be)
+	fail()
+	fail()
+	if st := be.health.tracker.State(); st != health.Up {
+		t.Fatalf("after failures interrupted by a success: %v, want up", st)
+	}
+	fail() // the third in a row
+	if st := be.health.tracker.State(); st != health.Down {
+		t.Fatalf("after passive_fall failures in a row: %v, want down", st)
+	}
+	snap := be.Health()
+	if r := snap.History[len(snap.History)-1].Reason; !strings.Contains(r, "passive: 3 connects in a row failed") {
+		t.Errorf("reason %q", r)
+	}
+	eventually(t, "route without the backend", func() bool { return sameAddrs(routed(s), other) })
+
+	// The active check brings it back after rise successes.
+	cfg2 := *cfg
+	cfg2.Health.Interval, cfg2.Health.Timeout = 50*time.Millisecond, 40*time.Millisecond
+	s.Update(&cfg2)
+	eventually(t, "backend back", func() bool { return len(routed(s)) == 2 })
+	if n := be.health.passiveFails.Load(); n != 0 {
+		t.Errorf("passive count %d after coming back, want 0", n)
+	}
+}
+
+func TestHealthPassiveFromDataPath(t *testing.T) {
+	live := newRestartable(t)
+	other := startEcho(t)
+	cfg := checkedConfig(live.addr, other)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second
+	s := newCheckedService(t, cfg)
+	eventually(t, "both up", func() bool { return len(routed(s)) == 2 })
+	live.stop()
+	r := s.route.Load()
+	for i := 0; live.ln == nil && backendOf(s, live.addr).health.tracker.State() == health.Up && i < 1000; i++ {
+		// Keys whose first choice is the stopped backend: each connect
+		// fails on it and then succeeds on the other.
+		key := uint64(i) * 0x9e3779b97f4a7c15
+		if r.backends[r.balancer.pick(key, nil)].addr != live.addr {
+			continue
+		}
+		s.dialAndCount(r, key)
+	}
+	if st := backendOf(s, live.addr).health.tracker.State(); st != health.Down {
+		t.Fatalf("backend refusing connects is %v, want down by passive detection", st)
+	}
+}
+
+// dialAndCount runs connect's dial loop for key without a client socket.
+func (s *Service) dialAndCount(r *route, key uint64) {
+	var tried []int
+	for len(tried) < maxDialAttempts {
+		i := r.balancer.pick(key, tried)
+		if i < 0 {
+			return
+		}
+		tried = append(tried, i)
+		be := r.backends[i]
+		c, err := r.dialer.Dial("tcp", be.dialAddr)
+		if err == nil {
+			connectOK(be)
+			c.Close()
+			return
+		}
+		s.connectFailed(r.cfg, be, err)
+	}
+}
+
+func TestHealthPanicMode(t *testing.T) {
+	a, b := startEcho(t), startEcho(t)
+	for _, mode := range []config.PanicMode{config.PanicNone, config.PanicAll} {
+		t.Run(string(mode), func(t *testing.T) {
+			cfg := checkedConfig(a, b)
+			cfg.Health.Port = closedAddr(t).Port() // every check fails
+			cfg.PanicMode = mode
+			s := newCheckedService(t, cfg)
+			eventually(t, "both down", func() bool {
+				return backendOf(s, a).health.tracker.State() == health.Down && backendOf(s, b).health.tracker.State() == health.Down
+			})
+			time.Sleep(2 * rebuildDelay)
+			got := routed(s)
+			switch {
+			case mode == config.PanicNone && len(got) != 0:
+				t.Errorf("panic_mode none with all down: route %v, want empty", got)
+			case mode == config.PanicAll && len(got) != 2:
+				t.Errorf("panic_mode all with all down: route %v, want both", got)
+			}
+			if s.health.panicking.Load() != (mode == config.PanicAll) {
+				t.Errorf("panicking = %v", s.health.panicking.Load())
+			}
+		})
+	}
+}
+
+func TestHealthOnDown(t *testing.T) {
+	for _, onDown := range []config.OnDown{config.OnDownKeep, config.OnDownClose} {
+		t.Run(string(onDown), func(t *testing.T) {
+			backend := startEcho(t)
+			check := newRestartable(t) // the check port, separate from traffic
+			cfg := checkedConfig(backend)
+			cfg.Health.Port = check.addr.Port()
+			cfg.OnDown = onDown
+			addr, s := startService(t, time.Minute)
+			s.Update(cfg)
+			// The checks probe 127.0.0.1:check port for the backend.
+			eventually(t, "backend up", func() bool { return len(routed(s)) == 1 })
+			c, err := net.Dial("tcp", addr.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			roundTrip(t, c, "before")
+
+			check.stop()
+			eventually(t, "backend down", func() bool { return len(routed(s)) == 0 })
+			time.Sleep(2 * rebuildDelay)
+			if onDown == config.OnDownKeep {
+				roundTrip(t, c, "after down")
+				return
+			}
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if n, err := c.Read(make([]byte, 1)); err == nil {
+				t.Fatalf("read %d bytes on a connection to a backend marked down with on_down close", n)
+			} else if !isReset(err) && err != io.EOF {
+				t.Fatalf("read: %v; want EOF or reset", err)
+			}
+		})
+	}
+}
+
+// TestHealthSurvivesReload checks that an Update keeps the health of the
+// backends that stay: they stay routed, and a new one waits for its probe.
+func TestHealthSurvivesReload(t *testing.T) {
+	a, b := startEcho(t), startEcho(t)
+	cfg := checkedConfig(a)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second
+	s := newCheckedService(t, cfg)
+	eventually(t, "a up", func() bool { return sameAddrs(routed(s), a) })
+	s.Update(checkedConfig(a, b))
+	if got := routed(s); !sameAddrs(got, a) {
+		t.Errorf("right after the reload: route %v, want only %s (b is not probed yet)", got, a)
+	}
+	eventually(t, "b up", func() bool { return len(routed(s)) == 2 })
+
+	// Checks off: everything routed at once, and turning them back on
+	// starts from up.
+	none := checkedConfig(a, b, closedAddr(t))
+	none.Health = config.Health{Kind: config.HealthNone}
+	none.PassiveFall = 0
+	s.Update(none)
+	if got := routed(s); len(got) != 3 {
+		t.Errorf("checks off: route %v, want all 3", got)
+	}
+}
