@@ -18,6 +18,8 @@ var l4lbBin string
 var tools = []struct{ name, pkg string }{
 	{"ip", "iproute2"},
 	{"iperf3", "iperf3"},
+	{"nft", "nftables"},              // health_test.go: blackhole and reject backends
+	{"redis-server", "redis-server"}, // health_test.go: send_expect PING/+PONG
 }
 
 func TestMain(m *testing.M) {
