@@ -55,6 +55,10 @@ type Config struct {
 	Hash   string
 	Admin  Admin
 	Reload Reload
+	Log    Log
+	// Process is read once at start; a reload does not change who l4lb
+	// runs as.
+	Process Process
 	// Services are sorted by name.
 	Services []Service
 }
@@ -83,8 +87,13 @@ type Service struct {
 	// ("one per core") to a positive count.
 	Workers        int
 	ConnectTimeout time.Duration
-	IdleTimeout    time.Duration
-	DrainTimeout   time.Duration
+	// IdleTimeout ends a TCP connection or a UDP flow in which nothing
+	// moved for that long; its default depends on Protocol.
+	IdleTimeout  time.Duration
+	DrainTimeout time.Duration
+	// MaxFlows caps the open flows of a UDP service (0 for TCP services):
+	// past it, datagrams that would open a flow are dropped and counted.
+	MaxFlows int
 	// Health is how backends are checked (see health.go); its Kind is
 	// HealthNone, every backend healthy, without a [health] table.
 	Health Health

@@ -96,6 +96,11 @@ type fileHealth struct {
 // the passive_fall, panic_mode and on_down keys.
 func (v *validator) serviceHealth(at string, f *fileService, svc *Service) {
 	svc.Health = v.health(at+".health", f.Health)
+	if svc.Protocol == UDP && f.Health != nil && f.Health.Kind == nil {
+		// The TCP default would probe a port a UDP server need not listen
+		// on, and mark every backend down: make the operator choose.
+		v.add(at+".health.kind", "a UDP service has no default check kind: set \"send_expect\" (a request and reply over UDP) or \"tcp\" (a TCP connect, with port = the backend's TCP port), or \"none\"")
+	}
 	svc.PanicMode = PanicMode(v.enum(at+".panic_mode", f.PanicMode, string(DefaultPanicMode), "none", "all"))
 	svc.OnDown = OnDown(v.enum(at+".on_down", f.OnDown, string(DefaultOnDown), "keep", "close"))
 	svc.PassiveFall = int(v.integer(at+".passive_fall", f.PassiveFall, DefaultPassiveFall, 0, MaxRiseFall))

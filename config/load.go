@@ -28,8 +28,18 @@ const (
 	DefaultWorkers        = 0 // one per core
 	DefaultConnectTimeout = 3 * time.Second
 	DefaultIdleTimeout    = time.Hour
-	DefaultDrainTimeout   = 30 * time.Second
-	DefaultWeight         = 100
+	// DefaultUDPIdleTimeout is idle_timeout for UDP services: a UDP flow
+	// has no end of its own, so the timeout is what ends it. A minute
+	// outlasts the pauses of game clients (menus, loading screens) while
+	// freeing the flows of clients that left within a minute.
+	DefaultUDPIdleTimeout = 60 * time.Second
+	// DefaultMaxFlows caps a UDP service's open flows. Each flow holds a
+	// socket (a descriptor and a local port toward its backend) and a
+	// goroutine; 65536 fits the default ephemeral port range of a few
+	// backend addresses.
+	DefaultMaxFlows     = 65536
+	DefaultDrainTimeout = 30 * time.Second
+	DefaultWeight       = 100
 
 	// Health checks (health.go). Without a [health] table a service does
 	// not probe; with one, kind defaults to a TCP connect.
@@ -49,6 +59,9 @@ const (
 	// MaxWorkers bounds SO_REUSEPORT sockets per service; more than a few per
 	// core only costs memory.
 	MaxWorkers = 1024
+	// MaxMaxFlows bounds max_flows: 16 Mi flows would need as many
+	// descriptors, far beyond any sane RLIMIT_NOFILE.
+	MaxMaxFlows = 1 << 24
 )
 
 // Errors is every problem found in one config file. Load returns it (as
@@ -113,6 +126,8 @@ func Load(path string) (*Config, error) {
 type fileConfig struct {
 	Admin    *fileAdmin              `toml:"admin"`
 	Reload   *fileReload             `toml:"reload"`
+	Log      *fileLog                `toml:"log"`
+	Process  *fileProcess            `toml:"process"`
 	Services map[string]*fileService `toml:"services"`
 }
 
@@ -133,6 +148,7 @@ type fileService struct {
 	ConnectTimeout any `toml:"connect_timeout"`
 	IdleTimeout    any `toml:"idle_timeout"`
 	DrainTimeout   any `toml:"drain_timeout"`
+	MaxFlows       any `toml:"max_flows"`
 	fileServiceHealth
 	// Backends are decoded as plain tables so that unknown keys can be
 	// reported with the backend's index, which MetaData.Undecoded cannot do
@@ -157,9 +173,11 @@ func Parse(data []byte, path string) (*Config, error) {
 	}
 	sum := sha256.Sum256(data)
 	cfg := &Config{
-		Path:  path,
-		Hash:  hex.EncodeToString(sum[:]),
-		Admin: v.admin(file.Admin),
+		Path:    path,
+		Hash:    hex.EncodeToString(sum[:]),
+		Admin:   v.admin(file.Admin),
+		Log:     v.log(file.Log),
+		Process: v.process(file.Process),
 	}
 	if file.Reload != nil {
 		cfg.Reload.Watch = v.boolean("reload.watch", file.Reload.Watch, DefaultReloadWatch)
@@ -251,8 +269,12 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 		svc.Listen = ap
 	}
 	svc.Protocol = Protocol(v.enum(at+".protocol", f.Protocol, string(DefaultProtocol), "tcp", "udp"))
+	idleDefault := DefaultIdleTimeout
 	if svc.Protocol == UDP {
-		v.add(at+".protocol", "udp services are not supported yet; only \"tcp\" is")
+		idleDefault = DefaultUDPIdleTimeout
+		svc.MaxFlows = int(v.integer(at+".max_flows", f.MaxFlows, DefaultMaxFlows, 1, MaxMaxFlows))
+	} else if f.MaxFlows != nil {
+		v.add(at+".max_flows", "applies only to protocol = \"udp\" (protocol is %q)", svc.Protocol)
 	}
 	svc.Balance = Balance(v.enum(at+".balance", f.Balance, string(DefaultBalance), "maglev", "round_robin", "least_conn"))
 	svc.HashKey = HashKey(v.enum(at+".hash_key", f.HashKey, string(DefaultHashKey), "source_ip", "source_ip_port"))
@@ -264,7 +286,7 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 		svc.Workers = runtime.GOMAXPROCS(0)
 	}
 	svc.ConnectTimeout = v.duration(at+".connect_timeout", f.ConnectTimeout, DefaultConnectTimeout, false)
-	svc.IdleTimeout = v.duration(at+".idle_timeout", f.IdleTimeout, DefaultIdleTimeout, false)
+	svc.IdleTimeout = v.duration(at+".idle_timeout", f.IdleTimeout, idleDefault, false)
 	svc.DrainTimeout = v.duration(at+".drain_timeout", f.DrainTimeout, DefaultDrainTimeout, true)
 	v.serviceHealth(at, f, &svc)
 

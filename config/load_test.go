@@ -85,6 +85,52 @@ func TestParseFull(t *testing.T) {
 	}
 }
 
+// TestUDPDefaults checks the defaults that differ by protocol: a UDP
+// service idles out after a minute and caps its flows, a TCP one has no cap.
+func TestUDPDefaults(t *testing.T) {
+	file := `
+[services.dns]
+listen = "127.0.0.1:53"
+protocol = "udp"
+[[services.dns.backends]]
+address = "10.0.0.1:53"
+
+[services.game]
+listen = "127.0.0.1:7777"
+protocol = "udp"
+idle_timeout = "5s"
+max_flows = 100
+[[services.game.backends]]
+address = "10.0.0.1:7777"
+
+[services.dnstcp]
+listen = "127.0.0.1:53"
+[[services.dnstcp.backends]]
+address = "10.0.0.1:53"
+`
+	cfg, err := Parse([]byte(file), "udp.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name     string
+		protocol Protocol
+		idle     time.Duration
+		maxFlows int
+	}{
+		{"dns", UDP, DefaultUDPIdleTimeout, DefaultMaxFlows},
+		{"game", UDP, 5 * time.Second, 100},
+		{"dnstcp", TCP, DefaultIdleTimeout, 0},
+	}
+	for _, tt := range tests {
+		s := cfg.Service(tt.name)
+		if s.Protocol != tt.protocol || s.IdleTimeout != tt.idle || s.MaxFlows != tt.maxFlows {
+			t.Errorf("%s: protocol %s, idle_timeout %v, max_flows %d; want %s, %v, %d",
+				tt.name, s.Protocol, s.IdleTimeout, s.MaxFlows, tt.protocol, tt.idle, tt.maxFlows)
+		}
+	}
+}
+
 func TestAdminDefaultsAndDisable(t *testing.T) {
 	base := "[services.a]\nlisten = \"127.0.0.1:1000\"\n[[services.a.backends]]\naddress = \"127.0.0.1:2000\"\n"
 	cfg, err := Parse([]byte(base), "")
@@ -121,7 +167,10 @@ func TestParseErrors(t *testing.T) {
 		{"bad duration", svc("idle_timeout = \"10 minutes\""), []string{"services.pg.idle_timeout:", "not a duration"}},
 		{"duration as number", svc("connect_timeout = 3"), []string{"services.pg.connect_timeout: want a duration string"}},
 		{"zero timeout", svc("connect_timeout = \"0s\""), []string{"services.pg.connect_timeout: 0s must be greater than zero"}},
-		{"udp not yet", svc("protocol = \"udp\""), []string{"services.pg.protocol: udp services are not supported yet"}},
+		{"bad protocol", svc("protocol = \"sctp\""), []string{"services.pg.protocol: \"sctp\" is not one of tcp, udp"}},
+		{"max_flows on tcp", svc("max_flows = 10"), []string{"services.pg.max_flows: applies only to protocol = \"udp\""}},
+		{"max_flows range", svc("protocol = \"udp\"\nmax_flows = 0"), []string{"services.pg.max_flows: 0 is out of range [1, 16777216]"}},
+		{"max_flows type", svc("protocol = \"udp\"\nmax_flows = \"many\""), []string{"services.pg.max_flows: want an integer, got a string"}},
 		{"bad enum", svc("balance = \"random\""), []string{"services.pg.balance: \"random\" is not one of maglev, round_robin, least_conn"}},
 		{"hash_key without maglev", svc("balance = \"round_robin\"\nhash_key = \"source_ip\""), []string{"services.pg.hash_key: applies only to balance = \"maglev\""}},
 		{"workers range", svc("workers = -1"), []string{"services.pg.workers: -1 is out of range [0, 1024]"}},
@@ -155,6 +204,7 @@ func TestParseErrors(t *testing.T) {
 		{"health expect and regex", svc("") + "[services.pg.health]\nkind = \"send_expect\"\nexpect = \"+PONG\"\nexpect_regex = \"PONG\"\n", []string{"services.pg.health.expect_regex: set expect or expect_regex, not both"}},
 		{"health bad regex", svc("") + "[services.pg.health]\nkind = \"send_expect\"\nexpect_regex = \"(\"\n", []string{"services.pg.health.expect_regex: error parsing regexp"}},
 		{"health empty expect", svc("") + "[services.pg.health]\nkind = \"send_expect\"\nexpect = \"\"\n", []string{"services.pg.health.expect: must not be empty"}},
+		{"udp health without kind", svc("protocol = \"udp\"") + "[services.pg.health]\n", []string{"services.pg.health.kind: a UDP service has no default check kind"}},
 		{"passive_fall without checks", svc("passive_fall = 2"), []string{"services.pg.passive_fall: needs an active health check"}},
 		{"passive_fall range", svc("passive_fall = -1") + "[services.pg.health]\n", []string{"services.pg.passive_fall: -1 is out of range [0, 100]"}},
 		{"bad panic_mode", svc("panic_mode = \"some\""), []string{"services.pg.panic_mode: \"some\" is not one of none, all"}},

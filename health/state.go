@@ -119,6 +119,9 @@ type Tracker struct {
 	// view shows why a backend stays down.
 	lastFailure string
 	history     []Transition // oldest first, at most historySize
+	// wentUp and wentDown count every transition to Up and to Down, for
+	// metrics: history forgets, counters must not.
+	wentUp, wentDown uint64
 }
 
 // State is the current state.
@@ -169,6 +172,12 @@ func (t *Tracker) Force(s State, reason string) (Transition, bool) {
 func (t *Tracker) record(from, to State, reason string) Transition {
 	tr := Transition{From: from, To: to, Reason: reason, At: time.Now()}
 	t.state.Store(uint32(to))
+	switch to {
+	case Up:
+		t.wentUp++
+	case Down:
+		t.wentDown++
+	}
 	if len(t.history) == historySize {
 		copy(t.history, t.history[1:])
 		t.history = t.history[:historySize-1]
@@ -183,6 +192,8 @@ type Snapshot struct {
 	LastFailure string
 	// History holds the latest transitions, oldest first.
 	History []Transition
+	// WentUp and WentDown count all transitions to Up and to Down.
+	WentUp, WentDown uint64
 }
 
 // Snapshot copies the tracker's state.
@@ -193,5 +204,7 @@ func (t *Tracker) Snapshot() Snapshot {
 		Status:      t.status,
 		LastFailure: t.lastFailure,
 		History:     append([]Transition(nil), t.history...),
+		WentUp:      t.wentUp,
+		WentDown:    t.wentDown,
 	}
 }

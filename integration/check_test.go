@@ -60,7 +60,7 @@ func TestCheck(t *testing.T) {
 		{"shared_listen.toml", []string{"FILE: services.b.listen: ", "services.a.listen"}},
 		{"no_backends.toml", []string{"FILE: services.pg.backends: "}},
 		{"weight_range.toml", []string{"FILE: services.pg.backends[0].weight: ", "1001"}},
-		{"udp.toml", []string{"FILE: services.dns.protocol: ", "udp"}},
+		{"udp.toml", []string{"FILE: services.dns.max_flows: ", "out of range"}},
 		{"hostname.toml", []string{"FILE: services.pg.backends[0].address: ", "db.internal"}},
 		{"several.toml", []string{
 			"FILE: services.pg.protocol: ",
@@ -116,7 +116,7 @@ func TestCheck(t *testing.T) {
 	t.Run("run refuses a bad config", func(t *testing.T) {
 		path := "testdata/bad/udp.toml"
 		code, _, stderr := runL4lb(t, "run", "-config", path)
-		if want := path + ": services.dns.protocol: "; code != 1 || !strings.Contains(stderr, want) {
+		if want := path + ": services.dns.max_flows: "; code != 1 || !strings.Contains(stderr, want) {
 			t.Errorf("exit %d, stderr:\n%s\nwant exit 1 and %q", code, stderr, want)
 		}
 	})

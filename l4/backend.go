@@ -22,6 +22,7 @@ type Backend struct {
 	bytesToBack atomic.Uint64 // bytes from clients to this backend
 	bytesToCli  atomic.Uint64 // bytes from this backend to clients
 	lastDialLog atomic.Int64  // monotonicNow of the last dial failure log line
+	connectTime latencyHistogram
 
 	// Drain state, guarded by the owning Service's mu: drainTimer is
 	// non-nil while the backend drains.
@@ -34,6 +35,8 @@ type Backend struct {
 	// conns links the open connections so a drain or shutdown can close
 	// them. An intrusive list: linking and unlinking allocate nothing.
 	conns proxyConnList
+
+	udp udpBackend // open UDP flows and datagram counters: udp.go
 }
 
 func newBackend(addr netip.AddrPort) *Backend {
@@ -78,11 +81,13 @@ func (b *Backend) untrack(c *proxyConn) {
 	b.active.Add(-1)
 }
 
-// closeConns aborts every open connection to the backend.
+// closeConns aborts every open connection and UDP flow to the backend.
 func (b *Backend) closeConns() {
+	b.udp.closeFlows()
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for c := b.conns.head; c != nil; c = c.next {
+		c.forced.Store(true)
 		c.abort()
 	}
 }

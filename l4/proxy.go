@@ -20,6 +20,11 @@ type proxyConn struct {
 	lastActive atomic.Int64
 
 	abortOnce sync.Once
+	// forced is set when l4lb itself cut the connection (a drain deadline,
+	// shutdown, a backend marked down), for the connection log.
+	forced atomic.Bool
+	// Bytes each way, set when the connection ends, for the connection log.
+	sentToBackend, sentToClient int64
 
 	prev, next *proxyConn // links in target.conns, guarded by target.mu
 }
@@ -52,12 +57,12 @@ func (c *proxyConn) run(pipes *pipePool) error {
 	c.client.SetDeadline(deadline)
 	c.backend.SetDeadline(deadline)
 
-	toBackend, err := newSpliceCopier(c, pipes, c.backend, c.client)
+	toBackend, err := newSpliceCopier(c, pipes, c.backend, c.client, &c.target.bytesToBack)
 	if err != nil {
 		c.abort()
 		return err
 	}
-	toClient, err := newSpliceCopier(c, pipes, c.client, c.backend)
+	toClient, err := newSpliceCopier(c, pipes, c.client, c.backend, &c.target.bytesToCli)
 	if err != nil {
 		c.abort()
 		return err
@@ -66,8 +71,7 @@ func (c *proxyConn) run(pipes *pipePool) error {
 	go c.copyClientToBackend(toBackend, upErr)
 	downErr := c.copyBackendToClient(toClient)
 	err = <-upErr
-	c.target.bytesToBack.Add(uint64(toBackend.bytes))
-	c.target.bytesToCli.Add(uint64(toClient.bytes))
+	c.sentToBackend, c.sentToClient = toBackend.bytes, toClient.bytes
 	c.abort()
 	if err == nil {
 		err = downErr

@@ -9,6 +9,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -30,6 +31,8 @@ import (
 type Server struct {
 	log   hclog.Logger
 	pipes *pipePool
+	// logConnections is read by every service at each connection close.
+	logConnections atomic.Bool
 
 	mu sync.Mutex // guards everything below; held for a whole Apply
 	// running is keyed by socket identity (protocol and listen address), not
@@ -53,7 +56,19 @@ type runningService struct {
 	cfg       *config.Service
 	listeners []*net.TCPListener
 	accepting sync.WaitGroup // accept loops
+	// udp runs a UDP service's sockets and flows (listeners is empty then).
+	udp *udpProxy
 }
+
+func (srv *Server) newService(sc *config.Service) *Service {
+	svc := NewService(sc, srv.pipes, srv.log)
+	svc.logConnections = &srv.logConnections
+	return svc
+}
+
+// SetLogConnections switches the per-connection log line of every
+// service, now and for services added later.
+func (srv *Server) SetLogConnections(on bool) { srv.logConnections.Store(on) }
 
 // NewServer returns a server with no services.
 func NewServer(log hclog.Logger) *Server {
@@ -92,6 +107,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 	// touched yet.
 	fresh := make(map[socketKey][]*net.TCPListener)
 	extra := make(map[socketKey][]*net.TCPListener)
+	freshUDP := make(map[socketKey][]*net.UDPConn)
 	undo := func() {
 		for _, lns := range fresh {
 			closeListeners(lns)
@@ -99,11 +115,29 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		for _, lns := range extra {
 			closeListeners(lns)
 		}
+		for _, conns := range freshUDP {
+			for _, c := range conns {
+				c.Close()
+			}
+		}
 	}
 	for i := range cfg.Services {
 		sc := &cfg.Services[i]
 		key := keyOf(sc)
 		old := srv.running[key]
+		if sc.Protocol == config.UDP {
+			// A running UDP service keeps its socket group as it is: see
+			// the workers note in phase 2.
+			if old == nil {
+				conns, err := listener.ListenUDP(ctx, sc.Listen, sc.Workers)
+				if err != nil {
+					undo()
+					return change, fmt.Errorf("services.%s.listen: %w", sc.Name, err)
+				}
+				freshUDP[key] = conns
+			}
+			continue
+		}
 		need := sc.Workers
 		if old != nil {
 			need = sc.Workers - len(old.listeners)
@@ -130,8 +164,17 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		sc := &cfg.Services[i]
 		key := keyOf(sc)
 		wanted[key] = true
+		if conns, ok := freshUDP[key]; ok {
+			rs := &runningService{svc: srv.newService(sc), cfg: sc}
+			rs.udp = newUDPProxy(rs.svc, conns, srv.log.With("service", sc.Name))
+			srv.running[key] = rs
+			rs.udp.start()
+			srv.log.Info("service started", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
+				"balance", sc.Balance, "workers", sc.Workers, "max_flows", sc.MaxFlows, "backends", backendList(sc))
+			continue
+		}
 		if lns, ok := fresh[key]; ok {
-			rs := &runningService{svc: NewService(sc, srv.pipes, srv.log), cfg: sc}
+			rs := &runningService{svc: srv.newService(sc), cfg: sc}
 			srv.running[key] = rs
 			srv.serve(rs, lns)
 			srv.log.Info("service started", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
@@ -144,6 +187,10 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		}
 		rs.cfg = sc
 		rs.svc.Update(sc)
+		if rs.udp != nil && len(rs.udp.workers) != sc.Workers {
+			srv.log.Info("workers of a udp service change at restart: resizing its SO_REUSEPORT group would re-hash clients to sockets whose flow tables do not know them",
+				"service", sc.Name, "sockets", len(rs.udp.workers), "workers", sc.Workers)
+		}
 		if lns, ok := extra[key]; ok {
 			srv.serve(rs, lns)
 			srv.log.Info("workers added", "service", sc.Name, "workers", len(rs.listeners))
@@ -201,9 +248,13 @@ func (srv *Server) serve(rs *runningService, lns []*net.TCPListener) {
 func (srv *Server) retire(rs *runningService) {
 	closeListeners(rs.listeners)
 	srv.log.Info("service removed: stopped accepting, draining", "service", rs.cfg.Name, "listen", rs.cfg.Listen,
-		"drain_timeout", rs.cfg.DrainTimeout)
+		"drain_timeout", rs.cfg.DrainTimeout.String())
 	go func() {
 		rs.accepting.Wait()
+		if rs.udp != nil {
+			// Sockets stay open while flows drain: replies leave by them.
+			rs.udp.Drain(time.Now().Add(rs.cfg.DrainTimeout))
+		}
 		rs.svc.Drain(time.Now().Add(rs.cfg.DrainTimeout))
 		srv.log.Info("service stopped", "service", rs.cfg.Name, "listen", rs.cfg.Listen)
 	}()
@@ -229,6 +280,9 @@ func (srv *Server) Shutdown() {
 		go func() {
 			defer wg.Done()
 			rs.accepting.Wait()
+			if rs.udp != nil {
+				rs.udp.Drain(time.Now().Add(rs.cfg.DrainTimeout))
+			}
 			rs.svc.Drain(time.Now().Add(rs.cfg.DrainTimeout))
 		}()
 	}

@@ -49,6 +49,15 @@ type Service struct {
 
 	handlers sync.WaitGroup // running Handle calls
 
+	// logConnections, when set and true, logs a line per closed
+	// connection; the Server owns it, so one reload switches every service.
+	logConnections *atomic.Bool
+
+	// udp is the data path of a UDP service (udp.go), nil for TCP; set once
+	// by the Server before the service is published.
+	udp *udpProxy
+
+	accepted    atomic.Uint64 // TCP connections accepted
 	refused     atomic.Uint64 // clients closed because no backend could take them
 	lastRefusal atomic.Int64  // monotonicNow of the last refusal log line
 	proxyErrors atomic.Uint64 // connections that ended with an error other than idle
@@ -188,6 +197,7 @@ func (s *Service) Backends() []*Backend {
 // Handle returns, so that a Drain that starts once the accept loops have
 // stopped waits for it.
 func (s *Service) Handle(client *net.TCPConn) {
+	s.accepted.Add(1)
 	s.handlers.Add(1)
 	go s.proxy(client)
 }
@@ -201,14 +211,33 @@ func (s *Service) proxy(client *net.TCPConn) {
 		return
 	}
 	c := &proxyConn{client: client, backend: backend, target: target, idleTimeout: r.cfg.IdleTimeout}
+	start := time.Now()
 	target.track(c)
 	err := c.run(s.pipes)
 	target.untrack(c)
 	if err != nil && !errors.Is(err, errIdle) {
 		s.proxyErrors.Add(1)
 	}
-	if err != nil && s.log.IsDebug() {
-		s.log.Debug("connection ended", "service", s.Name(), "client", client.RemoteAddr(), "backend", target.addr, "reason", err)
+	if s.logConnections != nil && s.logConnections.Load() {
+		s.log.Info("connection closed", "service", r.cfg.Name, "client", client.RemoteAddr().String(), "backend", target.addr,
+			"bytes_to_backend", c.sentToBackend, "bytes_to_client", c.sentToClient,
+			"duration", time.Since(start).Round(time.Millisecond).String(), "reason", closeReason(c, err))
+	} else if err != nil && s.log.IsDebug() {
+		s.log.Debug("connection ended", "service", r.cfg.Name, "client", client.RemoteAddr().String(), "backend", target.addr, "reason", err)
+	}
+}
+
+// closeReason names why a proxied connection ended, for the connection log.
+func closeReason(c *proxyConn, err error) string {
+	switch {
+	case c.forced.Load():
+		return "closed by l4lb (drain, shutdown or backend down)"
+	case errors.Is(err, errIdle):
+		return "idle timeout"
+	case err != nil:
+		return err.Error()
+	default:
+		return "closed by peers"
 	}
 }
 
@@ -229,8 +258,10 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 		}
 		tried = append(tried, i)
 		be := r.backends[i]
+		dialStart := time.Now()
 		conn, err := r.dialer.Dial("tcp", be.dialAddr)
 		if err == nil {
+			be.connectTime.observe(time.Since(dialStart))
 			// Go sets TCP_NODELAY on every TCP socket by default, client
 			// and backend alike: requests and replies leave at once.
 			connectOK(be)
@@ -249,7 +280,7 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 func (s *Service) refuse(client *net.TCPConn, reason string) {
 	n := s.refused.Add(1)
 	if s.allowLog(&s.lastRefusal) {
-		s.log.Warn("closing client: no backend available", "service", s.Name(), "client", client.RemoteAddr(), "reason", reason, "refused_total", n)
+		s.log.Warn("closing client: no backend available", "service", s.Name(), "client", client.RemoteAddr().String(), "reason", reason, "refused_total", n)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -100,9 +101,12 @@ type spliceCopier struct {
 	// write drains the pipe into the destination socket.
 	write func(fd uintptr) bool
 	bytes int64
+	// moved is the backend's byte counter for this direction, updated per
+	// chunk so that metrics see long-lived connections as they go.
+	moved *atomic.Uint64
 }
 
-func newSpliceCopier(c *proxyConn, pipes *pipePool, dst, src *net.TCPConn) (*spliceCopier, error) {
+func newSpliceCopier(c *proxyConn, pipes *pipePool, dst, src *net.TCPConn, moved *atomic.Uint64) (*spliceCopier, error) {
 	srcRaw, err := src.SyscallConn()
 	if err != nil {
 		return nil, err
@@ -111,7 +115,7 @@ func newSpliceCopier(c *proxyConn, pipes *pipePool, dst, src *net.TCPConn) (*spl
 	if err != nil {
 		return nil, err
 	}
-	s := &spliceCopier{conn: c, pipes: pipes, src: srcRaw, dst: dstRaw, srcTCP: src, dstTCP: dst}
+	s := &spliceCopier{conn: c, pipes: pipes, src: srcRaw, dst: dstRaw, srcTCP: src, dstTCP: dst, moved: moved}
 	s.read = s.fillPipe
 	s.write = s.drainPipe
 	return s, nil
@@ -191,6 +195,7 @@ func (s *spliceCopier) fillPipe(fd uintptr) bool {
 		}
 		s.pipe.buffered += int(n)
 		s.bytes += n
+		s.moved.Add(uint64(n))
 		return true
 	}
 }

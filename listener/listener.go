@@ -108,9 +108,9 @@ func serve(ln Acceptor, handle func(*net.TCPConn), log hclog.Logger, sleep func(
 			backoff = min(2*backoff, maxAcceptBackoff)
 		}
 		if isTransient(err) {
-			log.Warn("accept failed, backing off", "listen", ln.Addr(), "error", err, "retry_in", backoff)
+			log.Warn("accept failed, backing off", "listen", ln.Addr().String(), "error", err, "retry_in", backoff.String())
 		} else {
-			log.Error("accept failed unexpectedly, backing off", "listen", ln.Addr(), "error", err, "retry_in", backoff)
+			log.Error("accept failed unexpectedly, backing off", "listen", ln.Addr().String(), "error", err, "retry_in", backoff.String())
 		}
 		sleep(backoff)
 	}

@@ -1,4 +1,4 @@
-// Command l4lb is an L4 (TCP) load balancer.
+// Command l4lb is an L4 (TCP and UDP) load balancer.
 //
 //	l4lb run -config /etc/l4lb/l4lb.toml     serve until SIGINT/SIGTERM; SIGHUP reloads
 //	l4lb check -config /etc/l4lb/l4lb.toml   validate a config file
@@ -6,6 +6,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"strconv"
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
@@ -28,8 +30,10 @@ var version = "dev"
 const usage = `usage: l4lb <command> [flags]
 
 commands:
-  run     -config FILE [-log-level LEVEL]   run the load balancer
+  run     -config FILE [-log-level LEVEL] [-pidfile FILE]   run the load balancer
   check   -config FILE                      validate a config file; exit 1 listing every problem
+  status  [-admin ADDR] [-json]             show services and backends of a running l4lb
+  reload  [-admin ADDR | -pidfile FILE]     reload a running l4lb's config (POST /reload, or SIGHUP)
   version                                   print the version
 `
 
@@ -47,6 +51,10 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 		return cmdRun(args[1:], stderr)
 	case "check":
 		return cmdCheck(args[1:], stdout, stderr)
+	case "status":
+		return cmdStatus(args[1:], stdout, stderr)
+	case "reload":
+		return cmdReload(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintf(stdout, "l4lb %s %s %s/%s\n", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return 0
@@ -102,7 +110,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	path := fs.String("config", "", "config file")
-	level := fs.String("log-level", "info", "log level: trace, debug, info, warn, error")
+	levelFlag := fs.String("log-level", "", "log level, overriding [log] level: trace, debug, info, warn, error")
+	pidfile := fs.String("pidfile", "", "write the process id to this file (for `l4lb reload -pidfile`)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -110,17 +119,19 @@ func cmdRun(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "l4lb run: -config FILE is required")
 		return 2
 	}
-	log := hclog.New(&hclog.LoggerOptions{Name: "l4lb", Level: hclog.LevelFromString(*level), Output: stderr})
-	if log.GetLevel() == hclog.NoLevel {
-		fmt.Fprintf(stderr, "l4lb run: unknown -log-level %q\n", *level)
+	if *levelFlag != "" && hclog.LevelFromString(*levelFlag) == hclog.NoLevel {
+		fmt.Fprintf(stderr, "l4lb run: unknown -log-level %q\n", *levelFlag)
 		return 2
 	}
-
 	cfg, err := config.Load(*path)
 	if err != nil {
 		printConfigError(stderr, err)
 		return 1
 	}
+	log := hclog.New(&hclog.LoggerOptions{
+		Name: "l4lb", Output: stderr, JSONFormat: cfg.Log.Format == "json",
+		Level: hclog.LevelFromString(cmp.Or(*levelFlag, cfg.Log.Level)),
+	})
 	// Go itself raises the soft RLIMIT_NOFILE to the hard limit at start
 	// (since Go 1.19); each proxied connection costs two descriptors.
 
@@ -130,18 +141,51 @@ func cmdRun(args []string, stderr io.Writer) int {
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 
 	srv := l4.NewServer(log)
+	srv.SetLogConnections(cfg.Log.Connections)
+	notify := newNotifier()
+	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, applyLog: func(lc config.Log) {
+		if *levelFlag == "" {
+			log.SetLevel(hclog.LevelFromString(lc.Level))
+		}
+		srv.SetLogConnections(lc.Connections)
+	}}
+	adm := newAdmin(log, srv, rl)
+	adminLn, err := adm.prepare(cfg.Admin.Listen)
+	if err != nil {
+		log.Error("cannot start", "error", err)
+		return 1
+	}
 	if _, err := srv.Apply(context.Background(), cfg); err != nil {
 		log.Error("cannot start", "error", err)
 		return 1
 	}
+	adm.commit(cfg.Admin.Listen, adminLn)
+	rl.admin = adm
+	if err := dropPrivileges(cfg.Process); err != nil {
+		log.Error("cannot start", "error", err)
+		return 1
+	}
+	if cfg.Process.User != "" {
+		log.Info("running unprivileged", "uid", os.Getuid(), "gid", os.Getgid())
+	}
+
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	triggers := make(chan string, 8)
-	rl := &reloader{path: *path, srv: srv, log: log}
 	go rl.run(ctx, triggers)
 	watchConfigFile(ctx, log, srv, *path, triggers)
+	if *pidfile != "" {
+		if err := os.WriteFile(*pidfile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+			log.Error("cannot write pidfile", "error", err)
+			return 1
+		}
+		defer os.Remove(*pidfile)
+	}
 	// Ready only once the file is watched: a change made after this line
 	// must not be missed.
+	if err := notify.ready("serving"); err != nil {
+		log.Warn("cannot notify systemd", "error", err)
+	}
 	log.Info("ready", "version", version, "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
 
 	for sig := range signals {
@@ -153,8 +197,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 			continue
 		}
 		log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
+		if err := notify.stopping(); err != nil {
+			log.Warn("cannot notify systemd", "error", err)
+		}
 		cancel()
 		srv.Shutdown()
+		adm.close()
 		log.Info("stopped")
 		return 0
 	}

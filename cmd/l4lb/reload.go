@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"net"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/l4lb/l4lb/config"
 	"github.com/l4lb/l4lb/l4"
@@ -18,14 +20,34 @@ const reloadSettle = 100 * time.Millisecond
 
 // reloader re-reads the config file and applies it, one reload at a time.
 type reloader struct {
-	path string
-	srv  *l4.Server
-	log  hclog.Logger
+	path   string
+	srv    *l4.Server
+	log    hclog.Logger
+	notify *notifier
+	// admin is set once the admin endpoint exists; a reload rebinds it
+	// when admin.listen changes.
+	admin *admin
+	// applyLog applies the [log] section of a new config.
+	applyLog func(config.Log)
+
+	reloading sync.Mutex // held for a whole reload: triggers and POST /reload take turns
 
 	mu          sync.Mutex // guards the fields below
 	ok, failed  uint64
 	lastError   string
 	lastErrorAt time.Time
+}
+
+type reloadStats struct {
+	ok, failed  uint64
+	lastError   string
+	lastErrorAt time.Time
+}
+
+func (r *reloader) stats() reloadStats {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return reloadStats{r.ok, r.failed, r.lastError, r.lastErrorAt}
 }
 
 // run reloads once per burst of triggers until ctx ends.
@@ -58,31 +80,85 @@ func (r *reloader) run(ctx context.Context, triggers <-chan string) {
 
 // reload applies the config file; a bad file, or one whose new sockets
 // cannot be bound, leaves the running config serving.
-func (r *reloader) reload(ctx context.Context, reason string) {
-	cfg, err := config.Load(r.path)
-	if err == nil {
-		var change l4.Change
-		change, err = r.srv.Apply(ctx, cfg)
-		if err == nil {
-			r.mu.Lock()
-			r.ok++
-			r.mu.Unlock()
-			if change.Version == change.OldVersion {
-				r.log.Debug("reload: config unchanged", "trigger", reason, "version", change.Version)
-				return
-			}
-			r.log.Info("reloaded", "trigger", reason, "version", change.OldVersion, "new_version", change.Version,
-				"hash", cfg.Hash[:12], "changes", change.Summary)
-			return
+func (r *reloader) reload(ctx context.Context, reason string) (l4.Change, error) {
+	r.reloading.Lock()
+	defer r.reloading.Unlock()
+	if err := r.notify.reloading(); err != nil {
+		r.log.Warn("cannot notify systemd", "error", err)
+	}
+	defer func() {
+		if err := r.notify.ready("serving"); err != nil {
+			r.log.Warn("cannot notify systemd", "error", err)
 		}
+	}()
+	change, cfg, err := r.apply(ctx)
+	if err != nil {
+		r.mu.Lock()
+		r.failed++
+		r.lastError = err.Error()
+		r.lastErrorAt = time.Now()
+		failed := r.failed
+		r.mu.Unlock()
+		version, _, _ := r.srv.Version()
+		r.log.Error("reload rejected, still serving the running config", "trigger", reason, "version", version,
+			"failed_total", failed, "error", err.Error())
+		return l4.Change{OldVersion: version, Version: version}, err
 	}
 	r.mu.Lock()
-	r.failed++
-	r.lastError = err.Error()
-	r.lastErrorAt = time.Now()
-	failed := r.failed
+	r.ok++
 	r.mu.Unlock()
-	version, _, _ := r.srv.Version()
-	r.log.Error("reload rejected, still serving the running config", "trigger", reason, "version", version,
-		"failed_total", failed, "error", err.Error())
+	if change.Version == change.OldVersion {
+		r.log.Debug("reload: config unchanged", "trigger", reason, "version", change.Version)
+		return change, nil
+	}
+	r.log.Info("reloaded", "trigger", reason, "version", change.OldVersion, "new_version", change.Version,
+		"hash", cfg.Hash[:12], "changes", change.Summary)
+	return change, nil
+}
+
+// apply loads the file and applies it whole: the admin endpoint's new
+// socket, if any, is bound before the services change, and released if
+// they cannot.
+func (r *reloader) apply(ctx context.Context) (l4.Change, *config.Config, error) {
+	cfg, err := config.Load(r.path)
+	if err != nil {
+		return l4.Change{}, nil, err
+	}
+	var adminLn net.Listener
+	if r.admin != nil {
+		if adminLn, err = r.admin.prepare(cfg.Admin.Listen); err != nil {
+			return l4.Change{}, nil, err
+		}
+	}
+	change, err := r.srv.Apply(ctx, cfg)
+	if err != nil {
+		if adminLn != nil {
+			adminLn.Close()
+		}
+		return change, nil, err
+	}
+	if r.admin != nil {
+		r.admin.commit(cfg.Admin.Listen, adminLn)
+	}
+	if r.applyLog != nil {
+		r.applyLog(cfg.Log)
+	}
+	return change, cfg, nil
+}
+
+// metrics exports the reload counters.
+func (r *reloader) metrics() prometheus.Collector {
+	return reloadCollector{r}
+}
+
+type reloadCollector struct{ r *reloader }
+
+var reloadsDesc = prometheus.NewDesc("l4lb_reloads_total", "Config reloads, by result: ok (applied or unchanged) or failed (rejected; the running config stayed).", []string{"result"}, nil)
+
+func (c reloadCollector) Describe(ch chan<- *prometheus.Desc) { ch <- reloadsDesc }
+
+func (c reloadCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.r.stats()
+	ch <- prometheus.MustNewConstMetric(reloadsDesc, prometheus.CounterValue, float64(st.ok), "ok")
+	ch <- prometheus.MustNewConstMetric(reloadsDesc, prometheus.CounterValue, float64(st.failed), "failed")
 }

@@ -1,0 +1,195 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/l4lb/l4lb/l4"
+)
+
+// admin serves the local admin endpoint: GET /status (JSON), GET /metrics
+// (Prometheus) and POST /reload. Nothing else changes state; every other
+// method is refused.
+type admin struct {
+	log     hclog.Logger
+	handler http.Handler
+
+	mu     sync.Mutex // guards addr and server
+	addr   string
+	server *http.Server
+}
+
+func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(l4.NewMetrics(srv), rl.metrics(), collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		enc.Encode(buildStatus(srv, rl))
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("POST /reload", func(w http.ResponseWriter, r *http.Request) {
+		change, err := rl.reload(r.Context(), "admin POST /reload")
+		w.Header().Set("Content-Type", "application/json")
+		res := reloadResult{OldVersion: change.OldVersion, Version: change.Version, Changes: change.Summary}
+		if err != nil {
+			res.Error = err.Error()
+			w.WriteHeader(http.StatusUnprocessableEntity)
+		}
+		json.NewEncoder(w).Encode(res)
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET")
+			http.Error(w, "the admin endpoint is read-only, except POST /reload", http.StatusMethodNotAllowed)
+			return
+		}
+		http.NotFound(w, r)
+	})
+	return &admin{log: log, handler: mux}
+}
+
+type reloadResult struct {
+	OldVersion uint64 `json:"old_version"`
+	Version    uint64 `json:"version"`
+	Changes    string `json:"changes,omitempty"`
+	Error      string `json:"error,omitempty"`
+}
+
+// prepare binds addr if it differs from the address served now, so that a
+// reload can fail before anything changes. It returns nil when there is
+// nothing to bind.
+func (a *admin) prepare(addr string) (net.Listener, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if addr == a.addr || addr == "" {
+		return nil, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, errors.New("admin.listen: " + err.Error())
+	}
+	return ln, nil
+}
+
+// commit serves on ln (from prepare) at addr and stops the old server;
+// with addr "" it only stops the old one.
+func (a *admin) commit(addr string, ln net.Listener) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if addr == a.addr {
+		return
+	}
+	if a.server != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		a.server.Shutdown(ctx)
+		cancel()
+		a.server = nil
+	}
+	a.addr = addr
+	if ln == nil {
+		a.log.Info("admin endpoint disabled")
+		return
+	}
+	a.server = &http.Server{Handler: a.handler, ReadHeaderTimeout: 5 * time.Second}
+	go a.server.Serve(ln)
+	a.log.Info("admin endpoint listening", "listen", ln.Addr().String())
+}
+
+func (a *admin) close() { a.commit("", nil) }
+
+// statusJSON is the document of GET /status.
+type statusJSON struct {
+	Version           uint64        `json:"version"`
+	Hash              string        `json:"hash"`
+	LoadedAt          time.Time     `json:"loaded_at"`
+	ReloadsOK         uint64        `json:"reloads_ok"`
+	ReloadsFailed     uint64        `json:"reloads_failed"`
+	LastReloadError   string        `json:"last_reload_error,omitempty"`
+	LastReloadErrorAt *time.Time    `json:"last_reload_error_at,omitempty"`
+	Services          []serviceJSON `json:"services"`
+}
+
+type serviceJSON struct {
+	Name     string        `json:"name"`
+	Listen   string        `json:"listen"`
+	Protocol string        `json:"protocol"`
+	Balance  string        `json:"balance"`
+	Accepted uint64        `json:"accepted"`
+	Refused  uint64        `json:"refused"`
+	Errors   uint64        `json:"errors"`
+	Backends []backendJSON `json:"backends"`
+	UDP      *l4.UDPStats  `json:"udp,omitempty"`
+}
+
+type backendJSON struct {
+	Address         string          `json:"address"`
+	Weight          int             `json:"weight"`
+	Configured      bool            `json:"configured"`
+	InRoute         bool            `json:"in_route"`
+	Health          string          `json:"health"`
+	LastTransition  *transitionJSON `json:"last_transition,omitempty"`
+	LastFailure     string          `json:"last_failure,omitempty"`
+	Active          int64           `json:"active"`
+	Total           uint64          `json:"total"`
+	ConnectFailures uint64          `json:"connect_failures"`
+	BytesToBackend  uint64          `json:"bytes_to_backend"`
+	BytesToClient   uint64          `json:"bytes_to_client"`
+	Draining        bool            `json:"draining"`
+	DrainDeadline   *time.Time      `json:"drain_deadline,omitempty"`
+}
+
+type transitionJSON struct {
+	From   string    `json:"from"`
+	To     string    `json:"to"`
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+}
+
+func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
+	st := srv.Status()
+	out := statusJSON{Version: st.Version, Hash: st.Hash, LoadedAt: st.LoadedAt, Services: []serviceJSON{}}
+	rs := rl.stats()
+	out.ReloadsOK, out.ReloadsFailed, out.LastReloadError = rs.ok, rs.failed, rs.lastError
+	if !rs.lastErrorAt.IsZero() {
+		out.LastReloadErrorAt = &rs.lastErrorAt
+	}
+	for _, s := range st.Services {
+		sj := serviceJSON{
+			Name: s.Name, Listen: s.Listen.String(), Protocol: string(s.Protocol), Balance: string(s.Balance),
+			Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: s.UDP, Backends: []backendJSON{},
+		}
+		for _, b := range s.Backends {
+			bj := backendJSON{
+				Address: b.Address.String(), Weight: b.Weight, Configured: b.Configured, InRoute: b.InRoute,
+				Health: b.Health.Status.State.String(), LastFailure: b.Health.LastFailure,
+				Active: b.Active, Total: b.Total, ConnectFailures: b.DialFailed,
+				BytesToBackend: b.BytesToBack, BytesToClient: b.BytesToCli, Draining: b.Draining,
+			}
+			if h := b.Health.History; len(h) > 0 {
+				last := h[len(h)-1]
+				bj.LastTransition = &transitionJSON{From: last.From.String(), To: last.To.String(), Reason: last.Reason, At: last.At}
+			}
+			if b.Draining {
+				deadline := b.DrainDeadline
+				bj.DrainDeadline = &deadline
+			}
+			sj.Backends = append(sj.Backends, bj)
+		}
+		out.Services = append(out.Services, sj)
+	}
+	return out
+}

@@ -1,0 +1,144 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/l4lb/l4lb/config"
+)
+
+// The commands that talk to a running l4lb through its admin endpoint.
+
+var adminClient = &http.Client{Timeout: 30 * time.Second}
+
+func adminURL(addr, path string) string {
+	if !strings.Contains(addr, "://") {
+		addr = "http://" + addr
+	}
+	return strings.TrimSuffix(addr, "/") + path
+}
+
+func cmdStatus(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("admin", config.DefaultAdminListen, "admin endpoint of the running l4lb")
+	raw := fs.Bool("json", false, "print the JSON document as it is")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	resp, err := adminClient.Get(adminURL(*addr, "/status"))
+	if err != nil {
+		fmt.Fprintf(stderr, "l4lb status: %v\n", err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "l4lb status: %s %v %s\n", resp.Status, err, body)
+		return 1
+	}
+	if *raw {
+		stdout.Write(body)
+		return 0
+	}
+	var st statusJSON
+	if err := json.Unmarshal(body, &st); err != nil {
+		fmt.Fprintf(stderr, "l4lb status: %v\n", err)
+		return 1
+	}
+	printStatus(stdout, st)
+	return 0
+}
+
+func printStatus(w io.Writer, st statusJSON) {
+	fmt.Fprintf(w, "config version %d (hash %.12s), loaded %s; reloads ok %d, failed %d\n",
+		st.Version, st.Hash, st.LoadedAt.Format(time.RFC3339), st.ReloadsOK, st.ReloadsFailed)
+	if st.LastReloadError != "" {
+		fmt.Fprintf(w, "last reload error (%s):\n  %s\n", st.LastReloadErrorAt.Format(time.RFC3339),
+			strings.ReplaceAll(st.LastReloadError, "\n", "\n  "))
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tLISTEN\tBACKEND\tWEIGHT\tHEALTH\tROUTED\tACTIVE\tTOTAL\tFAILED\tDRAINING")
+	for _, s := range st.Services {
+		for _, b := range s.Backends {
+			draining := "no"
+			if b.Draining && b.DrainDeadline != nil {
+				draining = "until " + b.DrainDeadline.Format(time.TimeOnly)
+			} else if !b.Configured {
+				draining = "removed"
+			}
+			routed := "no"
+			if b.InRoute {
+				routed = "yes"
+			}
+			fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%d\t%s\t%s\t%d\t%d\t%d\t%s\n", s.Name, s.Listen, s.Protocol, b.Address,
+				b.Weight, b.Health, routed, b.Active, b.Total, b.ConnectFailures, draining)
+		}
+	}
+	tw.Flush()
+}
+
+func cmdReload(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("reload", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("admin", config.DefaultAdminListen, "admin endpoint of the running l4lb")
+	pidfile := fs.String("pidfile", "", "send SIGHUP to the process in this file instead of using the admin endpoint")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *pidfile != "" {
+		if err := signalPidfile(*pidfile); err != nil {
+			fmt.Fprintf(stderr, "l4lb reload: %v\n", err)
+			return 1
+		}
+		fmt.Fprintln(stdout, "SIGHUP sent; the result is in l4lb's log and `l4lb status`")
+		return 0
+	}
+	resp, err := adminClient.Post(adminURL(*addr, "/reload"), "", nil)
+	if err != nil {
+		fmt.Fprintf(stderr, "l4lb reload: %v\n", err)
+		return 1
+	}
+	defer resp.Body.Close()
+	var res reloadResult
+	if err := json.NewDecoder(resp.Body).Decode(&res); err != nil {
+		fmt.Fprintf(stderr, "l4lb reload: %s: %v\n", resp.Status, err)
+		return 1
+	}
+	if res.Error != "" {
+		fmt.Fprintf(stderr, "reload rejected, version %d still serving:\n%s\n", res.Version, res.Error)
+		return 1
+	}
+	if res.Version == res.OldVersion {
+		fmt.Fprintf(stdout, "config unchanged, version %d\n", res.Version)
+		return 0
+	}
+	fmt.Fprintf(stdout, "reloaded: version %d -> %d: %s\n", res.OldVersion, res.Version, res.Changes)
+	return 0
+}
+
+func signalPidfile(path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil || pid <= 0 {
+		return errors.New(path + ": no process id in it")
+	}
+	if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
+		return fmt.Errorf("signal process %d: %w", pid, err)
+	}
+	return nil
+}

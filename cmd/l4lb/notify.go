@@ -1,0 +1,65 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// notifier tells systemd about the service's state (sd_notify): READY=1
+// once the listeners are bound, RELOADING=1 and READY=1 around reloads (for
+// Type=notify-reload), STOPPING=1 at shutdown. The protocol is one datagram
+// per message to the unix socket named by $NOTIFY_SOCKET, so no library is
+// needed. Without $NOTIFY_SOCKET every call does nothing.
+type notifier struct {
+	addr *net.UnixAddr
+}
+
+func newNotifier() *notifier {
+	name := os.Getenv("NOTIFY_SOCKET")
+	if name == "" {
+		return &notifier{}
+	}
+	if strings.HasPrefix(name, "@") {
+		name = "\x00" + name[1:] // abstract socket
+	}
+	return &notifier{addr: &net.UnixAddr{Name: name, Net: "unixgram"}}
+}
+
+// send delivers one message of newline-separated KEY=VALUE lines.
+func (n *notifier) send(lines ...string) error {
+	if n.addr == nil {
+		return nil
+	}
+	conn, err := net.DialUnix("unixgram", nil, n.addr)
+	if err != nil {
+		return fmt.Errorf("sd_notify: %w", err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte(strings.Join(lines, "\n") + "\n")); err != nil {
+		return fmt.Errorf("sd_notify: %w", err)
+	}
+	return nil
+}
+
+func (n *notifier) ready(status string) error {
+	return n.send("READY=1", "STATUS="+status)
+}
+
+// reloading must carry CLOCK_MONOTONIC in microseconds: systemd uses it
+// to tell this reload from an earlier one.
+func (n *notifier) reloading() error {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return fmt.Errorf("sd_notify: %w", err)
+	}
+	usec := ts.Sec*1_000_000 + ts.Nsec/1000
+	return n.send("RELOADING=1", fmt.Sprintf("MONOTONIC_USEC=%d", usec), "STATUS=reloading")
+}
+
+func (n *notifier) stopping() error {
+	return n.send("STOPPING=1", "STATUS=draining connections")
+}

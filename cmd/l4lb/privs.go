@@ -1,0 +1,63 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/user"
+	"strconv"
+	"syscall"
+
+	"github.com/l4lb/l4lb/config"
+)
+
+// dropPrivileges makes the whole process run as p.User (and p.Group, or
+// the user's primary group) from now on. It runs once the sockets are
+// bound: binding ports below 1024 is what root was needed for. On Linux,
+// Go applies setuid and setgid to every thread of the process.
+func dropPrivileges(p config.Process) error {
+	if p.User == "" {
+		return nil
+	}
+	u, err := user.Lookup(p.User)
+	if err != nil {
+		if u, err = user.LookupId(p.User); err != nil {
+			return fmt.Errorf("process.user %q: %w", p.User, err)
+		}
+	}
+	uid, err := strconv.Atoi(u.Uid)
+	if err != nil {
+		return fmt.Errorf("process.user %q: uid %q: %w", p.User, u.Uid, err)
+	}
+	gidStr := u.Gid
+	if p.Group != "" {
+		g, err := user.LookupGroup(p.Group)
+		if err != nil {
+			if g, err = user.LookupGroupId(p.Group); err != nil {
+				return fmt.Errorf("process.group %q: %w", p.Group, err)
+			}
+		}
+		gidStr = g.Gid
+	}
+	gid, err := strconv.Atoi(gidStr)
+	if err != nil {
+		return fmt.Errorf("process.group: gid %q: %w", gidStr, err)
+	}
+	if os.Geteuid() != 0 {
+		if os.Geteuid() == uid {
+			return nil // already that user
+		}
+		return fmt.Errorf("process.user %q: l4lb runs as uid %d, not root: it cannot change user", p.User, os.Geteuid())
+	}
+	// Supplementary groups first, then the group, then the user: after
+	// setuid nothing else may be changed.
+	if err := syscall.Setgroups([]int{gid}); err != nil {
+		return fmt.Errorf("setgroups: %w", err)
+	}
+	if err := syscall.Setgid(gid); err != nil {
+		return fmt.Errorf("setgid %d: %w", gid, err)
+	}
+	if err := syscall.Setuid(uid); err != nil {
+		return fmt.Errorf("setuid %d: %w", uid, err)
+	}
+	return nil
+}

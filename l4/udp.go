@@ -1,0 +1,663 @@
+package l4
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// The UDP data path.
+//
+// A UDP service has one worker per SO_REUSEPORT socket. The kernel hashes
+// each datagram's 4-tuple to pick the socket, so a client address:port
+// always reaches the same worker, and each worker owns the flows of the
+// clients it sees: its flow table and timer wheel are plain maps and lists
+// that no other goroutine touches, and the per-datagram path takes no lock.
+//
+//	client ──datagram──▶ listen socket (worker w) ──flow table──▶ connected socket ──▶ backend
+//	client ◀──────────── listen socket (worker w) ◀── flow reader ◀── connected socket ◀── backend
+//
+// A flow is keyed by the client's address:port. Its first datagram picks a
+// backend from the service's route (one atomic load; the same balancer and
+// clientKey as TCP, so a Plan predicts it) and opens a UDP socket connected
+// to that backend. The socket's reader goroutine sends the backend's
+// replies to the client from the worker's listen socket, so they leave from
+// the address the client sent to (the listen address must be a specific
+// address for that: see the note on wildcard listens in the README).
+//
+// One goroutine per flow, not one epoll loop per worker: the reader waits
+// in Go's netpoller without holding a buffer (RawConn.Read), so an idle
+// flow costs a descriptor, a goroutine stack and the flow struct, about
+// 3 KiB. An epoll loop of our own would save the stacks but run beside the
+// netpoller and need descriptor-reuse guards of its own; a benchmark of the
+// reply path would have to show the goroutines hurt first.
+//
+// Flows end in three ways, and only their worker ever removes them from its
+// table: idle (the worker's timer wheel finds them), closed (a drain closed
+// their socket, or the reader failed: the closed flag tells the worker at
+// the flow's next datagram or wheel visit), or the worker's socket closes
+// (shutdown).
+
+const (
+	// udpBufSize is the buffer of one datagram in either direction. The
+	// largest UDP payload is 65507 bytes over IPv4 (65535 − 20 bytes of IP
+	// header − 8 of UDP header) and 65527 over IPv6 (payload length 65535
+	// − 8, without jumbograms); 64 KiB holds either, so no datagram is
+	// ever cut. An MTU-sized buffer would silently truncate fragmented
+	// datagrams (EDNS answers, game state snapshots).
+	udpBufSize = 1 << 16
+
+	// udpTick is the granularity of idle expiry: a flow ends between
+	// idle_timeout and idle_timeout + udpTick after its last datagram.
+	udpTick = 250 * time.Millisecond
+	// udpWheelSlots is the timer wheel's size, a power of two: 256 slots of
+	// udpTick cover 64 s, so a flow with the default 60 s idle_timeout is
+	// looked at once per timeout. Longer timeouts wrap around the wheel and
+	// are looked at once per lap.
+	udpWheelSlots = 256
+
+	// udpReadErrorPause is how long a worker waits after an unexpected
+	// receive error (ENOMEM and the like) before it reads again, so that a
+	// persistent error cannot spin a core.
+	udpReadErrorPause = 5 * time.Millisecond
+)
+
+// udpBufs holds reply buffers. A flow reader takes one only while its
+// socket has datagrams to read, so buffers number the busy flows, not the
+// open ones.
+var udpBufs = sync.Pool{New: func() any { return new([udpBufSize]byte) }}
+
+// DropReason says why a datagram was not delivered.
+type DropReason int
+
+const (
+	// DropNoBackend: a new flow found no backend that takes new flows.
+	DropNoBackend DropReason = iota
+	// DropMaxFlows: a new flow would exceed max_flows.
+	DropMaxFlows
+	// DropDraining: a new flow arrived while the service stops.
+	DropDraining
+	// DropBackendSocket: the socket to the backend could not be opened.
+	DropBackendSocket
+	// DropSendBackend: sending to the backend failed (an earlier datagram
+	// got an ICMP error, the socket buffer is full, or a drain closed it).
+	DropSendBackend
+	// DropBackendRefused: the backend host answered with ICMP port
+	// unreachable: nothing listens there.
+	DropBackendRefused
+	// DropSendClient: sending a reply to the client failed.
+	DropSendClient
+	// DropReceive: the listen socket reported a receive error.
+	DropReceive
+
+	// NumDropReasons is the number of reasons, for arrays indexed by them.
+	NumDropReasons
+)
+
+var dropReasonNames = [NumDropReasons]string{
+	"no_backend", "max_flows", "draining", "backend_socket", "send_backend", "backend_refused", "send_client", "receive",
+}
+
+// String is the reason's name as metrics and logs show it.
+func (r DropReason) String() string {
+	if r < 0 || r >= NumDropReasons {
+		return "unknown"
+	}
+	return dropReasonNames[r]
+}
+
+// UDPStats is a point-in-time copy of a UDP service's counters.
+type UDPStats struct {
+	// Datagrams and bytes sent on, each way.
+	DatagramsToBackend, BytesToBackend uint64
+	DatagramsToClient, BytesToClient   uint64
+	FlowsActive                        int64
+	FlowsCreated                       uint64
+	// FlowsExpired ended at idle_timeout; FlowsClosed ended otherwise (a
+	// drain, a socket error, shutdown).
+	FlowsExpired, FlowsClosed uint64
+	// FlowsRefused counts datagrams that would have opened a flow past
+	// max_flows; they are in Drops[DropMaxFlows] too.
+	FlowsRefused uint64
+	Drops        [NumDropReasons]uint64
+}
+
+// UDPBackendStats is a point-in-time copy of one backend's UDP counters.
+type UDPBackendStats struct {
+	DatagramsToBackend, BytesToBackend uint64
+	DatagramsToClient, BytesToClient   uint64
+	FlowsActive                        int64
+	FlowsCreated                       uint64
+}
+
+// udpBackend is the UDP side of a Backend: its open flows, so that a drain
+// can close them, and its datagram counters (bytes go to the Backend's
+// shared byte counters).
+type udpBackend struct {
+	mu    sync.Mutex // guards flows and the flows' beNext/bePrev links
+	flows *udpFlow
+
+	datagramsToBack atomic.Uint64
+	datagramsToCli  atomic.Uint64
+}
+
+func (u *udpBackend) link(f *udpFlow) {
+	u.mu.Lock()
+	f.bePrev, f.beNext = nil, u.flows
+	if u.flows != nil {
+		u.flows.bePrev = f
+	}
+	u.flows = f
+	u.mu.Unlock()
+}
+
+func (u *udpBackend) unlink(f *udpFlow) {
+	u.mu.Lock()
+	if f.bePrev != nil {
+		f.bePrev.beNext = f.beNext
+	} else if u.flows == f {
+		u.flows = f.beNext
+	}
+	if f.beNext != nil {
+		f.beNext.bePrev = f.bePrev
+	}
+	f.bePrev, f.beNext = nil, nil
+	u.mu.Unlock()
+}
+
+// closeFlows closes the socket of every open flow to the backend; their
+// workers remove them at their next datagram or wheel visit.
+func (u *udpBackend) closeFlows() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for f := u.flows; f != nil; f = f.beNext {
+		f.close()
+	}
+}
+
+// UDPStats reads the backend's UDP counters.
+func (b *Backend) UDPStats() UDPBackendStats {
+	return UDPBackendStats{
+		DatagramsToBackend: b.udp.datagramsToBack.Load(),
+		BytesToBackend:     b.bytesToBack.Load(),
+		DatagramsToClient:  b.udp.datagramsToCli.Load(),
+		BytesToClient:      b.bytesToCli.Load(),
+		FlowsActive:        b.active.Load(),
+		FlowsCreated:       b.total.Load(),
+	}
+}
+
+// udpFlow is one client address:port joined to one backend socket.
+type udpFlow struct {
+	client  netip.AddrPort
+	conn    *net.UDPConn // connected to backend.addr
+	backend *Backend
+	w       *udpWorker // the owner: the only one that removes the flow
+	// readFn is f.readReplies as a func value, made once so that waiting
+	// for replies allocates nothing.
+	readFn  func(fd uintptr) bool
+	readErr error // set by readReplies for copyBackendToClient
+
+	// lastSeen is when a datagram last went either way, in monotonicNow
+	// units: the worker and the reader write it, the worker reads it.
+	lastSeen atomic.Int64
+	// closed is set once conn is closed; the worker then removes the flow.
+	closed atomic.Bool
+
+	// Timer wheel links, owned by w. slot is -1 while unlinked.
+	wPrev, wNext *udpFlow
+	slot         int
+	// Links in backend.udp.flows, guarded by backend.udp.mu.
+	bePrev, beNext *udpFlow
+}
+
+// close closes the flow's backend socket, once; that ends its reader.
+func (f *udpFlow) close() {
+	if f.closed.CompareAndSwap(false, true) {
+		f.conn.Close()
+	}
+}
+
+// copyBackendToClient sends the backend's replies to the client until the
+// flow's socket is closed.
+func (f *udpFlow) copyBackendToClient(rc syscall.RawConn) {
+	defer f.w.p.readers.Done()
+	for f.readErr == nil {
+		if err := rc.Read(f.readFn); err != nil {
+			break // closed: by the worker, a drain, or shutdown
+		}
+	}
+	if f.readErr != nil && !errors.Is(f.readErr, net.ErrClosed) && f.w.p.svc.allowLog(&f.w.p.lastReadErrLog) {
+		f.w.p.log.Warn("udp flow ended by a receive error", "client", f.client, "backend", f.backend.addr, "error", f.readErr)
+	}
+	f.close()
+}
+
+// readReplies reads every datagram waiting on the flow's socket and sends
+// each to the client. It returns false when the socket is drained, to wait
+// for more (Go's netpoller is edge-triggered, so it must read until
+// EAGAIN), and true with f.readErr set when the flow must end.
+func (f *udpFlow) readReplies(fd uintptr) bool {
+	bp := udpBufs.Get().(*[udpBufSize]byte)
+	defer udpBufs.Put(bp)
+	w := f.w
+	for {
+		n, err := unix.Read(int(fd), bp[:])
+		switch err {
+		case nil:
+		case unix.EAGAIN:
+			return false
+		case unix.EINTR:
+			continue
+		case unix.ECONNREFUSED:
+			// ICMP port unreachable for an earlier datagram: the backend
+			// host is up but nothing listens. The flow stays: the backend
+			// may come back, and a drain or idle ends the flow otherwise.
+			w.replies.drops[DropBackendRefused].Add(1)
+			continue
+		default:
+			f.readErr = err
+			return true
+		}
+		f.lastSeen.Store(monotonicNow())
+		if _, err := w.conn.WriteToUDPAddrPort(bp[:n], f.client); err != nil {
+			w.replies.drops[DropSendClient].Add(1)
+			if errors.Is(err, net.ErrClosed) {
+				f.readErr = err // the worker's socket is gone: shutdown
+				return true
+			}
+			continue
+		}
+		w.replies.datagrams.Add(1)
+		w.replies.bytes.Add(uint64(n))
+		f.backend.udp.datagramsToCli.Add(1)
+		f.backend.bytesToCli.Add(uint64(n))
+	}
+}
+
+// udpWheel is a hashed timer wheel of flows by expiry tick. A flow sits in
+// the slot of the tick its idle deadline falls in as of when it was
+// inserted; datagrams move its deadline (lastSeen) without moving it, and
+// when its slot comes up the worker either expires it or re-inserts it at
+// its current deadline. So the per-datagram cost is one atomic store, and
+// the sweep touches each flow about once per idle_timeout, never the whole
+// table at once.
+type udpWheel struct {
+	slots [udpWheelSlots]*udpFlow
+	// next is the first tick not processed yet. Ticks are monotonicNow /
+	// udpTick; tick t holds deadlines in [t·udpTick, (t+1)·udpTick).
+	next int64
+}
+
+func (wh *udpWheel) insert(f *udpFlow, tick int64) {
+	tick = max(tick, wh.next)
+	s := int(tick & (udpWheelSlots - 1))
+	f.slot = s
+	f.wPrev, f.wNext = nil, wh.slots[s]
+	if f.wNext != nil {
+		f.wNext.wPrev = f
+	}
+	wh.slots[s] = f
+}
+
+func (wh *udpWheel) unlink(f *udpFlow) {
+	if f.slot < 0 {
+		return
+	}
+	if f.wPrev != nil {
+		f.wPrev.wNext = f.wNext
+	} else {
+		wh.slots[f.slot] = f.wNext
+	}
+	if f.wNext != nil {
+		f.wNext.wPrev = f.wPrev
+	}
+	f.wPrev, f.wNext, f.slot = nil, nil, -1
+}
+
+// udpCounters are a worker's counters of the client-to-backend direction
+// and of flows; only the worker writes them. Atomics so that Stats may read
+// them at any time.
+type udpCounters struct {
+	datagrams, bytes atomic.Uint64
+	flowsCreated     atomic.Uint64
+	flowsExpired     atomic.Uint64
+	flowsClosed      atomic.Uint64
+	flowsRefused     atomic.Uint64
+	drops            [NumDropReasons]atomic.Uint64
+}
+
+// udpReplyCounters count the backend-to-client direction; the readers of a
+// worker's flows write them. They sit on their own cache lines, away from
+// the worker's counters, which the worker writes per datagram.
+type udpReplyCounters struct {
+	_                [64]byte
+	datagrams, bytes atomic.Uint64
+	drops            [NumDropReasons]atomic.Uint64
+	_                [64]byte
+}
+
+// udpWorker reads one listen socket and owns the flows of the clients the
+// kernel hashes to it.
+type udpWorker struct {
+	p    *udpProxy
+	conn *net.UDPConn
+	buf  []byte // udpBufSize: the datagram being forwarded
+
+	// Owned by the worker goroutine.
+	flows     map[netip.AddrPort]*udpFlow
+	wheel     udpWheel
+	nextSweep int64 // monotonicNow when the wheel's next tick is due
+	deadline  bool  // a read deadline is set (only while there are flows)
+
+	c       udpCounters
+	replies udpReplyCounters
+}
+
+// udpProxy runs the workers of one UDP service.
+//
+// The Server creates it with the service's sockets and starts it; Drain
+// stops new flows, waits for the open ones, then closes the sockets, which
+// ends the workers and their flows. The proxy owns the sockets from
+// newUDPProxy on.
+type udpProxy struct {
+	svc     *Service
+	log     hclog.Logger
+	workers []*udpWorker
+
+	// active counts open flows over all workers, for max_flows.
+	active   atomic.Int64
+	draining atomic.Bool
+	// drained is closed when active reaches 0 while draining.
+	drained     chan struct{}
+	drainedOnce sync.Once
+
+	running sync.WaitGroup // worker loops
+	readers sync.WaitGroup // flow readers
+
+	lastRefusalLog atomic.Int64 // monotonicNow of the last refusal log line
+	lastReadErrLog atomic.Int64
+	lastOpenErrLog atomic.Int64
+}
+
+// newUDPProxy returns the proxy of svc over conns, a SO_REUSEPORT group,
+// and makes it svc's UDP side (Service.UDPStats). Call start to serve.
+func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy {
+	p := &udpProxy{svc: svc, log: log, drained: make(chan struct{})}
+	for _, c := range conns {
+		p.workers = append(p.workers, &udpWorker{
+			p:     p,
+			conn:  c,
+			buf:   make([]byte, udpBufSize),
+			flows: make(map[netip.AddrPort]*udpFlow),
+		})
+	}
+	svc.udp = p
+	return p
+}
+
+// start runs one goroutine per worker.
+func (p *udpProxy) start() {
+	now := monotonicNow()
+	for _, w := range p.workers {
+		w.wheel.next = now / int64(udpTick)
+		w.nextSweep = (w.wheel.next + 1) * int64(udpTick)
+		p.running.Add(1)
+		go w.run()
+	}
+}
+
+// Drain stops opening flows, lets the open ones run until they idle out or
+// deadline passes, then closes the sockets and every flow, and returns once
+// all goroutines have ended.
+func (p *udpProxy) Drain(deadline time.Time) {
+	p.draining.Store(true)
+	if p.active.Load() > 0 {
+		timer := time.NewTimer(time.Until(deadline))
+		select {
+		case <-p.drained:
+		case <-timer.C:
+		}
+		timer.Stop()
+	}
+	for _, w := range p.workers {
+		w.conn.Close()
+	}
+	p.running.Wait()
+	// The workers have closed their flows on their way out; the tables are
+	// ours now, and this closes the flows of workers never started.
+	for _, w := range p.workers {
+		w.closeAll()
+	}
+	p.readers.Wait()
+}
+
+// Close closes the sockets and every flow at once, and returns when all
+// goroutines have ended.
+func (p *udpProxy) Close() { p.Drain(time.Now()) }
+
+// UDPStats returns the counters of a UDP service; false for TCP services.
+func (s *Service) UDPStats() (UDPStats, bool) {
+	p := s.udp
+	if p == nil {
+		return UDPStats{}, false
+	}
+	st := UDPStats{FlowsActive: p.active.Load()}
+	for _, w := range p.workers {
+		st.DatagramsToBackend += w.c.datagrams.Load()
+		st.BytesToBackend += w.c.bytes.Load()
+		st.DatagramsToClient += w.replies.datagrams.Load()
+		st.BytesToClient += w.replies.bytes.Load()
+		st.FlowsCreated += w.c.flowsCreated.Load()
+		st.FlowsExpired += w.c.flowsExpired.Load()
+		st.FlowsClosed += w.c.flowsClosed.Load()
+		st.FlowsRefused += w.c.flowsRefused.Load()
+		for i := range st.Drops {
+			st.Drops[i] += w.c.drops[i].Load() + w.replies.drops[i].Load()
+		}
+	}
+	return st, true
+}
+
+func (w *udpWorker) run() {
+	defer w.p.running.Done()
+	for {
+		n, client, err := w.conn.ReadFromUDPAddrPort(w.buf)
+		now := monotonicNow()
+		switch {
+		case err == nil:
+			w.forward(w.buf[:n], client, now)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The wake-up for the sweep below.
+		case errors.Is(err, net.ErrClosed):
+			w.closeAll()
+			return
+		default:
+			w.c.drops[DropReceive].Add(1)
+			if w.p.svc.allowLog(&w.p.lastReadErrLog) {
+				w.p.log.Warn("udp receive failed", "listen", w.conn.LocalAddr(), "error", err)
+			}
+			time.Sleep(udpReadErrorPause)
+		}
+		if now >= w.nextSweep {
+			w.sweep(now)
+		}
+	}
+}
+
+// forward sends one client datagram to its flow's backend, opening the
+// flow first if the client has none. No allocation once the flow exists.
+func (w *udpWorker) forward(b []byte, client netip.AddrPort, now int64) {
+	f := w.flows[client]
+	if f != nil && f.closed.Load() {
+		// Drained or failed: the client starts over on a backend of the
+		// current route.
+		w.remove(f, false)
+		f = nil
+	}
+	if f == nil {
+		if f = w.open(client, now); f == nil {
+			return
+		}
+	}
+	f.lastSeen.Store(now)
+	if _, err := f.conn.Write(b); err != nil {
+		w.c.drops[DropSendBackend].Add(1)
+		return
+	}
+	w.c.datagrams.Add(1)
+	w.c.bytes.Add(uint64(len(b)))
+	f.backend.udp.datagramsToBack.Add(1)
+	f.backend.bytesToBack.Add(uint64(len(b)))
+}
+
+// open creates the flow of client, or counts why it cannot and returns nil.
+func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
+	p := w.p
+	if p.draining.Load() {
+		w.c.drops[DropDraining].Add(1)
+		return nil
+	}
+	r := p.svc.route.Load()
+	if r.balancer == nil {
+		w.c.drops[DropNoBackend].Add(1)
+		return nil
+	}
+	if p.active.Add(1) > int64(r.cfg.MaxFlows) {
+		p.active.Add(-1)
+		w.c.flowsRefused.Add(1)
+		w.c.drops[DropMaxFlows].Add(1)
+		if p.svc.allowLog(&p.lastRefusalLog) {
+			p.log.Warn("udp flow refused: max_flows reached", "service", r.cfg.Name, "client", client,
+				"max_flows", r.cfg.MaxFlows, "refused_total", w.c.flowsRefused.Load())
+		}
+		return nil
+	}
+	key := clientKey(client, r.cfg.HashKey)
+	var triedBuf [maxDialAttempts]int
+	tried := triedBuf[:0]
+	for len(tried) < maxDialAttempts {
+		i := r.balancer.pick(key, tried)
+		if i < 0 {
+			break
+		}
+		tried = append(tried, i)
+		be := r.backends[i]
+		f, err := w.connect(client, be, now)
+		if err == nil {
+			return f
+		}
+		failures := be.dialFailed.Add(1)
+		if p.svc.allowLog(&p.lastOpenErrLog) {
+			p.log.Warn("udp socket to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr,
+				"error", err, "failures_total", failures)
+		}
+	}
+	p.active.Add(-1)
+	w.c.drops[DropBackendSocket].Add(1)
+	return nil
+}
+
+// connect opens the flow's socket to be and starts its reader.
+func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udpFlow, error) {
+	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(be.addr))
+	if err != nil {
+		return nil, err
+	}
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	f := &udpFlow{client: client, conn: conn, backend: be, w: w, slot: -1}
+	f.readFn = f.readReplies
+	f.lastSeen.Store(now)
+	be.active.Add(1)
+	be.total.Add(1)
+	be.udp.link(f)
+	w.flows[client] = f
+	w.wheel.insert(f, (now+int64(w.p.svc.route.Load().cfg.IdleTimeout))/int64(udpTick))
+	w.c.flowsCreated.Add(1)
+	if !w.deadline {
+		w.conn.SetReadDeadline(clockStart.Add(time.Duration(w.nextSweep)))
+		w.deadline = true
+	}
+	w.p.readers.Add(1)
+	go f.copyBackendToClient(rc)
+	return f, nil
+}
+
+// remove takes f out of the worker's table and wheel and closes it; expired
+// says whether idle_timeout ended it.
+func (w *udpWorker) remove(f *udpFlow, expired bool) {
+	if w.flows[f.client] == f {
+		delete(w.flows, f.client)
+	}
+	w.wheel.unlink(f)
+	f.close()
+	f.backend.udp.unlink(f)
+	f.backend.active.Add(-1)
+	if expired {
+		w.c.flowsExpired.Add(1)
+	} else {
+		w.c.flowsClosed.Add(1)
+	}
+	if w.p.active.Add(-1) == 0 && w.p.draining.Load() {
+		w.p.drainedOnce.Do(func() { close(w.p.drained) })
+	}
+}
+
+// sweep processes the wheel's ticks that are due at now: flows past their
+// idle deadline or closed are removed, the others go to the slot of their
+// current deadline.
+func (w *udpWorker) sweep(now int64) {
+	idle := int64(w.p.svc.route.Load().cfg.IdleTimeout)
+	tick := int64(udpTick)
+	// Tick t is due once all of its deadlines, < (t+1)·udpTick, are past.
+	// After a long stall one lap over the wheel visits every flow.
+	for n := 0; (w.wheel.next+1)*tick <= now && n < udpWheelSlots; n++ {
+		s := int(w.wheel.next & (udpWheelSlots - 1))
+		f := w.wheel.slots[s]
+		w.wheel.slots[s] = nil
+		w.wheel.next++ // before re-inserting: a flow due later goes to a later tick
+		for f != nil {
+			next := f.wNext
+			f.wPrev, f.wNext, f.slot = nil, nil, -1
+			deadline := f.lastSeen.Load() + idle
+			switch {
+			case f.closed.Load():
+				w.remove(f, false)
+			case deadline <= now:
+				w.remove(f, true)
+			default:
+				w.wheel.insert(f, deadline/tick)
+			}
+			f = next
+		}
+	}
+	w.wheel.next = max(w.wheel.next, now/tick)
+	w.nextSweep = (w.wheel.next + 1) * tick
+	if len(w.flows) > 0 {
+		w.conn.SetReadDeadline(clockStart.Add(time.Duration(w.nextSweep)))
+		w.deadline = true
+	} else if w.deadline {
+		// Nothing to expire: sleep in the read until a datagram comes.
+		w.conn.SetReadDeadline(time.Time{})
+		w.deadline = false
+	}
+}
+
+// closeAll removes every flow; the worker's socket is closed.
+func (w *udpWorker) closeAll() {
+	for _, f := range w.flows {
+		w.remove(f, false)
+	}
+}

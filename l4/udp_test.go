@@ -1,0 +1,505 @@
+package l4
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/listener"
+)
+
+var loopback = netip.MustParseAddr("127.0.0.1")
+
+// startUDPEcho runs a UDP backend on loopback that answers each datagram
+// with "NAME:" and the datagram, until cleanup.
+func startUDPEcho(t testing.TB, name string) netip.AddrPort {
+	t.Helper()
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, udpBufSize)
+		prefix := []byte(name + ":")
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf[len(prefix):])
+			if err != nil {
+				return
+			}
+			copy(buf, prefix)
+			c.WriteToUDPAddrPort(buf[:len(prefix)+n], from)
+		}
+	}()
+	t.Cleanup(func() {
+		c.Close()
+		<-done
+	})
+	return c.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+// udpConfig is a Maglev UDP service over backends, spreading a client's
+// ports; tests change the fields they care about.
+func udpConfig(backends ...netip.AddrPort) *config.Service {
+	cfg := &config.Service{
+		Name: "udp", Protocol: config.UDP, Balance: config.Maglev, HashKey: config.SourceIPPort,
+		Workers: 2, ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: 5 * time.Second,
+		MaxFlows: 1000, Health: config.Health{Kind: config.HealthNone},
+	}
+	for _, b := range backends {
+		cfg.Backends = append(cfg.Backends, config.Backend{Address: b, Weight: 100})
+	}
+	return cfg
+}
+
+// startUDPService binds cfg.Workers loopback sockets to one port, sets
+// cfg.Listen to it and runs the service until cleanup.
+func startUDPService(t testing.TB, cfg *config.Service) (*Service, *udpProxy) {
+	t.Helper()
+	svc, p := newUDPService(t, cfg)
+	p.start()
+	return svc, p
+}
+
+// newUDPService is startUDPService without starting the workers.
+func newUDPService(t testing.TB, cfg *config.Service) (*Service, *udpProxy) {
+	t.Helper()
+	ctx := context.Background()
+	first, err := listener.ListenUDP(ctx, netip.AddrPortFrom(loopback, 0), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Listen = first[0].LocalAddr().(*net.UDPAddr).AddrPort()
+	conns := first
+	if cfg.Workers > 1 {
+		more, err := listener.ListenUDP(ctx, cfg.Listen, cfg.Workers-1)
+		if err != nil {
+			first[0].Close()
+			t.Fatal(err)
+		}
+		conns = append(conns, more...)
+	}
+	svc := NewService(cfg, newPipePool(), hclog.NewNullLogger())
+	p := newUDPProxy(svc, conns, hclog.NewNullLogger())
+	t.Cleanup(p.Close)
+	return svc, p
+}
+
+// udpClient is a client socket on loopback.
+type udpClient struct {
+	t    testing.TB
+	conn *net.UDPConn
+	to   netip.AddrPort
+}
+
+func newUDPClient(t testing.TB, to netip.AddrPort) *udpClient {
+	t.Helper()
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &udpClient{t: t, conn: c, to: to}
+}
+
+func (c *udpClient) addr() netip.AddrPort { return c.conn.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// exchange sends msg and returns the name of the backend that echoed it;
+// it fails the test unless the reply comes from the service address.
+func (c *udpClient) exchange(msg string) string {
+	c.t.Helper()
+	name, err := c.tryExchange(msg, 2*time.Second)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return name
+}
+
+func (c *udpClient) tryExchange(msg string, timeout time.Duration) (string, error) {
+	if _, err := c.conn.WriteToUDPAddrPort([]byte(msg), c.to); err != nil {
+		return "", err
+	}
+	c.conn.SetReadDeadline(time.Now().Add(timeout))
+	buf := make([]byte, udpBufSize)
+	n, from, err := c.conn.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		return "", fmt.Errorf("from %s: no reply to %.40q: %w", c.addr(), msg, err)
+	}
+	if from != c.to {
+		return "", fmt.Errorf("reply from %s, want the service address %s", from, c.to)
+	}
+	name, body, ok := strings.Cut(string(buf[:n]), ":")
+	if !ok || body != msg {
+		return "", fmt.Errorf("reply %.40q to %.40q", buf[:n], msg)
+	}
+	return name, nil
+}
+
+// backendNames maps backend addresses to the names their echoes give.
+type backendNames map[netip.AddrPort]string
+
+func TestUDPForwardStickyAndPlanned(t *testing.T) {
+	names := backendNames{}
+	var addrs []netip.AddrPort
+	for _, n := range []string{"a", "b", "c"} {
+		a := startUDPEcho(t, n)
+		names[a] = n
+		addrs = append(addrs, a)
+	}
+	cfg := udpConfig(addrs...)
+	svc, _ := startUDPService(t, cfg)
+	plan := NewPlan(cfg)
+
+	const clients, rounds = 24, 5
+	cs := make([]*udpClient, clients)
+	for i := range cs {
+		cs[i] = newUDPClient(t, cfg.Listen)
+	}
+	used := map[string]int{}
+	for r := range rounds {
+		for i, c := range cs {
+			got := c.exchange(fmt.Sprintf("client %d round %d", i, r))
+			want, _ := plan.First(c.addr())
+			if got != names[want] {
+				t.Errorf("client %s round %d: backend %s, plan says %s", c.addr(), r, got, names[want])
+			}
+			if r == 0 {
+				used[got]++
+			}
+		}
+	}
+	if len(used) < 2 {
+		t.Errorf("24 clients all on %v; want a spread", used)
+	}
+	st, ok := svc.UDPStats()
+	if !ok {
+		t.Fatal("UDPStats: not a UDP service")
+	}
+	if st.FlowsCreated != clients || st.FlowsActive != clients || st.DatagramsToBackend != clients*rounds ||
+		st.DatagramsToClient != clients*rounds {
+		t.Errorf("stats %+v; want %d flows created and active, %d datagrams each way", st, clients, clients*rounds)
+	}
+	var flows int64
+	for _, be := range svc.Backends() {
+		bs := be.UDPStats()
+		flows += bs.FlowsActive
+		if bs.BytesToClient <= bs.BytesToBackend && bs.DatagramsToBackend > 0 {
+			t.Errorf("backend %s: %d bytes back for %d sent; the echo adds a prefix", be.Addr(), bs.BytesToClient, bs.BytesToBackend)
+		}
+	}
+	if flows != clients {
+		t.Errorf("backends hold %d flows, want %d", flows, clients)
+	}
+}
+
+// TestUDPLargeDatagram sends the largest IPv4 UDP payload through.
+func TestUDPLargeDatagram(t *testing.T) {
+	cfg := udpConfig(startUDPEcho(t, "a"))
+	startUDPService(t, cfg)
+	c := newUDPClient(t, cfg.Listen)
+	msg := strings.Repeat("x", 65507-len("a:"))
+	if got := c.exchange(msg); got != "a" {
+		t.Errorf("backend %q", got)
+	}
+}
+
+func TestUDPMaxFlows(t *testing.T) {
+	cfg := udpConfig(startUDPEcho(t, "a"))
+	cfg.MaxFlows = 2
+	svc, _ := startUDPService(t, cfg)
+	first, second, third := newUDPClient(t, cfg.Listen), newUDPClient(t, cfg.Listen), newUDPClient(t, cfg.Listen)
+	first.exchange("1")
+	second.exchange("2")
+	if _, err := third.tryExchange("3", 300*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("third flow past max_flows = 2: %v; want no reply", err)
+	}
+	first.exchange("1 again")
+	second.exchange("2 again")
+	st, _ := svc.UDPStats()
+	if st.FlowsRefused != 1 || st.Drops[DropMaxFlows] != 1 || st.FlowsActive != 2 {
+		t.Errorf("stats %+v; want 1 refused, 1 max_flows drop, 2 active", st)
+	}
+}
+
+// waitUDPStats polls the stats until ok says yes, for at most timeout:
+// expiry has no event to wait for.
+func waitUDPStats(t *testing.T, svc *Service, timeout time.Duration, ok func(UDPStats) bool) UDPStats {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st, _ := svc.UDPStats()
+		if ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stats still %+v after %v", st, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestUDPIdleExpiry(t *testing.T) {
+	const idle = 400 * time.Millisecond
+	cfg := udpConfig(startUDPEcho(t, "a"))
+	cfg.IdleTimeout = idle
+	svc, _ := startUDPService(t, cfg)
+	c := newUDPClient(t, cfg.Listen)
+	c.exchange("hello")
+	last := time.Now()
+	// Datagrams within idle_timeout keep the flow.
+	for range 3 {
+		time.Sleep(idle / 2)
+		c.exchange("still here")
+		last = time.Now()
+	}
+	waitUDPStats(t, svc, idle+2*time.Second, func(st UDPStats) bool { return st.FlowsExpired == 1 })
+	elapsed := time.Since(last)
+	if elapsed < idle {
+		t.Errorf("flow expired %v after its last datagram, before idle_timeout %v", elapsed, idle)
+	}
+	st, _ := svc.UDPStats()
+	if st.FlowsActive != 0 || st.FlowsCreated != 1 {
+		t.Errorf("stats %+v; want 1 flow created, none active", st)
+	}
+	c.exchange("back")
+	if st, _ := svc.UDPStats(); st.FlowsCreated != 2 {
+		t.Errorf("flows created %d after the client came back, want 2", st.FlowsCreated)
+	}
+}
+
+// TestUDPDrainRemovedBackend removes a backend with a flow on it: the flow
+// keeps its backend until drain_timeout, new flows avoid it, and after the
+// drain the client starts over on a remaining backend.
+func TestUDPDrainRemovedBackend(t *testing.T) {
+	a, b := startUDPEcho(t, "a"), startUDPEcho(t, "b")
+	cfg := udpConfig(a, b)
+	cfg.DrainTimeout = 500 * time.Millisecond
+	svc, _ := startUDPService(t, cfg)
+
+	var onB, onA *udpClient
+	for range 64 {
+		c := newUDPClient(t, cfg.Listen)
+		switch c.exchange("which") {
+		case "b":
+			onB = c
+		case "a":
+			onA = c
+		}
+		if onA != nil && onB != nil {
+			break
+		}
+	}
+	if onA == nil || onB == nil {
+		t.Fatal("64 clients did not reach both backends")
+	}
+
+	next := *cfg
+	next.Backends = cfg.Backends[:1] // a only
+	start := time.Now()
+	svc.Update(&next)
+	if got := onB.exchange("during drain"); got != "b" {
+		t.Errorf("flow on the removed backend went to %s during the drain", got)
+	}
+	if got := onA.exchange("kept"); got != "a" {
+		t.Errorf("flow on the kept backend went to %s", got)
+	}
+	for range 8 {
+		if got := newUDPClient(t, cfg.Listen).exchange("new"); got != "a" {
+			t.Errorf("new flow went to removed backend %s", got)
+		}
+	}
+	waitUDPStats(t, svc, 3*time.Second, func(UDPStats) bool {
+		for _, be := range svc.Backends() {
+			if be.Addr() == b && be.UDPStats().FlowsActive > 0 {
+				return false
+			}
+		}
+		return true
+	})
+	if elapsed := time.Since(start); elapsed < next.DrainTimeout {
+		t.Errorf("drain ended after %v, before drain_timeout %v", elapsed, next.DrainTimeout)
+	}
+	if got := onB.exchange("after drain"); got != "a" {
+		t.Errorf("after the drain the client went to %s, want a", got)
+	}
+	if got := onA.exchange("kept"); got != "a" {
+		t.Errorf("flow on the kept backend went to %s", got)
+	}
+	st, _ := svc.UDPStats()
+	if st.FlowsClosed != 1 {
+		t.Errorf("stats %+v; want the drained flow closed", st)
+	}
+}
+
+// TestUDPShutdownDrain: Drain stops new flows and returns once the open
+// ones idle out, before its deadline.
+func TestUDPShutdownDrain(t *testing.T) {
+	cfg := udpConfig(startUDPEcho(t, "a"))
+	cfg.IdleTimeout = 300 * time.Millisecond
+	svc, p := startUDPService(t, cfg)
+	old := newUDPClient(t, cfg.Listen)
+	old.exchange("before")
+
+	done := make(chan struct{})
+	start := time.Now()
+	go func() {
+		p.Drain(time.Now().Add(10 * time.Second))
+		close(done)
+	}()
+	waitUDPStats(t, svc, time.Second, func(UDPStats) bool { return p.draining.Load() })
+	old.exchange("during drain")
+	if _, err := newUDPClient(t, cfg.Listen).tryExchange("new", 200*time.Millisecond); err == nil {
+		t.Error("a new flow was opened while draining")
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Drain did not return after the only flow idled out")
+	}
+	if elapsed := time.Since(start); elapsed > 3*time.Second {
+		t.Errorf("Drain took %v with idle_timeout %v", elapsed, cfg.IdleTimeout)
+	}
+	st, _ := svc.UDPStats()
+	if st.Drops[DropDraining] != 1 || st.FlowsExpired != 1 {
+		t.Errorf("stats %+v; want 1 draining drop and 1 expired flow", st)
+	}
+}
+
+func TestUDPNoBackend(t *testing.T) {
+	cfg := udpConfig(startUDPEcho(t, "a"))
+	cfg.Backends[0].Weight = 0
+	svc, _ := startUDPService(t, cfg)
+	if _, err := newUDPClient(t, cfg.Listen).tryExchange("x", 200*time.Millisecond); err == nil {
+		t.Fatal("reply without a backend of weight > 0")
+	}
+	if st, _ := svc.UDPStats(); st.Drops[DropNoBackend] != 1 {
+		t.Errorf("drops %v; want 1 no_backend", st.Drops)
+	}
+}
+
+func TestUDPWheel(t *testing.T) {
+	var wh udpWheel
+	wh.next = 10
+	flows := make([]*udpFlow, 4)
+	for i := range flows {
+		flows[i] = &udpFlow{slot: -1}
+	}
+	wh.insert(flows[0], 12)
+	wh.insert(flows[1], 12)
+	wh.insert(flows[2], 5) // past: goes to next
+	wh.insert(flows[3], 12+udpWheelSlots)
+	if flows[2].slot != 10 {
+		t.Errorf("a past tick went to slot %d, want 10", flows[2].slot)
+	}
+	count := func(s int) int {
+		n := 0
+		for f := wh.slots[s]; f != nil; f = f.wNext {
+			n++
+		}
+		return n
+	}
+	if count(12) != 3 {
+		t.Errorf("slot 12 holds %d flows, want 3 (one a lap later)", count(12))
+	}
+	wh.unlink(flows[1])
+	wh.unlink(flows[1]) // twice is harmless
+	if count(12) != 2 || flows[1].slot != -1 {
+		t.Errorf("after unlink slot 12 holds %d flows", count(12))
+	}
+}
+
+func TestDropReasonNames(t *testing.T) {
+	seen := map[string]bool{}
+	for r := range NumDropReasons {
+		name := r.String()
+		if name == "" || name == "unknown" || seen[name] {
+			t.Errorf("reason %d named %q", r, name)
+		}
+		seen[name] = true
+	}
+	if NumDropReasons.String() != "unknown" {
+		t.Error("out of range reason has a name")
+	}
+}
+
+// BenchmarkUDPForward measures the client-to-backend path of an open flow:
+// the worker's table lookup, counters and send. The backend drains its
+// socket so that sends never find it full.
+func BenchmarkUDPForward(b *testing.B) {
+	for _, size := range []int{64, 1200} {
+		b.Run(fmt.Sprint(size), func(b *testing.B) {
+			sink, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer sink.Close()
+			go func() {
+				buf := make([]byte, udpBufSize)
+				for {
+					if _, _, err := sink.ReadFromUDPAddrPort(buf); err != nil {
+						return
+					}
+				}
+			}()
+			cfg := udpConfig(sink.LocalAddr().(*net.UDPAddr).AddrPort())
+			cfg.Workers = 1
+			// The workers are not started: the benchmark's goroutine is
+			// the worker that owns the table.
+			svc, p := newUDPService(b, cfg)
+			w := p.workers[0]
+			client := netip.AddrPortFrom(loopback, 40000)
+			msg := bytes.Repeat([]byte{'x'}, size)
+			// Open the flow first: the loop measures the steady state.
+			w.forward(msg, client, monotonicNow())
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				w.forward(msg, client, monotonicNow())
+			}
+			b.StopTimer()
+			st, _ := svc.UDPStats()
+			if st.DatagramsToBackend != uint64(b.N)+1 {
+				b.Fatalf("%d datagrams forwarded, want %d; drops %v", st.DatagramsToBackend, b.N+1, st.Drops)
+			}
+		})
+	}
+}
+
+// BenchmarkUDPRoundTrip measures one datagram client → l4lb → echo backend
+// → l4lb → client, both directions through real sockets.
+func BenchmarkUDPRoundTrip(b *testing.B) {
+	for _, size := range []int{64, 1200} {
+		b.Run(fmt.Sprint(size), func(b *testing.B) {
+			cfg := udpConfig(startUDPEcho(b, "a"))
+			cfg.Workers = 1
+			startUDPService(b, cfg)
+			c := newUDPClient(b, cfg.Listen)
+			msg := bytes.Repeat([]byte{'x'}, size)
+			buf := make([]byte, udpBufSize)
+			c.conn.SetReadDeadline(time.Now().Add(time.Minute))
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				if _, err := c.conn.WriteToUDPAddrPort(msg, cfg.Listen); err != nil {
+					b.Fatal(err)
+				}
+				if _, _, err := c.conn.ReadFromUDPAddrPort(buf); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
