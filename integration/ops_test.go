@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -75,14 +77,21 @@ type statusDoc struct {
 		Name     string `json:"name"`
 		Accepted uint64 `json:"accepted"`
 		Backends []struct {
-			Address        string `json:"address"`
-			Weight         int    `json:"weight"`
-			Health         string `json:"health"`
-			Active         int64  `json:"active"`
-			Total          uint64 `json:"total"`
-			BytesToBackend uint64 `json:"bytes_to_backend"`
-			BytesToClient  uint64 `json:"bytes_to_client"`
-			Draining       bool   `json:"draining"`
+			Address        string     `json:"address"`
+			Weight         int        `json:"weight"`
+			Health         string     `json:"health"`
+			Active         int64      `json:"active"`
+			Total          uint64     `json:"total"`
+			BytesToBackend uint64     `json:"bytes_to_backend"`
+			BytesToClient  uint64     `json:"bytes_to_client"`
+			Draining       bool       `json:"draining"`
+			DrainDeadline  *time.Time `json:"drain_deadline"`
+			Configured     bool       `json:"configured"`
+			InRoute        bool       `json:"in_route"`
+			LastTransition *struct {
+				From, To, Reason string
+				At               time.Time
+			} `json:"last_transition"`
 		} `json:"backends"`
 	} `json:"services"`
 }
@@ -539,4 +548,179 @@ func TestPrivilegeDrop(t *testing.T) {
 		t.Errorf("rejection does not say permission denied:\n%s", p.Output())
 	}
 	roundTripOnce()
+}
+
+// TestStatusShowsHealthAndDrain checks that /status and /metrics show a
+// backend the checks marked down (with its transition) and a removed
+// backend draining an open connection (with its deadline).
+func TestStatusShowsHealthAndDrain(t *testing.T) {
+	const drain = 30 * time.Second
+	top := newTopology(t, 1, 1, 2)
+	echoSvc := echoService(t, top, "echo", echoPort, false, echo)
+	svc := checkedService{Name: "echo", Listen: echoSvc.Listen, Backends: echoSvc.Backends, Extra: "passive_fall = 0",
+		Health: tcpCheck(300*time.Millisecond, 200*time.Millisecond, 1, 2)}
+	render := func(s checkedService) string {
+		return withAdmin(strings.Replace(healthConf(s), `drain_timeout = "2s"`, fmt.Sprintf("drain_timeout = %q", drain), 1))
+	}
+	l := startLB(t, top.LB, render(svc))
+	waitAllUp(t, l, svc.Backends)
+
+	// One open connection; the other backend is then blocked and goes down.
+	c := top.Clients[0]
+	conn, err := dialFrom(c.NS, c.Addrs4[0], svc.Listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(ioTimeout))
+	name, err := readGreeting(bufio.NewReader(conn))
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := top.backendByName(t, name)
+	heldAddr := netip.AddrPortFrom(held.Addr4, echoPort)
+	var other *backendNS
+	for _, b := range top.Backends {
+		if b != held {
+			other = b
+		}
+	}
+	otherAddr := netip.AddrPortFrom(other.Addr4, echoPort)
+	mark := logMark(l.process)
+	nftBlock(t, other.NS, echoPort, "reject")
+	if _, _, err := waitLog(l.process, mark, 2*time.Second, transitionTo(otherAddr, "down")...); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := waitLog(l.process, mark, time.Second, "routing table rebuilt", "healthy=1 "); err != nil {
+		t.Fatal(err)
+	}
+
+	// Remove the backend that holds the connection: it drains.
+	next := svc
+	next.Backends = []netip.AddrPort{otherAddr}
+	reloaded := reloadTo(t, l, render(next), 2)
+
+	var st statusDoc
+	if err := json.Unmarshal(adminGet(t, top.LB, "/status"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Version != 2 || len(st.Services) != 1 {
+		t.Fatalf("status: version %d, %d services", st.Version, len(st.Services))
+	}
+	seen := map[string]bool{}
+	for _, b := range st.Services[0].Backends {
+		seen[b.Address] = true
+		switch b.Address {
+		case otherAddr.String():
+			if b.Health != "down" || b.InRoute || b.LastTransition == nil || b.LastTransition.From != "up" ||
+				b.LastTransition.To != "down" || b.LastTransition.Reason == "" {
+				t.Errorf("blocked backend %s: health %q in_route %v last transition %+v; want down, out of the route, up → down with a reason",
+					b.Address, b.Health, b.InRoute, b.LastTransition)
+			}
+		case heldAddr.String():
+			if !b.Draining || b.Configured || b.Active != 1 || b.DrainDeadline == nil {
+				t.Fatalf("removed backend %s: draining %v configured %v active %d deadline %v; want draining, removed, 1 open, a deadline",
+					b.Address, b.Draining, b.Configured, b.Active, b.DrainDeadline)
+			}
+			if d := b.DrainDeadline.Sub(reloaded); d < drain-2*time.Second || d > drain+2*time.Second {
+				t.Errorf("drain deadline %v after the reload, want about %v", d, drain)
+			}
+		default:
+			t.Errorf("unexpected backend %s in /status", b.Address)
+		}
+	}
+	if len(seen) != 2 {
+		t.Errorf("/status lists %v; want the blocked and the draining backend", seen)
+	}
+
+	families := parseMetrics(t, adminGet(t, top.LB, "/metrics"))
+	otherLabels := map[string]string{"service": "echo", "backend": otherAddr.String()}
+	heldLabels := map[string]string{"service": "echo", "backend": heldAddr.String()}
+	for _, m := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"l4lb_backend_up", otherLabels, 0},
+		{"l4lb_backend_health_transitions_total", with(otherLabels, "to", "down"), 1},
+		{"l4lb_backend_draining", heldLabels, 1},
+		{"l4lb_draining_connections", map[string]string{"service": "echo"}, 1},
+	} {
+		if got := metricValue(t, families, m.name, m.labels); got != m.want {
+			t.Errorf("%s%v = %v, want %v", m.name, m.labels, got, m.want)
+		}
+	}
+}
+
+// TestStatusAndMetricsCountUDP sends a known number of datagrams over a
+// known number of flows and checks the UDP counters of /status and
+// /metrics against them.
+func TestStatusAndMetricsCountUDP(t *testing.T) {
+	const flows, perFlow, size = 4, 25, 100
+	top := newTopology(t, 1, flows, 2)
+	svc := udpEchoService(t, top, "game", udpEchoPort)
+	startLB(t, top.LB, withAdmin(udpConf(svc)))
+
+	c := top.Clients[0]
+	var replyBytes uint64
+	for _, src := range c.Addrs4 {
+		cl := newUDPClient(t, c.NS, src, svc.Listen)
+		for i := range perFlow {
+			r, err := cl.exchange(bytes.Repeat([]byte{byte(i)}, size), udpIOTimeout)
+			if err != nil {
+				t.Fatal(err)
+			}
+			replyBytes += uint64(len(r.Backend) + 1 + len(r.Seen.String()) + 1 + len(r.Data))
+		}
+	}
+	var st struct {
+		Services []struct {
+			UDP *struct {
+				DatagramsToBackend uint64            `json:"datagrams_to_backend"`
+				BytesToBackend     uint64            `json:"bytes_to_backend"`
+				DatagramsToClient  uint64            `json:"datagrams_to_client"`
+				BytesToClient      uint64            `json:"bytes_to_client"`
+				FlowsActive        int64             `json:"flows_active"`
+				FlowsCreated       uint64            `json:"flows_created"`
+				Drops              map[string]uint64 `json:"drops"`
+			} `json:"udp"`
+		} `json:"services"`
+	}
+	if err := json.Unmarshal(adminGet(t, top.LB, "/status"), &st); err != nil {
+		t.Fatal(err)
+	}
+	u := st.Services[0].UDP
+	if u == nil {
+		t.Fatal("/status has no udp counters for a UDP service")
+	}
+	const datagrams = flows * perFlow
+	if u.DatagramsToBackend != datagrams || u.BytesToBackend != datagrams*size || u.DatagramsToClient != datagrams ||
+		u.BytesToClient != replyBytes || u.FlowsActive != flows || u.FlowsCreated != flows {
+		t.Errorf("/status udp: %+v; want %d datagrams and %d bytes to backends, %d datagrams and %d bytes back, %d flows active and created",
+			*u, datagrams, datagrams*size, datagrams, replyBytes, flows)
+	}
+	var dropped uint64
+	for _, n := range u.Drops {
+		dropped += n
+	}
+	if len(u.Drops) == 0 || dropped != 0 {
+		t.Errorf("/status udp drops: %v; want every reason listed at 0", u.Drops)
+	}
+
+	families := parseMetrics(t, adminGet(t, top.LB, "/metrics"))
+	for _, m := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"l4lb_udp_datagrams_total", map[string]string{"service": "game", "direction": "to_backend"}, datagrams},
+		{"l4lb_udp_datagrams_total", map[string]string{"service": "game", "direction": "to_client"}, datagrams},
+		{"l4lb_udp_bytes_total", map[string]string{"service": "game", "direction": "to_backend"}, datagrams * size},
+		{"l4lb_udp_flows_active", map[string]string{"service": "game"}, flows},
+		{"l4lb_udp_flows_total", map[string]string{"service": "game", "event": "created"}, flows},
+	} {
+		if got := metricValue(t, families, m.name, m.labels); got != m.want {
+			t.Errorf("%s%v = %v, want %v", m.name, m.labels, got, m.want)
+		}
+	}
 }

@@ -132,7 +132,7 @@ type serviceJSON struct {
 	Refused  uint64        `json:"refused"`
 	Errors   uint64        `json:"errors"`
 	Backends []backendJSON `json:"backends"`
-	UDP      *l4.UDPStats  `json:"udp,omitempty"`
+	UDP      *udpJSON      `json:"udp,omitempty"`
 }
 
 type backendJSON struct {
@@ -159,6 +159,37 @@ type transitionJSON struct {
 	At     time.Time `json:"at"`
 }
 
+// udpJSON is a UDP service's counters in /status, with drops by reason
+// name rather than by index.
+type udpJSON struct {
+	DatagramsToBackend uint64            `json:"datagrams_to_backend"`
+	BytesToBackend     uint64            `json:"bytes_to_backend"`
+	DatagramsToClient  uint64            `json:"datagrams_to_client"`
+	BytesToClient      uint64            `json:"bytes_to_client"`
+	FlowsActive        int64             `json:"flows_active"`
+	FlowsCreated       uint64            `json:"flows_created"`
+	FlowsExpired       uint64            `json:"flows_expired"`
+	FlowsClosed        uint64            `json:"flows_closed"`
+	FlowsRefused       uint64            `json:"flows_refused"`
+	Drops              map[string]uint64 `json:"drops"`
+}
+
+func newUDPJSON(st *l4.UDPStats) *udpJSON {
+	if st == nil {
+		return nil
+	}
+	u := &udpJSON{
+		DatagramsToBackend: st.DatagramsToBackend, BytesToBackend: st.BytesToBackend,
+		DatagramsToClient: st.DatagramsToClient, BytesToClient: st.BytesToClient,
+		FlowsActive: st.FlowsActive, FlowsCreated: st.FlowsCreated, FlowsExpired: st.FlowsExpired,
+		FlowsClosed: st.FlowsClosed, FlowsRefused: st.FlowsRefused, Drops: map[string]uint64{},
+	}
+	for reason, n := range st.Drops {
+		u.Drops[l4.DropReason(reason).String()] = n
+	}
+	return u
+}
+
 func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 	st := srv.Status()
 	out := statusJSON{Version: st.Version, Hash: st.Hash, LoadedAt: st.LoadedAt, Services: []serviceJSON{}}
@@ -170,7 +201,7 @@ func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 	for _, s := range st.Services {
 		sj := serviceJSON{
 			Name: s.Name, Listen: s.Listen.String(), Protocol: string(s.Protocol), Balance: string(s.Balance),
-			Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: s.UDP, Backends: []backendJSON{},
+			Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
 		}
 		for _, b := range s.Backends {
 			bj := backendJSON{
