@@ -37,6 +37,11 @@ type Backend struct {
 	conns proxyConnList
 
 	udp udpBackend // open UDP flows and datagram counters: udp.go
+
+	// retired is set once the Service has let go of the backend (removed
+	// and drained, or removed with nothing open): it never routes again,
+	// since an address that comes back gets a new Backend.
+	retired atomic.Bool
 }
 
 func newBackend(addr netip.AddrPort) *Backend {
@@ -66,12 +71,20 @@ func (b *Backend) Stats() BackendStats {
 	}
 }
 
+// track registers c, which connect has already counted in active. A
+// connection whose backend was retired while it dialed is aborted at once:
+// no drain would ever close it.
 func (b *Backend) track(c *proxyConn) {
-	b.active.Add(1)
 	b.total.Add(1)
 	b.mu.Lock()
 	b.conns.pushBack(c)
 	b.mu.Unlock()
+	// retired is set before closeConns takes mu: either closeConns saw c in
+	// the list, or this load sees the flag.
+	if b.retired.Load() {
+		c.forced.Store(true)
+		c.abort()
+	}
 }
 
 func (b *Backend) untrack(c *proxyConn) {

@@ -128,6 +128,10 @@ func (s *Service) rebuildLocked() {
 			s.startDrainLocked(be, cfg.DrainTimeout)
 			if be.drainTimer != nil {
 				s.draining[addr] = be
+			} else {
+				// Forgotten: a connection that registers with it from now
+				// on would be out of every drain's reach.
+				be.retired.Store(true)
 			}
 		}
 	}
@@ -158,6 +162,7 @@ func (s *Service) startDrainLocked(be *Backend, timeout time.Duration) {
 		be.drainTimer = nil
 		if s.draining[be.addr] == be {
 			delete(s.draining, be.addr)
+			be.retired.Store(true)
 		}
 		n := be.active.Load()
 		be.closeConns()
@@ -258,6 +263,10 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 		}
 		tried = append(tried, i)
 		be := r.backends[i]
+		// The connection counts as the backend's from before the dial, so
+		// that a reload removing the backend mid-dial sees it and drains it
+		// (and least_conn sees connections still being set up).
+		be.active.Add(1)
 		dialStart := time.Now()
 		conn, err := r.dialer.Dial("tcp", be.dialAddr)
 		if err == nil {
@@ -267,6 +276,7 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 			connectOK(be)
 			return conn.(*net.TCPConn), be
 		}
+		be.active.Add(-1)
 		s.connectFailed(r.cfg, be, err)
 		failures := be.dialFailed.Add(1)
 		if s.allowLog(&be.lastDialLog) {

@@ -583,6 +583,11 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udp
 	be.active.Add(1)
 	be.total.Add(1)
 	be.udp.link(f)
+	if be.retired.Load() {
+		// Removed while we picked it: no drain would close this flow.
+		// The worker removes it at its next datagram or sweep.
+		f.close()
+	}
 	w.flows[client] = f
 	w.wheel.insert(f, (now+int64(w.p.svc.route.Load().cfg.IdleTimeout))/int64(udpTick))
 	w.c.flowsCreated.Add(1)

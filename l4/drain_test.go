@@ -1,0 +1,113 @@
+package l4
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/l4lb/l4lb/config"
+)
+
+// slowBackend is a loopback listener whose accept queue is full, so that
+// a connect to it hangs (the kernel drops the SYN and the client retries
+// after about a second) until release empties the queue.
+type slowBackend struct {
+	addr netip.AddrPort
+	ln   net.Listener
+}
+
+func newSlowBackend(t *testing.T) *slowBackend {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	// A backlog of 0 holds one connection; every SYN after it is dropped.
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), "slow backend")
+	ln, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	b := &slowBackend{addr: ln.Addr().(*net.TCPAddr).AddrPort(), ln: ln}
+	for i := 0; ; i++ {
+		c, err := net.DialTimeout("tcp", b.addr.String(), 200*time.Millisecond)
+		if err != nil {
+			break // the queue is full
+		}
+		t.Cleanup(func() { c.Close() })
+		if i == 5 {
+			t.Fatal("the accept queue of a backlog-0 listener never filled")
+		}
+	}
+	return b
+}
+
+// release accepts everything queued and from now on, so hanging connects
+// complete at their next SYN retry.
+func (b *slowBackend) release(t *testing.T) {
+	go func() {
+		for {
+			c, err := b.ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+}
+
+// TestRemovedMidDialIsDrained removes a backend while a connection to it is
+// still being dialed. The connection must count as the backend's, so the
+// backend drains instead of being forgotten, and when the dial completes
+// after the drain deadline the connection is closed at once instead of
+// living on outside every drain.
+func TestRemovedMidDialIsDrained(t *testing.T) {
+	slow := newSlowBackend(t)
+	other := startEcho(t)
+	addr, svc := startService(t, time.Hour, slow.addr)
+	cfg := *svc.route.Load().cfg
+	cfg.ConnectTimeout = 10 * time.Second
+	svc.Update(&cfg)
+
+	client, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	be := backendOf(svc, slow.addr)
+	eventually(t, "the dial to the slow backend counted as active", func() bool { return be.active.Load() == 1 })
+
+	removed := cfg
+	removed.DrainTimeout = 200 * time.Millisecond
+	removed.Backends = []config.Backend{{Address: other, Weight: 1}}
+	svc.Update(&removed)
+	draining := false
+	for _, b := range svc.Backends() {
+		draining = draining || b == be
+	}
+	if !draining {
+		t.Fatal("a backend removed while a connection to it was dialing was forgotten, not drained")
+	}
+	eventually(t, "the drain deadline passed", func() bool { return be.retired.Load() })
+
+	slow.release(t)
+	client.SetReadDeadline(time.Now().Add(8 * time.Second))
+	_, err = client.Read(make([]byte, 1))
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the connection dialed past its backend's drain stayed open")
+	}
+	eventually(t, "the late connection untracked", func() bool { return be.active.Load() == 0 })
+}
