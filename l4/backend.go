@@ -31,17 +31,17 @@ type Backend struct {
 
 	health backendHealth // see health.go
 
-	mu sync.Mutex // guards conns
+	mu sync.Mutex // guards conns and retired
 	// conns links the open connections so a drain or shutdown can close
 	// them. An intrusive list: linking and unlinking allocate nothing.
 	conns proxyConnList
+	// retired is set once the Service has let go of the backend (removed
+	// and drained, or removed with nothing open). It never routes again:
+	// an address that comes back gets a new Backend.
+	retired bool
 
 	udp udpBackend // open UDP flows and datagram counters: udp.go
 
-	// retired is set once the Service has let go of the backend (removed
-	// and drained, or removed with nothing open): it never routes again,
-	// since an address that comes back gets a new Backend.
-	retired atomic.Bool
 }
 
 func newBackend(addr netip.AddrPort) *Backend {
@@ -71,20 +71,45 @@ func (b *Backend) Stats() BackendStats {
 	}
 }
 
-// track registers c, which connect has already counted in active. A
-// connection whose backend was retired while it dialed is aborted at once:
-// no drain would ever close it.
-func (b *Backend) track(c *proxyConn) {
-	b.total.Add(1)
+// track registers c, which connect has already counted in active, and
+// reports false, registering nothing, when the backend was retired while c
+// was connecting: no drain would ever reach c.
+func (b *Backend) track(c *proxyConn) bool {
 	b.mu.Lock()
-	b.conns.pushBack(c)
-	b.mu.Unlock()
-	// retired is set before closeConns takes mu: either closeConns saw c in
-	// the list, or this load sees the flag.
-	if b.retired.Load() {
-		c.forced.Store(true)
-		c.abort()
+	defer b.mu.Unlock()
+	if b.retired {
+		return false
 	}
+	b.total.Add(1)
+	b.conns.pushBack(c)
+	return true
+}
+
+// retireIfIdle retires the backend if no connection is registered, and
+// reports whether it did.
+func (b *Backend) retireIfIdle() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.conns.head != nil {
+		return false
+	}
+	b.retired = true
+	return true
+}
+
+func (b *Backend) isRetired() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.retired
+}
+
+// retire closes every open connection and flow to a removed backend and
+// makes sure none registers later.
+func (b *Backend) retire() {
+	b.mu.Lock()
+	b.retired = true
+	b.mu.Unlock()
+	b.closeConns()
 }
 
 func (b *Backend) untrack(c *proxyConn) {

@@ -123,24 +123,25 @@ func (s *Service) rebuildLocked() {
 			s.startDrainLocked(be, cfg.DrainTimeout)
 		}
 	}
-	for addr, be := range s.backends {
-		if kept[addr] == nil {
-			s.startDrainLocked(be, cfg.DrainTimeout)
-			if be.drainTimer != nil {
-				s.draining[addr] = be
-			} else {
-				// Forgotten: a connection that registers with it from now
-				// on would be out of every drain's reach.
-				be.retired.Store(true)
-			}
-		}
-	}
 	r.backends, members = s.health.choose(cfg, r.backends, members, down)
 	if len(members) > 0 {
 		r.balancer = newBalancer(cfg.Balance, members)
 	}
+	removed := s.backends
 	s.backends = kept
 	s.route.Store(r)
+	for addr, be := range removed {
+		if kept[addr] != nil {
+			continue
+		}
+		s.startDrainLocked(be, cfg.DrainTimeout)
+		if be.drainTimer == nil && !be.retireIfIdle() {
+			s.startDrainLocked(be, cfg.DrainTimeout)
+		}
+		if be.drainTimer != nil {
+			s.draining[addr] = be
+		}
+	}
 	s.health.sync(cfg, kept)
 }
 
@@ -160,12 +161,13 @@ func (s *Service) startDrainLocked(be *Backend, timeout time.Duration) {
 			return // cancelled: the backend came back
 		}
 		be.drainTimer = nil
+		n := be.active.Load()
 		if s.draining[be.addr] == be {
 			delete(s.draining, be.addr)
-			be.retired.Store(true)
+			be.retire()
+		} else {
+			be.closeConns()
 		}
-		n := be.active.Load()
-		be.closeConns()
 		s.log.Info("drain finished", "service", s.cfg.Name, "backend", be.addr, "closed_connections", n)
 	})
 	be.drainTimer = timer
@@ -209,15 +211,32 @@ func (s *Service) Handle(client *net.TCPConn) {
 
 func (s *Service) proxy(client *net.TCPConn) {
 	defer s.handlers.Done()
-	r := s.route.Load()
-	backend, target := s.connect(r, client)
-	if backend == nil {
-		client.Close()
-		return
+	var (
+		r       *route
+		backend *net.TCPConn
+		target  *Backend
+		c       *proxyConn
+	)
+	for attempt := 0; ; attempt++ {
+		r = s.route.Load()
+		backend, target = s.connect(r, client)
+		if backend == nil {
+			client.Close()
+			return
+		}
+		c = &proxyConn{client: client, backend: backend, target: target, idleTimeout: r.cfg.IdleTimeout}
+		if target.track(c) {
+			break
+		}
+		target.active.Add(-1)
+		backend.Close()
+		if attempt == maxDialAttempts {
+			s.refuse(client, "every backend chosen was removed while connecting")
+			client.Close()
+			return
+		}
 	}
-	c := &proxyConn{client: client, backend: backend, target: target, idleTimeout: r.cfg.IdleTimeout}
 	start := time.Now()
-	target.track(c)
 	err := c.run(s.pipes)
 	target.untrack(c)
 	if err != nil && !errors.Is(err, errIdle) {

@@ -583,9 +583,12 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udp
 	be.active.Add(1)
 	be.total.Add(1)
 	be.udp.link(f)
-	if be.retired.Load() {
-		// Removed while we picked it: no drain would close this flow.
-		// The worker removes it at its next datagram or sweep.
+	if be.isRetired() {
+		// Removed while we picked it: no drain would close this flow, so
+		// it ends now and the client's next datagram opens a flow on the
+		// current route. (retire sets the flag before closeFlows takes
+		// udp.mu: either closeFlows sees the flow linked above, or this
+		// sees the flag.)
 		f.close()
 	}
 	w.flows[client] = f
