@@ -32,6 +32,7 @@ deps:
 bench: build
 	@./scripts/install-deps.sh $(BENCH_TOOLS)
 	./scripts/bench.sh
+	./scripts/bench-udp.sh
 
 # Shows with strace that proxied bytes move with splice(2).
 splice-proof: build

@@ -182,7 +182,10 @@ func Parse(data []byte, path string) (*Config, error) {
 	if file.Reload != nil {
 		cfg.Reload.Watch = v.boolean("reload.watch", file.Reload.Watch, DefaultReloadWatch)
 	}
-	if len(file.Services) == 0 {
+	if t := md.Type("services"); t != "" && t != "Hash" {
+		// The decoder skips a non-table here without an error of its own.
+		v.add("services", "want [services.NAME] tables, got a %s", strings.ToLower(t))
+	} else if len(file.Services) == 0 {
 		v.add("services", "no services defined: add at least one [services.NAME] table")
 	}
 	names := make([]string, 0, len(file.Services))

@@ -182,6 +182,7 @@ func TestParseErrors(t *testing.T) {
 		{"listen without ip", "[services.pg]\nlisten = \":5432\"\n[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg.listen:", "missing IP"}},
 		{"no backends", "[services.pg]\nlisten = \"127.0.0.1:5432\"\n", []string{"services.pg.backends: no backends"}},
 		{"no services", "[admin]\nlisten = \"127.0.0.1:9901\"\n", []string{"services: no services defined"}},
+		{"services not a table", "services = \"pg\"\n", []string{"services: want [services.NAME] tables, got a string"}},
 		{"duplicate backend", svc("") + "[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg.backends[1].address: duplicate backend 10.0.0.1:5432 (also services.pg.backends[0])"}},
 		{"weight range", svc("") + "weight = 1001\n", []string{"services.pg.backends[0].weight: 1001 is out of range [0, 1000]"}},
 		{"negative weight", svc("") + "weight = -1\n", []string{"services.pg.backends[0].weight: -1 is out of range"}},

@@ -1,0 +1,196 @@
+//go:build linux
+
+package mmsg
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func listen(t *testing.T, addr string) (*net.UDPConn, syscall.RawConn) {
+	t.Helper()
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
+	if err != nil {
+		t.Skipf("listen %s: %v", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, rc
+}
+
+// recvAll reads with b until it holds want datagrams or a second passes.
+func recvAll(t *testing.T, rc syscall.RawConn, b *Batch, want int) ([]string, []netip.AddrPort) {
+	t.Helper()
+	var got []string
+	var from []netip.AddrPort
+	deadline := time.Now().Add(time.Second)
+	for len(got) < want && time.Now().Before(deadline) {
+		var n int
+		var rerr error
+		rc.Control(func(fd uintptr) { n, rerr = b.Recv(int(fd)) })
+		if rerr == unix.EAGAIN {
+			time.Sleep(time.Millisecond)
+			continue
+		}
+		if rerr != nil {
+			t.Fatal(rerr)
+		}
+		for i := range n {
+			got = append(got, string(b.Bufs[i][:b.Lens[i]]))
+			from = append(from, b.Addr(i))
+		}
+	}
+	return got, from
+}
+
+func TestBatchRoundTrip(t *testing.T) {
+	for _, tc := range []struct {
+		name, addr string
+		inet6      bool
+		sendFrom   string
+	}{
+		{name: "ipv4", addr: "127.0.0.1:0", sendFrom: "127.0.0.1:0"},
+		{name: "ipv6", addr: "[::1]:0", inet6: true, sendFrom: "[::1]:0"},
+		{name: "dual-stack", addr: "[::]:0", inet6: true, sendFrom: "127.0.0.1:0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, src := listen(t, tc.addr)
+			port := srv.LocalAddr().(*net.UDPAddr).AddrPort().Port()
+			cli, crc := listen(t, tc.sendFrom)
+			to := netip.AddrPortFrom(cli.LocalAddr().(*net.UDPAddr).AddrPort().Addr(), port)
+			if to.Addr().IsUnspecified() {
+				to = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
+			}
+			// Five datagrams into a batch of four: two receives.
+			for i := range 5 {
+				if _, err := cli.WriteToUDPAddrPort([]byte(fmt.Sprint("dgram", i)), to); err != nil {
+					t.Fatal(err)
+				}
+			}
+			b := NewBatch(4, 2048, tc.inet6)
+			got, from := recvAll(t, src, b, 5)
+			if fmt.Sprint(got) != "[dgram0 dgram1 dgram2 dgram3 dgram4]" {
+				t.Fatalf("received %q", got)
+			}
+			want := cli.LocalAddr().(*net.UDPAddr).AddrPort()
+			if tc.name == "dual-stack" {
+				want = netip.AddrPortFrom(netip.AddrFrom16(want.Addr().As16()), want.Port())
+			}
+			for _, f := range from {
+				if f != want {
+					t.Fatalf("source %s, want %s", f, want)
+				}
+			}
+
+			// Echo the last batch (one datagram) and a longer one back.
+			b.Bufs[0] = []byte("reply0")
+			b.Bufs[1] = bytes.Repeat([]byte{'y'}, 1500)
+			b.SetAddr(0, from[0])
+			b.SetAddr(1, from[0])
+			var sent int
+			var serr error
+			src.Control(func(fd uintptr) { sent, serr = b.Send(int(fd), 0, 2, false) })
+			if sent != 2 || serr != nil {
+				t.Fatalf("sent %d, %v", sent, serr)
+			}
+			b.ResetBufs()
+			rb := NewBatch(4, 2048, tc.sendFrom[0] == '[')
+			got, _ = recvAll(t, crc, rb, 2)
+			if len(got) != 2 || got[0] != "reply0" || len(got[1]) != 1500 {
+				t.Fatalf("replies %d: %.20q", len(got), got)
+			}
+		})
+	}
+}
+
+// TestBatchSendConnected sends on a connected socket without addresses,
+// and a batch whose middle datagram is too large: Send stops before it, and
+// sending from the next one goes on.
+func TestBatchSendConnected(t *testing.T) {
+	srv, src := listen(t, "127.0.0.1:0")
+	c, err := net.DialUDP("udp", nil, srv.LocalAddr().(*net.UDPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	crc, _ := c.SyscallConn()
+	b := NewBatch(3, 0, false)
+	b.Bufs[0] = []byte("a")
+	b.Bufs[1] = make([]byte, 70000) // over the UDP maximum: EMSGSIZE
+	b.Bufs[2] = []byte("c")
+	var got []int
+	crc.Control(func(fd uintptr) {
+		for i := 0; i < 3; {
+			k, err := b.Send(int(fd), i, 3, true)
+			got = append(got, k)
+			i += k
+			if err != nil {
+				if err != unix.EMSGSIZE {
+					t.Errorf("error %v, want EMSGSIZE", err)
+				}
+				i++
+			}
+		}
+	})
+	if fmt.Sprint(got) != "[1 1]" {
+		t.Errorf("sent per call %v, want [1 1]", got)
+	}
+	r := NewBatch(4, 2048, false)
+	msgs, _ := recvAll(t, src, r, 2)
+	if fmt.Sprint(msgs) != "[a c]" {
+		t.Errorf("received %q", msgs)
+	}
+}
+
+func TestBatchRecvEmpty(t *testing.T) {
+	_, rc := listen(t, "127.0.0.1:0")
+	b := NewBatch(2, 64, false)
+	var err error
+	rc.Control(func(fd uintptr) { _, err = b.Recv(int(fd)) })
+	if err != unix.EAGAIN {
+		t.Fatalf("Recv on an empty socket: %v, want EAGAIN", err)
+	}
+}
+
+func TestBatchAllocs(t *testing.T) {
+	srv, src := listen(t, "127.0.0.1:0")
+	to := srv.LocalAddr().(*net.UDPAddr).AddrPort()
+	_, crc := listen(t, "127.0.0.1:0")
+	sb := NewBatch(2, 0, false)
+	rb := NewBatch(2, 64, false)
+	msg := []byte("x")
+	var n int
+	send := func(fd uintptr) {
+		sb.Bufs[0], sb.Bufs[1] = msg, msg
+		sb.SetAddr(0, to)
+		sb.SetAddr(1, to)
+		n, _ = sb.Send(int(fd), 0, 2, false)
+	}
+	recv := func(fd uintptr) {
+		for got := 0; got < n; {
+			k, err := rb.Recv(int(fd))
+			if err != nil {
+				continue
+			}
+			_ = rb.Addr(0)
+			got += k
+		}
+	}
+	allocs := testing.AllocsPerRun(100, func() {
+		crc.Control(send)
+		src.Control(recv)
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per send and receive, want 0", allocs)
+	}
+}
