@@ -103,6 +103,9 @@ type Service struct {
 	PassiveFall int
 	PanicMode   PanicMode
 	OnDown      OnDown
+	// Protect holds connection limits, access lists, half_close_timeout
+	// and the PROXY protocol settings (protect.go).
+	Protect
 	// Backends keep the order of the file. Balancers that need an order of
 	// their own (Maglev) sort by address so every node builds the same table.
 	Backends []Backend
@@ -114,6 +117,10 @@ type Backend struct {
 	// Weight is in [0, MaxWeight]; 0 keeps the backend configured (its open
 	// connections live on) but sends it no new connections.
 	Weight int
+	// MaxConnections bounds the backend's open TCP connections from this
+	// service; 0 is no limit. A full backend is skipped for the next one
+	// in the key's order.
+	MaxConnections int
 }
 
 // Service returns the service called name, or nil.

@@ -150,13 +150,14 @@ type fileService struct {
 	DrainTimeout   any `toml:"drain_timeout"`
 	MaxFlows       any `toml:"max_flows"`
 	fileServiceHealth
+	fileServiceProtect
 	// Backends are decoded as plain tables so that unknown keys can be
 	// reported with the backend's index, which MetaData.Undecoded cannot do
 	// for arrays of tables.
 	Backends []map[string]any `toml:"backends"`
 }
 
-var backendKeys = []string{"address", "weight"}
+var backendKeys = []string{"address", "weight", "max_connections"}
 
 var serviceName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
@@ -292,6 +293,7 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 	svc.IdleTimeout = v.duration(at+".idle_timeout", f.IdleTimeout, idleDefault, false)
 	svc.DrainTimeout = v.duration(at+".drain_timeout", f.DrainTimeout, DefaultDrainTimeout, true)
 	v.serviceHealth(at, f, &svc)
+	v.serviceProtect(at, &f.fileServiceProtect, &svc)
 
 	if len(f.Backends) == 0 {
 		v.add(at+".backends", "no backends: add at least one [[%s.backends]] table", at)
@@ -319,6 +321,11 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 			b.Address = ap
 		}
 		b.Weight = int(v.integer(bat+".weight", fb["weight"], DefaultWeight, 0, MaxWeight))
+		if raw, ok := fb["max_connections"]; ok && svc.Protocol != TCP {
+			v.add(bat+".max_connections", "applies only to protocol = \"tcp\" (protocol is %q)", svc.Protocol)
+		} else {
+			b.MaxConnections = int(v.integer(bat+".max_connections", raw, DefaultMaxConnections, 0, MaxConnectionLimit))
+		}
 		svc.Backends = append(svc.Backends, b)
 	}
 	return svc, len(v.problems) == before
