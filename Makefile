@@ -34,6 +34,19 @@ bench: build
 	./scripts/bench.sh
 	./scripts/bench-udp.sh
 
+# Fuzzes each target for FUZZTIME (go test -fuzz runs one target at a
+# time). New crashers land in the package's testdata/fuzz/, where `make
+# test` then replays them with the committed seeds.
+FUZZTIME ?= 30s
+FUZZ_TARGETS = ./config/:FuzzParse ./l4/:FuzzParseProxyHeader
+
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$name in $$pkg for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
+
 # Shows with strace that proxied bytes move with splice(2).
 splice-proof: build
 	./scripts/splice-proof.sh

@@ -23,6 +23,7 @@ type Metrics struct {
 	healthRebuilds                                   *prometheus.Desc
 	udpDatagrams, udpBytes, udpFlows, udpFlowEvents  *prometheus.Desc
 	udpDrops                                         *prometheus.Desc
+	rejected, openConns, maxConns                    *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Metrics)(nil)
@@ -57,6 +58,9 @@ func NewMetrics(srv *Server) *Metrics {
 		udpFlows:       d("udp_flows_active", "Open UDP flows.", svc...),
 		udpFlowEvents:  d("udp_flows_total", "UDP flow events: created, expired (idle), closed (drain, error), refused (max_flows).", append(svc, "event")...),
 		udpDrops:       d("udp_drops_total", "UDP datagrams dropped, by reason.", append(svc, "reason")...),
+		rejected:       d("connections_rejected_total", "TCP clients closed before reaching a backend by a limit, an access list or the PROXY protocol checks, by reason.", append(svc, "reason")...),
+		openConns:      d("open_connections", "TCP connections open over all services, against max_connections."),
+		maxConns:       d("max_connections", "Bound on open TCP connections over all services, from RLIMIT_NOFILE; at it l4lb stops accepting until one closes."),
 	}
 }
 
@@ -65,7 +69,7 @@ func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		m.configVersion, m.configLoaded, m.accepted, m.refused, m.proxyErrors, m.active, m.total, m.failed,
 		m.bytes, m.connectTime, m.weight, m.up, m.draining, m.drainingConns, m.transitions, m.healthRebuilds,
-		m.udpDatagrams, m.udpBytes, m.udpFlows, m.udpFlowEvents, m.udpDrops,
+		m.udpDatagrams, m.udpBytes, m.udpFlows, m.udpFlowEvents, m.udpDrops, m.rejected, m.openConns, m.maxConns,
 	} {
 		ch <- d
 	}
@@ -81,6 +85,10 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
 	}
 	gauge(m.configVersion, float64(st.Version))
+	if st.MaxConnections > 0 {
+		gauge(m.openConns, float64(st.OpenConnections))
+		gauge(m.maxConns, float64(st.MaxConnections))
+	}
 	if !st.LoadedAt.IsZero() {
 		gauge(m.configLoaded, float64(st.LoadedAt.UnixNano())/1e9)
 	}
@@ -88,6 +96,9 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		name := s.Name
 		if s.Protocol == config.TCP {
 			counter(m.accepted, s.Accepted, name)
+			for r := RejectReason(0); r < NumRejectReasons; r++ {
+				counter(m.rejected, s.Rejected[r], name, r.String())
+			}
 		}
 		counter(m.refused, s.Refused, name)
 		counter(m.proxyErrors, s.ProxyErrors, name)

@@ -15,6 +15,10 @@ type proxyConn struct {
 	target  *Backend
 
 	idleTimeout time.Duration
+	// halfCloseTimeout replaces idleTimeout, when shorter, once one
+	// direction has finished (halfClosed): see startHalfClose.
+	halfCloseTimeout time.Duration
+	halfClosed       atomic.Bool
 	// lastActive is when a byte last moved either way, in monotonicNow
 	// units. Both copy directions write it; either may read it.
 	lastActive atomic.Int64
@@ -35,7 +39,11 @@ func (c *proxyConn) touch() { c.lastActive.Store(monotonicNow()) }
 // and whether that moment has already passed.
 func (c *proxyConn) idleDeadline() (time.Time, bool) {
 	last := time.Duration(c.lastActive.Load())
-	deadline := clockStart.Add(last + c.idleTimeout)
+	timeout := c.idleTimeout
+	if c.halfClosed.Load() {
+		timeout = min(timeout, c.halfCloseTimeout)
+	}
+	deadline := clockStart.Add(last + timeout)
 	return deadline, !time.Now().Before(deadline)
 }
 
@@ -79,6 +87,21 @@ func (c *proxyConn) run(pipes *pipePool) error {
 	return err
 }
 
+// startHalfClose switches the connection to half_close_timeout once one
+// direction has passed on its EOF: from then on the other direction is
+// cut after that long without a byte (HAProxy's client-fin/server-fin).
+// The deadlines move in at once; a copier that is just re-arming its own
+// deadline from the old timeout may push it back out, and then the
+// shorter timeout applies from that deadline on.
+func (c *proxyConn) startHalfClose() {
+	if c.halfCloseTimeout <= 0 || c.halfCloseTimeout >= c.idleTimeout || c.halfClosed.Swap(true) {
+		return
+	}
+	deadline, _ := c.idleDeadline()
+	c.client.SetDeadline(deadline)
+	c.backend.SetDeadline(deadline)
+}
+
 // The two directions have their own named functions so that goroutine
 // dumps say which way a stuck copy was going.
 
@@ -95,7 +118,15 @@ func (c *proxyConn) finishDirection(err error, dst *net.TCPConn) error {
 		// EOF: pass the half-close on. An error here means dst is already
 		// gone, which the other direction will see for itself.
 		dst.CloseWrite()
+		c.startHalfClose()
 		return nil
+	}
+	if errors.Is(err, errIdle) && c.halfClosed.Load() {
+		// The half-close timeout: the peer still sending is gone or stuck.
+		// A reset frees both sockets at once; a FIN would leave ours in
+		// FIN_WAIT2 for tcp_fin_timeout waiting on that same peer.
+		c.client.SetLinger(0)
+		c.backend.SetLinger(0)
 	}
 	c.abort()
 	if errors.Is(err, net.ErrClosed) {

@@ -33,6 +33,9 @@ type Server struct {
 	pipes *pipePool
 	// logConnections is read by every service at each connection close.
 	logConnections atomic.Bool
+	// gate bounds the TCP connections open over all services (limits.go);
+	// nil is no bound. Set before the first Apply.
+	gate *connGate
 
 	mu sync.Mutex // guards everything below; held for a whole Apply
 	// running is keyed by socket identity (protocol and listen address), not
@@ -58,17 +61,38 @@ type runningService struct {
 	accepting sync.WaitGroup // accept loops
 	// udp runs a UDP service's sockets and flows (listeners is empty then).
 	udp *udpProxy
+	// stop is closed when the service stops accepting, which ends accept
+	// loops waiting at a full gate.
+	stop     chan struct{}
+	stopOnce sync.Once
+}
+
+func (rs *runningService) stopAccepting() {
+	rs.stopOnce.Do(func() { close(rs.stop) })
+	closeListeners(rs.listeners)
 }
 
 func (srv *Server) newService(sc *config.Service) *Service {
 	svc := NewService(sc, srv.pipes, srv.log)
 	svc.logConnections = &srv.logConnections
+	svc.gate = srv.gate
 	return svc
 }
 
 // SetLogConnections switches the per-connection log line of every
 // service, now and for services added later.
 func (srv *Server) SetLogConnections(on bool) { srv.logConnections.Store(on) }
+
+// SetMaxConnections bounds the TCP connections open over all services
+// (0: no bound). At the bound the accept loops wait, and new clients wait
+// in the kernel's accept queue, until a connection closes. cmd/l4lb sets
+// it from RLIMIT_NOFILE, so that l4lb never runs out of descriptors for
+// the connections it has. Call it before the first Apply.
+func (srv *Server) SetMaxConnections(n int64) {
+	if n > 0 {
+		srv.gate = newConnGate(n)
+	}
+}
 
 // NewServer returns a server with no services.
 func NewServer(log hclog.Logger) *Server {
@@ -165,7 +189,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		key := keyOf(sc)
 		wanted[key] = true
 		if conns, ok := freshUDP[key]; ok {
-			rs := &runningService{svc: srv.newService(sc), cfg: sc}
+			rs := &runningService{svc: srv.newService(sc), cfg: sc, stop: make(chan struct{})}
 			rs.udp = newUDPProxy(rs.svc, conns, srv.log.With("service", sc.Name))
 			srv.running[key] = rs
 			rs.udp.start()
@@ -174,7 +198,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			continue
 		}
 		if lns, ok := fresh[key]; ok {
-			rs := &runningService{svc: srv.newService(sc), cfg: sc}
+			rs := &runningService{svc: srv.newService(sc), cfg: sc, stop: make(chan struct{})}
 			srv.running[key] = rs
 			srv.serve(rs, lns)
 			srv.log.Info("service started", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
@@ -236,9 +260,13 @@ func (srv *Server) serve(rs *runningService, lns []*net.TCPListener) {
 	for _, ln := range lns {
 		rs.listeners = append(rs.listeners, ln)
 		rs.accepting.Add(1)
+		var acceptor listener.Acceptor = ln
+		if srv.gate != nil {
+			acceptor = gatedListener{ln, srv.gate, rs.stop}
+		}
 		go func() {
 			defer rs.accepting.Done()
-			listener.Serve(ln, rs.svc.Handle, log)
+			listener.Serve(acceptor, rs.svc.Handle, log)
 		}()
 	}
 }
@@ -246,7 +274,7 @@ func (srv *Server) serve(rs *runningService, lns []*net.TCPListener) {
 // retire stops a service accepting and drains its connections in the
 // background, for its drain_timeout.
 func (srv *Server) retire(rs *runningService) {
-	closeListeners(rs.listeners)
+	rs.stopAccepting()
 	srv.log.Info("service removed: stopped accepting, draining", "service", rs.cfg.Name, "listen", rs.cfg.Listen,
 		"drain_timeout", rs.cfg.DrainTimeout.String())
 	go func() {
@@ -271,7 +299,7 @@ func (srv *Server) Shutdown() {
 	srv.mu.Unlock()
 
 	for _, rs := range running {
-		closeListeners(rs.listeners)
+		rs.stopAccepting()
 	}
 	srv.log.Info("listeners closed")
 	var wg sync.WaitGroup
@@ -306,6 +334,30 @@ func (srv *Server) Services() []*Service {
 		out = append(out, rs.svc)
 	}
 	return out
+}
+
+// gatedListener accepts only while the Server's gate has a slot: each
+// connection it returns holds one, which the Service gives back when it is
+// done with the connection. At the bound it waits instead of accepting, so
+// clients queue in the kernel and the process keeps its descriptors for
+// the connections it already has.
+type gatedListener struct {
+	*net.TCPListener
+	gate *connGate
+	stop <-chan struct{}
+}
+
+var _ listener.Acceptor = gatedListener{}
+
+func (g gatedListener) AcceptTCP() (*net.TCPConn, error) {
+	if !g.gate.acquire(g.stop) {
+		return nil, net.ErrClosed
+	}
+	c, err := g.TCPListener.AcceptTCP()
+	if err != nil {
+		g.gate.release()
+	}
+	return c, err
 }
 
 func closeListeners(lns []*net.TCPListener) {

@@ -27,6 +27,12 @@ type route struct {
 	// balancer is nil when no backend may take new connections.
 	balancer balancer
 	dialer   net.Dialer
+	// acl and trusted are cfg's allow/deny and trusted_proxies (acl.go).
+	acl     accessList
+	trusted []netip.Prefix
+	// backendMax is each backend's max_connections, parallel to backends;
+	// nil when no backend has a limit.
+	backendMax []int64
 }
 
 // Service balances the connections of one configured service. The accept
@@ -61,6 +67,17 @@ type Service struct {
 	refused     atomic.Uint64 // clients closed because no backend could take them
 	lastRefusal atomic.Int64  // monotonicNow of the last refusal log line
 	proxyErrors atomic.Uint64 // connections that ended with an error other than idle
+
+	// Protection (limits.go): open counts admitted connections for
+	// max_connections, sources the open ones of each client address.
+	open       atomic.Int64
+	sources    sourceLimiter
+	rejected   [NumRejectReasons]atomic.Uint64
+	lastReject atomic.Int64 // monotonicNow of the last rejection log line
+	// gate, when set by the Server, is the process-wide bound on open TCP
+	// connections; each accepted connection holds a slot until Handle's
+	// work for it ends.
+	gate *connGate
 }
 
 // NewService returns a service that routes by cfg. pipes is shared by all
@@ -96,7 +113,8 @@ func (s *Service) Update(cfg *config.Service) {
 // stops drains to match. s.mu must be held.
 func (s *Service) rebuildLocked() {
 	cfg := s.cfg
-	r := &route{cfg: cfg, dialer: net.Dialer{Timeout: cfg.ConnectTimeout}}
+	r := &route{cfg: cfg, dialer: net.Dialer{Timeout: cfg.ConnectTimeout},
+		acl: accessList{allow: cfg.Allow, deny: cfg.Deny}, trusted: cfg.TrustedProxies}
 	var members []member
 	var down []standby // weighted but not healthy: routed only in panic mode
 	kept := make(map[netip.AddrPort]*Backend, len(cfg.Backends))
@@ -124,18 +142,23 @@ func (s *Service) rebuildLocked() {
 		}
 	}
 	r.backends, members = s.health.choose(cfg, r.backends, members, down)
+	r.backendMax = backendLimits(cfg, r.backends)
 	if len(members) > 0 {
 		r.balancer = newBalancer(cfg.Balance, members)
 	}
 	removed := s.backends
 	s.backends = kept
 	s.route.Store(r)
+	// Removed backends drain or retire only once no route holds them: a
+	// connection that finds its backend retired starts over on the
+	// current route, which must not offer it again.
 	for addr, be := range removed {
 		if kept[addr] != nil {
 			continue
 		}
 		s.startDrainLocked(be, cfg.DrainTimeout)
 		if be.drainTimer == nil && !be.retireIfIdle() {
+			// A connection registered since startDrainLocked looked.
 			s.startDrainLocked(be, cfg.DrainTimeout)
 		}
 		if be.drainTimer != nil {
@@ -203,28 +226,54 @@ func (s *Service) Backends() []*Backend {
 // of its own; the connection is closed when done. It is counted before
 // Handle returns, so that a Drain that starts once the accept loops have
 // stopped waits for it.
+//
+// The access list and limits are checked here, on the accept loop, before
+// any goroutine or dial, so that a flood of refused clients costs an accept
+// and a close each. Behind a balancer (accept_proxy_protocol) only the
+// trusted_proxies check can run here: the rest waits for the header.
 func (s *Service) Handle(client *net.TCPConn) {
 	s.accepted.Add(1)
+	r := s.route.Load()
+	p := peer{src: clientAddr(client)}
+	if r.cfg.AcceptProxyProtocol {
+		if !containsAddr(r.trusted, p.src.Addr()) {
+			s.reject(client, p.src, RejectUntrustedProxy, nil)
+			s.releaseSlot()
+			return
+		}
+		p.headerDue = true
+	} else if !s.admitPeer(r, client, &p) {
+		s.releaseSlot()
+		return
+	}
 	s.handlers.Add(1)
-	go s.proxy(client)
+	go s.proxy(client, p)
 }
 
-func (s *Service) proxy(client *net.TCPConn) {
+func (s *Service) proxy(client *net.TCPConn, p peer) {
 	defer s.handlers.Done()
+	defer s.releaseSlot()
+	if p.headerDue && !s.readPeer(client, &p) {
+		return
+	}
+	defer s.releaseLease(p.lease)
 	var (
 		r       *route
 		backend *net.TCPConn
 		target  *Backend
 		c       *proxyConn
 	)
+	// A reload may retire the chosen backend while its connect is in
+	// flight; the client has sent nothing through yet, so the connection
+	// starts over on the current route rather than being cut.
 	for attempt := 0; ; attempt++ {
 		r = s.route.Load()
-		backend, target = s.connect(r, client)
+		backend, target = s.connect(r, client, &p)
 		if backend == nil {
 			client.Close()
 			return
 		}
-		c = &proxyConn{client: client, backend: backend, target: target, idleTimeout: r.cfg.IdleTimeout}
+		c = &proxyConn{client: client, backend: backend, target: target, idleTimeout: r.cfg.IdleTimeout, halfCloseTimeout: r.cfg.HalfCloseTimeout}
 		if target.track(c) {
 			break
 		}
@@ -243,11 +292,11 @@ func (s *Service) proxy(client *net.TCPConn) {
 		s.proxyErrors.Add(1)
 	}
 	if s.logConnections != nil && s.logConnections.Load() {
-		s.log.Info("connection closed", "service", r.cfg.Name, "client", client.RemoteAddr().String(), "backend", target.addr,
+		s.log.Info("connection closed", "service", r.cfg.Name, "client", p.src.String(), "backend", target.addr,
 			"bytes_to_backend", c.sentToBackend, "bytes_to_client", c.sentToClient,
 			"duration", time.Since(start).Round(time.Millisecond).String(), "reason", closeReason(c, err))
 	} else if err != nil && s.log.IsDebug() {
-		s.log.Debug("connection ended", "service", r.cfg.Name, "client", client.RemoteAddr().String(), "backend", target.addr, "reason", err)
+		s.log.Debug("connection ended", "service", r.cfg.Name, "client", p.src.String(), "backend", target.addr, "reason", err)
 	}
 }
 
@@ -256,6 +305,8 @@ func closeReason(c *proxyConn, err error) string {
 	switch {
 	case c.forced.Load():
 		return "closed by l4lb (drain, shutdown or backend down)"
+	case errors.Is(err, errIdle) && c.halfClosed.Load():
+		return "half-close timeout"
 	case errors.Is(err, errIdle):
 		return "idle timeout"
 	case err != nil:
@@ -266,16 +317,21 @@ func closeReason(c *proxyConn, err error) string {
 }
 
 // connect dials the key's first choice and, if that fails, the next
-// backends in the key's order. It returns nil when none answered.
-func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend) {
+// backends in the key's order, skipping backends that have their
+// max_connections open. With proxy_protocol set it sends the header before
+// returning. It returns nil when no backend could take the client.
+func (s *Service) connect(r *route, client *net.TCPConn, p *peer) (*net.TCPConn, *Backend) {
 	if r.balancer == nil {
 		s.refuse(client, noRouteReason(r.cfg))
 		return nil, nil
 	}
-	key := clientKey(client.RemoteAddr().(*net.TCPAddr).AddrPort(), r.cfg.HashKey)
-	var triedBuf [maxDialAttempts]int
+	key := clientKey(p.src, r.cfg.HashKey)
+	// Full backends are tried too (skipped), so the list may outgrow
+	// maxDialAttempts; 8 covers most pools without allocating.
+	var triedBuf [8]int
 	tried := triedBuf[:0]
-	for len(tried) < maxDialAttempts {
+	dials, full := 0, 0
+	for dials < maxDialAttempts && len(tried) < len(r.backends) {
 		i := r.balancer.pick(key, tried)
 		if i < 0 {
 			break
@@ -284,8 +340,15 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 		be := r.backends[i]
 		// The connection counts as the backend's from before the dial, so
 		// that a reload removing the backend mid-dial sees it and drains it
-		// (and least_conn sees connections still being set up).
-		be.active.Add(1)
+		// (and least_conn sees connections still being set up). The same
+		// add reserves a max_connections slot, so that racing connects
+		// cannot overshoot it.
+		if n := be.active.Add(1); r.backendMax != nil && r.backendMax[i] > 0 && n > r.backendMax[i] {
+			be.active.Add(-1)
+			full++
+			continue
+		}
+		dials++
 		dialStart := time.Now()
 		conn, err := r.dialer.Dial("tcp", be.dialAddr)
 		if err == nil {
@@ -293,14 +356,27 @@ func (s *Service) connect(r *route, client *net.TCPConn) (*net.TCPConn, *Backend
 			// Go sets TCP_NODELAY on every TCP socket by default, client
 			// and backend alike: requests and replies leave at once.
 			connectOK(be)
-			return conn.(*net.TCPConn), be
+			if err = s.sendProxyHeader(r, client, conn.(*net.TCPConn), p); err == nil {
+				return conn.(*net.TCPConn), be
+			}
+			conn.Close()
 		}
 		be.active.Add(-1)
+		if isLocalShortage(err) {
+			// Out of descriptors or memory here: no fault of the backend's,
+			// and the next backend would fail alike.
+			s.refuse(client, "cannot open a socket to a backend: "+err.Error())
+			return nil, nil
+		}
 		s.connectFailed(r.cfg, be, err)
 		failures := be.dialFailed.Add(1)
 		if s.allowLog(&be.lastDialLog) {
 			s.log.Warn("connect to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr, "error", err, "failures_total", failures)
 		}
+	}
+	if dials == 0 && full > 0 {
+		s.countReject(p.src, RejectBackendsFull, nil)
+		return nil, nil
 	}
 	s.refuse(client, "every backend tried failed to connect")
 	return nil, nil

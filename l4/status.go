@@ -55,7 +55,11 @@ type ServerStatus struct {
 	Version  uint64
 	Hash     string
 	LoadedAt time.Time
-	Services []ServiceStatus // by name
+	// OpenConnections counts the TCP connections open over all services
+	// against MaxConnections, the bound derived from RLIMIT_NOFILE (both 0
+	// without a bound).
+	OpenConnections, MaxConnections int64
+	Services                        []ServiceStatus // by name
 }
 
 // ServiceStatus is one service's state and counters.
@@ -72,6 +76,10 @@ type ServiceStatus struct {
 	Backends          []BackendStatus // configured ones by address, then draining ones
 	// UDP is set for UDP services.
 	UDP *UDPStats
+
+	// Rejected counts TCP clients closed by a limit, an access list or the
+	// PROXY protocol checks, by reason.
+	Rejected [NumRejectReasons]uint64
 }
 
 // BackendStatus is one backend's state and counters.
@@ -97,6 +105,9 @@ func (srv *Server) Status() ServerStatus {
 	if srv.current != nil {
 		st.Hash = srv.current.Hash
 	}
+	if srv.gate != nil {
+		st.OpenConnections, st.MaxConnections = srv.gate.open.Load(), srv.gate.max
+	}
 	running := make([]*runningService, 0, len(srv.running))
 	for _, rs := range srv.running {
 		running = append(running, rs)
@@ -121,7 +132,7 @@ func (s *Service) Status() ServiceStatus {
 	st := ServiceStatus{
 		Name: cfg.Name, Listen: cfg.Listen, Protocol: cfg.Protocol, Balance: cfg.Balance,
 		Accepted: s.accepted.Load(), Refused: s.refused.Load(), ProxyErrors: s.proxyErrors.Load(),
-		HealthRebuilds: s.HealthRebuilds(),
+		HealthRebuilds: s.HealthRebuilds(), Rejected: s.Rejected(),
 	}
 	var bes []*Backend // parallel to st.Backends
 	add := func(be *Backend, weight int, configured bool) {

@@ -124,13 +124,16 @@ const (
 	DropSendClient
 	// DropReceive: the listen socket reported a receive error.
 	DropReceive
+	// DropDenied: the client address is in deny, or outside a non-empty
+	// allow.
+	DropDenied
 
 	// NumDropReasons is the number of reasons, for arrays indexed by them.
 	NumDropReasons
 )
 
 var dropReasonNames = [NumDropReasons]string{
-	"no_backend", "max_flows", "draining", "backend_socket", "send_backend", "backend_refused", "send_client", "receive",
+	"no_backend", "max_flows", "draining", "backend_socket", "send_backend", "backend_refused", "send_client", "receive", "denied",
 }
 
 // String is the reason's name as metrics and logs show it.
@@ -233,6 +236,9 @@ type udpFlow struct {
 	// for replies allocates nothing.
 	readFn  func(fd uintptr) bool
 	readErr error // set by readReplies for copyBackendToClient
+	// proxyHeader prefixes each datagram to the backend with
+	// proxy_protocol = "v2"; nil otherwise.
+	proxyHeader []byte
 
 	// lastSeen is when a datagram last went either way, in monotonicNow
 	// units: the worker and the reader write it, the worker reads it.
@@ -449,6 +455,10 @@ type udpWorker struct {
 
 	c       udpCounters
 	replies udpReplyCounters
+
+	// prefixed holds, per send slot, a datagram with its PROXY v2 header
+	// (withProxyHeader in proxyproto.go); nil until a v2 flow needs it.
+	prefixed [][]byte
 }
 
 // udpProxy runs the workers of one UDP service.
@@ -659,7 +669,7 @@ func (w *udpWorker) forwardBatch(n int, now int64) {
 		k := 0
 		for j := i; j < n; j++ {
 			if w.inFlows[j] == f {
-				w.out.b.Bufs[k] = in.Bufs[j][:in.Lens[j]]
+				w.out.b.Bufs[k] = w.withProxyHeader(f, k, in.Bufs[j][:in.Lens[j]])
 				w.inFlows[j] = nil
 				k++
 			}
@@ -672,7 +682,7 @@ func (w *udpWorker) forwardBatch(n int, now int64) {
 // flow first if the client has none. No allocation once the flow exists.
 func (w *udpWorker) forward(b []byte, client netip.AddrPort, now int64) {
 	if f := w.flow(client, now); f != nil {
-		w.out.b.Bufs[0] = b
+		w.out.b.Bufs[0] = w.withProxyHeader(f, 0, b)
 		w.send(f, 1, now)
 	}
 }
@@ -720,6 +730,11 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 		return nil
 	}
 	r := p.svc.route.Load()
+	if !r.acl.admits(client.Addr().Unmap()) {
+		// Checked per datagram: a denied client never gets a flow.
+		w.c.drops[DropDenied].Add(1)
+		return nil
+	}
 	if r.balancer == nil {
 		w.c.drops[DropNoBackend].Add(1)
 		return nil
@@ -772,6 +787,7 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udp
 	}
 	f := &udpFlow{client: client, conn: conn, rc: rc, backend: be, w: w, slot: -1}
 	f.readFn = f.readReplies
+	f.proxyHeader = w.flowProxyHeader(client)
 	f.lastSeen.Store(now)
 	be.active.Add(1)
 	be.total.Add(1)

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/l4lb/l4lb/config"
 	"github.com/l4lb/l4lb/l4"
 )
 
@@ -121,6 +122,11 @@ type statusJSON struct {
 	LastReloadError   string        `json:"last_reload_error,omitempty"`
 	LastReloadErrorAt *time.Time    `json:"last_reload_error_at,omitempty"`
 	Services          []serviceJSON `json:"services"`
+
+	// OpenConnections and MaxConnections: TCP connections open over all
+	// services, and the bound from RLIMIT_NOFILE (0 without one).
+	OpenConnections int64 `json:"open_connections"`
+	MaxConnections  int64 `json:"max_connections"`
 }
 
 type serviceJSON struct {
@@ -133,6 +139,10 @@ type serviceJSON struct {
 	Errors   uint64        `json:"errors"`
 	Backends []backendJSON `json:"backends"`
 	UDP      *udpJSON      `json:"udp,omitempty"`
+
+	// Rejected counts TCP clients closed by limits, access lists and the
+	// PROXY protocol checks, by reason.
+	Rejected map[string]uint64 `json:"rejected,omitempty"`
 }
 
 type backendJSON struct {
@@ -192,7 +202,8 @@ func newUDPJSON(st *l4.UDPStats) *udpJSON {
 
 func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 	st := srv.Status()
-	out := statusJSON{Version: st.Version, Hash: st.Hash, LoadedAt: st.LoadedAt, Services: []serviceJSON{}}
+	out := statusJSON{Version: st.Version, Hash: st.Hash, LoadedAt: st.LoadedAt, Services: []serviceJSON{},
+		OpenConnections: st.OpenConnections, MaxConnections: st.MaxConnections}
 	rs := rl.stats()
 	out.ReloadsOK, out.ReloadsFailed, out.LastReloadError = rs.ok, rs.failed, rs.lastError
 	if !rs.lastErrorAt.IsZero() {
@@ -202,6 +213,12 @@ func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 		sj := serviceJSON{
 			Name: s.Name, Listen: s.Listen.String(), Protocol: string(s.Protocol), Balance: string(s.Balance),
 			Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
+		}
+		if s.Protocol == config.TCP {
+			sj.Rejected = map[string]uint64{}
+			for reason, n := range s.Rejected {
+				sj.Rejected[l4.RejectReason(reason).String()] = n
+			}
 		}
 		for _, b := range s.Backends {
 			bj := backendJSON{

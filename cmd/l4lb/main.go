@@ -132,8 +132,10 @@ func cmdRun(args []string, stderr io.Writer) int {
 		Name: "l4lb", Output: stderr, JSONFormat: cfg.Log.Format == "json",
 		Level: hclog.LevelFromString(cmp.Or(*levelFlag, cfg.Log.Level)),
 	})
-	// Go itself raises the soft RLIMIT_NOFILE to the hard limit at start
-	// (since Go 1.19); each proxied connection costs two descriptors.
+	nofile, hardNofile, err := raiseNofile()
+	if err != nil {
+		log.Warn("cannot raise the soft RLIMIT_NOFILE to the hard limit", "error", err)
+	}
 
 	// Signals are subscribed before listeners bind, so that a SIGHUP or
 	// SIGTERM arriving during start-up is handled, not fatal.
@@ -142,6 +144,11 @@ func cmdRun(args []string, stderr io.Writer) int {
 
 	srv := l4.NewServer(log)
 	srv.SetLogConnections(cfg.Log.Connections)
+	if nofile > 0 {
+		maxConns := maxConnectionsFor(nofile)
+		srv.SetMaxConnections(maxConns)
+		log.Info("descriptor limit", "nofile", nofile, "nofile_hard", hardNofile, "max_connections", maxConns)
+	}
 	notify := newNotifier()
 	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, applyLog: func(lc config.Log) {
 		if *levelFlag == "" {

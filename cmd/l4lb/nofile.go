@@ -1,0 +1,54 @@
+package main
+
+import (
+	"golang.org/x/sys/unix"
+)
+
+// raiseNofile raises the soft RLIMIT_NOFILE to the hard limit and returns
+// the soft limit in force. Go's runtime does the same at start (since Go
+// 1.19), but only for itself: doing it here says so in l4lb's own code,
+// and the returned figure sizes the connection bound below.
+func raiseNofile() (soft, hard uint64, err error) {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, 0, err
+	}
+	if lim.Cur < lim.Max {
+		raised := lim
+		raised.Cur = raised.Max
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &raised); err != nil {
+			return lim.Cur, lim.Max, err
+		}
+		lim = raised
+	}
+	return lim.Cur, lim.Max, nil
+}
+
+// Descriptor budget of maxConnectionsFor.
+const (
+	// fdReserve is kept for everything that is not a proxied connection:
+	// stdio, the netpoller, listening sockets, the admin endpoint, inotify,
+	// health probes (one per backend at a time) and config reloads.
+	fdReserve = 64
+	// pipePoolFDs is what the idle pipes of the splice pool may hold at
+	// most (maxIdlePipes = 128 pipes of two descriptors).
+	pipePoolFDs = 256
+	// fdsPerConnection: two sockets, plus a third for pipes: a connection
+	// borrows a pipe (two descriptors) only while it splices a bulk
+	// transfer, which HAProxy's sizing also assumes of a fraction of its
+	// connections (maxpipes = maxconn/4).
+	fdsPerConnection = 3
+)
+
+// maxConnectionsFor is the bound on open TCP connections that keeps l4lb
+// within nofile descriptors: at it, l4lb stops accepting until a
+// connection closes, and the connections it has keep the descriptors they
+// need (see l4.Server.SetMaxConnections). UDP flows take a descriptor each
+// and are bounded by max_flows, not by this.
+func maxConnectionsFor(nofile uint64) int64 {
+	reserve := fdReserve + min(pipePoolFDs, nofile/8)
+	if nofile <= reserve+fdsPerConnection {
+		return 1
+	}
+	return int64((nofile - reserve) / fdsPerConnection)
+}

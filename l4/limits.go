@@ -1,0 +1,367 @@
+package l4
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/l4lb/l4lb/config"
+)
+
+// RejectReason says why a TCP client was closed before any byte reached a
+// backend, by a limit, an access list or the PROXY protocol checks.
+// (Clients closed because no backend answered are counted as refused.)
+type RejectReason int
+
+const (
+	// RejectDenied: the client address is in deny, or outside a non-empty
+	// allow.
+	RejectDenied RejectReason = iota
+	// RejectUntrustedProxy: accept_proxy_protocol is on and the connection
+	// does not come from trusted_proxies.
+	RejectUntrustedProxy
+	// RejectBadProxyHeader: the PROXY header is malformed, too long, or the
+	// client closed before sending it whole.
+	RejectBadProxyHeader
+	// RejectProxyHeaderTimeout: no complete PROXY header within
+	// proxy_protocol_timeout.
+	RejectProxyHeaderTimeout
+	// RejectMaxConnections: the service has max_connections open.
+	RejectMaxConnections
+	// RejectMaxConnectionsPerSource: the client address has
+	// max_connections_per_source open.
+	RejectMaxConnectionsPerSource
+	// RejectBackendsFull: every backend in the key's order has its
+	// max_connections open.
+	RejectBackendsFull
+
+	// NumRejectReasons is the number of reasons, for arrays indexed by them.
+	NumRejectReasons
+)
+
+var rejectReasonNames = [NumRejectReasons]string{
+	"denied", "untrusted_proxy", "bad_proxy_header", "proxy_header_timeout",
+	"max_connections", "max_connections_per_source", "backends_full",
+}
+
+// String is the reason's name as metrics and logs show it.
+func (r RejectReason) String() string {
+	if r < 0 || r >= NumRejectReasons {
+		return "unknown"
+	}
+	return rejectReasonNames[r]
+}
+
+// sourceShards spreads per-source counts over independent locks.
+const sourceShards = 64
+
+// sourceLimiter counts the open connections of each client address, for
+// max_connections_per_source.
+//
+// A sharded map with a small mutex per shard, rather than something
+// lock-free: the count must be exact (a limit of 2 means 2) and an address
+// must leave the map when its last connection closes, or a scan of the
+// IPv6 space would grow it without bound. Both are a map operation under a
+// lock, held for tens of nanoseconds, twice per connection and only on
+// services that set the limit. With 64 shards two cores meet on one lock
+// only when their clients hash alike, and the shards sit on their own
+// cache lines so unrelated shards do not share one. A connection already
+// costs two accept/connect syscalls, which dwarf this.
+type sourceLimiter struct {
+	shards [sourceShards]sourceShard
+}
+
+type sourceShard struct {
+	mu   sync.Mutex // guards open
+	open map[netip.Addr]int32
+	_    [64 - 16]byte // pad to a cache line: mu (8) + map pointer (8)
+}
+
+func (l *sourceLimiter) shard(a netip.Addr) *sourceShard {
+	b := a.As16()
+	// FNV-1a over the address: cheap, and spreads both IPv4 (the last
+	// four bytes) and IPv6 clients.
+	h := uint32(2166136261)
+	for _, c := range b {
+		h = (h ^ uint32(c)) * 16777619
+	}
+	return &l.shards[h%sourceShards]
+}
+
+// acquire takes one of a's limit slots; false when a already has limit
+// connections open.
+func (l *sourceLimiter) acquire(a netip.Addr, limit int) bool {
+	s := l.shard(a)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.open == nil {
+		s.open = make(map[netip.Addr]int32)
+	}
+	n := s.open[a]
+	if int(n) >= limit {
+		return false
+	}
+	s.open[a] = n + 1
+	return true
+}
+
+// release gives back a slot taken by acquire.
+func (l *sourceLimiter) release(a netip.Addr) {
+	s := l.shard(a)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.open[a]; n > 1 {
+		s.open[a] = n - 1
+	} else {
+		delete(s.open, a)
+	}
+}
+
+// count is a's open connections, for tests.
+func (l *sourceLimiter) count(a netip.Addr) int {
+	s := l.shard(a)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return int(s.open[a])
+}
+
+// lease records what admission took for one connection, so that it gives
+// back exactly that even if a reload changes the limits meanwhile.
+type lease struct {
+	source    netip.Addr
+	perSource bool // holds a slot of the sourceLimiter
+	counted   bool // counted in Service.open
+}
+
+// admit applies the access list and the service and per-source limits to
+// a client at src. On success the caller must pass the lease to
+// releaseLease when the connection ends.
+func (s *Service) admit(r *route, src netip.Addr) (lease, RejectReason, bool) {
+	var l lease
+	if !r.acl.admits(src) {
+		return l, RejectDenied, false
+	}
+	if limit := r.cfg.MaxConnections; limit > 0 {
+		if s.open.Add(1) > int64(limit) {
+			s.open.Add(-1)
+			return l, RejectMaxConnections, false
+		}
+		l.counted = true
+	}
+	if limit := r.cfg.MaxConnectionsPerSource; limit > 0 {
+		if !s.sources.acquire(src, limit) {
+			s.releaseLease(l)
+			return lease{}, RejectMaxConnectionsPerSource, false
+		}
+		l.source, l.perSource = src, true
+	}
+	return l, 0, true
+}
+
+func (s *Service) releaseLease(l lease) {
+	if l.counted {
+		s.open.Add(-1)
+	}
+	if l.perSource {
+		s.sources.release(l.source)
+	}
+}
+
+// connGate bounds the TCP connections open over all services of a Server,
+// so that l4lb never runs out of descriptors for the ones it has: at the
+// bound the accept loops stop accepting, new clients wait in the kernel's
+// accept queue (as with HAProxy's maxconn), and open connections keep
+// their sockets and can still get the pipes they need to move bytes.
+//
+// The count is one atomic; only accept loops that find the gate closed
+// wait, on freed (a token a closing connection leaves) or a short recheck
+// interval, so a full gate costs no CPU and a freed slot is used within
+// gateRecheck at worst.
+type connGate struct {
+	max   int64
+	open  atomic.Int64
+	freed chan struct{} // capacity 1: a wake-up token for one waiting loop
+}
+
+// gateRecheck bounds how long a waiting accept loop may miss a freed slot
+// whose token another loop took.
+const gateRecheck = 100 * time.Millisecond
+
+func newConnGate(max int64) *connGate {
+	return &connGate{max: max, freed: make(chan struct{}, 1)}
+}
+
+func (g *connGate) tryAcquire() bool {
+	if g.open.Add(1) <= g.max {
+		return true
+	}
+	g.open.Add(-1)
+	return false
+}
+
+// acquire waits for a slot; false when stop closes first.
+func (g *connGate) acquire(stop <-chan struct{}) bool {
+	if g.tryAcquire() {
+		return true
+	}
+	timer := time.NewTimer(gateRecheck)
+	defer timer.Stop()
+	for {
+		select {
+		case <-stop:
+			return false
+		case <-g.freed:
+		case <-timer.C:
+			timer.Reset(gateRecheck)
+		}
+		if g.tryAcquire() {
+			if g.open.Load() < g.max {
+				g.wake() // more room: pass the token on to another loop
+			}
+			return true
+		}
+	}
+}
+
+func (g *connGate) release() {
+	if g.open.Add(-1) == g.max-1 {
+		g.wake() // the gate was full: a loop may be waiting
+	}
+}
+
+func (g *connGate) wake() {
+	select {
+	case g.freed <- struct{}{}:
+	default:
+	}
+}
+
+// peer is who a client connection is from as l4lb routes, filters and
+// reports it: the socket's remote address, or, behind a trusted balancer,
+// the one its PROXY header carries.
+type peer struct {
+	src netip.AddrPort
+	// dst is the address the client connected to, as a PROXY header
+	// carried it; zero means the socket's own local address.
+	dst netip.AddrPort
+	// headerDue: the PROXY header is still to be read (readPeer).
+	headerDue bool
+	lease     lease
+}
+
+// admitPeer applies the access list and limits to p, or rejects the
+// client: closed and counted.
+func (s *Service) admitPeer(r *route, client *net.TCPConn, p *peer) bool {
+	l, reason, ok := s.admit(r, p.src.Addr())
+	if !ok {
+		s.reject(client, p.src, reason, nil)
+		return false
+	}
+	p.lease = l
+	return true
+}
+
+// readPeer reads the PROXY header of a client of a trusted balancer, then
+// admits the address it carries, or rejects the client.
+func (s *Service) readPeer(client *net.TCPConn, p *peer) bool {
+	r := s.route.Load()
+	h, err := readProxyHeader(client, time.Now().Add(r.cfg.ProxyProtocolTimeout))
+	if err != nil {
+		reason := RejectBadProxyHeader
+		if errors.Is(err, errProxyTimeout) {
+			reason = RejectProxyHeaderTimeout
+		}
+		s.reject(client, p.src, reason, err)
+		return false
+	}
+	if !h.local {
+		p.src, p.dst = h.src, h.dst
+	}
+	p.headerDue = false
+	return s.admitPeer(r, client, p)
+}
+
+// reject closes a client that a limit, access list or PROXY check turned
+// away, and counts it. The close is a reset (SO_LINGER 0): the client
+// learns at once, and a flood of rejected clients leaves no TIME_WAIT
+// sockets on the balancer.
+func (s *Service) reject(client *net.TCPConn, src netip.AddrPort, reason RejectReason, err error) {
+	s.countReject(src, reason, err)
+	client.SetLinger(0)
+	client.Close()
+}
+
+// countReject counts a rejection and logs it, at most once a second per
+// service.
+func (s *Service) countReject(src netip.AddrPort, reason RejectReason, err error) {
+	n := s.rejected[reason].Add(1)
+	if s.allowLog(&s.lastReject) {
+		args := []any{"service", s.Name(), "client", src.String(), "reason", reason.String(), "rejected_total", n}
+		if err != nil {
+			args = append(args, "error", err)
+		}
+		s.log.Warn("closing client: rejected", args...)
+	}
+}
+
+// releaseSlot gives back the connection's slot of the Server's gate.
+func (s *Service) releaseSlot() {
+	if s.gate != nil {
+		s.gate.release()
+	}
+}
+
+// Rejected returns the service's rejections by reason.
+func (s *Service) Rejected() [NumRejectReasons]uint64 {
+	var out [NumRejectReasons]uint64
+	for i := range out {
+		out[i] = s.rejected[i].Load()
+	}
+	return out
+}
+
+// backendLimits returns the max_connections of each of backends, or nil
+// when none has one, so that connect skips the check.
+func backendLimits(cfg *config.Service, backends []*Backend) []int64 {
+	var limits []int64
+	for i, be := range backends {
+		for _, b := range cfg.Backends {
+			if b.Address == be.addr && b.MaxConnections > 0 {
+				if limits == nil {
+					limits = make([]int64, len(backends))
+				}
+				limits[i] = int64(b.MaxConnections)
+			}
+		}
+	}
+	return limits
+}
+
+// sendProxyHeader writes the PROXY header to a fresh backend connection
+// when the service sends one.
+func (s *Service) sendProxyHeader(r *route, client, backend *net.TCPConn, p *peer) error {
+	v := r.cfg.ProxyProtocol
+	if v == "" || v == config.ProxyNone {
+		return nil
+	}
+	dst := p.dst
+	if !dst.IsValid() {
+		dst = localAddr(client)
+	}
+	if err := writeProxyHeader(backend, v, p.src, dst); err != nil {
+		return fmt.Errorf("send PROXY header: %w", err)
+	}
+	return nil
+}
+
+// isLocalShortage reports errors that say this host, not the backend, ran
+// out of something: descriptors, buffers, memory.
+func isLocalShortage(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+}

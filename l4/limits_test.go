@@ -1,0 +1,438 @@
+package l4
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/listener"
+)
+
+func TestSourceLimiter(t *testing.T) {
+	var l sourceLimiter
+	a, b := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")
+	for i := range 3 {
+		if !l.acquire(a, 3) {
+			t.Fatalf("acquire %d of 3 refused", i+1)
+		}
+	}
+	if l.acquire(a, 3) {
+		t.Fatal("fourth acquire with limit 3 granted")
+	}
+	if !l.acquire(b, 1) {
+		t.Fatal("another address is limited by the first one's count")
+	}
+	l.release(a)
+	if !l.acquire(a, 3) {
+		t.Fatal("acquire after a release refused")
+	}
+	for range 3 {
+		l.release(a)
+	}
+	l.release(b)
+	for i := range l.shards {
+		if n := len(l.shards[i].open); n != 0 {
+			t.Fatalf("shard %d keeps %d addresses after every release", i, n)
+		}
+	}
+
+	// Concurrent acquires never exceed the limit.
+	const limit, goroutines = 5, 32
+	var wg sync.WaitGroup
+	var mu sync.Mutex // guards held and maxHeld
+	held, maxHeld := 0, 0
+	for range goroutines {
+		wg.Go(func() {
+			for range 200 {
+				if l.acquire(a, limit) {
+					mu.Lock()
+					held++
+					maxHeld = max(maxHeld, held)
+					mu.Unlock()
+					time.Sleep(time.Microsecond)
+					mu.Lock()
+					held--
+					mu.Unlock()
+					l.release(a)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if maxHeld > limit || l.count(a) != 0 {
+		t.Fatalf("held at most %d (limit %d), %d left", maxHeld, limit, l.count(a))
+	}
+}
+
+func TestConnGate(t *testing.T) {
+	g := newConnGate(2)
+	stop := make(chan struct{})
+	if !g.acquire(stop) || !g.acquire(stop) {
+		t.Fatal("gate of 2 refused the first two")
+	}
+	got := make(chan bool)
+	go func() { got <- g.acquire(stop) }()
+	select {
+	case <-got:
+		t.Fatal("third acquire passed a full gate")
+	case <-time.After(50 * time.Millisecond):
+	}
+	g.release()
+	select {
+	case ok := <-got:
+		if !ok {
+			t.Fatal("acquire after a release returned false")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("a release did not wake the waiting acquire")
+	}
+	go func() { got <- g.acquire(stop) }()
+	close(stop)
+	select {
+	case ok := <-got:
+		if ok {
+			t.Fatal("acquire on a full gate returned true after stop")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("stop did not end a waiting acquire")
+	}
+}
+
+func TestAccessList(t *testing.T) {
+	p := netip.MustParsePrefix
+	tests := []struct {
+		name        string
+		allow, deny []netip.Prefix
+		addr        string
+		want        bool
+	}{
+		{"empty lists admit all", nil, nil, "192.0.2.1", true},
+		{"in allow", []netip.Prefix{p("192.0.2.0/24")}, nil, "192.0.2.9", true},
+		{"outside allow", []netip.Prefix{p("192.0.2.0/24")}, nil, "198.51.100.1", false},
+		{"deny wins over allow", []netip.Prefix{p("192.0.2.0/24")}, []netip.Prefix{p("192.0.2.9/32")}, "192.0.2.9", false},
+		{"deny only", nil, []netip.Prefix{p("10.0.0.0/8")}, "10.1.2.3", false},
+		{"deny other family", nil, []netip.Prefix{p("::/0")}, "10.1.2.3", true},
+		{"ipv6 allow", []netip.Prefix{p("2001:db8::/32")}, nil, "2001:db8::5", true},
+	}
+	for _, tt := range tests {
+		l := accessList{allow: tt.allow, deny: tt.deny}
+		if got := l.admits(netip.MustParseAddr(tt.addr)); got != tt.want {
+			t.Errorf("%s: admits(%s) = %v, want %v", tt.name, tt.addr, got, tt.want)
+		}
+	}
+}
+
+// startProtectedService serves cfg (Listen, Backends and the protection
+// settings are the caller's) on loopback and returns where clients dial.
+func startProtectedService(t *testing.T, cfg *config.Service) (netip.AddrPort, *Service) {
+	t.Helper()
+	cfg.Name, cfg.Protocol, cfg.Workers = "protected", config.TCP, 1
+	cfg.Listen = netip.MustParseAddrPort("127.0.0.1:0")
+	if cfg.Balance == "" {
+		cfg.Balance, cfg.HashKey = config.Maglev, config.SourceIPPort
+	}
+	cfg.ConnectTimeout, cfg.IdleTimeout, cfg.DrainTimeout = time.Second, time.Minute, time.Second
+	svc := NewService(cfg, newPipePool(), hclog.NewNullLogger())
+	lns, err := listener.ListenTCP(context.Background(), cfg.Listen, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go listener.Serve(lns[0], svc.Handle, hclog.NewNullLogger())
+	t.Cleanup(func() {
+		lns[0].Close()
+		svc.Drain(time.Now())
+	})
+	return lns[0].Addr().(*net.TCPAddr).AddrPort(), svc
+}
+
+func dialT(t *testing.T, addr netip.AddrPort) net.Conn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// dialClosed dials addr and checks that l4lb closes the connection at
+// once, without a byte: the reset may even reach the client's connect.
+func dialClosed(t *testing.T, addr netip.AddrPort) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
+	if isReset(err) {
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	expectClosed(t, c)
+}
+
+// expectClosed checks that l4lb closes c without a byte, within 2 s.
+func expectClosed(t *testing.T, c net.Conn) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	n, err := c.Read(make([]byte, 1))
+	if n != 0 || (err != io.EOF && !isReset(err)) {
+		t.Fatalf("read %d bytes, %v: want the connection closed", n, err)
+	}
+}
+
+func TestMaxConnectionsPerSourceAndService(t *testing.T) {
+	echo := startEcho(t)
+	cfg := &config.Service{Backends: []config.Backend{{Address: echo, Weight: 1}}}
+	cfg.MaxConnectionsPerSource = 2
+	cfg.MaxConnections = 3
+	addr, svc := startProtectedService(t, cfg)
+
+	a, b := dialT(t, addr), dialT(t, addr)
+	roundTrip(t, a, "a")
+	roundTrip(t, b, "b")
+	dialClosed(t, addr) // a third from 127.0.0.1
+	if n := svc.Rejected()[RejectMaxConnectionsPerSource]; n != 1 {
+		t.Errorf("rejected max_connections_per_source = %d, want 1", n)
+	}
+	b.Close()
+	// The slot comes back once l4lb has seen the close.
+	deadline := time.Now().Add(2 * time.Second)
+	for svc.sources.count(netip.MustParseAddr("127.0.0.1")) > 1 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	roundTrip(t, dialT(t, addr), "c")
+
+	// Another source address is not limited by 127.0.0.1's count, but
+	// counts toward the service's max_connections of 3 (a and c hold 2).
+	d, err := net.DialTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, net.TCPAddrFromAddrPort(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	roundTrip(t, d, "d")
+	e, err := net.DialTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, net.TCPAddrFromAddrPort(addr))
+	switch {
+	case isReset(err):
+	case err != nil:
+		t.Fatal(err)
+	default:
+		defer e.Close()
+		expectClosed(t, e)
+	}
+	if n := svc.Rejected()[RejectMaxConnections]; n != 1 {
+		t.Errorf("rejected max_connections = %d, want 1", n)
+	}
+}
+
+func TestBackendMaxConnections(t *testing.T) {
+	b1, b2 := startEcho(t), startEcho(t)
+	cfg := &config.Service{Backends: []config.Backend{
+		{Address: b1, Weight: 1, MaxConnections: 1},
+		{Address: b2, Weight: 1, MaxConnections: 2},
+	}}
+	addr, svc := startProtectedService(t, cfg)
+	for i := range 3 {
+		roundTrip(t, dialT(t, addr), string(rune('a'+i)))
+	}
+	dialClosed(t, addr)
+	if n := svc.Rejected()[RejectBackendsFull]; n != 1 {
+		t.Errorf("rejected backends_full = %d, want 1", n)
+	}
+	for _, be := range svc.Backends() {
+		want := int64(1)
+		if be.addr == b2 {
+			want = 2
+		}
+		if got := be.active.Load(); got != want {
+			t.Errorf("backend %s has %d open, want its max_connections %d", be.addr, got, want)
+		}
+	}
+}
+
+func TestAccessListRejectsBeforeDial(t *testing.T) {
+	accepted := make(chan struct{}, 10)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- struct{}{}
+			c.Close()
+		}
+	}()
+	cfg := &config.Service{Backends: []config.Backend{{Address: ln.Addr().(*net.TCPAddr).AddrPort(), Weight: 1}}}
+	cfg.Deny = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
+	addr, svc := startProtectedService(t, cfg)
+	dialClosed(t, addr)
+	select {
+	case <-accepted:
+		t.Fatal("the backend got a connection from a denied client")
+	case <-time.After(100 * time.Millisecond):
+	}
+	if n := svc.Rejected()[RejectDenied]; n != 1 {
+		t.Errorf("rejected denied = %d, want 1", n)
+	}
+}
+
+// TestProxyProtocolInAndOut runs a service that reads PROXY headers from
+// 127.0.0.1 and sends v2 to its backend: the backend sees the address the
+// client's header carried, and the client's bytes after it.
+func TestProxyProtocolInAndOut(t *testing.T) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	type seen struct {
+		h    proxyHeader
+		data string
+		err  error
+	}
+	got := make(chan seen, 1)
+	go func() {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		h, err := readProxyHeader(c, time.Now().Add(5*time.Second))
+		line, _ := bufio.NewReader(c).ReadString('\n')
+		got <- seen{h, line, err}
+	}()
+	cfg := &config.Service{Backends: []config.Backend{{Address: ln.Addr().(*net.TCPAddr).AddrPort(), Weight: 1}}}
+	cfg.ProxyProtocol = config.ProxyV2
+	cfg.AcceptProxyProtocol = true
+	cfg.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
+	cfg.ProxyProtocolTimeout = 500 * time.Millisecond
+	// The carried address is what the access list sees.
+	cfg.Deny = []netip.Prefix{netip.MustParsePrefix("203.0.113.0/24")}
+	addr, svc := startProtectedService(t, cfg)
+
+	c := dialT(t, addr)
+	c.Write([]byte("PROXY TCP4 192.0.2.7 198.51.100.1 40000 5432\r\nhello\n"))
+	s := <-got
+	if s.err != nil || s.h.src.String() != "192.0.2.7:40000" || s.h.dst.String() != "198.51.100.1:5432" || s.data != "hello\n" {
+		t.Fatalf("backend saw %+v", s)
+	}
+
+	denied := dialT(t, addr)
+	denied.Write([]byte("PROXY TCP4 203.0.113.5 198.51.100.1 40000 5432\r\n"))
+	expectClosed(t, denied)
+	bad := dialT(t, addr)
+	bad.Write([]byte("PROXY TCP4 192.0.2.7 nonsense\r\n"))
+	expectClosed(t, bad)
+	slow := dialT(t, addr)
+	slow.Write([]byte("PROXY TCP4 "))
+	expectClosed(t, slow)
+	r := svc.Rejected()
+	if r[RejectDenied] != 1 || r[RejectBadProxyHeader] != 1 || r[RejectProxyHeaderTimeout] != 1 {
+		t.Errorf("rejections %v: want one denied, one bad header, one timeout", r)
+	}
+}
+
+func TestIsLocalShortage(t *testing.T) {
+	_, err := net.Dial("tcp", "127.0.0.1:1")
+	if isLocalShortage(err) {
+		t.Errorf("connection refused counted as a local shortage: %v", err)
+	}
+	if !isLocalShortage(&net.OpError{Op: "dial", Err: syscall.EMFILE}) {
+		t.Error("EMFILE not counted as a local shortage")
+	}
+}
+
+// TestHalfCloseTimeout: the client half-closes, the backend reads the EOF
+// and then neither writes nor closes. half_close_timeout cuts the
+// connection, while a connection that keeps moving bytes after its
+// half-close is left alone.
+func TestHalfCloseTimeout(t *testing.T) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	held := make(chan net.Conn, 4)
+	go func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			held <- c
+			go func() {
+				// Lingering: never closes. Sent "t", it answers "tick"
+				// every 100ms until the client's side goes away; it reads
+				// to EOF either way.
+				buf := make([]byte, 1)
+				for {
+					n, err := c.Read(buf)
+					if n == 1 && buf[0] == 't' {
+						go func() {
+							for {
+								if _, err := c.Write([]byte("tick")); err != nil {
+									return
+								}
+								time.Sleep(100 * time.Millisecond)
+							}
+						}()
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		for {
+			select {
+			case c := <-held:
+				c.Close()
+			default:
+				return
+			}
+		}
+	})
+	cfg := &config.Service{Backends: []config.Backend{{Address: ln.Addr().(*net.TCPAddr).AddrPort(), Weight: 1}}}
+	const halfClose = 300 * time.Millisecond
+	cfg.HalfCloseTimeout = halfClose
+	addr, _ := startProtectedService(t, cfg)
+
+	quiet := dialT(t, addr).(*net.TCPConn)
+	busy := dialT(t, addr).(*net.TCPConn)
+	busy.Write([]byte("t"))
+	buf := make([]byte, 4)
+	busy.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(busy, buf); err != nil {
+		t.Fatalf("first tick: %v", err)
+	}
+	quiet.CloseWrite()
+	busy.CloseWrite()
+	start := time.Now()
+	expectClosed(t, quiet)
+	// Inactivity counts from the last byte, a little before the
+	// CloseWrite: hence the margin.
+	if d := time.Since(start); d < halfClose-50*time.Millisecond {
+		t.Errorf("closed after %v, before half_close_timeout %v", d, halfClose)
+	}
+	// The busy one receives ticks for well past the timeout.
+	for time.Since(start) < 3*halfClose {
+		if _, err := io.ReadFull(busy, buf); err != nil {
+			t.Fatalf("busy half-closed connection cut after %v: %v", time.Since(start), err)
+		}
+	}
+}
