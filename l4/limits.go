@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -364,4 +365,26 @@ func (s *Service) sendProxyHeader(r *route, client, backend *net.TCPConn, p *pee
 func isLocalShortage(err error) bool {
 	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
 		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+}
+
+// protectionChanged reports whether a reload changes any limit, access
+// list, timeout or PROXY setting of a service, for the reload's summary.
+func protectionChanged(prev, sc *config.Service) bool {
+	a, b := prev.Protect, sc.Protect
+	if a.MaxConnections != b.MaxConnections || a.MaxConnectionsPerSource != b.MaxConnectionsPerSource ||
+		a.HalfCloseTimeout != b.HalfCloseTimeout || a.ProxyProtocol != b.ProxyProtocol ||
+		a.AcceptProxyProtocol != b.AcceptProxyProtocol || a.ProxyProtocolTimeout != b.ProxyProtocolTimeout ||
+		!slices.Equal(a.Allow, b.Allow) || !slices.Equal(a.Deny, b.Deny) || !slices.Equal(a.TrustedProxies, b.TrustedProxies) {
+		return true
+	}
+	limits := make(map[netip.AddrPort]int, len(prev.Backends))
+	for _, be := range prev.Backends {
+		limits[be.Address] = be.MaxConnections
+	}
+	for _, be := range sc.Backends {
+		if old, ok := limits[be.Address]; ok && old != be.MaxConnections {
+			return true
+		}
+	}
+	return false
 }

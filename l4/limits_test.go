@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -433,6 +434,27 @@ func TestHalfCloseTimeout(t *testing.T) {
 	for time.Since(start) < 3*halfClose {
 		if _, err := io.ReadFull(busy, buf); err != nil {
 			t.Fatalf("busy half-closed connection cut after %v: %v", time.Since(start), err)
+		}
+	}
+}
+
+func TestProtectionChangedInReloadSummary(t *testing.T) {
+	be := netip.MustParseAddrPort("10.0.0.1:80")
+	base := config.Service{Name: "s", Backends: []config.Backend{{Address: be, Weight: 1}}}
+	same := base
+	if protectionChanged(&base, &same) {
+		t.Error("identical services reported as changed")
+	}
+	denied := base
+	denied.Deny = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	limited := base
+	limited.Backends = []config.Backend{{Address: be, Weight: 1, MaxConnections: 5}}
+	for name, sc := range map[string]*config.Service{"deny": &denied, "backend max_connections": &limited} {
+		if !protectionChanged(&base, sc) {
+			t.Errorf("%s change not reported", name)
+		}
+		if got := describeServiceChange(&base, sc); !strings.Contains(got, "protection") {
+			t.Errorf("%s: summary %q does not say protection", name, got)
 		}
 	}
 }

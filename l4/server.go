@@ -435,5 +435,8 @@ func describeServiceChange(prev, sc *config.Service) string {
 		prev.IdleTimeout != sc.IdleTimeout || prev.DrainTimeout != sc.DrainTimeout {
 		parts = append(parts, "settings")
 	}
+	if protectionChanged(prev, sc) {
+		parts = append(parts, "protection")
+	}
 	return strings.Join(parts, " ")
 }
