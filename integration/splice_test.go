@@ -11,10 +11,12 @@ import (
 	"time"
 )
 
-// TestSplicePath proves that proxied bytes move with splice(2): strace
+// TestSplicePath proves that bulk bytes move with splice(2): strace
 // follows l4lb while 8 MiB go each way through it, and the bytes that
-// splice calls report must account for all of them (each byte is spliced
-// twice: socket to pipe, pipe to socket).
+// splice calls report must account for nearly all of them (each spliced
+// byte is spliced twice: socket to pipe, pipe to socket). Not all: the
+// data path reads small chunks into a buffer and switches to splice once a
+// read fills it (l4/copy.go), so the start of each burst is copied.
 func TestSplicePath(t *testing.T) {
 	const size = 8 << 20
 	top := newTopology(t, 1, 1, 1)
@@ -63,8 +65,8 @@ func TestSplicePath(t *testing.T) {
 		}
 	}
 	t.Logf("%d splice calls moved %d bytes for %d bytes proxied each way", calls, spliced, size)
-	// Greeting bytes aside, 2 directions x 2 splices per byte.
-	if spliced < 4*size {
-		t.Errorf("splice moved %d bytes, want at least %d: the data path did not splice everything", spliced, 4*size)
+	// 2 directions x 2 splices per byte, for at least 90% of the bytes.
+	if want := int64(4 * size * 9 / 10); spliced < want {
+		t.Errorf("splice moved %d bytes, want at least %d (90%% of the bulk bytes): the data path did not splice the bulk transfer", spliced, want)
 	}
 }

@@ -24,6 +24,10 @@ type proxyConn struct {
 	lastActive atomic.Int64
 
 	abortOnce sync.Once
+	// aborted is set by abort, before it wakes the copy directions.
+	aborted atomic.Bool
+	// eofs counts the directions that ended with EOF.
+	eofs atomic.Int32
 	// forced is set when l4lb itself cut the connection (a drain deadline,
 	// shutdown, a backend marked down), for the connection log.
 	forced atomic.Bool
@@ -47,12 +51,26 @@ func (c *proxyConn) idleDeadline() (time.Time, bool) {
 	return deadline, !time.Now().Before(deadline)
 }
 
-// abort closes both sockets at once, which ends both copy directions.
+// abort ends both copy directions at once, from any goroutine: it marks
+// the connection aborted and moves both sockets' deadlines to the past,
+// which wakes a direction parked on either socket with errAborted. It does
+// not close the sockets: run does, once both directions have returned, so
+// that a copier may write to its destination's descriptor from its
+// source's callback (copy.go) without the number being closed and reused
+// under it. Nothing else may close c.client or c.backend while run runs.
 func (c *proxyConn) abort() {
 	c.abortOnce.Do(func() {
-		c.client.Close()
-		c.backend.Close()
+		c.aborted.Store(true)
+		past := time.Unix(1, 0)
+		c.client.SetDeadline(past)
+		c.backend.SetDeadline(past)
 	})
+}
+
+// close closes both sockets; see abort for when.
+func (c *proxyConn) close() {
+	c.client.Close()
+	c.backend.Close()
 }
 
 // run moves bytes both ways until both directions are done, then closes
@@ -60,19 +78,23 @@ func (c *proxyConn) abort() {
 // (CloseWrite), so a client that shuts its write side still receives the
 // whole reply; any error or the idle timeout aborts both directions.
 func (c *proxyConn) run(pipes *pipePool) error {
+	defer c.close()
 	c.touch()
 	deadline := clockStart.Add(time.Duration(c.lastActive.Load()) + c.idleTimeout)
 	c.client.SetDeadline(deadline)
 	c.backend.SetDeadline(deadline)
+	if c.aborted.Load() {
+		// Aborted before it started (its backend was retired while it
+		// dialed), and the deadlines above may have undone abort's.
+		return nil
+	}
 
-	toBackend, err := newSpliceCopier(c, pipes, c.backend, c.client, &c.target.bytesToBack)
+	toBackend, err := newCopier(c, pipes, c.backend, c.client, &c.target.bytesToBack)
 	if err != nil {
-		c.abort()
 		return err
 	}
-	toClient, err := newSpliceCopier(c, pipes, c.client, c.backend, &c.target.bytesToCli)
+	toClient, err := newCopier(c, pipes, c.client, c.backend, &c.target.bytesToCli)
 	if err != nil {
-		c.abort()
 		return err
 	}
 	upErr := make(chan error, 1)
@@ -80,7 +102,6 @@ func (c *proxyConn) run(pipes *pipePool) error {
 	downErr := c.copyBackendToClient(toClient)
 	err = <-upErr
 	c.sentToBackend, c.sentToClient = toBackend.bytes, toClient.bytes
-	c.abort()
 	if err == nil {
 		err = downErr
 	}
@@ -100,24 +121,35 @@ func (c *proxyConn) startHalfClose() {
 	deadline, _ := c.idleDeadline()
 	c.client.SetDeadline(deadline)
 	c.backend.SetDeadline(deadline)
+	if c.aborted.Load() {
+		// abort's deadlines in the past may have been overwritten above.
+		past := time.Unix(1, 0)
+		c.client.SetDeadline(past)
+		c.backend.SetDeadline(past)
+	}
 }
 
 // The two directions have their own named functions so that goroutine
 // dumps say which way a stuck copy was going.
 
-func (c *proxyConn) copyClientToBackend(s *spliceCopier, done chan<- error) {
+func (c *proxyConn) copyClientToBackend(s *copier, done chan<- error) {
 	done <- c.finishDirection(s.copy(), c.backend)
 }
 
-func (c *proxyConn) copyBackendToClient(s *spliceCopier) error {
+func (c *proxyConn) copyBackendToClient(s *copier) error {
 	return c.finishDirection(s.copy(), c.client)
 }
 
 func (c *proxyConn) finishDirection(err error, dst *net.TCPConn) error {
 	if err == nil {
 		// EOF: pass the half-close on. An error here means dst is already
-		// gone, which the other direction will see for itself.
-		dst.CloseWrite()
+		// gone, which the other direction will see for itself. The second
+		// direction to end skips it: run closes both sockets at once,
+		// which sends the same FIN (dst has nothing left unread: the other
+		// direction read it to EOF), one system call fewer per connection.
+		if c.eofs.Add(1) == 1 {
+			dst.CloseWrite()
+		}
 		c.startHalfClose()
 		return nil
 	}
@@ -129,9 +161,8 @@ func (c *proxyConn) finishDirection(err error, dst *net.TCPConn) error {
 		c.backend.SetLinger(0)
 	}
 	c.abort()
-	if errors.Is(err, net.ErrClosed) {
-		// Only l4lb closes these sockets: the other direction or a drain
-		// ended the connection on purpose.
+	if errors.Is(err, errAborted) || errors.Is(err, net.ErrClosed) {
+		// The other direction or a drain ended the connection on purpose.
 		return nil
 	}
 	return err

@@ -214,3 +214,55 @@ func TestNoBackendClosesAtOnce(t *testing.T) {
 		t.Errorf("refused = %d, want 1", svc.refused.Load())
 	}
 }
+
+// A FIN that arrives together with the last bytes must still end the
+// connection: the copier reads until EAGAIN rather than parking after a
+// short read, since that FIN's netpoller wake-up is already spent. Both
+// directions, many times, since whether data and FIN land in one read is a
+// matter of timing.
+func TestEOFRightBehindData(t *testing.T) {
+	// The backend sends a reply and closes at once: data and FIN together.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("bye"))
+			c.Close()
+		}
+	}()
+	closer, _ := startService(t, time.Minute, ln.Addr().(*net.TCPAddr).AddrPort())
+	echo, _ := startService(t, time.Minute, startEcho(t))
+	for i := range 50 {
+		c, err := net.Dial("tcp", closer.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || string(got) != "bye" {
+			t.Fatalf("backend closing right after its reply, try %d: got %q, %v; want \"bye\" then EOF", i, got, err)
+		}
+
+		// The client sends and half-closes at once.
+		e, err := net.Dial("tcp", echo.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.Write([]byte("ping"))
+		e.(*net.TCPConn).CloseWrite()
+		e.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, err = io.ReadAll(e)
+		e.Close()
+		if err != nil || string(got) != "ping" {
+			t.Fatalf("client half-closing right after its request, try %d: got %q, %v; want the echo then EOF", i, got, err)
+		}
+	}
+}

@@ -26,7 +26,11 @@ type route struct {
 	backends []*Backend
 	// balancer is nil when no backend may take new connections.
 	balancer balancer
-	dialer   net.Dialer
+	// dialer sets no TCP keepalive on backend sockets (KeepAlive -1): Go's
+	// default costs four setsockopt calls per connection, and idle_timeout
+	// already ends connections to a backend that went silent, as HAProxy
+	// and nginx do by default. Clients keep theirs: see listener.ListenTCP.
+	dialer net.Dialer
 	// acl and trusted are cfg's allow/deny and trusted_proxies (acl.go).
 	acl     accessList
 	trusted []netip.Prefix
@@ -113,7 +117,7 @@ func (s *Service) Update(cfg *config.Service) {
 // stops drains to match. s.mu must be held.
 func (s *Service) rebuildLocked() {
 	cfg := s.cfg
-	r := &route{cfg: cfg, dialer: net.Dialer{Timeout: cfg.ConnectTimeout},
+	r := &route{cfg: cfg, dialer: net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: -1},
 		acl: accessList{allow: cfg.Allow, deny: cfg.Deny}, trusted: cfg.TrustedProxies}
 	var members []member
 	var down []standby // weighted but not healthy: routed only in panic mode

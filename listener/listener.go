@@ -33,7 +33,10 @@ func ListenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.TCPListe
 	if n < 1 {
 		return nil, fmt.Errorf("listen %s: need at least one socket, got %d", addr, n)
 	}
-	lc := net.ListenConfig{Control: setReusePort}
+	// KeepAlive -1: Go would otherwise set four keepalive options on every
+	// accepted socket (four system calls per connection); the listening
+	// socket carries them instead, and accepted sockets inherit them.
+	lc := net.ListenConfig{Control: setTCPOptions, KeepAlive: -1}
 	lns := make([]*net.TCPListener, 0, n)
 	for range n {
 		ln, err := lc.Listen(ctx, "tcp", addr.String())
@@ -60,6 +63,46 @@ func setReusePort(network, address string, c syscall.RawConn) error {
 		return fmt.Errorf("set SO_REUSEPORT: %w", sockErr)
 	}
 	return nil
+}
+
+// Client keepalive, as Go's net package sets it on accepted sockets by
+// default: a probe after 15 s of silence, every 15 s, 9 unanswered probes
+// end the connection.
+const (
+	keepAliveIdle     = 15 // seconds
+	keepAliveInterval = 15 // seconds
+	keepAliveCount    = 9
+)
+
+// setTCPOptions sets SO_REUSEPORT and TCP keepalive on a listening socket.
+// Linux copies a listener's socket options to the sockets it accepts, so
+// setting keepalive here costs four system calls per listener rather than
+// four per connection.
+func setTCPOptions(network, address string, c syscall.RawConn) error {
+	if err := setReusePort(network, address, c); err != nil {
+		return err
+	}
+	var sockErr error
+	err := c.Control(func(fd uintptr) {
+		for _, o := range [...]struct {
+			level, name, value int
+			what               string
+		}{
+			{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1, "SO_KEEPALIVE"},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveIdle, "TCP_KEEPIDLE"},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveInterval, "TCP_KEEPINTVL"},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount, "TCP_KEEPCNT"},
+		} {
+			if err := unix.SetsockoptInt(int(fd), o.level, o.name, o.value); err != nil {
+				sockErr = fmt.Errorf("set %s: %w", o.what, err)
+				return
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return sockErr
 }
 
 // Backoff bounds for accept errors. An accept that fails for lack of file

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 )
 
 func TestListenTCPSharesPortAcrossSockets(t *testing.T) {
@@ -123,6 +124,48 @@ func TestServeBacksOffOnTransientErrors(t *testing.T) {
 	for i := range want {
 		if slept[i] != want[i]*time.Millisecond {
 			t.Errorf("sleep %d = %v, want %v", i, slept[i], want[i]*time.Millisecond)
+		}
+	}
+}
+
+// Accepted sockets get keepalive and TCP_NODELAY from the listening socket
+// and Go, without per-connection keepalive system calls.
+func TestAcceptedSocketsInheritKeepalive(t *testing.T) {
+	lns, err := ListenTCP(context.Background(), netip.MustParseAddrPort("127.0.0.1:0"), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lns[0].Close() })
+	c, err := net.Dial("tcp", lns[0].Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	a, err := lns[0].AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	raw, err := a.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range []struct {
+		name       string
+		level, opt int
+		want       int
+	}{
+		{"SO_KEEPALIVE", unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{"TCP_KEEPIDLE", unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveIdle},
+		{"TCP_KEEPINTVL", unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveInterval},
+		{"TCP_KEEPCNT", unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount},
+		{"TCP_NODELAY", unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+	} {
+		var got int
+		var gerr error
+		raw.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), o.level, o.opt) })
+		if gerr != nil || got != o.want {
+			t.Errorf("accepted socket %s = %d (%v), want %d", o.name, got, gerr, o.want)
 		}
 	}
 }

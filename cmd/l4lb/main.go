@@ -112,6 +112,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	path := fs.String("config", "", "config file")
 	levelFlag := fs.String("log-level", "", "log level, overriding [log] level: trace, debug, info, warn, error")
 	pidfile := fs.String("pidfile", "", "write the process id to this file (for `l4lb reload -pidfile`)")
+	pprofAddr := fs.String("pprof", "", "serve Go profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:6060; off by default")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -132,6 +133,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 		Name: "l4lb", Output: stderr, JSONFormat: cfg.Log.Format == "json",
 		Level: hclog.LevelFromString(cmp.Or(*levelFlag, cfg.Log.Level)),
 	})
+	if *pprofAddr != "" {
+		if err := startPprof(*pprofAddr, log); err != nil {
+			log.Error("cannot start", "error", fmt.Errorf("pprof listen %s: %w", *pprofAddr, err))
+			return 1
+		}
+	}
 	nofile, hardNofile, err := raiseNofile()
 	if err != nil {
 		log.Warn("cannot raise the soft RLIMIT_NOFILE to the hard limit", "error", err)
