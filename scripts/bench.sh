@@ -17,10 +17,12 @@
 #   REDIS_N_K1       redis-benchmark -n with keep-alive (default 200000, QUICK: 20000)
 #   REDIS_N_K0       redis-benchmark -n with -k 0, one connection per request
 #                    (default 20000, QUICK: 3000)
+#   IDLE_CONNS       idle proxied connections held for the descriptor and
+#                    memory rows (default 10000, QUICK: 2000)
 #   TARGETS          columns to run, subset of "direct l4lb haproxy nginx"
 #   L4LB_BIN         use this binary instead of building bin/l4lb
 #   L4LB_BALANCE     l4lb balance algorithm (default round_robin)
-#   BENCH_PORT_BASE  first port of the block used (default 17000; uses base+1..base+302)
+#   BENCH_PORT_BASE  first port of the block used (default 17000; uses base+1..base+303)
 #   KEEP_TMP=1       keep the temp dir (configs, proxy and server logs) for debugging
 #
 # Every address is on 127.0.0.1. Every process the script starts is stopped on
@@ -42,7 +44,7 @@ die() { log "error: $*"; exit 1; }
 
 # Remember what the user set explicitly, to print the exact command.
 CMD_ENV=()
-for v in QUICK ROUNDS IPERF_TIME REDIS_CLIENTS REDIS_N_K1 REDIS_N_K0 TARGETS \
+for v in QUICK ROUNDS IPERF_TIME REDIS_CLIENTS REDIS_N_K1 REDIS_N_K0 IDLE_CONNS TARGETS \
 	L4LB_BIN L4LB_BALANCE BENCH_PORT_BASE KEEP_TMP; do
 	if [[ -n ${!v+x} ]]; then
 		if [[ ${!v} =~ ^[A-Za-z0-9_./:,=+-]*$ ]]; then CMD_ENV+=("$v=${!v}"); else CMD_ENV+=("$v='${!v}'"); fi
@@ -56,16 +58,26 @@ if [[ $QUICK == 1 ]]; then
 	IPERF_TIME=${IPERF_TIME:-2}
 	REDIS_N_K1=${REDIS_N_K1:-20000}
 	REDIS_N_K0=${REDIS_N_K0:-3000}
+	IDLE_CONNS=${IDLE_CONNS:-2000}
 else
 	ROUNDS=${ROUNDS:-3}
 	IPERF_TIME=${IPERF_TIME:-5}
 	REDIS_N_K1=${REDIS_N_K1:-200000}
 	REDIS_N_K0=${REDIS_N_K0:-20000}
+	IDLE_CONNS=${IDLE_CONNS:-10000}
 fi
 REDIS_CLIENTS=${REDIS_CLIENTS:-50}
 L4LB_BALANCE=${L4LB_BALANCE:-round_robin}
 BENCH_PORT_BASE=${BENCH_PORT_BASE:-17000}
 NCPU=$(nproc)
+CLK_TCK=$(getconf CLK_TCK)
+
+# The idle rows hold IDLE_CONNS proxied connections: two descriptors each in
+# a proxy, one in the client and one in the backend. Root may raise the
+# descriptor limit of this shell (and so of everything it starts) for that.
+FD_WANT=$((5 * IDLE_CONNS / 2 + 4096))
+if (($(ulimit -Hn) < FD_WANT)) && ((EUID == 0)); then ulimit -Hn "$FD_WANT" 2>/dev/null || true; fi
+if (($(ulimit -Sn) < FD_WANT)); then ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || true; fi
 
 # Connection limits for the proxies, kept inside the hard fd limit: a proxied
 # connection costs two fds, plus HAProxy's splice pipes (maxconn/4 pipes of two
@@ -73,12 +85,13 @@ NCPU=$(nproc)
 FD_HARD=$(ulimit -Hn)
 [[ $FD_HARD =~ ^[0-9]+$ ]] || FD_HARD=1048576
 PROXY_MAXCONN=$(((FD_HARD - 256) * 2 / 5))
-((PROXY_MAXCONN <= 8000)) || PROXY_MAXCONN=8000
+MAXCONN_CAP=$((IDLE_CONNS + 1000 > 8000 ? IDLE_CONNS + 1000 : 8000))
+((PROXY_MAXCONN <= MAXCONN_CAP)) || PROXY_MAXCONN=$MAXCONN_CAP
 
-for v in ROUNDS IPERF_TIME REDIS_CLIENTS REDIS_N_K1 REDIS_N_K0 BENCH_PORT_BASE; do
+for v in ROUNDS IPERF_TIME REDIS_CLIENTS REDIS_N_K1 REDIS_N_K0 IDLE_CONNS BENCH_PORT_BASE; do
 	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
 done
-((BENCH_PORT_BASE + 302 < 32768)) || die "BENCH_PORT_BASE too high: keep the ports below the ephemeral range"
+((BENCH_PORT_BASE + 303 < 32768)) || die "BENCH_PORT_BASE too high: keep the ports below the ephemeral range"
 
 ALL_TARGETS=(direct l4lb haproxy nginx)
 read -r -a TARGET_LIST <<<"${TARGETS:-${ALL_TARGETS[*]}}"
@@ -88,20 +101,23 @@ done
 [[ " ${TARGET_LIST[*]} " == *" direct "* ]] || die "TARGETS must include direct (the ratios are to direct)"
 
 # Ports: backends at base+1.., then one block of 100 per proxy; within a block
-# +1 is the iperf3 service and +2 the redis service.
-declare -A PORT=(
-	[direct,iperf]=$((BENCH_PORT_BASE + 1)) [direct,redis]=$((BENCH_PORT_BASE + 2))
-	[l4lb,iperf]=$((BENCH_PORT_BASE + 101)) [l4lb,redis]=$((BENCH_PORT_BASE + 102))
-	[haproxy,iperf]=$((BENCH_PORT_BASE + 201)) [haproxy,redis]=$((BENCH_PORT_BASE + 202))
-	[nginx,iperf]=$((BENCH_PORT_BASE + 301)) [nginx,redis]=$((BENCH_PORT_BASE + 302))
-)
-BACKEND_KINDS=(iperf redis)
+# +1 is the iperf3 service, +2 the redis service and +3 the idle-connection
+# service (scripts/idleconns).
+declare -A PORT=()
+BACKEND_KINDS=(iperf redis idle)
+for t in direct l4lb haproxy nginx; do
+	case $t in direct) b=0 ;; l4lb) b=100 ;; haproxy) b=200 ;; nginx) b=300 ;; esac
+	for ((k = 0; k < ${#BACKEND_KINDS[@]}; k++)); do
+		PORT[$t,${BACKEND_KINDS[k]}]=$((BENCH_PORT_BASE + b + k + 1))
+	done
+done
 LOCALHOST=127.0.0.1
 
 # Workloads, in run order, and the rows ("workload.metric", label, printf
 # format) they produce: measure_<workload> writes "metric value" lines.
-WORKLOADS=(iperf_p1 iperf_p8 redis_k1 redis_k0)
-ROWS=(iperf_p1.gbps iperf_p8.gbps redis_k1.rps redis_k1.p99 redis_k0.rps redis_k0.p99)
+WORKLOADS=(iperf_p1 iperf_p8 redis_k1 redis_k0 idle)
+ROWS=(iperf_p1.gbps iperf_p8.gbps redis_k1.rps redis_k1.p99 redis_k0.rps redis_k0.p99
+	idle.fds idle.kib iperf_p1.cpugb iperf_p8.cpugb)
 declare -A ROW_LABEL=(
 	[iperf_p1.gbps]="iperf3 -P 1 (Gbit/s)"
 	[iperf_p8.gbps]="iperf3 -P 8 (Gbit/s)"
@@ -109,12 +125,21 @@ declare -A ROW_LABEL=(
 	[redis_k1.p99]="redis -k 1 p99 (ms)"
 	[redis_k0.rps]="redis -k 0 (req/s)"
 	[redis_k0.p99]="redis -k 0 p99 (ms)"
+	[idle.fds]="proxy fds per idle connection"
+	[idle.kib]="KiB per idle connection (kernel + proxy)"
+	[iperf_p1.cpugb]="proxy CPU-s per GB, iperf3 -P 1"
+	[iperf_p8.cpugb]="proxy CPU-s per GB, iperf3 -P 8"
 )
 declare -A ROW_FMT=(
 	[iperf_p1.gbps]="%.2f" [iperf_p8.gbps]="%.2f"
 	[redis_k1.rps]="%.0f" [redis_k1.p99]="%.3f"
 	[redis_k0.rps]="%.0f" [redis_k0.p99]="%.3f"
+	[idle.fds]="%.2f" [idle.kib]="%.1f"
+	[iperf_p1.cpugb]="%.3f" [iperf_p8.cpugb]="%.3f"
 )
+# Rows that measure what the proxy itself costs: no ratio to direct, which
+# costs nothing (n/a for CPU, 0 for descriptors and memory); lower is better.
+declare -A ROW_COST=([idle.fds]=1 [idle.kib]=1 [iperf_p1.cpugb]=1 [iperf_p8.cpugb]=1)
 
 # ------------------------------------------------------- process handling ---
 
@@ -178,6 +203,65 @@ stop_named() {
 }
 
 listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
+
+# ------------------------------------------------------ process accounting ---
+
+declare -A TPID=() # target -> main PID of the proxy
+
+# target_pids TARGET: the processes of a proxy (nginx: master and workers).
+target_pids() {
+	local pid=${TPID[$1]:-}
+	[[ -n $pid ]] || return 0
+	echo "$pid"
+	pgrep -P "$pid" 2>/dev/null || true
+}
+
+# cpu_ticks PID...: user + system CPU time of the processes, in clock ticks.
+cpu_ticks() {
+	local pid total=0 stat f
+	for pid in "$@"; do
+		stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+		# Fields after the ")" that ends the command name: utime is the
+		# 12th, stime the 13th.
+		read -r -a f <<<"${stat##*) }"
+		total=$((total + f[11] + f[12]))
+	done
+	echo "$total"
+}
+
+# rss_kib PID...: resident memory of the processes, in KiB.
+rss_kib() {
+	local pid total=0 v
+	for pid in "$@"; do
+		v=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || v=
+		total=$((total + ${v:-0}))
+	done
+	echo "$total"
+}
+
+# fd_count PID...: open descriptors of the processes.
+fd_count() {
+	local pid total=0 n
+	for pid in "$@"; do
+		n=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l) || n=0
+		total=$((total + n))
+	done
+	echo "$total"
+}
+
+# kernel_kib: kernel memory that sockets use, in KiB: slab caches (socket,
+# inode, file, epoll entries...) plus TCP buffer pages, less TIME_WAIT
+# sockets, which a previous cell's closes leave behind for a minute and
+# which would otherwise drift into this cell's numbers.
+kernel_kib() {
+	local slab tcp_pages tw=0
+	slab=$(awk '/^Slab:/ { print $2 }' /proc/meminfo)
+	tcp_pages=$(awk '$1 == "TCP:" { for (i = 2; i < NF; i++) if ($i == "mem") print $(i + 1) }' /proc/net/sockstat)
+	if [[ -r /proc/slabinfo ]]; then
+		tw=$(awk '$1 == "tw_sock_TCP" || $1 == "tw_sock_TCPv6" { kib += $3 * $4 / 1024 } END { printf "%d\n", kib }' /proc/slabinfo 2>/dev/null) || tw=0
+	fi
+	echo $((slab + ${tcp_pages:-0} * $(getconf PAGESIZE) / 1024 - tw))
+}
 
 # wait_listen PID PORT...: poll (no connection made: a stray connection would
 # confuse the iperf3 server) until every PORT listens, for at most 5 s.
@@ -266,8 +350,18 @@ start_iperf3_server() {
 	wait_listen "$LAST_PID" "$p"
 }
 
+build_idleconns() {
+	command -v go >/dev/null || die "go is needed to build scripts/idleconns (the idle-connection rows)"
+	go build -o "$TMP/idleconns" ./scripts/idleconns >"$TMP/idleconns-build.log" 2>&1 ||
+		die "go build ./scripts/idleconns failed: $(log_reason "$TMP/idleconns-build.log" 3)"
+	IDLECONNS=$TMP/idleconns
+}
+
 start_backends() {
 	start_iperf3_server || die "iperf3 server did not start: $(log_reason "$TMP/iperf3-server.log" 3)"
+	build_idleconns
+	start_bg idleconns-server "$TMP/idleconns-server.log" "$IDLECONNS" serve -listen "$LOCALHOST:${PORT[direct,idle]}"
+	wait_listen "$LAST_PID" "${PORT[direct,idle]}" || die "idleconns server did not start: $(log_reason "$TMP/idleconns-server.log" 3)"
 	local p=${PORT[direct,redis]}
 	start_bg redis-server "$TMP/redis-server.log" redis-server --bind "$LOCALHOST" --port "$p" \
 		--save '' --appendonly no --daemonize no --dir "$TMP" --maxclients 10000 --tcp-backlog 4096
@@ -328,8 +422,9 @@ start_l4lb() {
 		done
 	} >"$cfg"
 	start_bg l4lb "$TMP/l4lb.log" "$L4LB" run -config "$cfg"
-	if wait_listen "$LAST_PID" "${PORT[l4lb,iperf]}" "${PORT[l4lb,redis]}"; then
+	if wait_listen "$LAST_PID" "${PORT[l4lb,iperf]}" "${PORT[l4lb,redis]}" "${PORT[l4lb,idle]}"; then
 		STATUS[l4lb]=ok
+		TPID[l4lb]=$LAST_PID
 	else
 		not_started l4lb "$TMP/l4lb.log"
 	fi
@@ -364,8 +459,9 @@ start_haproxy() {
 		done
 	} >"$cfg"
 	start_bg haproxy "$TMP/haproxy.log" haproxy -f "$cfg" -db
-	if wait_listen "$LAST_PID" "${PORT[haproxy,iperf]}" "${PORT[haproxy,redis]}"; then
+	if wait_listen "$LAST_PID" "${PORT[haproxy,iperf]}" "${PORT[haproxy,redis]}" "${PORT[haproxy,idle]}"; then
 		STATUS[haproxy]=ok
+		TPID[haproxy]=$LAST_PID
 	else
 		not_started haproxy "$TMP/haproxy.log"
 	fi
@@ -406,8 +502,9 @@ start_nginx() {
 		echo "}"
 	} >"$cfg"
 	start_bg nginx "$TMP/nginx.log" nginx -p "$dir" -c "$cfg" -e "$dir/error.log" -g 'daemon off;'
-	if wait_listen "$LAST_PID" "${PORT[nginx,iperf]}" "${PORT[nginx,redis]}"; then
+	if wait_listen "$LAST_PID" "${PORT[nginx,iperf]}" "${PORT[nginx,redis]}" "${PORT[nginx,idle]}"; then
 		STATUS[nginx]=ok
+		TPID[nginx]=$LAST_PID
 	else
 		not_started nginx "$dir/error.log"
 	fi
@@ -441,15 +538,25 @@ is_positive() { awk -v x="$1" 'BEGIN { exit !(x ~ /^[0-9.eE+-]+$/ && x + 0 > 0) 
 
 # iperf3_run TARGET P: one iperf3 test against TARGET with P parallel streams.
 iperf3_run() {
-	local target=$1 streams=$2 port=${PORT[$1,iperf]} attempt err gbps
+	local target=$1 streams=$2 port=${PORT[$1,iperf]} attempt err gbps gb t0 t1
+	local -a pids
+	mapfile -t pids < <(target_pids "$target")
 	# The iperf3 server runs one test at a time and answers "busy" while it
 	# still tears the previous one down: retry that (bounded).
 	for ((attempt = 0; attempt < 20; attempt++)); do
+		t0=$(cpu_ticks "${pids[@]}")
 		if run_client $((IPERF_TIME + 30)) iperf3 -c "$LOCALHOST" -p "$port" -t "$IPERF_TIME" \
 			-P "$streams" -J --connect-timeout 3000; then
+			t1=$(cpu_ticks "${pids[@]}")
 			gbps=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$CLIENT_OUT" 2>/dev/null) || gbps=
+			gb=$(jq -r '.end.sum_received.bytes / 1e9' "$CLIENT_OUT" 2>/dev/null) || gb=
 			if is_positive "$gbps"; then
 				echo "gbps $gbps" >"$RESULT"
+				# Proxy CPU time (user + system, every process of the
+				# proxy) per GB that reached the iperf3 server.
+				if ((${#pids[@]})) && is_positive "$gb"; then
+					awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v gb="$gb" 'BEGIN { printf "cpugb %.4f\n", t / hz / gb }' >>"$RESULT"
+				fi
 				return 0
 			fi
 			err="no throughput in the iperf3 output"
@@ -491,6 +598,34 @@ redis_run() {
 measure_redis_k1() { redis_run "$1" 1 "$REDIS_N_K1"; }
 measure_redis_k0() { redis_run "$1" 0 "$REDIS_N_K0"; }
 
+# measure_idle TARGET: IDLE_CONNS connections through TARGET, each with one
+# byte echoed end to end, then idle; what the proxy holds for them:
+# descriptors, resident memory, and kernel memory (which also counts the
+# client's and backend's sockets: print_table subtracts direct's).
+measure_idle() {
+	local target=$1 port=${PORT[$1,idle]} k0 k1 r0 r1 f0 f1 i pid logf=$TMP/idle-client.log
+	local -a pids
+	mapfile -t pids < <(target_pids "$target")
+	k0=$(kernel_kib) r0=$(rss_kib "${pids[@]}") f0=$(fd_count "${pids[@]}")
+	start_bg idle-client "$logf" "$IDLECONNS" hold -connect "$LOCALHOST:$port" -n "$IDLE_CONNS"
+	pid=$LAST_PID
+	for ((i = 0; i < 1200; i++)); do
+		grep -q '^ready' "$logf" && break
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	if ! grep -q '^ready' "$logf"; then
+		log "idle connections via $target failed: $(log_reason "$logf" 2)"
+		stop_named idle-client
+		return 1
+	fi
+	sleep 1 # deferred frees, a GC cycle
+	k1=$(kernel_kib) r1=$(rss_kib "${pids[@]}") f1=$(fd_count "${pids[@]}")
+	stop_named idle-client
+	awk -v n="$IDLE_CONNS" -v k=$((k1 - k0)) -v r=$((r1 - r0)) -v f=$((f1 - f0)) 'BEGIN {
+		printf "fds %.4f\nrss %.4f\nkernel %.4f\n", f / n, r / n, k / n }' >"$RESULT"
+}
+
 # ----------------------------------------------------------------- output ---
 
 # cpu_busy_pct: percentage of all CPU time that was not idle over one second.
@@ -507,6 +642,21 @@ cpu_busy_pct() {
 }
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) exit 1; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+# row_median TARGET ROW: the cell's median. idle.kib is derived: the kernel
+# memory the connections took beyond what the same connections take direct
+# (client and backend sockets), plus the proxy's resident memory.
+row_median() {
+	local t=$1 row=$2 k d r
+	if [[ $row == idle.kib ]]; then
+		k=$(median <<<"${SAMPLES[$t,idle.kernel]:-}") || return 1
+		d=$(median <<<"${SAMPLES[direct,idle.kernel]:-}") || return 1
+		r=$(median <<<"${SAMPLES[$t,idle.rss]:-0}") || r=0
+		awk -v k="$k" -v d="$d" -v r="$r" 'BEGIN { print k - d + r }'
+		return
+	fi
+	median <<<"${SAMPLES[$t,$row]:-}"
+}
 
 versions() {
 	local h n i r g
@@ -536,6 +686,13 @@ print_table() {
 		"-n $REDIS_N_K1 (-k 1) / $REDIS_N_K0 (-k 0); tcp_tw_reuse=$(cat /proc/sys/net/ipv4/tcp_tw_reuse)"
 	echo "- each cell: median of $ROUNDS interleaved round(s) (ratio to direct); clients, proxy and" \
 		"backends share the same $NCPU cores; for p99 lower is better"
+	echo "- idle rows: $IDLE_CONNS connections through the proxy (scripts/idleconns), one byte echoed" \
+		"on each, then idle; descriptors and resident memory of the proxy's processes, plus kernel" \
+		"memory (slab and TCP buffers) beyond what the same connections take direct ($(
+			m=$(median <<<"${SAMPLES[direct,idle.kernel]:-}") && printf '%.1f' "$m" || echo '?'
+		) KiB each, client and backend sockets); lower is better"
+	echo "- CPU rows: user + system CPU time of the proxy's processes per GB received by the" \
+		"iperf3 server, from /proc/PID/stat; lower is better"
 	echo
 	printf '| workload |'
 	for t in "${ALL_TARGETS[@]}"; do printf ' %s |' "$t"; done
@@ -544,17 +701,20 @@ print_table() {
 	printf '\n'
 	for row in "${ROWS[@]}"; do
 		wl=${row%%.*} fmt=${ROW_FMT[$row]}
-		dmed=$(median <<<"${SAMPLES[direct,$row]:-}") || dmed=
+		dmed=$(row_median direct "$row") || dmed=
 		printf '| %s |' "${ROW_LABEL[$row]}"
 		for t in "${ALL_TARGETS[@]}"; do
 			if [[ " ${TARGET_LIST[*]} " != *" $t "* ]]; then
 				cell="n/a (not selected)"
 			elif [[ ${STATUS[$t]:-} != ok ]]; then
 				cell=${STATUS[$t]:-n/a}
-			elif med=$(median <<<"${SAMPLES[$t,$row]:-}"); then
+			elif [[ $t == direct && -n ${ROW_COST[$row]:-} ]]; then
+				# Nothing in between: no proxy descriptor, memory or CPU.
+				if [[ $row == *.cpugb ]]; then cell="–"; else cell="0"; fi
+			elif med=$(row_median "$t" "$row"); then
 				# shellcheck disable=SC2059
 				cell=$(printf "$fmt" "$med")
-				if [[ -n $dmed ]] && awk -v d="$dmed" 'BEGIN { exit !(d > 0) }'; then
+				if [[ -z ${ROW_COST[$row]:-} && -n $dmed ]] && awk -v d="$dmed" 'BEGIN { exit !(d > 0) }'; then
 					cell+=$(awk -v m="$med" -v d="$dmed" 'BEGIN { printf " (%.2f)", m / d }')
 				fi
 				fails=${FAILED[$t,$wl]:-0}
