@@ -84,6 +84,13 @@ if (($(ulimit -Sn) < FD_WANT)); then ulimit -Sn "$(ulimit -Hn)" 2>/dev/null || t
 # fds each), and HAProxy refuses to start if it cannot get them all.
 FD_HARD=$(ulimit -Hn)
 [[ $FD_HARD =~ ^[0-9]+$ ]] || FD_HARD=1048576
+# Where the limit cannot be raised, hold fewer idle connections: l4lb bounds
+# its connections at a third of its descriptors (cmd/l4lb/nofile.go).
+IDLE_FIT=$(((FD_HARD - 512) / 3 / 1000 * 1000))
+if ((IDLE_CONNS > IDLE_FIT)); then
+	echo "[bench] descriptor limit $FD_HARD: IDLE_CONNS lowered from $IDLE_CONNS to $IDLE_FIT" >&2
+	IDLE_CONNS=$IDLE_FIT
+fi
 PROXY_MAXCONN=$(((FD_HARD - 256) * 2 / 5))
 MAXCONN_CAP=$((IDLE_CONNS + 1000 > 8000 ? IDLE_CONNS + 1000 : 8000))
 ((PROXY_MAXCONN <= MAXCONN_CAP)) || PROXY_MAXCONN=$MAXCONN_CAP
