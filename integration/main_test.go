@@ -20,6 +20,8 @@ var tools = []struct{ name, pkg string }{
 	{"iperf3", "iperf3"},
 	{"nft", "nftables"},              // health_test.go: blackhole and reject backends
 	{"redis-server", "redis-server"}, // health_test.go: send_expect PING/+PONG
+	{"ss", "iproute2"},               // protect_test.go: no CLOSE-WAIT or FIN-WAIT-2 left
+	{"prlimit", "util-linux"},        // protect_test.go: l4lb under a low RLIMIT_NOFILE
 }
 
 func TestMain(m *testing.M) {

@@ -336,11 +336,17 @@ func (srv *Server) Services() []*Service {
 	return out
 }
 
-// gatedListener accepts only while the Server's gate has a slot: each
-// connection it returns holds one, which the Service gives back when it is
-// done with the connection. At the bound it waits instead of accepting, so
-// clients queue in the kernel and the process keeps its descriptors for
+// gatedListener hands out connections only while the Server's gate has a
+// slot: each connection it returns holds one, which the Service gives back
+// when it is done with the connection. At the bound each accept loop holds
+// at most one accepted connection while it waits for a slot, and further
+// clients queue in the kernel, so the process keeps its descriptors for
 // the connections it already has.
+//
+// It accepts before it waits, not after: with several SO_REUSEPORT
+// sockets the kernel picks the socket of each new client, and a loop that
+// took the last slot and then sat in accept on an empty socket would leave
+// the client queued on another socket waiting for good.
 type gatedListener struct {
 	*net.TCPListener
 	gate *connGate
@@ -350,14 +356,15 @@ type gatedListener struct {
 var _ listener.Acceptor = gatedListener{}
 
 func (g gatedListener) AcceptTCP() (*net.TCPConn, error) {
-	if !g.gate.acquire(g.stop) {
-		return nil, net.ErrClosed
-	}
 	c, err := g.TCPListener.AcceptTCP()
 	if err != nil {
-		g.gate.release()
+		return nil, err
 	}
-	return c, err
+	if !g.gate.acquire(g.stop) {
+		c.Close()
+		return nil, net.ErrClosed
+	}
+	return c, nil
 }
 
 func closeListeners(lns []*net.TCPListener) {

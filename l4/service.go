@@ -193,7 +193,7 @@ func (s *Service) startDrainLocked(be *Backend, timeout time.Duration) {
 			delete(s.draining, be.addr)
 			be.retire()
 		} else {
-			be.closeConns()
+			be.closeConns() // weight 0: it stays configured
 		}
 		s.log.Info("drain finished", "service", s.cfg.Name, "backend", be.addr, "closed_connections", n)
 	})

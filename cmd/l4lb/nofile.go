@@ -28,7 +28,8 @@ func raiseNofile() (soft, hard uint64, err error) {
 const (
 	// fdReserve is kept for everything that is not a proxied connection:
 	// stdio, the netpoller, listening sockets, the admin endpoint, inotify,
-	// health probes (one per backend at a time) and config reloads.
+	// health probes (one per backend at a time), config reloads, and the
+	// one connection each accept loop may hold while it waits at the bound.
 	fdReserve = 64
 	// pipePoolFDs is what the idle pipes of the splice pool may hold at
 	// most (maxIdlePipes = 128 pipes of two descriptors).
