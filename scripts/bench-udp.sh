@@ -39,19 +39,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-log() { printf '[bench-udp %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=bench-udp # the prefix of the log lines
+# The shared machinery (processes, packages, rounds, the table) is in bench-lib.sh.
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 
 # ---------------------------------------------------------------- settings ---
 
-CMD_ENV=()
-for v in QUICK ROUNDS UDP_TIME UDP_FLOWS UDP_WINDOW UDP_SIZES TARGETS \
-	L4LB_BIN L4LB_BALANCE NGINX_UDP_RESPONSES BENCH_UDP_PORT_BASE KEEP_TMP; do
-	if [[ -n ${!v+x} ]]; then
-		if [[ ${!v} =~ ^[A-Za-z0-9_./:,=+-]*$ ]]; then CMD_ENV+=("$v=${!v}"); else CMD_ENV+=("$v='${!v}'"); fi
-	fi
-done
-CMD_LINE="${CMD_ENV[*]:+${CMD_ENV[*]} }scripts/bench-udp.sh${*:+ $*}"
+set_cmd_line scripts/bench-udp.sh "$*" QUICK ROUNDS UDP_TIME UDP_FLOWS UDP_WINDOW UDP_SIZES TARGETS \
+	L4LB_BIN L4LB_BALANCE NGINX_UDP_RESPONSES BENCH_UDP_PORT_BASE KEEP_TMP
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
@@ -68,9 +64,7 @@ L4LB_BALANCE=${L4LB_BALANCE:-round_robin}
 BENCH_UDP_PORT_BASE=${BENCH_UDP_PORT_BASE:-17500}
 NCPU=$(nproc)
 
-for v in ROUNDS UDP_TIME UDP_FLOWS UDP_WINDOW BENCH_UDP_PORT_BASE; do
-	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
-done
+require_positive_ints ROUNDS UDP_TIME UDP_FLOWS UDP_WINDOW BENCH_UDP_PORT_BASE
 [[ -z ${NGINX_UDP_RESPONSES:-} || $NGINX_UDP_RESPONSES =~ ^[0-9]+$ ]] ||
 	die "NGINX_UDP_RESPONSES must be a number, got '$NGINX_UDP_RESPONSES'"
 ((${#SIZES[@]})) || die "UDP_SIZES is empty"
@@ -80,11 +74,7 @@ done
 ((BENCH_UDP_PORT_BASE + 201 < 32768)) || die "BENCH_UDP_PORT_BASE too high: keep the ports below the ephemeral range"
 
 ALL_TARGETS=(direct l4lb nginx)
-read -r -a TARGET_LIST <<<"${TARGETS:-${ALL_TARGETS[*]}}"
-for t in "${TARGET_LIST[@]}"; do
-	[[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target '$t' in TARGETS (known: ${ALL_TARGETS[*]})"
-done
-[[ " ${TARGET_LIST[*]} " == *" direct "* ]] || die "TARGETS must include direct (the ratios are to direct)"
+parse_targets
 
 # Ports (UDP): the two echo backends at base+1 and base+2, l4lb at base+101,
 # nginx at base+201. "direct" sends each flow straight to one of the backends,
@@ -101,10 +91,11 @@ declare -A TARGET_ADDR=(
 )
 
 # Workloads, in run order (one per size), and the rows they produce:
-# measure_udp SIZE writes "metric value" lines.
+# measure_udp SIZE writes "metric value" lines. No cost rows (ROW_COST): every
+# row has its ratio to direct.
 WORKLOADS=()
 ROWS=()
-declare -A ROW_LABEL=() ROW_FMT=()
+declare -A ROW_LABEL=() ROW_FMT=() ROW_COST=()
 for s in "${SIZES[@]}"; do
 	WORKLOADS+=("udp$s")
 	ROWS+=("udp$s.dps" "udp$s.p99")
@@ -116,132 +107,7 @@ done
 
 # ------------------------------------------------------- process handling ---
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/l4lb-bench-udp.XXXXXX")
-PIDS=()
-declare -A PID_NAME=()
-POLICY_RC_CREATED=0
-
-stop_pid() {
-	local pid=$1 i
-	kill -TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < 50; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	if kill -0 "$pid" 2>/dev/null; then
-		log "${PID_NAME[$pid]:-pid $pid} ignored SIGTERM for 5 s, sending SIGKILL"
-		kill -KILL "$pid" 2>/dev/null || true
-	fi
-	wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-	local rc=$? pid i
-	trap - EXIT INT TERM
-	if [[ -n ${CLIENT_PID:-} ]]; then stop_pid "$CLIENT_PID"; fi
-	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-		pid=${PIDS[i]}
-		stop_pid "$pid"
-	done
-	if ((POLICY_RC_CREATED)); then rm -f /usr/sbin/policy-rc.d; fi
-	if [[ ${KEEP_TMP:-0} == 1 ]]; then log "logs and configs kept in $TMP"; else rm -rf "$TMP"; fi
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# start_bg NAME LOGFILE CMD...: run CMD in the background and remember its PID
-# in $LAST_PID.
-start_bg() {
-	local name=$1 logf=$2
-	shift 2
-	"$@" </dev/null >"$logf" 2>&1 &
-	LAST_PID=$!
-	PIDS+=("$LAST_PID")
-	PID_NAME[$LAST_PID]=$name
-}
-
-stop_named() {
-	local name=$1 pid keep=()
-	for pid in "${PIDS[@]}"; do
-		if [[ ${PID_NAME[$pid]} == "$name" ]]; then stop_pid "$pid"; else keep+=("$pid"); fi
-	done
-	PIDS=("${keep[@]}")
-}
-
-bound_udp() { [[ -n $(ss -Hlun "sport = :$1" 2>/dev/null) ]]; }
-
-# wait_bound PID PORT...: poll until every UDP PORT is bound, for at most 5 s.
-wait_bound() {
-	local pid=$1 i p ok
-	shift
-	for ((i = 0; i < 100; i++)); do
-		kill -0 "$pid" 2>/dev/null || return 1
-		ok=1
-		for p in "$@"; do bound_udp "$p" || { ok=0; break; }; done
-		((ok)) && return 0
-		sleep 0.05
-	done
-	return 1
-}
-
-# --------------------------------------------------------------- tooling ---
-
-# The stream module: built in, or Debian's libnginx-mod-stream (loaded with
-# load_module, as scripts/bench.sh does).
-have_stream_module() {
-	nginx -V 2>&1 | grep -qE -- '--with-stream( |$)' && return 0
-	[[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]]
-}
-
-ensure_packages() {
-	local missing=()
-	command -v ss >/dev/null || missing+=(iproute2)
-	if [[ " ${TARGET_LIST[*]} " == *" nginx "* ]]; then
-		command -v nginx >/dev/null || missing+=(nginx)
-		{ command -v nginx >/dev/null && have_stream_module; } || missing+=(libnginx-mod-stream)
-	fi
-	((${#missing[@]})) || return 0
-	if ((EUID != 0)); then
-		log "missing packages (${missing[*]}) and not root: not installing them"
-		return 0
-	fi
-	log "installing missing packages: ${missing[*]}"
-	# Keep apt from starting the system nginx: it is not ours to leave behind.
-	if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-		chmod +x /usr/sbin/policy-rc.d
-		POLICY_RC_CREATED=1
-	fi
-	export DEBIAN_FRONTEND=noninteractive
-	if ! apt-get install -y "${missing[@]}" >"$TMP/apt.log" 2>&1; then
-		apt-get update >>"$TMP/apt.log" 2>&1 || true
-		apt-get install -y "${missing[@]}" >>"$TMP/apt.log" 2>&1 ||
-			{ log "apt-get install failed:"; tail -n 5 "$TMP/apt.log" >&2; }
-	fi
-	if ((POLICY_RC_CREATED)); then rm -f /usr/sbin/policy-rc.d; POLICY_RC_CREATED=0; fi
-}
-
-# ----------------------------------------------------------------- state ---
-
-declare -A STATUS=()  # target -> "ok" or "n/a (reason)"
-declare -A SAMPLES=() # "target,metric" -> space separated values
-declare -A FAILED=()  # "target,workload" -> failed run count
-declare -A NOTE=()    # target -> details printed under the table
-
-not_started() {
-	STATUS[$1]="n/a (did not start)"
-	NOTE[$1]="$1 did not start: $(log_reason "$2" 3)"
-	stop_named "$1"
-}
-
-log_reason() {
-	local lines
-	lines=$(grep -iE 'alert|emerg|error|fatal|panic|fail' "$1" 2>/dev/null) ||
-		lines=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null) || lines="no log output"
-	tail -n "${2:-1}" <<<"$lines" | tr -s '\n\t ' ' ' | tr '|' '/' | cut -c1-240 | sed 's/ *$//'
-}
+bench_setup l4lb-bench-udp
 
 # ----------------------------------------------------------------- build ---
 
@@ -254,29 +120,6 @@ build_udpload() {
 		die "go build ./scripts/udpload failed: $(log_reason "$TMP/udpload-build.log" 3)"
 }
 
-l4lb_sources_newer() {
-	[[ -n $(find . \( -path ./.git -o -path ./bin \) -prune -o \
-		\( -name '*.go' ! -name '*_test.go' -o -name go.mod -o -name go.sum \) -newer bin/l4lb -print -quit) ]]
-}
-
-build_l4lb() {
-	if [[ -n ${L4LB_BIN:-} ]]; then
-		[[ -x $L4LB_BIN ]] || { STATUS[l4lb]="n/a (L4LB_BIN=$L4LB_BIN not executable)"; return 1; }
-		L4LB=$L4LB_BIN
-		return 0
-	fi
-	L4LB=$ROOT/bin/l4lb
-	if [[ -x bin/l4lb ]] && ! l4lb_sources_newer; then return 0; fi
-	command -v go >/dev/null || { STATUS[l4lb]="n/a (go not found, cannot build)"; return 1; }
-	log "building bin/l4lb"
-	mkdir -p bin
-	if ! go build -o bin/l4lb ./cmd/l4lb >"$TMP/l4lb-build.log" 2>&1; then
-		STATUS[l4lb]="n/a (build failed)"
-		NOTE[l4lb]="l4lb build failed: $(log_reason "$TMP/l4lb-build.log" 2)"
-		return 1
-	fi
-}
-
 # -------------------------------------------------------------- backends ---
 
 start_backends() {
@@ -284,7 +127,7 @@ start_backends() {
 	for b in "${BACKENDS[@]}"; do
 		i=$((i + 1))
 		start_bg echo$i "$TMP/echo$i.log" "$UDPLOAD" echo -listen "$b" -lifetime 2h
-		wait_bound "$LAST_PID" "${b##*:}" || die "echo backend $b did not start: $(log_reason "$TMP/echo$i.log" 3)"
+		wait_ports udp "$LAST_PID" "${b##*:}" || die "echo backend $b did not start: $(log_reason "$TMP/echo$i.log" 3)"
 	done
 }
 
@@ -293,7 +136,7 @@ start_backends() {
 start_direct() { STATUS[direct]=ok; }
 
 start_l4lb() {
-	build_l4lb || return 0
+	build_l4lb 0 || return 0
 	local cfg=$TMP/l4lb.toml b
 	{
 		cat <<-EOF
@@ -316,7 +159,7 @@ start_l4lb() {
 		done
 	} >"$cfg"
 	start_bg l4lb "$TMP/l4lb.log" "$L4LB" run -config "$cfg"
-	if wait_bound "$LAST_PID" "${TARGET_ADDR[l4lb]##*:}"; then
+	if wait_ports udp "$LAST_PID" "${TARGET_ADDR[l4lb]##*:}"; then
 		STATUS[l4lb]=ok
 	else
 		not_started l4lb "$TMP/l4lb.log"
@@ -332,15 +175,11 @@ start_l4lb() {
 # that made nginx 20-40% slower, so the default is the faster setting for
 # nginx. NGINX_UDP_RESPONSES=1 measures the DNS-style setting.
 start_nginx() {
-	command -v nginx >/dev/null || { STATUS[nginx]="n/a (nginx not installed)"; return 0; }
-	have_stream_module || { STATUS[nginx]="n/a (nginx stream module not installed)"; return 0; }
+	nginx_usable || return 0
 	local dir=$TMP/nginx cfg=$TMP/nginx/nginx.conf b
 	mkdir -p "$dir"
 	{
-		if ! nginx -V 2>&1 | grep -qE -- '--with-stream( |$)'; then
-			echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-		fi
-		if ((EUID == 0)); then echo "user root;"; fi
+		nginx_conf_prelude
 		cat <<-EOF
 			worker_processes $NCPU;
 			worker_rlimit_nofile 65536;
@@ -367,7 +206,7 @@ start_nginx() {
 		EOF
 	} >"$cfg"
 	start_bg nginx "$TMP/nginx.log" nginx -p "$dir" -c "$cfg" -e "$dir/error.log" -g 'daemon off;'
-	if wait_bound "$LAST_PID" "${TARGET_ADDR[nginx]##*:}"; then
+	if wait_ports udp "$LAST_PID" "${TARGET_ADDR[nginx]##*:}"; then
 		STATUS[nginx]=ok
 	else
 		not_started nginx "$dir/error.log"
@@ -375,22 +214,6 @@ start_nginx() {
 }
 
 # -------------------------------------------------------------- workloads ---
-
-RESULT=$TMP/result
-CLIENT_OUT=$TMP/client.out
-CLIENT_ERR=$TMP/client.err
-CLIENT_PID=
-
-run_client() {
-	local limit=$1 rc=0
-	shift
-	timeout "$limit" "$@" </dev/null >"$CLIENT_OUT" 2>"$CLIENT_ERR" &
-	CLIENT_PID=$!
-	wait "$CLIENT_PID" || rc=$?
-	CLIENT_PID=
-	if ((rc == 124)); then echo "timed out after $limit s" >>"$CLIENT_ERR"; fi
-	return "$rc"
-}
 
 # measure_udp TARGET SIZE: one udpload client run.
 measure_udp() {
@@ -411,134 +234,46 @@ measure_udp() {
 	}
 }
 
+# measure_workload TARGET WORKLOAD: the hook run_rounds calls (WORKLOAD udpSIZE).
+measure_workload() { measure_udp "$1" "${2#udp}"; }
+
 # ----------------------------------------------------------------- output ---
 
-cpu_busy_pct() {
-	local a b
-	a=$(head -n 1 /proc/stat)
-	sleep 1
-	b=$(head -n 1 /proc/stat)
-	awk -v a="$a" -v b="$b" 'BEGIN {
-		na = split(a, x); split(b, y); tot = 0
-		for (i = 2; i <= na; i++) tot += y[i] - x[i]
-		idle = (y[5] - x[5]) + (y[6] - x[6])
-		printf "%d\n", (tot > 0) ? 100 * (tot - idle) / tot + 0.5 : 0 }'
-}
-
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) exit 1; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-
-versions() {
-	local n g
-	n=$(nginx -v 2>&1 | sed -n 's|.*nginx/||p' | head -n 1) || true
-	g=$(go version 2>/dev/null | awk '{ print $3 }') || true
-	printf 'nginx %s, %s' "${n:-?}" "${g:-go ?}"
+# cell_extra TARGET ROW WORKLOAD: the loss, if any, in the datagrams/s cells.
+cell_extra() {
+	local loss
+	[[ $2 == *.dps ]] || return 0
+	loss=$(median <<<"${SAMPLES[$1,$3.loss]:-}") || loss=0
+	if awk -v l="$loss" 'BEGIN { exit !(l > 0) }'; then printf ' [loss %s%%]' "$loss"; fi
 }
 
 print_table() {
-	local t row wl med dmed cell fmt fails loss
-	local cpu kernel rev
-	cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
-	kernel=$(uname -r)
-	rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "no commit")
-	if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null | head -n 1) ]]; then rev+=" (dirty)"; fi
-	echo "### l4lb UDP loopback benchmark"
-	echo
-	echo "- date: $START_DATE (the run took $((SECONDS - START)) s)"
-	echo "- command: \`$CMD_LINE\`"
-	echo "- host: nproc $NCPU, ${cpu:-unknown CPU}, kernel $kernel;" \
-		"CPU already ${BUSY_START}% busy before the run (1 s sample)"
-	echo "- versions: $(versions); l4lb $rev, balance $L4LB_BALANCE"
+	print_table_head "l4lb UDP loopback benchmark" nginx go
 	echo "- workload: scripts/udpload, $UDP_FLOWS flows x $UDP_WINDOW datagrams outstanding, ${UDP_TIME} s" \
 		"per run, 2 echo backends; nginx \`udp reuseport\`, workers = cores," \
 		"proxy_responses ${NGINX_UDP_RESPONSES:-unset}, proxy_timeout 60s"
 	echo "- each cell: median of $ROUNDS interleaved round(s) (ratio to direct); clients, proxy and" \
 		"backends share the same $NCPU cores; for p99 lower is better"
 	echo
-	printf '| workload |'
-	for t in "${ALL_TARGETS[@]}"; do printf ' %s |' "$t"; done
-	printf '\n|---|'
-	for t in "${ALL_TARGETS[@]}"; do printf -- '---:|'; done
-	printf '\n'
-	for row in "${ROWS[@]}"; do
-		wl=${row%%.*} fmt=${ROW_FMT[$row]}
-		dmed=$(median <<<"${SAMPLES[direct,$row]:-}") || dmed=
-		printf '| %s |' "${ROW_LABEL[$row]}"
-		for t in "${ALL_TARGETS[@]}"; do
-			if [[ " ${TARGET_LIST[*]} " != *" $t "* ]]; then
-				cell="n/a (not selected)"
-			elif [[ ${STATUS[$t]:-} != ok ]]; then
-				cell=${STATUS[$t]:-n/a}
-			elif med=$(median <<<"${SAMPLES[$t,$row]:-}"); then
-				# shellcheck disable=SC2059
-				cell=$(printf "$fmt" "$med")
-				if [[ -n $dmed ]] && awk -v d="$dmed" 'BEGIN { exit !(d > 0) }'; then
-					cell+=$(awk -v m="$med" -v d="$dmed" 'BEGIN { printf " (%.2f)", m / d }')
-				fi
-				if [[ $row == *.dps ]]; then
-					loss=$(median <<<"${SAMPLES[$t,$wl.loss]:-}") || loss=0
-					if awk -v l="$loss" 'BEGIN { exit !(l > 0) }'; then cell+=" [loss ${loss}%]"; fi
-				fi
-				fails=${FAILED[$t,$wl]:-0}
-				if ((fails)); then cell+=" [$fails/$ROUNDS runs failed]"; fi
-			else
-				cell="n/a (all runs failed)"
-			fi
-			printf ' %s |' "$cell"
-		done
-		printf '\n'
-	done
-	if ((${#NOTE[@]})); then echo; fi
-	for t in "${ALL_TARGETS[@]}"; do
-		if [[ -n ${NOTE[$t]:-} ]]; then printf -- '- %s\n' "${NOTE[$t]}"; fi
-	done
+	print_table_body
 }
 
 # ------------------------------------------------------------------- main ---
 
-ensure_packages
+ensure_packages ss=iproute2
 command -v ss >/dev/null || die "ss is required (install iproute2, or run as root to have it installed)"
 for b in "${BACKENDS[@]}" "${TARGET_ADDR[l4lb]}" "${TARGET_ADDR[nginx]}"; do
-	if bound_udp "${b##*:}"; then
+	if port_bound udp "${b##*:}"; then
 		die "UDP port ${b##*:} is already in use: set BENCH_UDP_PORT_BASE to a free block"
 	fi
 done
 
-START=$SECONDS
-START_DATE=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
-BUSY_START=$(cpu_busy_pct)
-if ((BUSY_START >= 20)); then
-	log "warning: the CPUs are already ${BUSY_START}% busy before the run: expect noisy results"
-fi
+mark_start
 log "rounds=$ROUNDS ${UDP_TIME}s per run, $UDP_FLOWS flows x window $UDP_WINDOW, sizes ${SIZES[*]}; targets: ${TARGET_LIST[*]}"
 build_udpload
 start_backends
-for t in "${TARGET_LIST[@]}"; do
-	"start_$t"
-	[[ ${STATUS[$t]} == ok ]] || log "$t: ${NOTE[$t]:-${STATUS[$t]}}"
-done
-
-ACTIVE=()
-for t in "${TARGET_LIST[@]}"; do [[ ${STATUS[$t]} == ok ]] && ACTIVE+=("$t"); done
-
-for ((r = 1; r <= ROUNDS; r++)); do
-	for ((w = 0; w < ${#WORKLOADS[@]}; w++)); do
-		wl=${WORKLOADS[w]}
-		# Rotate the target order per round and workload so that no target
-		# always runs first (or right after the same neighbour).
-		for ((i = 0; i < ${#ACTIVE[@]}; i++)); do
-			t=${ACTIVE[(i + r - 1 + w) % ${#ACTIVE[@]}]}
-			: >"$RESULT"
-			if measure_udp "$t" "${wl#udp}" && [[ -s $RESULT ]]; then
-				while read -r metric value; do
-					SAMPLES[$t,$wl.$metric]+="$value "
-				done <"$RESULT"
-				log "round $r/$ROUNDS $wl $t: $(tr '\n' ' ' <"$RESULT")"
-			else
-				FAILED[$t,$wl]=$((${FAILED[$t,$wl]:-0} + 1))
-			fi
-		done
-	done
-done
+start_targets
+run_rounds
 
 print_table
 log "done in $((SECONDS - START)) s"

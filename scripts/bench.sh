@@ -37,20 +37,16 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+BENCH_NAME=bench # the prefix of the log lines
+# The shared machinery (processes, packages, rounds, the table) is in bench-lib.sh.
+# shellcheck source=scripts/bench-lib.sh
+source "$ROOT/scripts/bench-lib.sh"
 
 # ---------------------------------------------------------------- settings ---
 
 # Remember what the user set explicitly, to print the exact command.
-CMD_ENV=()
-for v in QUICK ROUNDS IPERF_TIME REDIS_CLIENTS REDIS_N_K1 REDIS_N_K0 IDLE_CONNS TARGETS \
-	L4LB_BIN L4LB_BALANCE BENCH_PORT_BASE KEEP_TMP; do
-	if [[ -n ${!v+x} ]]; then
-		if [[ ${!v} =~ ^[A-Za-z0-9_./:,=+-]*$ ]]; then CMD_ENV+=("$v=${!v}"); else CMD_ENV+=("$v='${!v}'"); fi
-	fi
-done
-CMD_LINE="${CMD_ENV[*]:+${CMD_ENV[*]} }scripts/bench.sh${*:+ $*}"
+set_cmd_line scripts/bench.sh "$*" QUICK ROUNDS IPERF_TIME REDIS_CLIENTS REDIS_N_K1 REDIS_N_K0 \
+	IDLE_CONNS TARGETS L4LB_BIN L4LB_BALANCE BENCH_PORT_BASE KEEP_TMP
 
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
@@ -95,17 +91,11 @@ PROXY_MAXCONN=$(((FD_HARD - 256) * 2 / 5))
 MAXCONN_CAP=$((IDLE_CONNS + 1000 > 8000 ? IDLE_CONNS + 1000 : 8000))
 ((PROXY_MAXCONN <= MAXCONN_CAP)) || PROXY_MAXCONN=$MAXCONN_CAP
 
-for v in ROUNDS IPERF_TIME REDIS_CLIENTS REDIS_N_K1 REDIS_N_K0 IDLE_CONNS BENCH_PORT_BASE; do
-	[[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
-done
+require_positive_ints ROUNDS IPERF_TIME REDIS_CLIENTS REDIS_N_K1 REDIS_N_K0 IDLE_CONNS BENCH_PORT_BASE
 ((BENCH_PORT_BASE + 303 < 32768)) || die "BENCH_PORT_BASE too high: keep the ports below the ephemeral range"
 
 ALL_TARGETS=(direct l4lb haproxy nginx)
-read -r -a TARGET_LIST <<<"${TARGETS:-${ALL_TARGETS[*]}}"
-for t in "${TARGET_LIST[@]}"; do
-	[[ " ${ALL_TARGETS[*]} " == *" $t "* ]] || die "unknown target '$t' in TARGETS (known: ${ALL_TARGETS[*]})"
-done
-[[ " ${TARGET_LIST[*]} " == *" direct "* ]] || die "TARGETS must include direct (the ratios are to direct)"
+parse_targets
 
 # Ports: backends at base+1.., then one block of 100 per proxy; within a block
 # +1 is the iperf3 service, +2 the redis service and +3 the idle-connection
@@ -145,71 +135,13 @@ declare -A ROW_FMT=(
 	[iperf_p1.cpugb]="%.3f" [iperf_p8.cpugb]="%.3f"
 )
 # Rows that measure what the proxy itself costs: no ratio to direct, which
-# costs nothing (n/a for CPU, 0 for descriptors and memory); lower is better.
-declare -A ROW_COST=([idle.fds]=1 [idle.kib]=1 [iperf_p1.cpugb]=1 [iperf_p8.cpugb]=1)
+# costs nothing (the value is direct's cell: n/a for CPU, 0 for descriptors
+# and memory); lower is better.
+declare -A ROW_COST=([idle.fds]=0 [idle.kib]=0 [iperf_p1.cpugb]=– [iperf_p8.cpugb]=–)
 
 # ------------------------------------------------------- process handling ---
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/l4lb-bench.XXXXXX")
-PIDS=()
-declare -A PID_NAME=()
-SYSCTL_RESTORE=()
-POLICY_RC_CREATED=0
-
-stop_pid() {
-	local pid=$1 i
-	kill -TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < 50; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	if kill -0 "$pid" 2>/dev/null; then
-		log "${PID_NAME[$pid]:-pid $pid} ignored SIGTERM for 5 s, sending SIGKILL"
-		kill -KILL "$pid" 2>/dev/null || true
-	fi
-	wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-	local rc=$? pid i kv
-	trap - EXIT INT TERM
-	if [[ -n ${CLIENT_PID:-} ]]; then stop_pid "$CLIENT_PID"; fi
-	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-		pid=${PIDS[i]}
-		stop_pid "$pid"
-	done
-	for kv in "${SYSCTL_RESTORE[@]}"; do
-		sysctl -q -w "$kv" >/dev/null 2>&1 || log "could not restore sysctl $kv"
-	done
-	if ((POLICY_RC_CREATED)); then rm -f /usr/sbin/policy-rc.d; fi
-	if [[ ${KEEP_TMP:-0} == 1 ]]; then log "logs and configs kept in $TMP"; else rm -rf "$TMP"; fi
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# start_bg NAME LOGFILE CMD...: run CMD in the background (a child of this
-# shell, so it can be waited for) and remember its PID in $LAST_PID.
-start_bg() {
-	local name=$1 logf=$2
-	shift 2
-	"$@" </dev/null >"$logf" 2>&1 &
-	LAST_PID=$!
-	PIDS+=("$LAST_PID")
-	PID_NAME[$LAST_PID]=$name
-}
-
-# stop_named NAME: stop every remembered process called NAME.
-stop_named() {
-	local name=$1 pid keep=()
-	for pid in "${PIDS[@]}"; do
-		if [[ ${PID_NAME[$pid]} == "$name" ]]; then stop_pid "$pid"; else keep+=("$pid"); fi
-	done
-	PIDS=("${keep[@]}")
-}
-
-listening() { [[ -n $(ss -Hltn "sport = :$1" 2>/dev/null) ]]; }
+bench_setup l4lb-bench
 
 # ------------------------------------------------------ process accounting ---
 
@@ -270,91 +202,12 @@ kernel_kib() {
 	echo $((slab + ${tcp_pages:-0} * $(getconf PAGESIZE) / 1024 - tw))
 }
 
-# wait_listen PID PORT...: poll (no connection made: a stray connection would
-# confuse the iperf3 server) until every PORT listens, for at most 5 s.
-wait_listen() {
-	local pid=$1 i p ok
-	shift
-	for ((i = 0; i < 100; i++)); do
-		kill -0 "$pid" 2>/dev/null || return 1
-		ok=1
-		for p in "$@"; do listening "$p" || { ok=0; break; }; done
-		((ok)) && return 0
-		sleep 0.05
-	done
-	return 1
-}
-
-# --------------------------------------------------------------- tooling ---
-
-have_stream_module() {
-	nginx -V 2>&1 | grep -qE -- '--with-stream( |$)' && return 0
-	[[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]]
-}
-
-ensure_packages() {
-	local missing=()
-	command -v iperf3 >/dev/null || missing+=(iperf3)
-	command -v redis-server >/dev/null || missing+=(redis-server)
-	command -v redis-benchmark >/dev/null || missing+=(redis-tools)
-	command -v jq >/dev/null || missing+=(jq)
-	command -v ss >/dev/null || missing+=(iproute2)
-	if [[ " ${TARGET_LIST[*]} " == *" haproxy "* ]]; then command -v haproxy >/dev/null || missing+=(haproxy); fi
-	if [[ " ${TARGET_LIST[*]} " == *" nginx "* ]]; then
-		command -v nginx >/dev/null || missing+=(nginx)
-		{ command -v nginx >/dev/null && have_stream_module; } || missing+=(libnginx-mod-stream)
-	fi
-	((${#missing[@]})) || return 0
-	if ((EUID != 0)); then
-		log "missing packages (${missing[*]}) and not root: not installing them"
-		return 0
-	fi
-	log "installing missing packages: ${missing[*]}"
-	# Keep apt from starting the system nginx/redis services: they are not ours
-	# to leave behind.
-	if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-		printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-		chmod +x /usr/sbin/policy-rc.d
-		POLICY_RC_CREATED=1
-	fi
-	export DEBIAN_FRONTEND=noninteractive
-	if ! apt-get install -y "${missing[@]}" >"$TMP/apt.log" 2>&1; then
-		apt-get update >>"$TMP/apt.log" 2>&1 || true
-		apt-get install -y "${missing[@]}" >>"$TMP/apt.log" 2>&1 ||
-			{ log "apt-get install failed:"; tail -n 5 "$TMP/apt.log" >&2; }
-	fi
-	if ((POLICY_RC_CREATED)); then rm -f /usr/sbin/policy-rc.d; POLICY_RC_CREATED=0; fi
-}
-
-# ----------------------------------------------------------------- state ---
-
-declare -A STATUS=()  # target -> "ok" or "n/a (reason)"
-declare -A SAMPLES=() # "target,metric" -> space separated values
-declare -A FAILED=()  # "target,workload" -> failed run count
-declare -A NOTE=()    # target -> details printed under the table
-
-# not_started TARGET LOGFILE: mark TARGET n/a, keeping its log's last lines as a note.
-not_started() {
-	STATUS[$1]="n/a (did not start)"
-	NOTE[$1]="$1 did not start: $(log_reason "$2" 3)"
-	stop_named "$1"
-}
-
-# Last non-empty lines of a log, on one line, for an n/a reason.
-# Prefers lines that look like errors.
-log_reason() {
-	local lines
-	lines=$(grep -iE 'alert|emerg|error|fatal|panic|fail' "$1" 2>/dev/null) ||
-		lines=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null) || lines="no log output"
-	tail -n "${2:-1}" <<<"$lines" | tr -s '\n\t ' ' ' | tr '|' '/' | cut -c1-240 | sed 's/ *$//'
-}
-
 # -------------------------------------------------------------- backends ---
 
 start_iperf3_server() {
 	local p=${PORT[direct,iperf]}
 	start_bg iperf3-server "$TMP/iperf3-server.log" iperf3 -s -B "$LOCALHOST" -p "$p"
-	wait_listen "$LAST_PID" "$p"
+	wait_ports tcp "$LAST_PID" "$p"
 }
 
 build_idleconns() {
@@ -368,11 +221,11 @@ start_backends() {
 	start_iperf3_server || die "iperf3 server did not start: $(log_reason "$TMP/iperf3-server.log" 3)"
 	build_idleconns
 	start_bg idleconns-server "$TMP/idleconns-server.log" "$IDLECONNS" serve -listen "$LOCALHOST:${PORT[direct,idle]}"
-	wait_listen "$LAST_PID" "${PORT[direct,idle]}" || die "idleconns server did not start: $(log_reason "$TMP/idleconns-server.log" 3)"
+	wait_ports tcp "$LAST_PID" "${PORT[direct,idle]}" || die "idleconns server did not start: $(log_reason "$TMP/idleconns-server.log" 3)"
 	local p=${PORT[direct,redis]}
 	start_bg redis-server "$TMP/redis-server.log" redis-server --bind "$LOCALHOST" --port "$p" \
 		--save '' --appendonly no --daemonize no --dir "$TMP" --maxclients 10000 --tcp-backlog 4096
-	wait_listen "$LAST_PID" "$p" || die "redis-server did not start: $(log_reason "$TMP/redis-server.log" 3)"
+	wait_ports tcp "$LAST_PID" "$p" || die "redis-server did not start: $(log_reason "$TMP/redis-server.log" 3)"
 }
 
 # ---------------------------------------------------------------- targets ---
@@ -381,33 +234,8 @@ start_backends() {
 
 start_direct() { STATUS[direct]=ok; }
 
-l4lb_sources_newer() {
-	[[ -n $(find . \( -path ./.git -o -path ./bin \) -prune -o \
-		\( -name '*.go' ! -name '*_test.go' -o -name go.mod -o -name go.sum \) -newer bin/l4lb -print -quit) ]]
-}
-
-build_l4lb() {
-	if [[ -n ${L4LB_BIN:-} ]]; then
-		[[ -x $L4LB_BIN ]] || { STATUS[l4lb]="n/a (L4LB_BIN=$L4LB_BIN not executable)"; return 1; }
-		L4LB=$L4LB_BIN
-		return 0
-	fi
-	L4LB=$ROOT/bin/l4lb
-	if [[ -x bin/l4lb ]] && ! l4lb_sources_newer; then return 0; fi
-	command -v go >/dev/null || { STATUS[l4lb]="n/a (go not found, cannot build)"; return 1; }
-	log "building bin/l4lb"
-	mkdir -p bin
-	if ! go build -o bin/l4lb ./cmd/l4lb >"$TMP/l4lb-build.log" 2>&1; then
-		log "go build ./cmd/l4lb failed:"
-		sed 's/^/    /' "$TMP/l4lb-build.log" | head -n 15 >&2
-		STATUS[l4lb]="n/a (build failed)"
-		NOTE[l4lb]="l4lb build failed: $(log_reason "$TMP/l4lb-build.log" 2)"
-		return 1
-	fi
-}
-
 start_l4lb() {
-	build_l4lb || return 0
+	build_l4lb 15 || return 0
 	local cfg=$TMP/l4lb.toml kind
 	{
 		printf '[admin]\nlisten = ""\n'
@@ -429,7 +257,7 @@ start_l4lb() {
 		done
 	} >"$cfg"
 	start_bg l4lb "$TMP/l4lb.log" "$L4LB" run -config "$cfg"
-	if wait_listen "$LAST_PID" "${PORT[l4lb,iperf]}" "${PORT[l4lb,redis]}" "${PORT[l4lb,idle]}"; then
+	if wait_ports tcp "$LAST_PID" "${PORT[l4lb,iperf]}" "${PORT[l4lb,redis]}" "${PORT[l4lb,idle]}"; then
 		STATUS[l4lb]=ok
 		TPID[l4lb]=$LAST_PID
 	else
@@ -466,7 +294,7 @@ start_haproxy() {
 		done
 	} >"$cfg"
 	start_bg haproxy "$TMP/haproxy.log" haproxy -f "$cfg" -db
-	if wait_listen "$LAST_PID" "${PORT[haproxy,iperf]}" "${PORT[haproxy,redis]}" "${PORT[haproxy,idle]}"; then
+	if wait_ports tcp "$LAST_PID" "${PORT[haproxy,iperf]}" "${PORT[haproxy,redis]}" "${PORT[haproxy,idle]}"; then
 		STATUS[haproxy]=ok
 		TPID[haproxy]=$LAST_PID
 	else
@@ -475,15 +303,11 @@ start_haproxy() {
 }
 
 start_nginx() {
-	command -v nginx >/dev/null || { STATUS[nginx]="n/a (nginx not installed)"; return 0; }
-	have_stream_module || { STATUS[nginx]="n/a (nginx stream module not installed)"; return 0; }
+	nginx_usable || return 0
 	local dir=$TMP/nginx cfg=$TMP/nginx/nginx.conf kind
 	mkdir -p "$dir"
 	{
-		if ! nginx -V 2>&1 | grep -qE -- '--with-stream( |$)'; then
-			echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-		fi
-		if ((EUID == 0)); then echo "user root;"; fi
+		nginx_conf_prelude
 		cat <<-EOF
 			worker_processes $NCPU;
 			worker_rlimit_nofile $FD_HARD;
@@ -509,7 +333,7 @@ start_nginx() {
 		echo "}"
 	} >"$cfg"
 	start_bg nginx "$TMP/nginx.log" nginx -p "$dir" -c "$cfg" -e "$dir/error.log" -g 'daemon off;'
-	if wait_listen "$LAST_PID" "${PORT[nginx,iperf]}" "${PORT[nginx,redis]}" "${PORT[nginx,idle]}"; then
+	if wait_ports tcp "$LAST_PID" "${PORT[nginx,iperf]}" "${PORT[nginx,redis]}" "${PORT[nginx,idle]}"; then
 		STATUS[nginx]=ok
 		TPID[nginx]=$LAST_PID
 	else
@@ -521,24 +345,6 @@ start_nginx() {
 # measure_<workload> TARGET writes "metric value" lines to $RESULT, or fails.
 # They run in this shell (not in $(...)) and their clients through run_client,
 # so that INT/TERM stop the run at once instead of after the current client.
-
-RESULT=$TMP/result
-CLIENT_OUT=$TMP/client.out
-CLIENT_ERR=$TMP/client.err
-CLIENT_PID=
-
-# run_client SECONDS CMD...: run CMD with a time limit, output in $CLIENT_OUT
-# and $CLIENT_ERR; a trapped signal interrupts the wait and cleanup stops it.
-run_client() {
-	local limit=$1 rc=0
-	shift
-	timeout "$limit" "$@" </dev/null >"$CLIENT_OUT" 2>"$CLIENT_ERR" &
-	CLIENT_PID=$!
-	wait "$CLIENT_PID" || rc=$?
-	CLIENT_PID=
-	if ((rc == 124)); then echo "timed out after $limit s" >>"$CLIENT_ERR"; fi
-	return "$rc"
-}
 
 # is_positive X: X is a number > 0.
 is_positive() { awk -v x="$1" 'BEGIN { exit !(x ~ /^[0-9.eE+-]+$/ && x + 0 > 0) }'; }
@@ -633,22 +439,10 @@ measure_idle() {
 		printf "fds %.4f\nrss %.4f\nkernel %.4f\n", f / n, r / n, k / n }' >"$RESULT"
 }
 
+# measure_workload TARGET WORKLOAD: the hook run_rounds calls.
+measure_workload() { "measure_$2" "$1"; }
+
 # ----------------------------------------------------------------- output ---
-
-# cpu_busy_pct: percentage of all CPU time that was not idle over one second.
-cpu_busy_pct() {
-	local a b
-	a=$(head -n 1 /proc/stat)
-	sleep 1
-	b=$(head -n 1 /proc/stat)
-	awk -v a="$a" -v b="$b" 'BEGIN {
-		na = split(a, x); split(b, y); tot = 0
-		for (i = 2; i <= na; i++) tot += y[i] - x[i]
-		idle = (y[5] - x[5]) + (y[6] - x[6])
-		printf "%d\n", (tot > 0) ? 100 * (tot - idle) / tot + 0.5 : 0 }'
-}
-
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) exit 1; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 
 # row_median TARGET ROW: the cell's median. idle.kib is derived: the kernel
 # memory the connections took beyond what the same connections take direct
@@ -662,33 +456,11 @@ row_median() {
 		awk -v k="$k" -v d="$d" -v r="$r" 'BEGIN { print k - d + r }'
 		return
 	fi
-	median <<<"${SAMPLES[$t,$row]:-}"
-}
-
-versions() {
-	local h n i r g
-	h=$(haproxy -v 2>/dev/null | awk 'NR == 1 { print $3 }') || true
-	n=$(nginx -v 2>&1 | sed -n 's|.*nginx/||p' | head -n 1) || true
-	i=$(iperf3 --version 2>/dev/null | awk 'NR == 1 { print $2 }') || true
-	r=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([^ ]*\).*/\1/p') || true
-	g=$(go version 2>/dev/null | awk '{ print $3 }') || true
-	printf 'haproxy %s, nginx %s, iperf3 %s, redis %s, %s' "${h:-?}" "${n:-?}" "${i:-?}" "${r:-?}" "${g:-go ?}"
+	sample_median "$t" "$row"
 }
 
 print_table() {
-	local t row wl med dmed cell fmt fails
-	local cpu kernel rev
-	cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
-	kernel=$(uname -r)
-	rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "no commit")
-	if [[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null | head -n 1) ]]; then rev+=" (dirty)"; fi
-	echo "### l4lb loopback benchmark"
-	echo
-	echo "- date: $START_DATE (the run took $((SECONDS - START)) s)"
-	echo "- command: \`$CMD_LINE\`"
-	echo "- host: nproc $NCPU, ${cpu:-unknown CPU}, kernel $kernel;" \
-		"CPU already ${BUSY_START}% busy before the run (1 s sample)"
-	echo "- versions: $(versions); l4lb $rev, balance $L4LB_BALANCE"
+	print_table_head "l4lb loopback benchmark" haproxy nginx iperf3 redis go
 	echo "- workloads: iperf3 ${IPERF_TIME} s per test; redis-benchmark PING_MBULK -c $REDIS_CLIENTS," \
 		"-n $REDIS_N_K1 (-k 1) / $REDIS_N_K0 (-k 0); tcp_tw_reuse=$(cat /proc/sys/net/ipv4/tcp_tw_reuse)"
 	echo "- each cell: median of $ROUNDS interleaved round(s) (ratio to direct); clients, proxy and" \
@@ -701,54 +473,21 @@ print_table() {
 	echo "- CPU rows: user + system CPU time of the proxy's processes per GB received by the" \
 		"iperf3 server, from /proc/PID/stat; lower is better"
 	echo
-	printf '| workload |'
-	for t in "${ALL_TARGETS[@]}"; do printf ' %s |' "$t"; done
-	printf '\n|---|'
-	for t in "${ALL_TARGETS[@]}"; do printf -- '---:|'; done
-	printf '\n'
-	for row in "${ROWS[@]}"; do
-		wl=${row%%.*} fmt=${ROW_FMT[$row]}
-		dmed=$(row_median direct "$row") || dmed=
-		printf '| %s |' "${ROW_LABEL[$row]}"
-		for t in "${ALL_TARGETS[@]}"; do
-			if [[ " ${TARGET_LIST[*]} " != *" $t "* ]]; then
-				cell="n/a (not selected)"
-			elif [[ ${STATUS[$t]:-} != ok ]]; then
-				cell=${STATUS[$t]:-n/a}
-			elif [[ $t == direct && -n ${ROW_COST[$row]:-} ]]; then
-				# Nothing in between: no proxy descriptor, memory or CPU.
-				if [[ $row == *.cpugb ]]; then cell="–"; else cell="0"; fi
-			elif med=$(row_median "$t" "$row"); then
-				# shellcheck disable=SC2059
-				cell=$(printf "$fmt" "$med")
-				if [[ -z ${ROW_COST[$row]:-} && -n $dmed ]] && awk -v d="$dmed" 'BEGIN { exit !(d > 0) }'; then
-					cell+=$(awk -v m="$med" -v d="$dmed" 'BEGIN { printf " (%.2f)", m / d }')
-				fi
-				fails=${FAILED[$t,$wl]:-0}
-				if ((fails)); then cell+=" [$fails/$ROUNDS runs failed]"; fi
-			else
-				cell="n/a (all runs failed)"
-			fi
-			printf ' %s |' "$cell"
-		done
-		printf '\n'
-	done
-	if ((${#NOTE[@]})); then echo; fi
-	for t in "${ALL_TARGETS[@]}"; do
-		if [[ -n ${NOTE[$t]:-} ]]; then printf -- '- %s\n' "${NOTE[$t]}"; fi
-	done
+	print_table_body
 }
 
 # ------------------------------------------------------------------- main ---
 
-ensure_packages
+need=(iperf3=iperf3 redis-server=redis-server redis-benchmark=redis-tools jq=jq ss=iproute2)
+if selected haproxy; then need+=(haproxy=haproxy); fi
+ensure_packages "${need[@]}"
 for tool in iperf3 redis-server redis-benchmark jq ss; do
 	command -v "$tool" >/dev/null || die "$tool is required (install it, or run as root to have it installed)"
 done
 
 for kind in "${BACKEND_KINDS[@]}"; do
 	for t in "${TARGET_LIST[@]}"; do
-		if listening "${PORT[$t,$kind]}"; then
+		if port_bound tcp "${PORT[$t,$kind]}"; then
 			die "port ${PORT[$t,$kind]} is already in use: set BENCH_PORT_BASE to a free block"
 		fi
 	done
@@ -768,42 +507,11 @@ if [[ $tw == 0 ]]; then
 	fi
 fi
 
-START=$SECONDS
-START_DATE=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
-# The benchmark wants the whole machine: say so when something else is using it.
-BUSY_START=$(cpu_busy_pct)
-if ((BUSY_START >= 20)); then
-	log "warning: the CPUs are already ${BUSY_START}% busy before the run: expect noisy results"
-fi
+mark_start
 log "rounds=$ROUNDS iperf3=${IPERF_TIME}s redis -n k1=$REDIS_N_K1 k0=$REDIS_N_K0 targets: ${TARGET_LIST[*]}"
 start_backends
-for t in "${TARGET_LIST[@]}"; do
-	"start_$t"
-	[[ ${STATUS[$t]} == ok ]] || log "$t: ${NOTE[$t]:-${STATUS[$t]}}"
-done
-
-ACTIVE=()
-for t in "${TARGET_LIST[@]}"; do [[ ${STATUS[$t]} == ok ]] && ACTIVE+=("$t"); done
-
-for ((r = 1; r <= ROUNDS; r++)); do
-	for ((w = 0; w < ${#WORKLOADS[@]}; w++)); do
-		wl=${WORKLOADS[w]}
-		# Rotate the target order per round and workload so that no target
-		# always runs first (or right after the same neighbour).
-		for ((i = 0; i < ${#ACTIVE[@]}; i++)); do
-			t=${ACTIVE[(i + r - 1 + w) % ${#ACTIVE[@]}]}
-			: >"$RESULT"
-			if "measure_$wl" "$t" && [[ -s $RESULT ]]; then
-				while read -r metric value; do
-					SAMPLES[$t,$wl.$metric]+="$value "
-				done <"$RESULT"
-				log "round $r/$ROUNDS $wl $t: $(tr '\n' ' ' <"$RESULT")"
-			else
-				FAILED[$t,$wl]=$((${FAILED[$t,$wl]:-0} + 1))
-			fi
-		done
-	done
-done
+start_targets
+run_rounds
 
 print_table
 log "done in $((SECONDS - START)) s"
