@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -87,6 +88,43 @@ func printStatus(w io.Writer, st statusJSON) {
 		}
 	}
 	tw.Flush()
+	printTurnedAway(w, st.Services)
+}
+
+// printTurnedAway lists, per service, the clients and datagrams l4lb
+// turned away and why: what an operator looks for when clients complain
+// and every backend above says "up".
+func printTurnedAway(w io.Writer, services []serviceJSON) {
+	for _, s := range services {
+		var parts []string
+		if s.Refused > 0 {
+			parts = append(parts, fmt.Sprintf("no backend %d", s.Refused))
+		}
+		parts = append(parts, nonZero(s.Rejected)...)
+		if s.UDP != nil {
+			if s.UDP.FlowsRefused > 0 {
+				parts = append(parts, fmt.Sprintf("flows refused %d", s.UDP.FlowsRefused))
+			}
+			for _, d := range nonZero(s.UDP.Drops) {
+				parts = append(parts, "dropped "+d)
+			}
+		}
+		if len(parts) > 0 {
+			fmt.Fprintf(w, "%s turned away: %s\n", s.Name, strings.Join(parts, ", "))
+		}
+	}
+}
+
+// nonZero formats the non-zero counts of m as "reason N", by reason.
+func nonZero(m map[string]uint64) []string {
+	var out []string
+	for reason, n := range m {
+		if n > 0 {
+			out = append(out, fmt.Sprintf("%s %d", reason, n))
+		}
+	}
+	sort.Strings(out)
+	return out
 }
 
 func cmdReload(args []string, stdout, stderr io.Writer) int {

@@ -1,0 +1,47 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"strings"
+	"testing"
+)
+
+// TestPrintStatusTurnedAway decodes a /status document as the admin
+// endpoint writes it and checks that the table is followed by what each
+// service turned away, naming only the reasons that happened.
+func TestPrintStatusTurnedAway(t *testing.T) {
+	const doc = `{"version": 3, "hash": "abcdef0123456789", "loaded_at": "2026-11-23T10:00:00Z",
+	"services": [
+	  {"name": "pg", "listen": "10.0.0.1:5432", "protocol": "tcp", "refused": 2,
+	   "rejected": {"max_connections_per_source": 5, "denied": 0, "bad_proxy_header": 1},
+	   "backends": [{"address": "10.0.0.11:5432", "weight": 100, "configured": true, "in_route": true,
+	                 "health": "up", "active": 4, "total": 9}]},
+	  {"name": "game", "listen": "10.0.0.1:7777", "protocol": "udp",
+	   "udp": {"flows_refused": 3, "drops": {"max_flows": 3, "denied": 7, "no_backend": 0}},
+	   "backends": []},
+	  {"name": "quiet", "listen": "10.0.0.1:80", "protocol": "tcp", "backends": []}
+	]}`
+	var st statusJSON
+	if err := json.Unmarshal([]byte(doc), &st); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	printStatus(&out, st)
+	text := out.String()
+	for _, want := range []string{
+		"config version 3",
+		"pg       10.0.0.1:5432/tcp  10.0.0.11:5432",
+		"pg turned away: no backend 2, bad_proxy_header 1, max_connections_per_source 5\n",
+		"game turned away: flows refused 3, dropped denied 7, dropped max_flows 3\n",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("status output lacks %q:\n%s", want, text)
+		}
+	}
+	for _, unwanted := range []string{"quiet turned away", "denied 0", "no_backend"} {
+		if strings.Contains(text, unwanted) {
+			t.Errorf("status output has %q:\n%s", unwanted, text)
+		}
+	}
+}
