@@ -140,6 +140,13 @@ func (cp *copier) copy() error {
 				return cp.err
 			}
 		}
+		if !cp.splicing && cp.pipe != nil {
+			// Back to read/write after a burst, with the pipe drained:
+			// give it back now, or the connection would keep two more
+			// descriptors for the rest of its life.
+			cp.pools.put(cp.pipe)
+			cp.pipe = nil
+		}
 	}
 }
 
@@ -221,7 +228,13 @@ func (cp *copier) readWriteFD(fd uintptr) bool {
 // buffer.
 func (cp *copier) flushBufFD(fd uintptr) bool {
 	cp.err = nil
-	if !cp.writeBuf(int(fd)) {
+	off := cp.off
+	done := cp.writeBuf(int(fd))
+	if cp.off > off {
+		// Bytes reached a slow reader: the connection is not idle.
+		cp.conn.touch()
+	}
+	if !done {
 		return cp.err != nil
 	}
 	cp.putBuf()
@@ -262,7 +275,11 @@ func (cp *copier) waitIdle(conn *net.TCPConn, err error, reading bool) error {
 	}
 	next, idle := cp.conn.idleDeadline()
 	if idle {
-		return errIdle
+		if !cp.conn.kernelStillSending() {
+			return errIdle
+		}
+		cp.conn.touch()
+		next, _ = cp.conn.idleDeadline()
 	}
 	if reading {
 		conn.SetReadDeadline(next)

@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // proxyConn is one client connection joined to one backend connection.
@@ -33,6 +35,10 @@ type proxyConn struct {
 	forced atomic.Bool
 	// Bytes each way, set when the connection ends, for the connection log.
 	sentToBackend, sentToClient int64
+	// queuedToClient and queuedToBackend are the bytes the kernel still
+	// held in each socket's send queue when the idle timer last fired:
+	// see kernelStillSending.
+	queuedToClient, queuedToBackend atomic.Int64
 
 	prev, next *proxyConn // links in target.conns, guarded by target.mu
 }
@@ -49,6 +55,45 @@ func (c *proxyConn) idleDeadline() (time.Time, bool) {
 	}
 	deadline := clockStart.Add(last + timeout)
 	return deadline, !time.Now().Before(deadline)
+}
+
+// kernelStillSending reports whether either socket's send queue has
+// changed since the idle timer last looked (the first look counts as a
+// change, so a peer that never reads gets one extra period). l4lb can hand a peer megabytes
+// at once (the kernel's socket buffers grow to the bandwidth-delay
+// product, plus a pipe's worth), after which a slow but steady reader
+// drains them without l4lb moving a byte: that connection is busy, not
+// idle. A queue that stays the same size, or empty, is a peer that stopped
+// reading, or nothing to send, is idle.
+func (c *proxyConn) kernelStillSending() bool {
+	moved := false
+	for _, q := range []struct {
+		conn *net.TCPConn
+		last *atomic.Int64
+	}{{c.client, &c.queuedToClient}, {c.backend, &c.queuedToBackend}} {
+		n := sendQueued(q.conn)
+		if prev := q.last.Swap(n); n > 0 && n != prev {
+			moved = true
+		}
+	}
+	return moved
+}
+
+// sendQueued is how many bytes conn's send queue holds (SIOCOUTQ): sent
+// but not yet acknowledged, or not yet sent; 0 when it cannot tell.
+func sendQueued(conn *net.TCPConn) int64 {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var n int
+	rc.Control(func(fd uintptr) {
+		n, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
+	})
+	if err != nil {
+		return 0
+	}
+	return int64(n)
 }
 
 // abort ends both copy directions at once, from any goroutine: it marks

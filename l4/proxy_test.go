@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -132,23 +133,76 @@ func isReset(err error) bool {
 // sockets and no pipe (io.Copy's splice would hold two pipes, four
 // descriptors, for the connection's life).
 func TestIdleConnectionsHoldNoPipes(t *testing.T) {
-	addr, _ := startService(t, time.Minute, startEcho(t))
-	before := countPipes(t)
-	const conns = 50
-	for range conns {
-		c, err := net.Dial("tcp", addr.String())
+	// Sizes just over one buffer end a burst on a short splice rather than
+	// on EAGAIN: the copier must give the pipe back on that path too.
+	for _, size := range []int{100_000, 20_000, copyBufSize + 100} {
+		t.Run(strconv.Itoa(size), func(t *testing.T) {
+			addr, _ := startService(t, time.Minute, startEcho(t))
+			before := countPipes(t)
+			const conns = 50
+			for range conns {
+				c, err := net.Dial("tcp", addr.String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				roundTrip(t, c, strings.Repeat("z", size))
+			}
+			held := countPipes(t) - before
+			t.Logf("%d idle proxied connections hold %d pipe descriptors", conns, held)
+			// Returned pipes wait in the pool for reuse; a handful is
+			// fine, one per connection is not.
+			if held > 8 {
+				t.Errorf("%d idle connections hold %d pipe descriptors, want a small pool", conns, held)
+			}
+		})
+	}
+}
+
+// TestSlowReaderIsNotIdle sends a half-closed client, reading slowly but
+// steadily, more than the pipe and socket buffers hold: bytes written to
+// it count as activity, so neither half_close_timeout nor idle_timeout
+// may cut it while it keeps reading.
+func TestSlowReaderIsNotIdle(t *testing.T) {
+	const total = 2 << 20
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		c, err := ln.Accept()
 		if err != nil {
-			t.Fatal(err)
+			return
 		}
 		defer c.Close()
-		roundTrip(t, c, strings.Repeat("z", 100_000))
+		c.Write(make([]byte, total))
+		<-done // the backend keeps its side open: only the client half-closed
+	}()
+	addr, svc := startService(t, time.Second, ln.Addr().(*net.TCPAddr).AddrPort())
+	cfg := *svc.route.Load().cfg
+	cfg.IdleTimeout = 10 * time.Second
+	cfg.HalfCloseTimeout = time.Second
+	svc.Update(&cfg)
+	c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(addr))
+	if err != nil {
+		t.Fatal(err)
 	}
-	held := countPipes(t) - before
-	t.Logf("%d idle proxied connections hold %d pipe descriptors", conns, held)
-	// Returned pipes wait in the pool for reuse; a handful is fine, one per
-	// connection is not.
-	if held > 8 {
-		t.Errorf("%d idle connections hold %d pipe descriptors, want a small pool", conns, held)
+	defer c.Close()
+	c.SetReadBuffer(64 << 10)
+	c.CloseWrite() // the request is sent, as HTTP/1.0 or `nc -N` clients do
+	buf := make([]byte, 32<<10)
+	start := time.Now()
+	for got := 0; got < total; {
+		time.Sleep(50 * time.Millisecond) // about 640 KB/s: a pipe's 1 MiB takes longer than half_close_timeout
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := c.Read(buf)
+		got += n
+		if err != nil {
+			t.Fatalf("after %v and %d of %d bytes read steadily: %v", time.Since(start).Round(time.Millisecond), got, total, err)
+		}
 	}
 }
 

@@ -86,8 +86,10 @@ func (cp *copier) fillPipeFD(fd uintptr) bool {
 	if cp.pipe == nil {
 		p, err := cp.pools.get()
 		if err != nil {
-			cp.err = err
-			return true
+			// Out of descriptors (or pipe memory): the bytes can still go
+			// through the buffer, slower but without cutting the client.
+			cp.splicing = false
+			return cp.readWriteFD(fd)
 		}
 		cp.pipe = p
 	}
@@ -138,6 +140,8 @@ func (cp *copier) drainPipeFD(fd uintptr) bool {
 			return true
 		}
 		cp.pipe.buffered -= int(n)
+		// A slow reader draining a full pipe is not idle.
+		cp.conn.touch()
 	}
 	return true
 }
