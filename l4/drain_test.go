@@ -1,6 +1,9 @@
 package l4
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -8,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/l4lb/l4lb/config"
 )
@@ -110,5 +115,55 @@ func TestRemovedMidDialIsDrained(t *testing.T) {
 	}
 	if n := backendOf(svc, other).active.Load(); n != 1 {
 		t.Errorf("the backend that stayed counts %d connections, want 1", n)
+	}
+}
+
+// TestShutdownWaitsForRemovedServices removes a service with a connection
+// open, then shuts down: Shutdown must not return while that connection
+// drains, since the process exits right after it.
+func TestShutdownWaitsForRemovedServices(t *testing.T) {
+	echo := startEcho(t)
+	freePort := func() int {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return ln.Addr().(*net.TCPAddr).Port
+	}
+	removedPort, keptPort := freePort(), freePort()
+	parse := func(withRemoved bool) *config.Config {
+		var s string
+		if withRemoved {
+			s = fmt.Sprintf("[services.removed]\nlisten = \"127.0.0.1:%d\"\ndrain_timeout = \"1s\"\n[[services.removed.backends]]\naddress = %q\n", removedPort, echo)
+		}
+		s += fmt.Sprintf("[services.kept]\nlisten = \"127.0.0.1:%d\"\ndrain_timeout = \"1s\"\n[[services.kept.backends]]\naddress = %q\n", keptPort, echo)
+		cfg, err := config.Parse([]byte(s), "test.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	srv := NewServer(hclog.NewNullLogger())
+	if _, err := srv.Apply(context.Background(), parse(true)); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", removedPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "before the reload")
+	if _, err := srv.Apply(context.Background(), parse(false)); err != nil {
+		t.Fatal(err)
+	}
+	roundTrip(t, c, "draining")
+	srv.Shutdown()
+	// The drain deadline has passed by now, so l4lb has closed the
+	// connection: the read ends at once (the deadline only bounds a
+	// failing test; the drain itself ends 1 s after the reload).
+	c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Shutdown returned while a removed service's connection was still open (read: %v)", err)
 	}
 }

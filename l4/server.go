@@ -37,6 +37,10 @@ type Server struct {
 	// nil is no bound. Set before the first Apply.
 	gate *connGate
 
+	// retiring counts the drains of services removed by a reload, so that
+	// Shutdown waits for them too.
+	retiring sync.WaitGroup
+
 	mu sync.Mutex // guards everything below; held for a whole Apply
 	// running is keyed by socket identity (protocol and listen address), not
 	// by name: a renamed service keeps its sockets.
@@ -277,7 +281,9 @@ func (srv *Server) retire(rs *runningService) {
 	rs.stopAccepting()
 	srv.log.Info("service removed: stopped accepting, draining", "service", rs.cfg.Name, "listen", rs.cfg.Listen,
 		"drain_timeout", rs.cfg.DrainTimeout.String())
+	srv.retiring.Add(1)
 	go func() {
+		defer srv.retiring.Done()
 		rs.accepting.Wait()
 		if rs.udp != nil {
 			// Sockets stay open while flows drain: replies leave by them.
@@ -290,7 +296,8 @@ func (srv *Server) retire(rs *runningService) {
 
 // Shutdown stops accepting on every service, lets open connections finish
 // for up to each service's drain_timeout, closes the rest and returns when
-// every connection is closed.
+// every connection is closed, those of services that an earlier reload
+// removed and that are still draining included.
 func (srv *Server) Shutdown() {
 	srv.mu.Lock()
 	srv.closed = true
@@ -315,6 +322,9 @@ func (srv *Server) Shutdown() {
 		}()
 	}
 	wg.Wait()
+	// Services removed by a reload keep their own drain deadlines, which a
+	// shutdown does not cut short.
+	srv.retiring.Wait()
 }
 
 // Version returns the running config's version (1 for the first, +1 per
