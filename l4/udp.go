@@ -205,10 +205,18 @@ func (u *udpBackend) unlink(f *udpFlow) {
 
 // closeFlows closes the socket of every open flow to the backend; their
 // workers remove them at their next datagram or wheel visit.
+//
+// The sockets are closed outside u.mu: a Close waits for the flow's reader
+// to leave its callback, and a worker opening a flow to this backend must
+// not wait on that.
 func (u *udpBackend) closeFlows() {
+	var flows []*udpFlow
 	u.mu.Lock()
-	defer u.mu.Unlock()
 	for f := u.flows; f != nil; f = f.beNext {
+		flows = append(flows, f)
+	}
+	u.mu.Unlock()
+	for _, f := range flows {
 		f.close()
 	}
 }
@@ -333,6 +341,13 @@ func (f *udpFlow) readReplies(fd uintptr) bool {
 		}
 		if n < b.Len() {
 			return false
+		}
+		if f.closed.Load() {
+			// A backend that never stops sending would otherwise keep the
+			// reader in this callback, and close (which waits for it) with
+			// it.
+			f.readErr = net.ErrClosed
+			return true
 		}
 	}
 }

@@ -182,10 +182,12 @@ func TestUDPForwardStickyAndPlanned(t *testing.T) {
 	if len(used) < 2 {
 		t.Errorf("24 clients all on %v; want a spread", used)
 	}
-	st, ok := svc.UDPStats()
-	if !ok {
+	if _, ok := svc.UDPStats(); !ok {
 		t.Fatal("UDPStats: not a UDP service")
 	}
+	// A reader counts its replies after its sendmmsg returns, which may be
+	// after the client has read the last of them.
+	st := waitUDPStats(t, svc, 2*time.Second, func(st UDPStats) bool { return st.DatagramsToClient >= clients*rounds })
 	if st.FlowsCreated != clients || st.FlowsActive != clients || st.DatagramsToBackend != clients*rounds ||
 		st.DatagramsToClient != clients*rounds {
 		t.Errorf("stats %+v; want %d flows created and active, %d datagrams each way", st, clients, clients*rounds)
