@@ -22,7 +22,11 @@ func (l *accessList) admits(a netip.Addr) bool {
 	return len(l.allow) == 0 || containsAddr(l.allow, a)
 }
 
+// containsAddr reports whether a prefix of list holds a, whatever a's
+// zone: Prefix.Contains is false for every zoned address, which would let
+// fe80::1%eth0 past a deny of fe80::/10.
 func containsAddr(list []netip.Prefix, a netip.Addr) bool {
+	a = a.WithZone("")
 	for _, p := range list {
 		if p.Contains(a) {
 			return true

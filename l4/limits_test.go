@@ -123,6 +123,8 @@ func TestAccessList(t *testing.T) {
 		{"deny only", nil, []netip.Prefix{p("10.0.0.0/8")}, "10.1.2.3", false},
 		{"deny other family", nil, []netip.Prefix{p("::/0")}, "10.1.2.3", true},
 		{"ipv6 allow", []netip.Prefix{p("2001:db8::/32")}, nil, "2001:db8::5", true},
+		{"zoned link-local denied", nil, []netip.Prefix{p("fe80::/10")}, "fe80::1%eth0", false},
+		{"zoned link-local allowed", []netip.Prefix{p("fe80::/10")}, nil, "fe80::1%eth0", true},
 	}
 	for _, tt := range tests {
 		l := accessList{allow: tt.allow, deny: tt.deny}
