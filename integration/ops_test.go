@@ -477,10 +477,18 @@ func TestPrivilegeDrop(t *testing.T) {
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	// The pidfile goes in a directory only root may write, like /run: it
+	// must be written before the drop.
+	runDir := t.TempDir()
+	os.Chmod(runDir, 0o755)
+	pidfile := filepath.Join(runDir, "l4lb.pid")
 	// Not startLB: its config sits in a private temp dir nobody cannot read.
-	p, err := startProcess(t, top.LB, "stderr", "l4lb: ready", l4lbBin, "run", "-config", path)
+	p, err := startProcess(t, top.LB, "stderr", "l4lb: ready", l4lbBin, "run", "-config", path, "-pidfile", pidfile)
 	if err != nil {
 		t.Fatalf("start l4lb: %v", err)
+	}
+	if b, err := os.ReadFile(pidfile); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(p.cmd.Process.Pid) {
+		t.Errorf("pidfile %s: %q, %v; want the process id %d", pidfile, b, err, p.cmd.Process.Pid)
 	}
 	t.Cleanup(func() {
 		p.stop()

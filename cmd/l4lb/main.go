@@ -175,6 +175,16 @@ func cmdRun(args []string, stderr io.Writer) int {
 	}
 	adm.commit(cfg.Admin.Listen, adminLn)
 	rl.admin = adm
+	// The pidfile goes where root may write (/run), so before the drop;
+	// removing it at exit may then fail, as with other daemons that drop
+	// privileges, and a stale file names a dead process.
+	if *pidfile != "" {
+		if err := os.WriteFile(*pidfile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+			log.Error("cannot write pidfile", "error", err)
+			return 1
+		}
+		defer os.Remove(*pidfile)
+	}
 	if err := dropPrivileges(cfg.Process); err != nil {
 		log.Error("cannot start", "error", err)
 		return 1
@@ -188,13 +198,6 @@ func cmdRun(args []string, stderr io.Writer) int {
 	triggers := make(chan string, 8)
 	go rl.run(ctx, triggers)
 	watchConfigFile(ctx, log, srv, *path, triggers)
-	if *pidfile != "" {
-		if err := os.WriteFile(*pidfile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
-			log.Error("cannot write pidfile", "error", err)
-			return 1
-		}
-		defer os.Remove(*pidfile)
-	}
 	// Ready only once the file is watched: a change made after this line
 	// must not be missed.
 	if err := notify.ready("serving"); err != nil {
