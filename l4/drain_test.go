@@ -167,3 +167,62 @@ func TestShutdownWaitsForRemovedServices(t *testing.T) {
 		t.Fatalf("Shutdown returned while a removed service's connection was still open (read: %v)", err)
 	}
 }
+
+// TestUDPServiceBackWhileDraining removes a UDP service with a flow open and
+// brings it back before its drain ends. Its sockets are still bound (the
+// flow's replies leave by them), so the service must take them back:
+// binding fresh ones would add them to the same SO_REUSEPORT group, and
+// the clients the kernel hashes to the draining sockets would be refused.
+func TestUDPServiceBackWhileDraining(t *testing.T) {
+	echo := startUDPEcho(t, "echo")
+	probe, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := probe.LocalAddr().(*net.UDPAddr).Port
+	probe.Close()
+	parse := func(withUDP bool) *config.Config {
+		// A TCP service keeps the config valid while the UDP one is out.
+		s := fmt.Sprintf("[services.tcp]\nlisten = \"127.0.0.1:%d\"\n[[services.tcp.backends]]\naddress = %q\n", port, echo)
+		if withUDP {
+			s += fmt.Sprintf("[services.game]\nlisten = \"127.0.0.1:%d\"\nprotocol = \"udp\"\nworkers = 2\ndrain_timeout = \"3s\"\n[[services.game.backends]]\naddress = %q\n", port, echo)
+		}
+		cfg, err := config.Parse([]byte(s), "test.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	srv := NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	if _, err := srv.Apply(context.Background(), parse(true)); err != nil {
+		t.Fatal(err)
+	}
+	listen := netip.AddrPortFrom(loopback, uint16(port))
+	old := newUDPClient(t, listen)
+	old.exchange("before the reloads")
+	if _, err := srv.Apply(context.Background(), parse(false)); err != nil {
+		t.Fatal(err)
+	}
+	old.exchange("while the service drains")
+	if _, err := srv.Apply(context.Background(), parse(true)); err != nil {
+		t.Fatal(err)
+	}
+	old.exchange("after it came back")
+	// New clients land on either socket of the group; every one is served.
+	for i := range 20 {
+		if _, err := newUDPClient(t, listen).tryExchange(fmt.Sprintf("new client %d", i), 2*time.Second); err != nil {
+			t.Fatalf("new client %d after the service came back: %v", i, err)
+		}
+	}
+	var game *Service
+	for _, rs := range srv.running {
+		if rs.cfg.Name == "game" {
+			game = rs.svc
+		}
+	}
+	st, _ := game.UDPStats()
+	if st.Drops[DropDraining] != 0 {
+		t.Errorf("%d datagrams dropped as draining after the service came back", st.Drops[DropDraining])
+	}
+}

@@ -45,10 +45,16 @@ type Server struct {
 	// running is keyed by socket identity (protocol and listen address), not
 	// by name: a renamed service keeps its sockets.
 	running map[socketKey]*runningService
-	current *config.Config
-	version uint64
-	loaded  time.Time
-	closed  bool
+	// retiringUDP holds UDP services that a reload removed and whose flows
+	// still drain. Their sockets stay bound (replies leave by them), so a
+	// reload that brings the address back revives them: fresh sockets
+	// would join the same SO_REUSEPORT group, and the clients the kernel
+	// hashed to the draining ones would be refused.
+	retiringUDP map[socketKey]*runningService
+	current     *config.Config
+	version     uint64
+	loaded      time.Time
+	closed      bool
 }
 
 type socketKey struct {
@@ -100,7 +106,8 @@ func (srv *Server) SetMaxConnections(n int64) {
 
 // NewServer returns a server with no services.
 func NewServer(log hclog.Logger) *Server {
-	return &Server{log: log, pipes: newPipePool(), running: make(map[socketKey]*runningService)}
+	return &Server{log: log, pipes: newPipePool(), running: make(map[socketKey]*runningService),
+		retiringUDP: make(map[socketKey]*runningService)}
 }
 
 // Change describes what an Apply did.
@@ -156,7 +163,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		if sc.Protocol == config.UDP {
 			// A running UDP service keeps its socket group as it is: see
 			// the workers note in phase 2.
-			if old == nil {
+			if old == nil && srv.retiringUDP[key] == nil {
 				conns, err := listener.ListenUDP(ctx, sc.Listen, sc.Workers)
 				if err != nil {
 					undo()
@@ -192,6 +199,27 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		sc := &cfg.Services[i]
 		key := keyOf(sc)
 		wanted[key] = true
+		if rs := srv.retiringUDP[key]; rs != nil && srv.running[key] == nil {
+			delete(srv.retiringUDP, key)
+			if rs.udp.revive() {
+				rs.cfg = sc
+				rs.svc.Update(sc)
+				srv.running[key] = rs
+				srv.log.Info("service back while it drained: sockets and flows kept", "service", sc.Name, "listen", sc.Listen,
+					"protocol", sc.Protocol, "backends", backendList(sc))
+				continue
+			}
+			// Its drain closed the sockets just now: bind afresh. Nothing
+			// else holds the address any more, so this can only fail as
+			// any bind can; the service then stays down until the next
+			// reload, and the error says so.
+			conns, err := listener.ListenUDP(ctx, sc.Listen, sc.Workers)
+			if err != nil {
+				srv.log.Error("service could not come back", "service", sc.Name, "listen", sc.Listen, "error", err)
+				continue
+			}
+			freshUDP[key] = conns
+		}
 		if conns, ok := freshUDP[key]; ok {
 			rs := &runningService{svc: srv.newService(sc), cfg: sc, stop: make(chan struct{})}
 			rs.udp = newUDPProxy(rs.svc, conns, srv.log.With("service", sc.Name))
@@ -279,18 +307,32 @@ func (srv *Server) serve(rs *runningService, lns []*net.TCPListener) {
 // background, for its drain_timeout.
 func (srv *Server) retire(rs *runningService) {
 	rs.stopAccepting()
-	srv.log.Info("service removed: stopped accepting, draining", "service", rs.cfg.Name, "listen", rs.cfg.Listen,
-		"drain_timeout", rs.cfg.DrainTimeout.String())
+	// The goroutine reads this config, not rs.cfg: a UDP service revived
+	// by a later reload gets its new config while the goroutine ends.
+	cfg := rs.cfg
+	srv.log.Info("service removed: stopped accepting, draining", "service", cfg.Name, "listen", cfg.Listen,
+		"drain_timeout", cfg.DrainTimeout.String())
+	key := keyOf(cfg)
+	if rs.udp != nil {
+		srv.retiringUDP[key] = rs
+	}
 	srv.retiring.Add(1)
 	go func() {
 		defer srv.retiring.Done()
 		rs.accepting.Wait()
 		if rs.udp != nil {
 			// Sockets stay open while flows drain: replies leave by them.
-			rs.udp.Drain(time.Now().Add(rs.cfg.DrainTimeout))
+			if !rs.udp.Drain(time.Now().Add(cfg.DrainTimeout)) {
+				return // revived by a reload: running again
+			}
+			srv.mu.Lock()
+			if srv.retiringUDP[key] == rs {
+				delete(srv.retiringUDP, key)
+			}
+			srv.mu.Unlock()
 		}
-		rs.svc.Drain(time.Now().Add(rs.cfg.DrainTimeout))
-		srv.log.Info("service stopped", "service", rs.cfg.Name, "listen", rs.cfg.Listen)
+		rs.svc.Drain(time.Now().Add(cfg.DrainTimeout))
+		srv.log.Info("service stopped", "service", cfg.Name, "listen", cfg.Listen)
 	}()
 }
 

@@ -490,9 +490,13 @@ type udpProxy struct {
 	// active counts open flows over all workers, for max_flows.
 	active   atomic.Int64
 	draining atomic.Bool
-	// drained is closed when active reaches 0 while draining.
-	drained     chan struct{}
-	drainedOnce sync.Once
+	// drainWake wakes Drain when active reaches 0 while draining, or when
+	// revive takes the proxy back; capacity 1, sends never block.
+	drainWake chan struct{}
+	// drainMu orders revive against Drain's decision to close: closing is
+	// set, under it, once the sockets are about to close for good.
+	drainMu sync.Mutex
+	closing bool
 
 	running sync.WaitGroup // worker loops
 	readers sync.WaitGroup // flow readers
@@ -510,7 +514,7 @@ type udpProxy struct {
 // newUDPProxy returns the proxy of svc over conns, a SO_REUSEPORT group,
 // and makes it svc's UDP side (Service.UDPStats). Call start to serve.
 func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy {
-	p := &udpProxy{svc: svc, log: log, drained: make(chan struct{})}
+	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1)}
 	// The sockets of a group share their family; replies are addressed in it.
 	inet6 := len(conns) > 0 && isInet6(conns[0])
 	p.replyBatches.New = func() any { return newUDPSend(mmsg.NewBatch(udpReplyBatch, udpBufSize, inet6), false) }
@@ -560,16 +564,29 @@ func (p *udpProxy) start() {
 // Drain stops opening flows, lets the open ones run until they idle out or
 // deadline passes, then closes the sockets and every flow, and returns once
 // all goroutines have ended.
-func (p *udpProxy) Drain(deadline time.Time) {
+//
+// It returns false, with nothing closed, when revive took the proxy back
+// into service first: a reload that removed the service and a later one
+// that brought it back while it drained.
+func (p *udpProxy) Drain(deadline time.Time) bool {
 	p.draining.Store(true)
-	if p.active.Load() > 0 {
-		timer := time.NewTimer(time.Until(deadline))
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+wait:
+	for p.active.Load() > 0 && p.draining.Load() {
 		select {
-		case <-p.drained:
+		case <-p.drainWake:
 		case <-timer.C:
+			break wait
 		}
-		timer.Stop()
 	}
+	p.drainMu.Lock()
+	if !p.draining.Load() {
+		p.drainMu.Unlock()
+		return false
+	}
+	p.closing = true
+	p.drainMu.Unlock()
 	for _, w := range p.workers {
 		w.conn.Close()
 	}
@@ -580,6 +597,28 @@ func (p *udpProxy) Drain(deadline time.Time) {
 		w.closeAll()
 	}
 	p.readers.Wait()
+	return true
+}
+
+// revive takes a draining proxy back into service: new flows open again
+// and its sockets stay. False when its drain has already begun to close
+// them.
+func (p *udpProxy) revive() bool {
+	p.drainMu.Lock()
+	defer p.drainMu.Unlock()
+	if p.closing {
+		return false
+	}
+	p.draining.Store(false)
+	p.wakeDrain()
+	return true
+}
+
+func (p *udpProxy) wakeDrain() {
+	select {
+	case p.drainWake <- struct{}{}:
+	default:
+	}
 }
 
 // Close closes the sockets and every flow at once, and returns when all
@@ -843,7 +882,7 @@ func (w *udpWorker) remove(f *udpFlow, expired bool) {
 		w.c.flowsClosed.Add(1)
 	}
 	if w.p.active.Add(-1) == 0 && w.p.draining.Load() {
-		w.p.drainedOnce.Do(func() { close(w.p.drained) })
+		w.p.wakeDrain()
 	}
 }
 
