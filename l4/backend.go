@@ -39,6 +39,8 @@ type Backend struct {
 	// and drained, or removed with nothing open). It never routes again:
 	// an address that comes back gets a new Backend.
 	retired bool
+	// refuseNew: see setRefuseNew.
+	refuseNew bool
 
 	udp udpBackend // open UDP flows and datagram counters: udp.go
 
@@ -72,12 +74,13 @@ func (b *Backend) Stats() BackendStats {
 }
 
 // track registers c, which connect has already counted in active, and
-// reports false, registering nothing, when the backend was retired while c
-// was connecting: no drain would ever reach c.
+// reports false, registering nothing, when the backend was retired (or,
+// at weight 0, finished its drain) while c was connecting: no drain would
+// ever reach c.
 func (b *Backend) track(c *proxyConn) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.retired {
+	if b.retired || b.refuseNew {
 		return false
 	}
 	b.total.Add(1)
@@ -97,10 +100,22 @@ func (b *Backend) retireIfIdle() bool {
 	return true
 }
 
-func (b *Backend) isRetired() bool {
+// refusesNew reports whether a connection or flow that chose the backend
+// from an older route must start over on the current one.
+func (b *Backend) refusesNew() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.retired
+	return b.retired || b.refuseNew
+}
+
+// setRefuseNew marks a configured backend with weight 0 whose drain is over
+// (or had nothing to drain): connections that picked it from an older
+// route start over rather than escape the drain. Cleared when its weight
+// comes back.
+func (b *Backend) setRefuseNew(refuse bool) {
+	b.mu.Lock()
+	b.refuseNew = refuse
+	b.mu.Unlock()
 }
 
 // retire closes every open connection and flow to a removed backend and

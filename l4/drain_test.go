@@ -79,6 +79,15 @@ func (b *slowBackend) release(t *testing.T) {
 // after the drain deadline the connection starts over on the current
 // route instead of living on outside every drain.
 func TestRemovedMidDialIsDrained(t *testing.T) {
+	// Removed from the config, or kept with weight 0: either way its drain
+	// must reach the connection.
+	for _, weightZero := range []bool{false, true} {
+		name := map[bool]string{false: "removed", true: "weight 0"}[weightZero]
+		t.Run(name, func(t *testing.T) { testMidDialDrained(t, weightZero) })
+	}
+}
+
+func testMidDialDrained(t *testing.T, weightZero bool) {
 	slow := newSlowBackend(t)
 	other := startEcho(t)
 	addr, svc := startService(t, time.Hour, slow.addr)
@@ -94,24 +103,26 @@ func TestRemovedMidDialIsDrained(t *testing.T) {
 	be := backendOf(svc, slow.addr)
 	eventually(t, "the dial to the slow backend counted as active", func() bool { return be.active.Load() == 1 })
 
-	removed := cfg
-	removed.DrainTimeout = 200 * time.Millisecond
-	removed.Backends = []config.Backend{{Address: other, Weight: 1}}
-	svc.Update(&removed)
-	draining := false
-	for _, b := range svc.Backends() {
-		draining = draining || b == be
+	changed := cfg
+	changed.DrainTimeout = 200 * time.Millisecond
+	changed.Backends = []config.Backend{{Address: other, Weight: 1}}
+	if weightZero {
+		changed.Backends = append(changed.Backends, config.Backend{Address: slow.addr, Weight: 0})
 	}
+	svc.Update(&changed)
+	svc.mu.Lock()
+	draining := be.drainTimer != nil
+	svc.mu.Unlock()
 	if !draining {
-		t.Fatal("a backend removed while a connection to it was dialing was forgotten, not drained")
+		t.Fatalf("a backend %s while a connection to it was dialing does not drain", map[bool]string{false: "removed", true: "set to weight 0"}[weightZero])
 	}
-	eventually(t, "the drain deadline passed", func() bool { return be.isRetired() })
+	eventually(t, "the drain deadline passed", func() bool { return be.refusesNew() })
 
 	slow.release(t)
 	client.SetDeadline(time.Now().Add(8 * time.Second))
 	roundTrip(t, client, "on the backend that stayed")
 	if n := be.active.Load(); n != 0 {
-		t.Errorf("removed backend still counts %d connections", n)
+		t.Errorf("drained backend still counts %d connections", n)
 	}
 	if n := backendOf(svc, other).active.Load(); n != 1 {
 		t.Errorf("the backend that stayed counts %d connections, want 1", n)

@@ -121,6 +121,7 @@ func (s *Service) rebuildLocked() {
 		acl: accessList{allow: cfg.Allow, deny: cfg.Deny}, trusted: cfg.TrustedProxies}
 	var members []member
 	var down []standby // weighted but not healthy: routed only in panic mode
+	var unweighted []*Backend
 	kept := make(map[netip.AddrPort]*Backend, len(cfg.Backends))
 	for _, b := range cfg.Backends {
 		be := s.backends[b.Address]
@@ -133,6 +134,7 @@ func (s *Service) rebuildLocked() {
 		}
 		kept[b.Address] = be
 		if b.Weight > 0 {
+			be.setRefuseNew(false) // before the route that offers it
 			s.stopDrainLocked(be)
 			m := member{key: be.dialAddr, weight: b.Weight, active: &be.active}
 			if !usable(cfg, be) {
@@ -143,6 +145,7 @@ func (s *Service) rebuildLocked() {
 			members = append(members, m)
 		} else {
 			s.startDrainLocked(be, cfg.DrainTimeout)
+			unweighted = append(unweighted, be)
 		}
 	}
 	r.backends, members = s.health.choose(cfg, r.backends, members, down)
@@ -153,6 +156,13 @@ func (s *Service) rebuildLocked() {
 	removed := s.backends
 	s.backends = kept
 	s.route.Store(r)
+	for _, be := range unweighted {
+		if be.drainTimer == nil {
+			// Nothing to drain: refuse now, after the swap, so that a
+			// connection turned away starts over on a route without it.
+			be.setRefuseNew(true)
+		}
+	}
 	// Removed backends drain or retire only once no route holds them: a
 	// connection that finds its backend retired starts over on the
 	// current route, which must not offer it again.
@@ -193,7 +203,10 @@ func (s *Service) startDrainLocked(be *Backend, timeout time.Duration) {
 			delete(s.draining, be.addr)
 			be.retire()
 		} else {
-			be.closeConns() // weight 0: it stays configured
+			// Weight 0: it stays configured, and takes no connection
+			// until its weight comes back.
+			be.setRefuseNew(true)
+			be.closeConns()
 		}
 		s.log.Info("drain finished", "service", s.cfg.Name, "backend", be.addr, "closed_connections", n)
 	})

@@ -846,7 +846,7 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udp
 	be.active.Add(1)
 	be.total.Add(1)
 	be.udp.link(f)
-	if be.isRetired() {
+	if be.refusesNew() {
 		// Removed while we picked it: no drain would close this flow, so
 		// it ends now and the client's next datagram opens a flow on the
 		// current route. (retire sets the flag before closeFlows takes
