@@ -155,13 +155,17 @@ func cmdRun(args []string, stderr io.Writer) int {
 		maxConns := maxConnectionsFor(nofile)
 		srv.SetMaxConnections(maxConns)
 		log.Info("descriptor limit", "nofile", nofile, "nofile_hard", hardNofile, "max_connections", maxConns)
+		warnFlowDescriptors(log, cfg, nofile)
 	}
 	notify := newNotifier()
-	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, applyLog: func(lc config.Log) {
+	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, applied: func(c *config.Config) {
 		if *levelFlag == "" {
-			log.SetLevel(hclog.LevelFromString(lc.Level))
+			log.SetLevel(hclog.LevelFromString(c.Log.Level))
 		}
-		srv.SetLogConnections(lc.Connections)
+		srv.SetLogConnections(c.Log.Connections)
+		if nofile > 0 {
+			warnFlowDescriptors(log, c, nofile)
+		}
 	}}
 	adm := newAdmin(log, srv, rl)
 	adminLn, err := adm.prepare(cfg.Admin.Listen)

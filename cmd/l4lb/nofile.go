@@ -1,7 +1,10 @@
 package main
 
 import (
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/l4lb/l4lb/config"
 )
 
 // raiseNofile raises the soft RLIMIT_NOFILE to the hard limit and returns
@@ -52,4 +55,30 @@ func maxConnectionsFor(nofile uint64) int64 {
 		return 1
 	}
 	return int64((nofile - reserve) / fdsPerConnection)
+}
+
+// flowDescriptorShortfall is how many descriptors the UDP services of cfg
+// would lack with all their flows open (one socket each, up to max_flows)
+// and no TCP connection at all; 0 when they fit. TCP connections and UDP
+// flows share the descriptors first come, first served; this only catches
+// a max_flows that can never be reached.
+func flowDescriptorShortfall(cfg *config.Config, nofile uint64) int64 {
+	var flows int64
+	for _, sc := range cfg.Services {
+		if sc.Protocol == config.UDP {
+			flows += int64(sc.MaxFlows)
+		}
+	}
+	return max(0, flows-(int64(nofile)-fdReserve))
+}
+
+// warnFlowDescriptors says so when max_flows cannot be reached: past the
+// limit, new flows fail to open (dropped as backend_socket) and TCP
+// connections may find no pipe. Raising the limit or lowering max_flows is
+// the operator's call, not something to guess at here.
+func warnFlowDescriptors(log hclog.Logger, cfg *config.Config, nofile uint64) {
+	if short := flowDescriptorShortfall(cfg, nofile); short > 0 {
+		log.Warn("udp max_flows exceed RLIMIT_NOFILE: raise it (LimitNOFILE= under systemd) or lower max_flows",
+			"nofile", nofile, "descriptors_short", short)
+	}
 }

@@ -27,8 +27,9 @@ type reloader struct {
 	// admin is set once the admin endpoint exists; a reload rebinds it
 	// when admin.listen changes.
 	admin *admin
-	// applyLog applies the [log] section of a new config.
-	applyLog func(config.Log)
+	// applied runs after a new config is applied: [log] settings and the
+	// descriptor check.
+	applied func(*config.Config)
 
 	reloading sync.Mutex // held for a whole reload: triggers and POST /reload take turns
 
@@ -140,8 +141,8 @@ func (r *reloader) apply(ctx context.Context) (l4.Change, *config.Config, error)
 	if r.admin != nil {
 		r.admin.commit(cfg.Admin.Listen, adminLn)
 	}
-	if r.applyLog != nil {
-		r.applyLog(cfg.Log)
+	if r.applied != nil {
+		r.applied(cfg)
 	}
 	return change, cfg, nil
 }
