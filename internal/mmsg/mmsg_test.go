@@ -18,7 +18,7 @@ func listen(t *testing.T, addr string) (*net.UDPConn, syscall.RawConn) {
 	t.Helper()
 	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
 	if err != nil {
-		t.Skipf("listen %s: %v", addr, err)
+		t.Fatalf("listen %s: %v", addr, err)
 	}
 	t.Cleanup(func() { c.Close() })
 	rc, err := c.SyscallConn()
