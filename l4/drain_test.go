@@ -134,21 +134,15 @@ func testMidDialDrained(t *testing.T, weightZero bool) {
 // drains, since the process exits right after it.
 func TestShutdownWaitsForRemovedServices(t *testing.T) {
 	echo := startEcho(t)
-	freePort := func() int {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		return ln.Addr().(*net.TCPAddr).Port
-	}
-	removedPort, keptPort := freePort(), freePort()
+	// Addresses of this test's own in 127/8, so no other test or
+	// ephemeral port can hold them.
+	const removedListen, keptListen = "127.88.1.1:7000", "127.88.1.2:7000"
 	parse := func(withRemoved bool) *config.Config {
 		var s string
 		if withRemoved {
-			s = fmt.Sprintf("[services.removed]\nlisten = \"127.0.0.1:%d\"\ndrain_timeout = \"1s\"\n[[services.removed.backends]]\naddress = %q\n", removedPort, echo)
+			s = fmt.Sprintf("[services.removed]\nlisten = %q\ndrain_timeout = \"1s\"\n[[services.removed.backends]]\naddress = %q\n", removedListen, echo)
 		}
-		s += fmt.Sprintf("[services.kept]\nlisten = \"127.0.0.1:%d\"\ndrain_timeout = \"1s\"\n[[services.kept.backends]]\naddress = %q\n", keptPort, echo)
+		s += fmt.Sprintf("[services.kept]\nlisten = %q\ndrain_timeout = \"1s\"\n[[services.kept.backends]]\naddress = %q\n", keptListen, echo)
 		cfg, err := config.Parse([]byte(s), "test.toml")
 		if err != nil {
 			t.Fatal(err)
@@ -159,7 +153,7 @@ func TestShutdownWaitsForRemovedServices(t *testing.T) {
 	if _, err := srv.Apply(context.Background(), parse(true)); err != nil {
 		t.Fatal(err)
 	}
-	c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", removedPort))
+	c, err := net.Dial("tcp", removedListen)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,17 +180,14 @@ func TestShutdownWaitsForRemovedServices(t *testing.T) {
 // the clients the kernel hashes to the draining sockets would be refused.
 func TestUDPServiceBackWhileDraining(t *testing.T) {
 	echo := startUDPEcho(t, "echo")
-	probe, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := probe.LocalAddr().(*net.UDPAddr).Port
-	probe.Close()
+	// Addresses of this test's own in 127/8, so no other test or
+	// ephemeral port can hold them.
+	const udpListen, tcpListen = "127.88.2.1:7777", "127.88.2.2:7777"
 	parse := func(withUDP bool) *config.Config {
 		// A TCP service keeps the config valid while the UDP one is out.
-		s := fmt.Sprintf("[services.tcp]\nlisten = \"127.0.0.1:%d\"\n[[services.tcp.backends]]\naddress = %q\n", port, echo)
+		s := fmt.Sprintf("[services.tcp]\nlisten = %q\n[[services.tcp.backends]]\naddress = %q\n", tcpListen, echo)
 		if withUDP {
-			s += fmt.Sprintf("[services.game]\nlisten = \"127.0.0.1:%d\"\nprotocol = \"udp\"\nworkers = 2\ndrain_timeout = \"3s\"\n[[services.game.backends]]\naddress = %q\n", port, echo)
+			s += fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\ndrain_timeout = \"3s\"\n[[services.game.backends]]\naddress = %q\n", udpListen, echo)
 		}
 		cfg, err := config.Parse([]byte(s), "test.toml")
 		if err != nil {
@@ -209,7 +200,7 @@ func TestUDPServiceBackWhileDraining(t *testing.T) {
 	if _, err := srv.Apply(context.Background(), parse(true)); err != nil {
 		t.Fatal(err)
 	}
-	listen := netip.AddrPortFrom(loopback, uint16(port))
+	listen := netip.MustParseAddrPort(udpListen)
 	old := newUDPClient(t, listen)
 	old.exchange("before the reloads")
 	if _, err := srv.Apply(context.Background(), parse(false)); err != nil {
