@@ -163,13 +163,20 @@ func nftBlock(t *testing.T, ns string, port uint16, verdict string) {
 	if verdict == "reject" {
 		verdict = "reject with tcp reset"
 	}
+	nftInputRule(t, ns, fmt.Sprintf("tcp dport %d %s", port, verdict))
+}
+
+// nftInputRule installs rule in the input chain of a namespace's own table,
+// which nftUnblock deletes.
+func nftInputRule(t *testing.T, ns, rule string) {
+	t.Helper()
 	nftIn(t, ns, fmt.Sprintf(`table inet l4t {
 	chain input {
 		type filter hook input priority 0; policy accept;
-		tcp dport %d %s
+		%s
 	}
 }
-`, port, verdict))
+`, rule))
 }
 
 func nftUnblock(t *testing.T, ns string) {

@@ -594,7 +594,7 @@ func TestUDPHealthSendExpect(t *testing.T) {
 	victim, ns := svc.Backends[0], top.Backends[0].NS
 	mark := logMark(l.process)
 	dropped := time.Now()
-	nftIn(t, ns, fmt.Sprintf("table inet l4t {\n\tchain input {\n\t\ttype filter hook input priority 0; policy accept;\n\t\tudp dport %d drop\n\t}\n}\n", udpEchoPort))
+	nftInputRule(t, ns, fmt.Sprintf("udp dport %d drop", udpEchoPort))
 	at, _, err := waitLog(l.process, mark, fall*interval+timeout+healthSlack, transitionTo(victim, "down")...)
 	if err != nil {
 		t.Fatalf("backend with dropped datagrams: %v", err)
