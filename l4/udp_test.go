@@ -435,26 +435,32 @@ func TestDropReasonNames(t *testing.T) {
 	}
 }
 
+// startUDPSink runs a backend that reads and drops every datagram, so
+// that benchmark sends never find its socket full, until cleanup.
+func startUDPSink(b *testing.B) netip.AddrPort {
+	sink, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { sink.Close() })
+	go func() {
+		buf := make([]byte, udpBufSize)
+		for {
+			if _, _, err := sink.ReadFromUDPAddrPort(buf); err != nil {
+				return
+			}
+		}
+	}()
+	return sink.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
 // BenchmarkUDPForward measures the client-to-backend path of an open flow:
 // the worker's table lookup, counters and send. The backend drains its
 // socket so that sends never find it full.
 func BenchmarkUDPForward(b *testing.B) {
 	for _, size := range []int{64, 1200} {
 		b.Run(fmt.Sprint(size), func(b *testing.B) {
-			sink, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer sink.Close()
-			go func() {
-				buf := make([]byte, udpBufSize)
-				for {
-					if _, _, err := sink.ReadFromUDPAddrPort(buf); err != nil {
-						return
-					}
-				}
-			}()
-			cfg := udpConfig(sink.LocalAddr().(*net.UDPAddr).AddrPort())
+			cfg := udpConfig(startUDPSink(b))
 			cfg.Workers = 1
 			// The workers are not started: the benchmark's goroutine is
 			// the worker that owns the table.
@@ -567,20 +573,7 @@ func TestUDPBatchOrder(t *testing.T) {
 func BenchmarkUDPForwardBatch(b *testing.B) {
 	for _, size := range []int{64, 1200} {
 		b.Run(fmt.Sprint(size), func(b *testing.B) {
-			sink, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer sink.Close()
-			go func() {
-				buf := make([]byte, udpBufSize)
-				for {
-					if _, _, err := sink.ReadFromUDPAddrPort(buf); err != nil {
-						return
-					}
-				}
-			}()
-			cfg := udpConfig(sink.LocalAddr().(*net.UDPAddr).AddrPort())
+			cfg := udpConfig(startUDPSink(b))
 			cfg.Workers = 1
 			svc, p := newUDPService(b, cfg)
 			w := p.workers[0]
