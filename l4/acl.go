@@ -1,7 +1,6 @@
 package l4
 
 import (
-	"net"
 	"net/netip"
 )
 
@@ -33,19 +32,4 @@ func containsAddr(list []netip.Prefix, a netip.Addr) bool {
 		}
 	}
 	return false
-}
-
-// clientAddr is the remote address of an accepted connection with IPv4
-// unmapped: a dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d,
-// which IPv4 prefixes would not contain. RemoteAddr returns the address
-// cached at accept, so this allocates nothing.
-func clientAddr(c *net.TCPConn) netip.AddrPort {
-	ap := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-}
-
-// localAddr is the address a client connected to, unmapped like clientAddr.
-func localAddr(c *net.TCPConn) netip.AddrPort {
-	ap := c.LocalAddr().(*net.TCPAddr).AddrPort()
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }

@@ -12,9 +12,6 @@ import (
 // counters and open connections carry over.
 type Backend struct {
 	addr netip.AddrPort
-	// dialAddr is addr formatted once, so that dialing does not format it
-	// per connection.
-	dialAddr string
 
 	active      atomic.Int64  // open proxied connections
 	total       atomic.Uint64 // proxied connections ever opened
@@ -47,7 +44,7 @@ type Backend struct {
 }
 
 func newBackend(addr netip.AddrPort) *Backend {
-	return &Backend{addr: addr, dialAddr: addr.String()}
+	return &Backend{addr: addr}
 }
 
 // Addr is the backend's address.

@@ -5,7 +5,6 @@ import (
 	"net"
 	"os"
 	"sync/atomic"
-	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -22,57 +21,34 @@ const copyBufSize = 16 << 10
 // allocate.
 type copyBuf [copyBufSize]byte
 
-// errAborted ends a copy whose connection was aborted (proxyConn.abort):
-// by the other direction's failure, a drain, a shutdown or its backend
-// going down.
+// errAborted ends a connection that l4lb cut: a drain, a shutdown or its
+// backend going down.
 var errAborted = errors.New("connection aborted")
 
-// copier moves the bytes of one direction of a proxied connection, on Go's
-// netpoller, in one of two modes chosen per chunk, like HAProxy's
-// splice-auto:
+// direction is one way of a proxied connection. Bytes move in one of two
+// modes chosen per chunk, like HAProxy's splice-auto:
 //
-//   - read/write (the default): read(2) into a pooled 16 KiB buffer and
-//     write(2) it to the destination from the same netpoller callback, then
-//     read again until EAGAIN. A message costs a read, a write and the
-//     read that finds the socket empty; no pipe, no second wake-up for the
-//     write.
+//   - read/write (the default): read(2) into the loop's scratch buffer
+//     and write(2) it on to the destination at once. A message costs a
+//     read and a write; only what the destination does not take is copied
+//     to a pooled buffer of the direction's own, held until it drains.
 //   - splice: once a read fills the buffer, the transfer is bulk and the
-//     copier splices (socket to pipe to socket, no copy through user
-//     space), through a pipe borrowed from pipePool, until a splice moves
-//     less than a buffer's worth, then it goes back to read/write.
+//     direction splices (socket to pipe to socket, no copy through user
+//     space) through a pipe borrowed from the pipe pool, until a splice
+//     moves less than a buffer's worth; then it drains the pipe, gives it
+//     back and returns to read/write.
 //
 // Neither mode holds a buffer or a pipe while the connection is idle: an
-// idle proxied connection costs its two sockets and two parked goroutines.
-// Every chunk is counted in moved and refreshes the idle timer.
-//
-// The callbacks are built once per copier, so moving a chunk allocates
-// nothing.
-type copier struct {
-	conn   *proxyConn
-	pools  *pipePool
-	src    syscall.RawConn
-	dst    syscall.RawConn
-	srcTCP *net.TCPConn
-	dstTCP *net.TCPConn
-	// dstFD is written to from inside src's read callback, which saves a
-	// netpoller round trip per message. The descriptor cannot be closed
-	// and reused meanwhile: proxyConn closes its sockets only after both
-	// directions have returned (see proxyConn.abort).
-	dstFD int
-
-	// buf[off:end] was read and is not yet written; buf is nil between
-	// chunks.
+// idle proxied connection costs its two sockets and this struct.
+type direction struct {
+	// buf[off:end] was read and not yet written; buf is nil otherwise.
 	buf      *copyBuf
 	off, end int
 	// pipe is held in splice mode while bytes are in flight.
 	pipe     *pipe
 	splicing bool
-
-	// Results of the last callback.
-	eof bool
-	err error
-
-	readWrite, fillPipe, flushBuf, drainPipe func(fd uintptr) bool
+	// eof: the source sent its FIN; shut: the destination was told.
+	eof, shut bool
 
 	bytes int64
 	// moved is the backend's byte counter for this direction, updated per
@@ -80,218 +56,172 @@ type copier struct {
 	moved *atomic.Uint64
 }
 
-func newCopier(c *proxyConn, pools *pipePool, dst, src *net.TCPConn, moved *atomic.Uint64) (*copier, error) {
-	srcRaw, err := src.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
-	dstRaw, err := dst.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
-	cp := &copier{conn: c, pools: pools, src: srcRaw, dst: dstRaw, srcTCP: src, dstTCP: dst, moved: moved, dstFD: -1}
-	if err := dstRaw.Control(func(fd uintptr) { cp.dstFD = int(fd) }); err != nil {
-		return nil, err
-	}
-	cp.readWrite = cp.readWriteFD
-	cp.fillPipe = cp.fillPipeFD
-	cp.flushBuf = cp.flushBufFD
-	cp.drainPipe = cp.drainPipeFD
-	return cp, nil
+func (d *direction) pending() bool {
+	return d.buf != nil || (d.pipe != nil && d.pipe.buffered > 0)
 }
 
-// copy runs until src reports EOF (nil error) or a failure. It never
-// closes a socket; the caller decides what EOF and errors mean for the
-// connection.
-func (cp *copier) copy() error {
-	defer cp.release()
+// release gives back what the direction holds when the connection ends.
+func (d *direction) release(pipes *pipePool) {
+	if d.buf != nil {
+		pipes.bufs.Put(d.buf)
+		d.buf = nil
+	}
+	if d.pipe != nil {
+		pipes.put(d.pipe)
+		d.pipe = nil
+	}
+}
+
+// pump moves what the sockets' readiness allows, both ways, and closes the
+// connection when both directions are done or one fails.
+func (c *proxyConn) pump() {
+	err := c.move(&c.up, &c.down, c.client, c.backend, &c.cl, &c.be)
+	if err == nil {
+		err = c.move(&c.down, &c.up, c.backend, c.client, &c.be, &c.cl)
+	}
+	switch {
+	case err != nil:
+		c.finish(err)
+	case c.up.shut && c.down.shut:
+		c.finish(nil)
+	}
+}
+
+// move runs direction d from src to dst until it has to wait for one of
+// them (a flag in sf or df turns false), reaches EOF, or fails.
+func (c *proxyConn) move(d, other *direction, src, dst int, sf, df *sockFlags) error {
 	for {
-		read := cp.readWrite
-		if cp.splicing {
-			read = cp.fillPipe
-		}
-		if err := cp.src.Read(read); err != nil {
-			if err := cp.waitIdle(cp.srcTCP, err, true); err != nil {
+		if d.pending() {
+			if !df.writable {
+				return nil
+			}
+			if err := c.flush(d, dst, df); err != nil {
 				return err
 			}
-			continue // the deadline moved: wait again
+			if d.pending() {
+				return nil
+			}
+			if !d.splicing && d.pipe != nil {
+				// Back to read/write after a burst, with the pipe drained:
+				// give it back now, or the connection would keep two more
+				// descriptors for the rest of its life.
+				c.loop.pipes.put(d.pipe)
+				d.pipe = nil
+			}
 		}
-		if cp.err != nil {
-			return cp.err
-		}
-		if cp.eof {
+		if d.eof {
+			if !d.shut {
+				d.shut = true
+				// Pass the half-close on. When the other way is done too,
+				// finish closes both sockets at once, which sends the same
+				// FIN: one system call fewer per connection.
+				if !other.shut {
+					unix.Shutdown(dst, unix.SHUT_WR)
+					c.startHalfClose()
+				}
+			}
 			return nil
 		}
-		// Write out what the destination did not take at once before
-		// reading again: bytes left behind would wait for the source's
-		// next bytes.
-		for cp.pending() {
-			write := cp.flushBuf
-			if cp.buf == nil {
-				write = cp.drainPipe
-			}
-			if err := cp.dst.Write(write); err != nil {
-				if err := cp.waitIdle(cp.dstTCP, err, false); err != nil {
-					return err
-				}
-				continue
-			}
-			if cp.err != nil {
-				return cp.err
-			}
+		if !sf.readable {
+			return nil
 		}
-		if !cp.splicing && cp.pipe != nil {
-			// Back to read/write after a burst, with the pipe drained:
-			// give it back now, or the connection would keep two more
-			// descriptors for the rest of its life.
-			cp.pools.put(cp.pipe)
-			cp.pipe = nil
+		var err error
+		if d.splicing {
+			err = c.fillPipe(d, src, sf)
+		} else {
+			err = c.readWrite(d, src, dst, sf, df)
 		}
-	}
-}
-
-func (cp *copier) pending() bool {
-	return cp.buf != nil || (cp.pipe != nil && cp.pipe.buffered > 0)
-}
-
-// release gives back what the copier holds when it ends.
-func (cp *copier) release() {
-	cp.putBuf()
-	if cp.pipe != nil {
-		cp.pools.put(cp.pipe)
-		cp.pipe = nil
-	}
-}
-
-func (cp *copier) putBuf() {
-	if cp.buf != nil {
-		cp.pools.bufs.Put(cp.buf)
-		cp.buf = nil
+		if err != nil {
+			return err
+		}
 	}
 }
 
 // count accounts for n bytes read from the source.
-func (cp *copier) count(n int) {
-	cp.bytes += int64(n)
-	cp.moved.Add(uint64(n))
-	cp.conn.touch()
+func (c *proxyConn) count(d *direction, n int) {
+	d.bytes += int64(n)
+	d.moved.Add(uint64(n))
+	c.lastActive = c.loop.now
 }
 
-// readWriteFD is the RawConn.Read callback of read/write mode. It returns
-// false to park until the source is readable, true when copy must act:
-// EOF, an error, a write to wait for, or a switch to splice.
-func (cp *copier) readWriteFD(fd uintptr) bool {
-	cp.err = nil
-	for {
-		if cp.buf == nil {
-			cp.buf = cp.pools.bufs.Get().(*copyBuf)
+// readWrite reads once into the loop's scratch buffer and writes what it
+// read on to dst.
+func (c *proxyConn) readWrite(d *direction, src, dst int, sf, df *sockFlags) error {
+	scratch := c.loop.scratch
+	n, err := rawRead(src, scratch[:])
+	switch {
+	case err == unix.EINTR:
+		return nil
+	case err == unix.EAGAIN:
+		sf.readable = false
+		return nil
+	case err != nil:
+		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
+	case n == 0:
+		d.eof = true
+		return nil
+	}
+	c.count(d, n)
+	if n == len(scratch) {
+		d.splicing = true
+	} else if !sf.finSeen {
+		// A short read emptied the socket: the next bytes are a new
+		// edge. Reading again would only find EAGAIN, unless a FIN came
+		// with these bytes, which the event says (finSeen).
+		sf.readable = false
+	}
+	written := 0
+	if df.writable {
+		if written, err = writeAll(dst, scratch[:n], df); err != nil {
+			return err
 		}
-		n, err := rawRead(int(fd), cp.buf[:])
+	}
+	if written < n {
+		d.buf = c.loop.pipes.bufs.Get().(*copyBuf)
+		d.off, d.end = 0, copy(d.buf[:], scratch[written:n])
+	}
+	return nil
+}
+
+// flush writes out what d holds, from its buffer or its pipe.
+func (c *proxyConn) flush(d *direction, dst int, df *sockFlags) error {
+	if d.buf != nil {
+		n, err := writeAll(dst, d.buf[d.off:d.end], df)
 		if err != nil {
-			cp.putBuf()
-			switch err {
-			case unix.EINTR:
-				continue
-			case unix.EAGAIN:
-				return false
-			}
-			cp.err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
-			return true
+			return err
 		}
-		if n == 0 {
-			cp.putBuf()
-			cp.eof = true
-			return true
+		if n > 0 {
+			// Bytes reached a slow reader: the connection is not idle.
+			c.lastActive = c.loop.now
 		}
-		cp.count(n)
-		full := n == len(cp.buf)
-		cp.off, cp.end = 0, n
-		if !cp.writeBuf(cp.dstFD) {
-			// The destination is full (or failed): copy waits for it. A
-			// full read still means bulk.
-			cp.splicing = full
-			return true
+		d.off += n
+		if d.off == d.end {
+			c.loop.pipes.bufs.Put(d.buf)
+			d.buf = nil
 		}
-		if full {
-			cp.putBuf()
-			cp.splicing = true
-			return true
-		}
-		// Read again until EAGAIN before parking, even after a short read:
-		// a FIN (or a reset) that came with the bytes just read has
-		// already spent its netpoller wake-up, and read(2) reports it
-		// only on the next call. Parking now would miss the EOF.
+		return nil
 	}
+	return c.drainPipe(d, dst, df)
 }
 
-// flushBufFD is the RawConn.Write callback that writes out the rest of the
-// buffer.
-func (cp *copier) flushBufFD(fd uintptr) bool {
-	cp.err = nil
-	off := cp.off
-	done := cp.writeBuf(int(fd))
-	if cp.off > off {
-		// Bytes reached a slow reader: the connection is not idle.
-		cp.conn.touch()
-	}
-	if !done {
-		return cp.err != nil
-	}
-	cp.putBuf()
-	return true
-}
-
-// writeBuf writes buf[off:end] to fd. It returns true when all of it went
-// out, false when fd is full or failed (then err is set).
-func (cp *copier) writeBuf(fd int) bool {
-	for cp.off < cp.end {
-		n, err := rawWrite(fd, cp.buf[cp.off:cp.end])
+// writeAll writes p to fd until done or fd is full (df.writable turns
+// false); it returns how much went out.
+func writeAll(fd int, p []byte, df *sockFlags) (int, error) {
+	done := 0
+	for done < len(p) {
+		n, err := rawWrite(fd, p[done:])
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err == unix.EAGAIN:
-			return false
+			df.writable = false
+			return done, nil
 		case err != nil:
-			cp.err = &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", err)}
-			return false
+			return done, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", err)}
 		}
-		cp.off += n
+		done += n
 	}
-	return true
-}
-
-// waitIdle turns a deadline expiry into either errIdle, when the whole
-// connection has been idle for its timeout, errAborted when the connection
-// was aborted, or a new deadline and a nil error, so that the caller
-// retries. Other errors pass through. Deadlines are pushed lazily, when
-// they fire, rather than on every chunk: one timer reset per idle period
-// instead of one per read.
-func (cp *copier) waitIdle(conn *net.TCPConn, err error, reading bool) error {
-	if !errors.Is(err, os.ErrDeadlineExceeded) {
-		return err
-	}
-	if cp.conn.aborted.Load() {
-		return errAborted
-	}
-	next, idle := cp.conn.idleDeadline()
-	if idle {
-		if !cp.conn.kernelStillSending() {
-			return errIdle
-		}
-		cp.conn.touch()
-		next, _ = cp.conn.idleDeadline()
-	}
-	if reading {
-		conn.SetReadDeadline(next)
-	} else {
-		conn.SetWriteDeadline(next)
-	}
-	// abort stores the flag before it moves the deadlines to the past:
-	// either this load sees it, or abort's deadline comes after ours.
-	if cp.conn.aborted.Load() {
-		return errAborted
-	}
-	return nil
+	return done, nil
 }
 
 // rawRead and rawWrite are read(2) and write(2) without telling Go's

@@ -31,7 +31,7 @@ func checkedConfig(backends ...netip.AddrPort) *config.Service {
 
 func newCheckedService(t *testing.T, cfg *config.Service) *Service {
 	t.Helper()
-	s := NewService(cfg, newPipePool(), hclog.NewNullLogger())
+	s := NewService(cfg, hclog.NewNullLogger())
 	t.Cleanup(func() { s.Drain(time.Now()) })
 	return s
 }
@@ -304,7 +304,7 @@ func (s *Service) dialAndCount(r *route, key uint64) {
 		}
 		tried = append(tried, i)
 		be := r.backends[i]
-		c, err := r.dialer.Dial("tcp", be.dialAddr)
+		c, err := net.DialTimeout("tcp", be.addr.String(), time.Second)
 		if err == nil {
 			connectOK(be)
 			c.Close()

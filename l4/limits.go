@@ -2,14 +2,14 @@ package l4
 
 import (
 	"errors"
-	"fmt"
-	"net"
 	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/l4lb/l4lb/config"
 )
@@ -250,51 +250,19 @@ type peer struct {
 	// dst is the address the client connected to, as a PROXY header
 	// carried it; zero means the socket's own local address.
 	dst netip.AddrPort
-	// headerDue: the PROXY header is still to be read (readPeer).
+	// headerDue: the PROXY header is still to be read (proxyConn.readHeader).
 	headerDue bool
 	lease     lease
-}
-
-// admitPeer applies the access list and limits to p, or rejects the
-// client: closed and counted.
-func (s *Service) admitPeer(r *route, client *net.TCPConn, p *peer) bool {
-	l, reason, ok := s.admit(r, p.src.Addr())
-	if !ok {
-		s.reject(client, p.src, reason, nil)
-		return false
-	}
-	p.lease = l
-	return true
-}
-
-// readPeer reads the PROXY header of a client of a trusted balancer, then
-// admits the address it carries, or rejects the client.
-func (s *Service) readPeer(client *net.TCPConn, p *peer) bool {
-	r := s.route.Load()
-	h, err := readProxyHeader(client, time.Now().Add(r.cfg.ProxyProtocolTimeout))
-	if err != nil {
-		reason := RejectBadProxyHeader
-		if errors.Is(err, errProxyTimeout) {
-			reason = RejectProxyHeaderTimeout
-		}
-		s.reject(client, p.src, reason, err)
-		return false
-	}
-	if !h.local {
-		p.src, p.dst = h.src, h.dst
-	}
-	p.headerDue = false
-	return s.admitPeer(r, client, p)
 }
 
 // reject closes a client that a limit, access list or PROXY check turned
 // away, and counts it. The close is a reset (SO_LINGER 0): the client
 // learns at once, and a flood of rejected clients leaves no TIME_WAIT
 // sockets on the balancer.
-func (s *Service) reject(client *net.TCPConn, src netip.AddrPort, reason RejectReason, err error) {
+func (s *Service) reject(client int, src netip.AddrPort, reason RejectReason, err error) {
 	s.countReject(src, reason, err)
-	client.SetLinger(0)
-	client.Close()
+	unix.SetsockoptLinger(client, unix.SOL_SOCKET, unix.SO_LINGER, &resetOnClose)
+	unix.Close(client)
 }
 
 // countReject counts a rejection and logs it, at most once a second per
@@ -343,23 +311,6 @@ func backendLimits(cfg *config.Service, backends []*Backend) []int64 {
 	return limits
 }
 
-// sendProxyHeader writes the PROXY header to a fresh backend connection
-// when the service sends one.
-func (s *Service) sendProxyHeader(r *route, client, backend *net.TCPConn, p *peer) error {
-	v := r.cfg.ProxyProtocol
-	if v == "" || v == config.ProxyNone {
-		return nil
-	}
-	dst := p.dst
-	if !dst.IsValid() {
-		dst = localAddr(client)
-	}
-	if err := writeProxyHeader(backend, v, p.src, dst); err != nil {
-		return fmt.Errorf("send PROXY header: %w", err)
-	}
-	return nil
-}
-
 // isLocalShortage reports errors that say this host, not the backend, ran
 // out of something: descriptors, buffers, memory.
 func isLocalShortage(err error) bool {
@@ -388,3 +339,7 @@ func protectionChanged(prev, sc *config.Service) bool {
 	}
 	return false
 }
+
+// resetOnClose is SO_LINGER on with a zero timeout: close(2) then sends a
+// reset instead of a FIN and frees the socket at once.
+var resetOnClose = unix.Linger{Onoff: 1, Linger: 0}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 
 	"github.com/l4lb/l4lb/config"
 	"github.com/l4lb/l4lb/listener"
@@ -144,17 +145,21 @@ func startProtectedService(t *testing.T, cfg *config.Service) (netip.AddrPort, *
 		cfg.Balance, cfg.HashKey = config.Maglev, config.SourceIPPort
 	}
 	cfg.ConnectTimeout, cfg.IdleTimeout, cfg.DrainTimeout = time.Second, time.Minute, time.Second
-	svc := NewService(cfg, newPipePool(), hclog.NewNullLogger())
+	svc := NewService(cfg, hclog.NewNullLogger())
 	lns, err := listener.ListenTCP(context.Background(), cfg.Listen, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	go listener.Serve(lns[0], svc.Handle, hclog.NewNullLogger())
+	raw, err := listener.Raw(lns[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	go listener.Serve(raw, svc.Handle, hclog.NewNullLogger())
 	t.Cleanup(func() {
-		lns[0].Close()
+		raw.Close()
 		svc.Drain(time.Now())
 	})
-	return lns[0].Addr().(*net.TCPAddr).AddrPort(), svc
+	return raw.Addr().(*net.TCPAddr).AddrPort(), svc
 }
 
 func dialT(t *testing.T, addr netip.AddrPort) net.Conn {
@@ -459,4 +464,62 @@ func TestProtectionChangedInReloadSummary(t *testing.T) {
 			t.Errorf("%s: summary %q does not say protection", name, got)
 		}
 	}
+}
+
+// TestHalfCloseTimeoutResets: the backend greets and half-closes, the
+// client reads the greeting and the EOF, then lingers. half_close_timeout
+// cuts it with a reset, which leaves no socket behind: the client's socket
+// goes to CLOSE, not CLOSE_WAIT.
+// tcpClose is TCP_CLOSE in tcp_info's state.
+const tcpClose = 7
+
+func TestHalfCloseTimeoutResets(t *testing.T) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("hello\n"))
+			c.CloseWrite()
+			go func() {
+				io.Copy(io.Discard, c)
+				c.Close()
+			}()
+		}
+	}()
+	cfg := &config.Service{Backends: []config.Backend{{Address: ln.Addr().(*net.TCPAddr).AddrPort(), Weight: 1}}}
+	const halfClose = 300 * time.Millisecond
+	cfg.HalfCloseTimeout = halfClose
+	addr, _ := startProtectedService(t, cfg)
+	c := dialT(t, addr).(*net.TCPConn)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(c); err != nil || string(got) != "hello\n" {
+		t.Fatalf("greeting: %q, %v", got, err)
+	}
+	start := time.Now()
+	raw, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for time.Since(start) < 5*time.Second {
+		var info *unix.TCPInfo
+		raw.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.State == tcpClose {
+			if took := time.Since(start); took < halfClose-50*time.Millisecond {
+				t.Errorf("cut after %v, before half_close_timeout %v", took, halfClose)
+			}
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("lingering client not reset within 5s of the backend's half-close")
 }

@@ -2,59 +2,437 @@ package l4
 
 import (
 	"errors"
+	"fmt"
 	"net"
-	"sync"
+	"net/netip"
+	"os"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/l4lb/l4lb/config"
 )
 
-// proxyConn is one client connection joined to one backend connection.
+// proxyConn is one client connection joined to one backend connection,
+// run by one event loop (loop.go) from accept to close:
+//
+//	stateHeader     reading the PROXY header of a trusted balancer
+//	stateConnecting a non-blocking connect to a backend is in flight
+//	stateOpen       bytes move both ways (copy.go)
+//	stateClosed     both sockets closed, everything given back
+//
+// Only its loop touches it, except forced (closeConns) and the links in
+// its backend's list (under the backend's mu).
 type proxyConn struct {
-	client  *net.TCPConn
-	backend *net.TCPConn
-	target  *Backend
+	loop  *eventLoop
+	svc   *Service
+	route *route
+	peer  peer
+	state connState
+
+	client, backend int // descriptors; backend is -1 between dials
+	slot            int32
+	// backendTag is the epoll tag of the current backend socket: a new
+	// one per dial (see loop.go).
+	backendTag int32
+	// What each socket's events said and the calls since left true:
+	// readable, writable, and the peer's FIN seen.
+	cl, be sockFlags
+
+	up   direction // client to backend
+	down direction // backend to client
+
+	target *Backend
+	// Dial progress, kept across the connects of one connection: the
+	// hash key, the backends tried, how many were dialed and how many were
+	// skipped for being full, and how many times a chosen backend was
+	// retired mid-dial.
+	key       uint64
+	triedBuf  [8]int
+	tried     []int
+	dials     int
+	full      int
+	restarts  int
+	dialStart int64
 
 	idleTimeout time.Duration
 	// halfCloseTimeout replaces idleTimeout, when shorter, once one
-	// direction has finished (halfClosed): see startHalfClose.
+	// direction has passed on its EOF (halfClosed): see startHalfClose.
 	halfCloseTimeout time.Duration
-	halfClosed       atomic.Bool
-	// lastActive is when a byte last moved either way, in monotonicNow
-	// units. Both copy directions write it; either may read it.
-	lastActive atomic.Int64
+	halfClosed       bool
+	// lastActive is when a byte last moved either way (monotonicNow).
+	lastActive int64
+	opened     int64
+	// queuedToClient and queuedToBackend are the bytes the kernel held in
+	// each socket's send queue when the idle timer last fired: see
+	// kernelStillSending.
+	queuedToClient, queuedToBackend int64
 
-	abortOnce sync.Once
-	// aborted is set by abort, before it wakes the copy directions.
-	aborted atomic.Bool
-	// eofs counts the directions that ended with EOF.
-	eofs atomic.Int32
+	timerAt    int64
+	timerIndex int
+
 	// forced is set when l4lb itself cut the connection (a drain deadline,
 	// shutdown, a backend marked down), for the connection log.
 	forced atomic.Bool
-	// Bytes each way, set when the connection ends, for the connection log.
-	sentToBackend, sentToClient int64
-	// queuedToClient and queuedToBackend are the bytes the kernel still
-	// held in each socket's send queue when the idle timer last fired:
-	// see kernelStillSending.
-	queuedToClient, queuedToBackend atomic.Int64
 
 	prev, next *proxyConn // links in target.conns, guarded by target.mu
 }
 
-func (c *proxyConn) touch() { c.lastActive.Store(monotonicNow()) }
+type connState uint8
 
-// idleDeadline returns when the connection becomes idle if nothing moves,
-// and whether that moment has already passed.
-func (c *proxyConn) idleDeadline() (time.Time, bool) {
-	last := time.Duration(c.lastActive.Load())
-	timeout := c.idleTimeout
-	if c.halfClosed.Load() {
-		timeout = min(timeout, c.halfCloseTimeout)
+const (
+	stateHeader connState = iota
+	stateConnecting
+	stateOpen
+	stateClosed
+)
+
+type sockFlags struct{ readable, writable, finSeen bool }
+
+func (f *sockFlags) update(events uint32) {
+	if events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		f.readable = true
 	}
-	deadline := clockStart.Add(last + timeout)
-	return deadline, !time.Now().Before(deadline)
+	if events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		f.finSeen = true
+	}
+	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		f.writable = true
+	}
+}
+
+// errConnectTimeout ends a connect that took longer than connect_timeout.
+var errConnectTimeout = errors.New("connect timed out")
+
+// abort ends the connection from any goroutine: its loop closes it.
+func (c *proxyConn) abort() { c.loop.post(c, true) }
+
+// begin runs on the loop when the connection arrives from its accept loop.
+func (c *proxyConn) begin() {
+	l := c.loop
+	c.slot = l.takeSlot(c)
+	if err := l.register(c.client, c.slot, 0); err != nil {
+		c.svc.refuse(c.peer.src, "cannot watch the client socket: "+err.Error())
+		c.finish(nil)
+		return
+	}
+	if c.peer.headerDue {
+		c.state = stateHeader
+		l.schedule(c, l.now+int64(c.svc.route.Load().cfg.ProxyProtocolTimeout))
+		return
+	}
+	c.startRoute()
+}
+
+// startRoute dials on the current route, from its first choice.
+func (c *proxyConn) startRoute() {
+	r := c.svc.route.Load()
+	c.route = r
+	if r.balancer == nil {
+		c.svc.refuse(c.peer.src, noRouteReason(r.cfg))
+		c.finish(nil)
+		return
+	}
+	c.key = clientKey(c.peer.src, r.cfg.HashKey)
+	c.tried = c.triedBuf[:0]
+	c.dials, c.full = 0, 0
+	c.dialNext()
+}
+
+// dialNext starts a connect to the key's next choice, skipping backends
+// that have their max_connections open, or ends the connection when no
+// backend is left to try.
+func (c *proxyConn) dialNext() {
+	s, r := c.svc, c.route
+	c.state = stateConnecting
+	for c.dials < maxDialAttempts && len(c.tried) < len(r.backends) {
+		i := r.balancer.pick(c.key, c.tried)
+		if i < 0 {
+			break
+		}
+		c.tried = append(c.tried, i)
+		be := r.backends[i]
+		// The connection counts as the backend's from before the dial, so
+		// that a reload removing the backend mid-dial sees it and drains it
+		// (and least_conn sees connections still being set up). The same
+		// add reserves a max_connections slot, so that racing connects
+		// cannot overshoot it.
+		if n := be.active.Add(1); r.backendMax != nil && r.backendMax[i] > 0 && n > r.backendMax[i] {
+			be.active.Add(-1)
+			c.full++
+			continue
+		}
+		c.dials++
+		c.dialStart = monotonicNow()
+		fd, err := startConnect(be.addr)
+		if err == nil {
+			c.backendTag += 2
+			if err = c.loop.register(fd, c.slot, c.backendTag|1); err != nil {
+				unix.Close(fd)
+			}
+		}
+		if err == nil {
+			c.backend, c.target = fd, be
+			c.loop.schedule(c, c.loop.now+int64(r.cfg.ConnectTimeout))
+			return
+		}
+		be.active.Add(-1)
+		if !c.dialFailed(be, err) {
+			return
+		}
+	}
+	if c.dials == 0 && c.full > 0 {
+		s.countReject(c.peer.src, RejectBackendsFull, nil)
+	} else {
+		s.refuse(c.peer.src, "every backend tried failed to connect")
+	}
+	c.finish(nil)
+}
+
+// dialFailed accounts for a failed connect to be, whose descriptor and
+// active count are already given back. It returns false, having ended the
+// connection, when the failure is this host's (out of descriptors or
+// memory): the next backend would fail alike.
+func (c *proxyConn) dialFailed(be *Backend, err error) bool {
+	s, r := c.svc, c.route
+	if isLocalShortage(err) {
+		s.refuse(c.peer.src, "cannot open a socket to a backend: "+err.Error())
+		c.finish(nil)
+		return false
+	}
+	s.connectFailed(r.cfg, be, err)
+	failures := be.dialFailed.Add(1)
+	if s.allowLog(&be.lastDialLog) {
+		s.log.Warn("connect to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr, "error", err, "failures_total", failures)
+	}
+	return true
+}
+
+// dropBackend closes the backend socket of a connect that did not become a
+// proxied connection, and gives back its count.
+func (c *proxyConn) dropBackend() *Backend {
+	be := c.target
+	unix.Close(c.backend)
+	c.backend, c.target = -1, nil
+	be.active.Add(-1)
+	return be
+}
+
+// connectDone runs when the backend socket of a connect in flight reports.
+func (c *proxyConn) connectDone() {
+	errno, err := unix.GetsockoptInt(c.backend, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err == nil && errno != 0 {
+		err = syscall.Errno(errno)
+	}
+	if err == nil && !c.be.writable {
+		return // readable before connected cannot happen; wait for the edge
+	}
+	if err != nil {
+		c.loop.unschedule(c)
+		be := c.dropBackend()
+		err = &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(be.addr), Err: os.NewSyscallError("connect", err)}
+		if c.dialFailed(be, err) {
+			c.be = sockFlags{}
+			c.dialNext()
+		}
+		return
+	}
+	c.connected()
+}
+
+func (c *proxyConn) connected() {
+	be, r := c.target, c.route
+	be.connectTime.observe(time.Duration(monotonicNow() - c.dialStart))
+	connectOK(be)
+	if err := c.sendProxyHeader(); err != nil {
+		c.loop.unschedule(c)
+		c.dropBackend()
+		if c.dialFailed(be, err) {
+			c.be = sockFlags{}
+			c.dialNext()
+		}
+		return
+	}
+	if !be.track(c) {
+		// A reload retired the backend while its connect was in flight;
+		// the client has sent nothing through yet, so the connection
+		// starts over on the current route rather than being cut.
+		c.loop.unschedule(c)
+		c.dropBackend()
+		c.be = sockFlags{}
+		c.restarts++
+		if c.restarts > maxDialAttempts {
+			c.svc.refuse(c.peer.src, "every backend chosen was removed while connecting")
+			c.finish(nil)
+			return
+		}
+		c.startRoute()
+		return
+	}
+	c.state = stateOpen
+	c.idleTimeout, c.halfCloseTimeout = r.cfg.IdleTimeout, r.cfg.HalfCloseTimeout
+	c.opened = c.loop.now
+	c.lastActive = c.loop.now
+	c.up.moved, c.down.moved = &be.bytesToBack, &be.bytesToCli
+	c.loop.schedule(c, c.loop.now+int64(c.idleTimeout))
+	c.pump()
+}
+
+// sendProxyHeader writes the PROXY header to the fresh backend socket when
+// the service sends one. Its send buffer is empty, so a header of at most
+// 52 bytes goes out whole.
+func (c *proxyConn) sendProxyHeader() error {
+	v := c.route.cfg.ProxyProtocol
+	if v == "" || v == config.ProxyNone {
+		return nil
+	}
+	dst := c.peer.dst
+	if !dst.IsValid() {
+		dst = localAddrOf(c.client)
+	}
+	buf := c.loop.header[:0]
+	hdr := appendProxyHeader(buf, v, c.peer.src, dst, false)
+	n, err := unix.Write(c.backend, hdr)
+	if err == nil && n < len(hdr) {
+		err = unix.EAGAIN
+	}
+	if err != nil {
+		return fmt.Errorf("send PROXY header: %w", err)
+	}
+	return nil
+}
+
+// localAddrOf is the address a client connected to, IPv4-mapped addresses
+// unmapped.
+func localAddrOf(fd int) netip.AddrPort {
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return netip.AddrPort{}
+	}
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+	}
+	return netip.AddrPort{}
+}
+
+// startConnect opens a non-blocking socket and starts its connect to addr.
+func startConnect(addr netip.AddrPort) (int, error) {
+	family := unix.AF_INET
+	var sa unix.Sockaddr
+	if addr.Addr().Is4() {
+		sa = &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}
+	} else {
+		family = unix.AF_INET6
+		sa = &unix.SockaddrInet6{Port: int(addr.Port()), Addr: addr.Addr().As16()}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err)
+	}
+	// Requests and replies leave at once, as from the client side (whose
+	// sockets inherit it from the listener).
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		unix.Close(fd)
+		return -1, os.NewSyscallError("setsockopt", err)
+	}
+	if err := unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS {
+		unix.Close(fd)
+		return -1, os.NewSyscallError("connect", err)
+	}
+	return fd, nil
+}
+
+// onEvent handles an epoll event of one of the connection's sockets.
+func (c *proxyConn) onEvent(events uint32, tag int32) {
+	if tag&1 == 1 {
+		if tag != c.backendTag|1 || c.backend < 0 {
+			return // a backend socket already closed
+		}
+		c.be.update(events)
+	} else {
+		c.cl.update(events)
+	}
+	switch c.state {
+	case stateHeader:
+		if c.cl.readable {
+			c.readHeader()
+		}
+	case stateConnecting:
+		if tag&1 == 1 && c.be.writable {
+			c.connectDone()
+		}
+	case stateOpen:
+		c.pump()
+	}
+}
+
+// onTimer runs when the connection's deadline is due.
+func (c *proxyConn) onTimer() {
+	switch c.state {
+	case stateHeader:
+		c.rejectClient(RejectProxyHeaderTimeout, errProxyTimeout)
+	case stateConnecting:
+		be := c.dropBackend()
+		err := &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(be.addr), Err: errConnectTimeout}
+		if c.dialFailed(be, err) {
+			c.be = sockFlags{}
+			c.dialNext()
+		}
+	case stateOpen:
+		timeout := c.idleTimeout
+		if c.halfClosed {
+			timeout = min(timeout, c.halfCloseTimeout)
+		}
+		if deadline := c.lastActive + int64(timeout); deadline > c.loop.now {
+			c.loop.schedule(c, deadline)
+			return
+		}
+		if c.kernelStillSending() {
+			c.lastActive = c.loop.now
+			c.loop.schedule(c, c.loop.now+int64(timeout))
+			return
+		}
+		c.finish(errIdle)
+	}
+}
+
+// readHeader reads the PROXY header of a client of a trusted balancer,
+// then admits the address it carries and dials, or rejects the client.
+func (c *proxyConn) readHeader() {
+	h, done, err := peekProxyHeader(c.client, &c.loop.header)
+	if !done {
+		c.cl.readable = false
+		return
+	}
+	if err != nil {
+		c.rejectClient(RejectBadProxyHeader, err)
+		return
+	}
+	c.loop.unschedule(c)
+	if !h.local {
+		c.peer.src, c.peer.dst = h.src, h.dst
+	}
+	c.peer.headerDue = false
+	l, reason, ok := c.svc.admit(c.svc.route.Load(), c.peer.src.Addr())
+	if !ok {
+		c.rejectClient(reason, nil)
+		return
+	}
+	c.peer.lease = l
+	c.startRoute()
+}
+
+// rejectClient closes a client that a limit, access list or PROXY check
+// turned away, with a reset: see Service.reject.
+func (c *proxyConn) rejectClient(reason RejectReason, err error) {
+	c.svc.countReject(c.peer.src, reason, err)
+	unix.SetsockoptLinger(c.client, unix.SOL_SOCKET, unix.SO_LINGER, &resetOnClose)
+	c.finish(nil)
 }
 
 // kernelStillSending reports whether either socket's send queue has
@@ -67,148 +445,105 @@ func (c *proxyConn) idleDeadline() (time.Time, bool) {
 // reading, or nothing to send, is idle.
 func (c *proxyConn) kernelStillSending() bool {
 	moved := false
-	for _, q := range []struct {
-		conn *net.TCPConn
-		last *atomic.Int64
+	for _, q := range [...]struct {
+		fd   int
+		last *int64
 	}{{c.client, &c.queuedToClient}, {c.backend, &c.queuedToBackend}} {
-		n := sendQueued(q.conn)
-		if prev := q.last.Swap(n); n > 0 && n != prev {
+		n := sendQueued(q.fd)
+		if prev := *q.last; n > 0 && n != prev {
 			moved = true
 		}
+		*q.last = n
 	}
 	return moved
 }
 
-// sendQueued is how many bytes conn's send queue holds (SIOCOUTQ): sent
-// but not yet acknowledged, or not yet sent; 0 when it cannot tell.
-func sendQueued(conn *net.TCPConn) int64 {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return 0
-	}
-	var n int
-	rc.Control(func(fd uintptr) {
-		n, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
-	})
+// sendQueued is how many bytes a socket's send queue holds (SIOCOUTQ):
+// sent but not yet acknowledged, or not yet sent; 0 when it cannot tell.
+func sendQueued(fd int) int64 {
+	n, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
 	if err != nil {
 		return 0
 	}
 	return int64(n)
 }
 
-// abort ends both copy directions at once, from any goroutine: it marks
-// the connection aborted and moves both sockets' deadlines to the past,
-// which wakes a direction parked on either socket with errAborted. It does
-// not close the sockets: run does, once both directions have returned, so
-// that a copier may write to its destination's descriptor from its
-// source's callback (copy.go) without the number being closed and reused
-// under it. Nothing else may close c.client or c.backend while run runs.
-func (c *proxyConn) abort() {
-	c.abortOnce.Do(func() {
-		c.aborted.Store(true)
-		past := time.Unix(1, 0)
-		c.client.SetDeadline(past)
-		c.backend.SetDeadline(past)
-	})
-}
-
-// close closes both sockets; see abort for when.
-func (c *proxyConn) close() {
-	c.client.Close()
-	c.backend.Close()
-}
-
-// run moves bytes both ways until both directions are done, then closes
-// both sockets. A direction that reads EOF half-closes its destination
-// (CloseWrite), so a client that shuts its write side still receives the
-// whole reply; any error or the idle timeout aborts both directions.
-func (c *proxyConn) run(pipes *pipePool) error {
-	defer c.close()
-	c.touch()
-	deadline := clockStart.Add(time.Duration(c.lastActive.Load()) + c.idleTimeout)
-	c.client.SetDeadline(deadline)
-	c.backend.SetDeadline(deadline)
-	if c.aborted.Load() {
-		// Aborted before it started (its backend was retired while it
-		// dialed), and the deadlines above may have undone abort's.
-		return nil
-	}
-
-	toBackend, err := newCopier(c, pipes, c.backend, c.client, &c.target.bytesToBack)
-	if err != nil {
-		return err
-	}
-	toClient, err := newCopier(c, pipes, c.client, c.backend, &c.target.bytesToCli)
-	if err != nil {
-		return err
-	}
-	upErr := make(chan error, 1)
-	go c.copyClientToBackend(toBackend, upErr)
-	downErr := c.copyBackendToClient(toClient)
-	err = <-upErr
-	c.sentToBackend, c.sentToClient = toBackend.bytes, toClient.bytes
-	if err == nil {
-		err = downErr
-	}
-	return err
-}
-
 // startHalfClose switches the connection to half_close_timeout once one
 // direction has passed on its EOF: from then on the other direction is
 // cut after that long without a byte (HAProxy's client-fin/server-fin).
-// The deadlines move in at once; a copier that is just re-arming its own
-// deadline from the old timeout may push it back out, and then the
-// shorter timeout applies from that deadline on.
 func (c *proxyConn) startHalfClose() {
-	if c.halfCloseTimeout <= 0 || c.halfCloseTimeout >= c.idleTimeout || c.halfClosed.Swap(true) {
+	if c.halfCloseTimeout <= 0 || c.halfCloseTimeout >= c.idleTimeout || c.halfClosed {
 		return
 	}
-	deadline, _ := c.idleDeadline()
-	c.client.SetDeadline(deadline)
-	c.backend.SetDeadline(deadline)
-	if c.aborted.Load() {
-		// abort's deadlines in the past may have been overwritten above.
-		past := time.Unix(1, 0)
-		c.client.SetDeadline(past)
-		c.backend.SetDeadline(past)
+	c.halfClosed = true
+	c.loop.schedule(c, c.lastActive+int64(c.halfCloseTimeout))
+}
+
+// finish closes the connection and gives back everything it holds. err is
+// why it ended: nil when its peers closed it or it never opened,
+// errAborted when l4lb cut it, errIdle, or the failure of a read or write.
+func (c *proxyConn) finish(err error) {
+	if c.state == stateClosed {
+		return
 	}
-}
-
-// The two directions have their own named functions so that goroutine
-// dumps say which way a stuck copy was going.
-
-func (c *proxyConn) copyClientToBackend(s *copier, done chan<- error) {
-	done <- c.finishDirection(s.copy(), c.backend)
-}
-
-func (c *proxyConn) copyBackendToClient(s *copier) error {
-	return c.finishDirection(s.copy(), c.client)
-}
-
-func (c *proxyConn) finishDirection(err error, dst *net.TCPConn) error {
-	if err == nil {
-		// EOF: pass the half-close on. An error here means dst is already
-		// gone, which the other direction will see for itself. The second
-		// direction to end skips it: run closes both sockets at once,
-		// which sends the same FIN (dst has nothing left unread: the other
-		// direction read it to EOF), one system call fewer per connection.
-		if c.eofs.Add(1) == 1 {
-			dst.CloseWrite()
-		}
-		c.startHalfClose()
-		return nil
-	}
-	if errors.Is(err, errIdle) && c.halfClosed.Load() {
+	s, l := c.svc, c.loop
+	opened := c.state == stateOpen
+	c.state = stateClosed
+	l.unschedule(c)
+	if errors.Is(err, errIdle) && c.halfClosed {
 		// The half-close timeout: the peer still sending is gone or stuck.
 		// A reset frees both sockets at once; a FIN would leave ours in
 		// FIN_WAIT2 for tcp_fin_timeout waiting on that same peer.
-		c.client.SetLinger(0)
-		c.backend.SetLinger(0)
+		unix.SetsockoptLinger(c.client, unix.SOL_SOCKET, unix.SO_LINGER, &resetOnClose)
+		unix.SetsockoptLinger(c.backend, unix.SOL_SOCKET, unix.SO_LINGER, &resetOnClose)
 	}
-	c.abort()
-	if errors.Is(err, errAborted) || errors.Is(err, net.ErrClosed) {
-		// The other direction or a drain ended the connection on purpose.
-		return nil
+	c.up.release(l.pipes)
+	c.down.release(l.pipes)
+	unix.Close(c.client)
+	if opened {
+		unix.Close(c.backend)
+		c.target.untrack(c)
+	} else if c.backend >= 0 {
+		c.dropBackend()
 	}
-	return err
+	l.releaseSlot(c.slot)
+	s.releaseLease(c.peer.lease)
+	s.releaseSlot()
+	if opened {
+		c.logClose(err)
+	}
+	s.handlers.Done()
+}
+
+func (c *proxyConn) logClose(err error) {
+	s := c.svc
+	if errors.Is(err, errAborted) {
+		err = nil // l4lb cut it on purpose: forced says so
+	}
+	if err != nil && !errors.Is(err, errIdle) {
+		s.proxyErrors.Add(1)
+	}
+	if s.logConnections != nil && s.logConnections.Load() {
+		s.log.Info("connection closed", "service", c.route.cfg.Name, "client", c.peer.src.String(), "backend", c.target.addr,
+			"bytes_to_backend", c.up.bytes, "bytes_to_client", c.down.bytes,
+			"duration", time.Duration(monotonicNow()-c.opened).Round(time.Millisecond).String(), "reason", closeReason(c, err))
+	} else if err != nil && s.log.IsDebug() {
+		s.log.Debug("connection ended", "service", c.route.cfg.Name, "client", c.peer.src.String(), "backend", c.target.addr, "reason", err)
+	}
+}
+
+// closeReason names why a proxied connection ended, for the connection log.
+func closeReason(c *proxyConn, err error) string {
+	switch {
+	case c.forced.Load():
+		return "closed by l4lb (drain, shutdown or backend down)"
+	case errors.Is(err, errIdle) && c.halfClosed:
+		return "half-close timeout"
+	case errors.Is(err, errIdle):
+		return "idle timeout"
+	case err != nil:
+		return err.Error()
+	default:
+		return "closed by peers"
+	}
 }

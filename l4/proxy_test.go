@@ -64,17 +64,21 @@ func startService(t *testing.T, idle time.Duration, backends ...netip.AddrPort) 
 	for _, b := range backends {
 		cfg.Backends = append(cfg.Backends, config.Backend{Address: b, Weight: 1})
 	}
-	svc := NewService(cfg, newPipePool(), hclog.NewNullLogger())
+	svc := NewService(cfg, hclog.NewNullLogger())
 	lns, err := listener.ListenTCP(context.Background(), cfg.Listen, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	go listener.Serve(lns[0], svc.Handle, hclog.NewNullLogger())
+	raw, err := listener.Raw(lns[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	go listener.Serve(raw, svc.Handle, hclog.NewNullLogger())
 	t.Cleanup(func() {
-		lns[0].Close()
+		raw.Close()
 		svc.Drain(time.Now())
 	})
-	return lns[0].Addr().(*net.TCPAddr).AddrPort(), svc
+	return raw.Addr().(*net.TCPAddr).AddrPort(), svc
 }
 
 func roundTrip(t *testing.T, c net.Conn, msg string) {

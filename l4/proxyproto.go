@@ -16,7 +16,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -297,65 +296,66 @@ func appendProxyHeader(b []byte, v config.ProxyProtocol, src, dst netip.AddrPort
 // its FIN.
 const tcpCloseWait = 8
 
-// proxyBufs are the buffers PROXY headers are read into and written from,
-// so that a connection that uses them allocates none of its own.
-var proxyBufs = sync.Pool{New: func() any { return new([proxyHeaderMax]byte) }}
-
 // errProxyTimeout: the header did not arrive whole within its deadline.
 var errProxyTimeout = errors.New("no complete PROXY header in time")
 
-// readProxyHeader reads the PROXY header a trusted balancer sends first on
-// conn, by deadline. It peeks (MSG_PEEK) until the bytes waiting hold a
-// whole header, then consumes exactly the header: what the client sent
-// after it stays in the socket for the splice copier. It returns
-// errProxyTimeout, an error wrapping errProxyMalformed, or a read error.
+// peekProxyHeader reads the PROXY header a trusted balancer sends first on
+// the non-blocking socket fd. It peeks (MSG_PEEK) until the bytes waiting
+// hold a whole header, then consumes exactly the header: what the client
+// sent after it stays in the socket for the proxy. done is false while
+// the header is incomplete and the socket has no more bytes: call again
+// when it is readable. Once done, err is nil, an error wrapping
+// errProxyMalformed, or a read error.
+func peekProxyHeader(fd int, buf *[proxyHeaderMax]byte) (h proxyHeader, done bool, err error) {
+	for {
+		n, _, err := unix.Recvfrom(fd, buf[:], unix.MSG_PEEK)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err == unix.EAGAIN:
+			return h, false, nil
+		case err != nil:
+			return h, true, err
+		case n == 0:
+			return h, true, fmt.Errorf("%w: connection closed before the header ended: %w", errProxyMalformed, io.ErrUnexpectedEOF)
+		}
+		h, size, perr := parseProxyHeader(buf[:n])
+		if perr == errProxyNeedMore {
+			// A peek shows the same bytes again after the client's FIN,
+			// never a 0: ask TCP whether the client is done sending.
+			if info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil && info.State == tcpCloseWait {
+				return h, true, fmt.Errorf("%w: connection closed before the header ended: %w", errProxyMalformed, io.ErrUnexpectedEOF)
+			}
+			// Wait for more: each arrival (data or FIN) is a new edge.
+			return h, false, nil
+		}
+		if perr == nil {
+			// The bytes are there: this read takes exactly them.
+			if _, err := unix.Read(fd, buf[:size]); err != nil {
+				perr = err
+			}
+		}
+		return h, true, perr
+	}
+}
+
+// readProxyHeader is peekProxyHeader on a *net.TCPConn, waiting on Go's
+// netpoller until deadline: the tests' backends read l4lb's headers with
+// it. It returns errProxyTimeout when the header is not whole by then.
 func readProxyHeader(conn *net.TCPConn, deadline time.Time) (proxyHeader, error) {
 	rc, err := conn.SyscallConn()
 	if err != nil {
 		return proxyHeader{}, err
 	}
-	buf := proxyBufs.Get().(*[proxyHeaderMax]byte)
-	defer proxyBufs.Put(buf)
+	buf := new([proxyHeaderMax]byte)
 	conn.SetReadDeadline(deadline)
 	defer conn.SetReadDeadline(time.Time{})
 	var h proxyHeader
 	var perr error
 	err = rc.Read(func(fd uintptr) bool {
-		for {
-			n, _, err := unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK)
-			switch {
-			case err == unix.EINTR:
-				continue
-			case err == unix.EAGAIN:
-				return false
-			case err != nil:
-				perr = err
-				return true
-			case n == 0:
-				perr = fmt.Errorf("%w: connection closed before the header ended: %w", errProxyMalformed, io.ErrUnexpectedEOF)
-				return true
-			}
-			var size int
-			h, size, perr = parseProxyHeader(buf[:n])
-			if perr == errProxyNeedMore {
-				// A peek shows the same bytes again after the client's FIN,
-				// never a 0: ask TCP whether the client is done sending.
-				if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil && info.State == tcpCloseWait {
-					perr = fmt.Errorf("%w: connection closed before the header ended: %w", errProxyMalformed, io.ErrUnexpectedEOF)
-					return true
-				}
-				// Wait for more: each arrival (data or FIN) is a new edge
-				// for the netpoller, so this parks until the client sends.
-				return false
-			}
-			if perr == nil {
-				// The bytes are there: this read takes exactly them.
-				if _, err := unix.Read(int(fd), buf[:size]); err != nil {
-					perr = err
-				}
-			}
-			return true
-		}
+		var done bool
+		h, done, perr = peekProxyHeader(int(fd), buf)
+		return done
 	})
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		return proxyHeader{}, errProxyTimeout
@@ -364,16 +364,6 @@ func readProxyHeader(conn *net.TCPConn, deadline time.Time) (proxyHeader, error)
 		return proxyHeader{}, err
 	}
 	return h, perr
-}
-
-// writeProxyHeader sends the header of version v for a client at src that
-// connected to dst, first thing on a fresh backend connection. Its send
-// buffer is empty, so a header of at most 52 bytes never blocks.
-func writeProxyHeader(backend *net.TCPConn, v config.ProxyProtocol, src, dst netip.AddrPort) error {
-	buf := proxyBufs.Get().(*[proxyHeaderMax]byte)
-	defer proxyBufs.Put(buf)
-	_, err := backend.Write(appendProxyHeader(buf[:0], v, src, dst, false))
-	return err
 }
 
 // flowProxyHeader is the PROXY v2 header (DGRAM) of a new UDP flow from

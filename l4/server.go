@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 
 	"github.com/l4lb/l4lb/config"
 	"github.com/l4lb/l4lb/listener"
@@ -29,8 +30,7 @@ import (
 //	...
 //	srv.Shutdown() // stops accepting, drains, returns when all is closed
 type Server struct {
-	log   hclog.Logger
-	pipes *pipePool
+	log hclog.Logger
 	// logConnections is read by every service at each connection close.
 	logConnections atomic.Bool
 	// gate bounds the TCP connections open over all services (limits.go);
@@ -67,7 +67,7 @@ func keyOf(sc *config.Service) socketKey { return socketKey{sc.Protocol, sc.List
 type runningService struct {
 	svc       *Service
 	cfg       *config.Service
-	listeners []*net.TCPListener
+	listeners []*listener.RawListener
 	accepting sync.WaitGroup // accept loops
 	// udp runs a UDP service's sockets and flows (listeners is empty then).
 	udp *udpProxy
@@ -83,7 +83,7 @@ func (rs *runningService) stopAccepting() {
 }
 
 func (srv *Server) newService(sc *config.Service) *Service {
-	svc := NewService(sc, srv.pipes, srv.log)
+	svc := NewService(sc, srv.log)
 	svc.logConnections = &srv.logConnections
 	svc.gate = srv.gate
 	return svc
@@ -106,7 +106,7 @@ func (srv *Server) SetMaxConnections(n int64) {
 
 // NewServer returns a server with no services.
 func NewServer(log hclog.Logger) *Server {
-	return &Server{log: log, pipes: newPipePool(), running: make(map[socketKey]*runningService),
+	return &Server{log: log, running: make(map[socketKey]*runningService),
 		retiringUDP: make(map[socketKey]*runningService)}
 }
 
@@ -140,8 +140,8 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 
 	// Phase 1: bind every socket the new config needs. Nothing running is
 	// touched yet.
-	fresh := make(map[socketKey][]*net.TCPListener)
-	extra := make(map[socketKey][]*net.TCPListener)
+	fresh := make(map[socketKey][]*listener.RawListener)
+	extra := make(map[socketKey][]*listener.RawListener)
 	freshUDP := make(map[socketKey][]*net.UDPConn)
 	undo := func() {
 		for _, lns := range fresh {
@@ -180,7 +180,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		if need <= 0 {
 			continue
 		}
-		lns, err := listener.ListenTCP(ctx, sc.Listen, need)
+		lns, err := listenTCP(ctx, sc.Listen, need)
 		if err != nil {
 			undo()
 			return change, fmt.Errorf("services.%s.listen: %w", sc.Name, err)
@@ -287,7 +287,7 @@ func (srv *Server) shrink(rs *runningService, workers int) {
 	srv.log.Info("workers removed", "service", rs.cfg.Name, "workers", workers)
 }
 
-func (srv *Server) serve(rs *runningService, lns []*net.TCPListener) {
+func (srv *Server) serve(rs *runningService, lns []*listener.RawListener) {
 	log := srv.log.With("service", rs.cfg.Name)
 	for _, ln := range lns {
 		rs.listeners = append(rs.listeners, ln)
@@ -400,26 +400,35 @@ func (srv *Server) Services() []*Service {
 // took the last slot and then sat in accept on an empty socket would leave
 // the client queued on another socket waiting for good.
 type gatedListener struct {
-	*net.TCPListener
+	*listener.RawListener
 	gate *connGate
 	stop <-chan struct{}
 }
 
 var _ listener.Acceptor = gatedListener{}
 
-func (g gatedListener) AcceptTCP() (*net.TCPConn, error) {
-	c, err := g.TCPListener.AcceptTCP()
+func (g gatedListener) AcceptRaw() (listener.Conn, error) {
+	c, err := g.RawListener.AcceptRaw()
 	if err != nil {
-		return nil, err
+		return c, err
 	}
 	if !g.gate.acquire(g.stop) {
-		c.Close()
-		return nil, net.ErrClosed
+		unix.Close(c.FD)
+		return listener.Conn{}, net.ErrClosed
 	}
 	return c, nil
 }
 
-func closeListeners(lns []*net.TCPListener) {
+// listenTCP binds n SO_REUSEPORT sockets to addr for the raw accept loops.
+func listenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*listener.RawListener, error) {
+	lns, err := listener.ListenTCP(ctx, addr, n)
+	if err != nil {
+		return nil, err
+	}
+	return listener.RawAll(lns)
+}
+
+func closeListeners(lns []*listener.RawListener) {
 	for _, ln := range lns {
 		ln.Close()
 	}

@@ -1,8 +1,6 @@
 package l4
 
 import (
-	"errors"
-	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -11,6 +9,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/listener"
 )
 
 // maxDialAttempts is the first choice plus up to two more backends in the
@@ -26,11 +25,6 @@ type route struct {
 	backends []*Backend
 	// balancer is nil when no backend may take new connections.
 	balancer balancer
-	// dialer sets no TCP keepalive on backend sockets (KeepAlive -1): Go's
-	// default costs four setsockopt calls per connection, and idle_timeout
-	// already ends connections to a backend that went silent, as HAProxy
-	// and nginx do by default. Clients keep theirs: see listener.ListenTCP.
-	dialer net.Dialer
 	// acl and trusted are cfg's allow/deny and trusted_proxies (acl.go).
 	acl     accessList
 	trusted []netip.Prefix
@@ -42,8 +36,7 @@ type route struct {
 // Service balances the connections of one configured service. The accept
 // loops call Handle; the control side calls Update and Drain.
 type Service struct {
-	log   hclog.Logger
-	pipes *pipePool
+	log hclog.Logger
 
 	route atomic.Pointer[route]
 
@@ -57,7 +50,7 @@ type Service struct {
 
 	health serviceHealth // checks, passive detection, rebuilds on change: health.go
 
-	handlers sync.WaitGroup // running Handle calls
+	handlers sync.WaitGroup // connections handed to event loops and not yet closed
 
 	// logConnections, when set and true, logs a line per closed
 	// connection; the Server owns it, so one reload switches every service.
@@ -84,12 +77,10 @@ type Service struct {
 	gate *connGate
 }
 
-// NewService returns a service that routes by cfg. pipes is shared by all
-// services so that busy ones can reuse what quiet ones returned.
-func NewService(cfg *config.Service, pipes *pipePool, log hclog.Logger) *Service {
+// NewService returns a service that routes by cfg.
+func NewService(cfg *config.Service, log hclog.Logger) *Service {
 	s := &Service{
 		log:      log,
-		pipes:    pipes,
 		backends: make(map[netip.AddrPort]*Backend),
 		draining: make(map[netip.AddrPort]*Backend),
 	}
@@ -117,7 +108,7 @@ func (s *Service) Update(cfg *config.Service) {
 // stops drains to match. s.mu must be held.
 func (s *Service) rebuildLocked() {
 	cfg := s.cfg
-	r := &route{cfg: cfg, dialer: net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: -1},
+	r := &route{cfg: cfg,
 		acl: accessList{allow: cfg.Allow, deny: cfg.Deny}, trusted: cfg.TrustedProxies}
 	var members []member
 	var down []standby // weighted but not healthy: routed only in panic mode
@@ -136,7 +127,7 @@ func (s *Service) rebuildLocked() {
 		if b.Weight > 0 {
 			be.setRefuseNew(false) // before the route that offers it
 			s.stopDrainLocked(be)
-			m := member{key: be.dialAddr, weight: b.Weight, active: &be.active}
+			m := member{key: be.addr.String(), weight: b.Weight, active: &be.active}
 			if !usable(cfg, be) {
 				down = append(down, standby{be, m})
 				continue
@@ -239,170 +230,46 @@ func (s *Service) Backends() []*Backend {
 	return out
 }
 
-// Handle takes an accepted client connection and proxies it in a goroutine
-// of its own; the connection is closed when done. It is counted before
-// Handle returns, so that a Drain that starts once the accept loops have
-// stopped waits for it.
+// Handle takes an accepted client connection and hands it to an event
+// loop (loop.go), which dials a backend and proxies; the loop closes it
+// when done. It is counted before Handle returns, so that a Drain that
+// starts once the accept loops have stopped waits for it.
 //
 // The access list and limits are checked here, on the accept loop, before
-// any goroutine or dial, so that a flood of refused clients costs an accept
-// and a close each. Behind a balancer (accept_proxy_protocol) only the
+// any dial, so that a flood of refused clients costs an accept and a close
+// each. Behind a balancer (accept_proxy_protocol) only the
 // trusted_proxies check can run here: the rest waits for the header.
-func (s *Service) Handle(client *net.TCPConn) {
+func (s *Service) Handle(conn listener.Conn) {
 	s.accepted.Add(1)
 	r := s.route.Load()
-	p := peer{src: clientAddr(client)}
+	p := peer{src: conn.Peer}
 	if r.cfg.AcceptProxyProtocol {
 		if !containsAddr(r.trusted, p.src.Addr()) {
-			s.reject(client, p.src, RejectUntrustedProxy, nil)
+			s.reject(conn.FD, p.src, RejectUntrustedProxy, nil)
 			s.releaseSlot()
 			return
 		}
 		p.headerDue = true
-	} else if !s.admitPeer(r, client, &p) {
-		s.releaseSlot()
-		return
+	} else {
+		l, reason, ok := s.admit(r, p.src.Addr())
+		if !ok {
+			s.reject(conn.FD, p.src, reason, nil)
+			s.releaseSlot()
+			return
+		}
+		p.lease = l
 	}
 	s.handlers.Add(1)
-	go s.proxy(client, p)
+	c := &proxyConn{svc: s, loop: loops().pick(), client: conn.FD, backend: -1, peer: p, timerIndex: -1}
+	c.loop.post(c, false)
 }
 
-func (s *Service) proxy(client *net.TCPConn, p peer) {
-	defer s.handlers.Done()
-	defer s.releaseSlot()
-	if p.headerDue && !s.readPeer(client, &p) {
-		return
-	}
-	defer s.releaseLease(p.lease)
-	var (
-		r       *route
-		backend *net.TCPConn
-		target  *Backend
-		c       *proxyConn
-	)
-	// A reload may retire the chosen backend while its connect is in
-	// flight; the client has sent nothing through yet, so the connection
-	// starts over on the current route rather than being cut.
-	for attempt := 0; ; attempt++ {
-		r = s.route.Load()
-		backend, target = s.connect(r, client, &p)
-		if backend == nil {
-			client.Close()
-			return
-		}
-		c = &proxyConn{client: client, backend: backend, target: target, idleTimeout: r.cfg.IdleTimeout, halfCloseTimeout: r.cfg.HalfCloseTimeout}
-		if target.track(c) {
-			break
-		}
-		target.active.Add(-1)
-		backend.Close()
-		if attempt == maxDialAttempts {
-			s.refuse(client, "every backend chosen was removed while connecting")
-			client.Close()
-			return
-		}
-	}
-	start := time.Now()
-	err := c.run(s.pipes)
-	target.untrack(c)
-	if err != nil && !errors.Is(err, errIdle) {
-		s.proxyErrors.Add(1)
-	}
-	if s.logConnections != nil && s.logConnections.Load() {
-		s.log.Info("connection closed", "service", r.cfg.Name, "client", p.src.String(), "backend", target.addr,
-			"bytes_to_backend", c.sentToBackend, "bytes_to_client", c.sentToClient,
-			"duration", time.Since(start).Round(time.Millisecond).String(), "reason", closeReason(c, err))
-	} else if err != nil && s.log.IsDebug() {
-		s.log.Debug("connection ended", "service", r.cfg.Name, "client", p.src.String(), "backend", target.addr, "reason", err)
-	}
-}
-
-// closeReason names why a proxied connection ended, for the connection log.
-func closeReason(c *proxyConn, err error) string {
-	switch {
-	case c.forced.Load():
-		return "closed by l4lb (drain, shutdown or backend down)"
-	case errors.Is(err, errIdle) && c.halfClosed.Load():
-		return "half-close timeout"
-	case errors.Is(err, errIdle):
-		return "idle timeout"
-	case err != nil:
-		return err.Error()
-	default:
-		return "closed by peers"
-	}
-}
-
-// connect dials the key's first choice and, if that fails, the next
-// backends in the key's order, skipping backends that have their
-// max_connections open. With proxy_protocol set it sends the header before
-// returning. It returns nil when no backend could take the client.
-func (s *Service) connect(r *route, client *net.TCPConn, p *peer) (*net.TCPConn, *Backend) {
-	if r.balancer == nil {
-		s.refuse(client, noRouteReason(r.cfg))
-		return nil, nil
-	}
-	key := clientKey(p.src, r.cfg.HashKey)
-	// Full backends are tried too (skipped), so the list may outgrow
-	// maxDialAttempts; 8 covers most pools without allocating.
-	var triedBuf [8]int
-	tried := triedBuf[:0]
-	dials, full := 0, 0
-	for dials < maxDialAttempts && len(tried) < len(r.backends) {
-		i := r.balancer.pick(key, tried)
-		if i < 0 {
-			break
-		}
-		tried = append(tried, i)
-		be := r.backends[i]
-		// The connection counts as the backend's from before the dial, so
-		// that a reload removing the backend mid-dial sees it and drains it
-		// (and least_conn sees connections still being set up). The same
-		// add reserves a max_connections slot, so that racing connects
-		// cannot overshoot it.
-		if n := be.active.Add(1); r.backendMax != nil && r.backendMax[i] > 0 && n > r.backendMax[i] {
-			be.active.Add(-1)
-			full++
-			continue
-		}
-		dials++
-		dialStart := time.Now()
-		conn, err := r.dialer.Dial("tcp", be.dialAddr)
-		if err == nil {
-			be.connectTime.observe(time.Since(dialStart))
-			// Go sets TCP_NODELAY on every TCP socket by default, client
-			// and backend alike: requests and replies leave at once.
-			connectOK(be)
-			if err = s.sendProxyHeader(r, client, conn.(*net.TCPConn), p); err == nil {
-				return conn.(*net.TCPConn), be
-			}
-			conn.Close()
-		}
-		be.active.Add(-1)
-		if isLocalShortage(err) {
-			// Out of descriptors or memory here: no fault of the backend's,
-			// and the next backend would fail alike.
-			s.refuse(client, "cannot open a socket to a backend: "+err.Error())
-			return nil, nil
-		}
-		s.connectFailed(r.cfg, be, err)
-		failures := be.dialFailed.Add(1)
-		if s.allowLog(&be.lastDialLog) {
-			s.log.Warn("connect to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr, "error", err, "failures_total", failures)
-		}
-	}
-	if dials == 0 && full > 0 {
-		s.countReject(p.src, RejectBackendsFull, nil)
-		return nil, nil
-	}
-	s.refuse(client, "every backend tried failed to connect")
-	return nil, nil
-}
-
-func (s *Service) refuse(client *net.TCPConn, reason string) {
+// refuse counts a client closed for want of a backend, and logs it at
+// most once a second.
+func (s *Service) refuse(client netip.AddrPort, reason string) {
 	n := s.refused.Add(1)
 	if s.allowLog(&s.lastRefusal) {
-		s.log.Warn("closing client: no backend available", "service", s.Name(), "client", client.RemoteAddr().String(), "reason", reason, "refused_total", n)
+		s.log.Warn("closing client: no backend available", "service", s.Name(), "client", client.String(), "reason", reason, "refused_total", n)
 	}
 }
 

@@ -12,7 +12,7 @@ import (
 // pipeSize is what each borrowed pipe is asked to hold. Bigger pipes move
 // more bytes per splice call on bulk transfers; the kernel only pins pages
 // that are in flight, and a pipe is only held while bytes move (see
-// copier), so an idle connection costs no pipe at all. 1 MiB is
+// direction), so an idle connection costs no pipe at all. 1 MiB is
 // Go's own choice for io.Copy between sockets; the call fails harmlessly
 // (leaving the 64 KiB default) above fs.pipe-max-size for non-root.
 const pipeSize = 1 << 20
@@ -24,7 +24,7 @@ type pipe struct {
 	buffered int
 }
 
-// pipePool lends pipes to copiers while they move bytes. A pipe is only
+// pipePool lends pipes to connections while they move bytes. A pipe is only
 // put back empty. It is a bounded free list rather than a sync.Pool: pooled
 // pipes hold descriptors, which must be closed when dropped, not whenever a
 // GC gets to them.
@@ -79,71 +79,66 @@ func (pp *pipePool) put(p *pipe) {
 // for the idle timeout.
 var errIdle = errors.New("idle timeout")
 
-// fillPipeFD is the RawConn.Read callback of splice mode: it returns false
-// to park until the source is readable.
-func (cp *copier) fillPipeFD(fd uintptr) bool {
-	cp.err = nil
-	if cp.pipe == nil {
-		p, err := cp.pools.get()
+// fillPipe splices what src holds into d's pipe, borrowing one first.
+func (c *proxyConn) fillPipe(d *direction, src int, sf *sockFlags) error {
+	pipes := c.loop.pipes
+	if d.pipe == nil {
+		p, err := pipes.get()
 		if err != nil {
 			// Out of descriptors (or pipe memory): the bytes can still go
 			// through the buffer, slower but without cutting the client.
-			cp.splicing = false
-			return cp.readWriteFD(fd)
+			d.splicing = false
+			return nil
 		}
-		cp.pipe = p
+		d.pipe = p
 	}
-	for {
-		n, err := rawSplice(int(fd), cp.pipe.w, pipeSize)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
-			if cp.pipe.buffered == 0 {
-				// Nothing in flight: give the pipe back while we wait, so
-				// idle connections hold none.
-				cp.pools.put(cp.pipe)
-				cp.pipe = nil
-			}
-			return false
-		case err != nil:
-			cp.err = &net.OpError{Op: "splice", Net: "tcp", Err: os.NewSyscallError("splice", err)}
-			return true
-		case n == 0:
-			cp.eof = true
-			return true
+	n, err := rawSplice(src, d.pipe.w, pipeSize)
+	switch {
+	case err == unix.EINTR:
+		return nil
+	case err == unix.EAGAIN:
+		sf.readable = false
+		if d.pipe.buffered == 0 {
+			// Nothing in flight: give the pipe back while we wait, so
+			// idle connections hold none.
+			pipes.put(d.pipe)
+			d.pipe = nil
 		}
-		cp.pipe.buffered += int(n)
-		cp.count(int(n))
-		if n < copyBufSize {
-			// The burst is over: small chunks are cheaper through the
-			// buffer (one read and one write, no pipe).
-			cp.splicing = false
-		}
-		return true
+		return nil
+	case err != nil:
+		return &net.OpError{Op: "splice", Net: "tcp", Err: os.NewSyscallError("splice", err)}
+	case n == 0:
+		d.eof = true
+		return nil
 	}
+	d.pipe.buffered += n
+	c.count(d, n)
+	if n < copyBufSize {
+		// The burst is over: small chunks are cheaper through the buffer
+		// (one read and one write, no pipe).
+		d.splicing = false
+	}
+	return nil
 }
 
-// drainPipeFD is the RawConn.Write callback of splice mode: it returns
-// false to park until the destination has room.
-func (cp *copier) drainPipeFD(fd uintptr) bool {
-	cp.err = nil
-	for cp.pipe.buffered > 0 {
-		n, err := rawSplice(cp.pipe.r, int(fd), cp.pipe.buffered)
+// drainPipe splices what d's pipe holds on to dst.
+func (c *proxyConn) drainPipe(d *direction, dst int, df *sockFlags) error {
+	for d.pipe.buffered > 0 {
+		n, err := rawSplice(d.pipe.r, dst, d.pipe.buffered)
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err == unix.EAGAIN:
-			return false
+			df.writable = false
+			return nil
 		case err != nil:
-			cp.err = &net.OpError{Op: "splice", Net: "tcp", Err: os.NewSyscallError("splice", err)}
-			return true
+			return &net.OpError{Op: "splice", Net: "tcp", Err: os.NewSyscallError("splice", err)}
 		}
-		cp.pipe.buffered -= int(n)
+		d.pipe.buffered -= n
 		// A slow reader draining a full pipe is not idle.
-		cp.conn.touch()
+		c.lastActive = c.loop.now
 	}
-	return true
+	return nil
 }
 
 // rawSplice is a non-blocking splice(2) of up to n bytes from in to out,

@@ -90,7 +90,7 @@ func newUDPService(t testing.TB, cfg *config.Service) (*Service, *udpProxy) {
 		}
 		conns = append(conns, more...)
 	}
-	svc := NewService(cfg, newPipePool(), hclog.NewNullLogger())
+	svc := NewService(cfg, hclog.NewNullLogger())
 	p := newUDPProxy(svc, conns, hclog.NewNullLogger())
 	t.Cleanup(p.Close)
 	return svc, p

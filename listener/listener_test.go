@@ -31,18 +31,19 @@ func TestListenTCPSharesPortAcrossSockets(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			raws, err := RawAll(lns)
+			if err != nil {
+				t.Fatal(err)
+			}
 			accepted := make(chan int, 64)
 			var wg sync.WaitGroup
-			for i, ln := range lns {
+			for i, raw := range raws {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					err := Serve(ln, func(c *net.TCPConn) {
+					err := Serve(raw, func(c Conn) {
 						accepted <- i
-						go func() {
-							io.Copy(c, c)
-							c.Close()
-						}()
+						go echoRaw(c.FD)
 					}, hclog.NewNullLogger())
 					if err != nil {
 						t.Errorf("Serve returned %v after close, want nil", err)
@@ -70,8 +71,8 @@ func TestListenTCPSharesPortAcrossSockets(t *testing.T) {
 			if len(used) < 2 {
 				t.Errorf("64 connections all went to one of 4 sockets: %v", used)
 			}
-			for _, ln := range lns {
-				ln.Close()
+			for _, raw := range raws {
+				raw.Close()
 			}
 			wg.Wait()
 		})
@@ -93,13 +94,13 @@ func TestListenTCPBusyAddressClosesAll(t *testing.T) {
 // fakeAcceptor fails with the queued errors, then reports closed.
 type fakeAcceptor struct{ errs []error }
 
-func (f *fakeAcceptor) AcceptTCP() (*net.TCPConn, error) {
+func (f *fakeAcceptor) AcceptRaw() (Conn, error) {
 	if len(f.errs) == 0 {
-		return nil, net.ErrClosed
+		return Conn{}, net.ErrClosed
 	}
 	err := f.errs[0]
 	f.errs = f.errs[1:]
-	return nil, err
+	return Conn{}, err
 }
 
 func (f *fakeAcceptor) Addr() net.Addr { return &net.TCPAddr{} }
@@ -112,7 +113,7 @@ func TestServeBacksOffOnTransientErrors(t *testing.T) {
 	}
 	errs[4] = &net.OpError{Op: "accept", Err: syscall.ENOBUFS}
 	var slept []time.Duration
-	err := serve(&fakeAcceptor{errs: errs}, func(*net.TCPConn) { t.Error("handler called without a connection") },
+	err := serve(&fakeAcceptor{errs: errs}, func(Conn) { t.Error("handler called without a connection") },
 		hclog.NewNullLogger(), func(d time.Duration) { slept = append(slept, d) })
 	if err != nil {
 		t.Fatalf("serve returned %v, want nil on close", err)
@@ -129,7 +130,7 @@ func TestServeBacksOffOnTransientErrors(t *testing.T) {
 }
 
 // Accepted sockets get keepalive and TCP_NODELAY from the listening socket
-// and Go, without per-connection keepalive system calls.
+// alone: AcceptRaw sets no option per connection.
 func TestAcceptedSocketsInheritKeepalive(t *testing.T) {
 	lns, err := ListenTCP(context.Background(), netip.MustParseAddrPort("127.0.0.1:0"), 1)
 	if err != nil {
@@ -141,14 +142,17 @@ func TestAcceptedSocketsInheritKeepalive(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	a, err := lns[0].AcceptTCP()
+	raw, err := Raw(lns[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { a.Close() })
-	raw, err := a.SyscallConn()
+	a, err := raw.AcceptRaw()
 	if err != nil {
 		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(a.FD) })
+	if want := c.LocalAddr().(*net.TCPAddr).AddrPort(); a.Peer != want {
+		t.Errorf("accepted peer %v, want %v", a.Peer, want)
 	}
 	for _, o := range []struct {
 		name       string
@@ -163,9 +167,17 @@ func TestAcceptedSocketsInheritKeepalive(t *testing.T) {
 	} {
 		var got int
 		var gerr error
-		raw.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), o.level, o.opt) })
+		got, gerr = unix.GetsockoptInt(a.FD, o.level, o.opt)
 		if gerr != nil || got != o.want {
 			t.Errorf("accepted socket %s = %d (%v), want %d", o.name, got, gerr, o.want)
 		}
 	}
+}
+
+// echoRaw echoes a raw accepted socket until EOF, then closes it. The
+// socket is non-blocking; os.NewFile puts it on Go's netpoller.
+func echoRaw(fd int) {
+	f := os.NewFile(uintptr(fd), "accepted")
+	defer f.Close()
+	io.Copy(f, f)
 }

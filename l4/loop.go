@@ -1,0 +1,338 @@
+package l4
+
+import (
+	"container/heap"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The TCP data plane runs on event loops of its own, one per core, rather
+// than on two goroutines per connection parked on Go's netpoller. Each
+// loop owns an epoll set, edge-triggered, with both sockets of each of its
+// connections in it, and moves bytes from the events it reads. Compared
+// with a goroutine per direction, this saves per message the read that
+// only finds EAGAIN (the epoll event says whether a FIN came with the
+// data, which Go's netpoller does not pass on), and the scheduler's
+// wake-ups and hand-offs; per connection, the two goroutines, their
+// stacks (most of what an idle connection cost), and net's system calls
+// (getsockname, getpeername, epoll_ctl and friends). docs/performance.md
+// has the measurements.
+//
+// A loop is a goroutine, not a locked thread: its epoll descriptor is
+// itself registered with Go's netpoller (an epoll set is pollable), so an
+// idle loop parks like any goroutine, and its timers (connect, idle, PROXY
+// header) are the read deadline of that descriptor. Other goroutines reach
+// a loop only through post: accept loops hand it new connections, and the
+// control side (drains, shutdown, health) asks it to abort connections.
+// Everything else about a connection is touched by its loop alone, so the
+// data path takes no lock.
+type eventLoop struct {
+	epfd int
+	// file is epfd on Go's netpoller; rc parks the loop until epfd has
+	// events or the next timer is due.
+	file *os.File
+	rc   syscall.RawConn
+	// wakeFD is an eventfd in the epoll set: a write to it wakes the loop
+	// to read its inbox. It is never read: edge-triggered, each write is
+	// a new event however high the counter.
+	wakeFD int
+	pipes  *pipePool
+
+	mu sync.Mutex // guards inbox, aborts and wakePending
+	// inbox holds new connections from accept loops; aborts, connections
+	// the control side ends.
+	inbox, aborts []*proxyConn
+	// wakePending: a wake-up is written and the loop has not yet taken
+	// its inbox, so another post need not write again.
+	wakePending bool
+
+	// Everything below belongs to the loop's goroutine.
+	events [128]unix.EpollEvent
+	// conns maps the slot in an epoll event's data to its connection.
+	conns []*proxyConn
+	// freeSlots can be reused; freedNow were freed in the current batch
+	// of events, which may still name them, and join freeSlots after it.
+	freeSlots, freedNow []int32
+	// taken is the inbox swapped out, kept to reuse its array.
+	taken, takenAborts []*proxyConn
+	timers             timerHeap
+	// armed is the timer deadline set on file (monotonicNow units), 0 for
+	// none.
+	armed int64
+	// now is monotonicNow when the current batch of events was read.
+	now int64
+	// scratch is the buffer every read/write-mode read goes into; only
+	// bytes a destination does not take at once are copied to a buffer
+	// of the connection's own.
+	scratch *copyBuf
+	// header is the buffer PROXY headers are peeked into.
+	header [proxyHeaderMax]byte
+	poll   func(fd uintptr) bool
+}
+
+// Epoll event data: the connection's slot in Fd, and in Pad which socket
+// (bit 0: 0 client, 1 backend) and, for the backend, which dial (the
+// rest): a backend socket closed after a failed connect can still have an
+// event in the batch being handled, which must not reach its successor.
+const wakeSlot = -1
+
+// loops is the process's set of event loops, started on first use.
+var loops = sync.OnceValue(func() *loopSet {
+	n := runtime.GOMAXPROCS(0)
+	set := &loopSet{loops: make([]*eventLoop, n)}
+	pipes := newPipePool()
+	for i := range set.loops {
+		l, err := newEventLoop(pipes)
+		if err != nil {
+			// epoll_create1 and eventfd fail only without descriptors or
+			// memory at start-up; nothing could be served.
+			panic(fmt.Sprintf("l4lb: cannot start the TCP event loops: %v", err))
+		}
+		set.loops[i] = l
+		go l.run()
+	}
+	return set
+})
+
+type loopSet struct {
+	loops []*eventLoop
+	next  atomic.Uint32
+}
+
+// pick spreads connections over the loops in turn.
+func (s *loopSet) pick() *eventLoop {
+	return s.loops[int(s.next.Add(1))%len(s.loops)]
+}
+
+func newEventLoop(pipes *pipePool) (*eventLoop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	wakeFD, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, os.NewSyscallError("eventfd", err)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: wakeSlot}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wakeFD, &ev); err != nil {
+		unix.Close(epfd)
+		unix.Close(wakeFD)
+		return nil, os.NewSyscallError("epoll_ctl", err)
+	}
+	// Non-blocking, so that os.NewFile puts it on the netpoller.
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		unix.Close(wakeFD)
+		return nil, err
+	}
+	l := &eventLoop{epfd: epfd, file: os.NewFile(uintptr(epfd), "l4lb-event-loop"), wakeFD: wakeFD, pipes: pipes,
+		scratch: new(copyBuf)}
+	if l.rc, err = l.file.SyscallConn(); err != nil {
+		return nil, err
+	}
+	l.poll = l.pollFD
+	return l, nil
+}
+
+// run is the loop's goroutine. Loops live as long as the process.
+func (l *eventLoop) run() {
+	for {
+		err := l.rc.Read(l.poll)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// A timer is due: clear the deadline (an expired one fails
+			// every wait at once); pollFD fires it and arms the next.
+			l.armed = 0
+			l.file.SetReadDeadline(time.Time{})
+			continue
+		}
+		if err != nil {
+			panic(fmt.Sprintf("l4lb: event loop stopped: %v", err))
+		}
+	}
+}
+
+// post hands c to the loop: a new connection, or with abort set, one the
+// control side ends. Any goroutine may call it.
+func (l *eventLoop) post(c *proxyConn, abort bool) {
+	l.mu.Lock()
+	if abort {
+		l.aborts = append(l.aborts, c)
+	} else {
+		l.inbox = append(l.inbox, c)
+	}
+	wake := !l.wakePending
+	l.wakePending = true
+	l.mu.Unlock()
+	if wake {
+		one := uint64(1)
+		unix.Write(l.wakeFD, (*[8]byte)(unsafe.Pointer(&one))[:])
+	}
+}
+
+// pollFD is the RawConn.Read callback: it handles every event and timer
+// that is ready, then returns false to park until there are more.
+func (l *eventLoop) pollFD(uintptr) bool {
+	for {
+		n, err := epollWaitNow(l.epfd, l.events[:])
+		if err != nil && err != unix.EINTR {
+			panic(fmt.Sprintf("l4lb: epoll_wait: %v", err))
+		}
+		l.now = monotonicNow()
+		for i := range n {
+			ev := &l.events[i]
+			if ev.Fd == wakeSlot {
+				continue // the inbox is read below, every round
+			}
+			if c := l.conns[ev.Fd]; c != nil {
+				c.onEvent(ev.Events, ev.Pad)
+			}
+		}
+		l.takeInbox()
+		l.freeSlots = append(l.freeSlots, l.freedNow...)
+		l.freedNow = l.freedNow[:0]
+		l.fireTimers()
+		if n < len(l.events) {
+			break
+		}
+	}
+	l.armTimer()
+	return false
+}
+
+func (l *eventLoop) takeInbox() {
+	l.mu.Lock()
+	if len(l.inbox) == 0 && len(l.aborts) == 0 {
+		l.wakePending = false
+		l.mu.Unlock()
+		return
+	}
+	l.inbox, l.taken = l.taken[:0], l.inbox
+	l.aborts, l.takenAborts = l.takenAborts[:0], l.aborts
+	l.wakePending = false
+	l.mu.Unlock()
+	for i, c := range l.taken {
+		c.begin()
+		l.taken[i] = nil
+	}
+	for i, c := range l.takenAborts {
+		c.finish(errAborted)
+		l.takenAborts[i] = nil
+	}
+}
+
+// epollWaitNow is epoll_wait with a zero timeout, so it never blocks: a
+// RawSyscall, for the reasons rawRead gives.
+func epollWaitNow(epfd int, events []unix.EpollEvent) (int, error) {
+	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	return int(n), nil
+}
+
+// Sockets are registered for input, output and the peer's FIN at once,
+// edge-triggered: each socket costs one epoll_ctl for its life, and its
+// close removes it from the set.
+const sockEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+
+func (l *eventLoop) register(fd int, slot int32, tag int32) error {
+	ev := unix.EpollEvent{Events: sockEvents, Fd: slot, Pad: tag}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+		return os.NewSyscallError("epoll_ctl", err)
+	}
+	return nil
+}
+
+func (l *eventLoop) takeSlot(c *proxyConn) int32 {
+	if n := len(l.freeSlots); n > 0 {
+		slot := l.freeSlots[n-1]
+		l.freeSlots = l.freeSlots[:n-1]
+		l.conns[slot] = c
+		return slot
+	}
+	l.conns = append(l.conns, c)
+	return int32(len(l.conns) - 1)
+}
+
+func (l *eventLoop) releaseSlot(slot int32) {
+	l.conns[slot] = nil
+	l.freedNow = append(l.freedNow, slot)
+}
+
+// Timers: each connection has at most one, its next deadline (connect,
+// PROXY header or idle). Idle deadlines are moved lazily: bytes moving
+// only record the time, and a timer that fires early is pushed back.
+
+func (l *eventLoop) schedule(c *proxyConn, at int64) {
+	c.timerAt = at
+	if c.timerIndex >= 0 {
+		heap.Fix(&l.timers, c.timerIndex)
+		return
+	}
+	heap.Push(&l.timers, c)
+}
+
+func (l *eventLoop) unschedule(c *proxyConn) {
+	if c.timerIndex >= 0 {
+		heap.Remove(&l.timers, c.timerIndex)
+	}
+}
+
+func (l *eventLoop) fireTimers() {
+	for len(l.timers) > 0 && l.timers[0].timerAt <= l.now {
+		c := heap.Pop(&l.timers).(*proxyConn)
+		c.onTimer()
+	}
+}
+
+// armTimer sets the read deadline of the loop's descriptor to its next
+// timer, when that changed.
+func (l *eventLoop) armTimer() {
+	var next int64
+	if len(l.timers) > 0 {
+		next = l.timers[0].timerAt
+	}
+	if next == l.armed {
+		return
+	}
+	l.armed = next
+	if next == 0 {
+		l.file.SetReadDeadline(time.Time{})
+		return
+	}
+	l.file.SetReadDeadline(clockStart.Add(time.Duration(next)))
+}
+
+// timerHeap is a min-heap of connections by timerAt.
+type timerHeap []*proxyConn
+
+func (h timerHeap) Len() int           { return len(h) }
+func (h timerHeap) Less(i, j int) bool { return h[i].timerAt < h[j].timerAt }
+func (h timerHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].timerIndex = i
+	h[j].timerIndex = j
+}
+func (h *timerHeap) Push(x any) {
+	c := x.(*proxyConn)
+	c.timerIndex = len(*h)
+	*h = append(*h, c)
+}
+func (h *timerHeap) Pop() any {
+	old := *h
+	c := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	c.timerIndex = -1
+	return c
+}
