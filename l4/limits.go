@@ -7,7 +7,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -175,27 +174,17 @@ func (s *Service) releaseLease(l lease) {
 
 // connGate bounds the TCP connections open over all services of a Server,
 // so that l4lb never runs out of descriptors for the ones it has: at the
-// bound the accept loops stop accepting, new clients wait in the kernel's
+// bound the acceptors stop accepting, new clients wait in the kernel's
 // accept queue (as with HAProxy's maxconn), and open connections keep
-// their sockets and can still get the pipes they need to move bytes.
-//
-// The count is one atomic; only accept loops that find the gate closed
-// wait, on freed (a token a closing connection leaves) or a short recheck
-// interval, so a full gate costs no CPU and a freed slot is used within
-// gateRecheck at worst.
+// their sockets and can still get the pipes they need to move bytes. The
+// count is one atomic; acceptors that find the gate full look again every
+// gateRecheck (loop.go).
 type connGate struct {
-	max   int64
-	open  atomic.Int64
-	freed chan struct{} // capacity 1: a wake-up token for one waiting loop
+	max  int64
+	open atomic.Int64
 }
 
-// gateRecheck bounds how long a waiting accept loop may miss a freed slot
-// whose token another loop took.
-const gateRecheck = 100 * time.Millisecond
-
-func newConnGate(max int64) *connGate {
-	return &connGate{max: max, freed: make(chan struct{}, 1)}
-}
+func newConnGate(max int64) *connGate { return &connGate{max: max} }
 
 func (g *connGate) tryAcquire() bool {
 	if g.open.Add(1) <= g.max {
@@ -205,42 +194,7 @@ func (g *connGate) tryAcquire() bool {
 	return false
 }
 
-// acquire waits for a slot; false when stop closes first.
-func (g *connGate) acquire(stop <-chan struct{}) bool {
-	if g.tryAcquire() {
-		return true
-	}
-	timer := time.NewTimer(gateRecheck)
-	defer timer.Stop()
-	for {
-		select {
-		case <-stop:
-			return false
-		case <-g.freed:
-		case <-timer.C:
-			timer.Reset(gateRecheck)
-		}
-		if g.tryAcquire() {
-			if g.open.Load() < g.max {
-				g.wake() // more room: pass the token on to another loop
-			}
-			return true
-		}
-	}
-}
-
-func (g *connGate) release() {
-	if g.open.Add(-1) == g.max-1 {
-		g.wake() // the gate was full: a loop may be waiting
-	}
-}
-
-func (g *connGate) wake() {
-	select {
-	case g.freed <- struct{}{}:
-	default:
-	}
-}
+func (g *connGate) release() { g.open.Add(-1) }
 
 // peer is who a client connection is from as l4lb routes, filters and
 // reports it: the socket's remote address, or, behind a trusted balancer,

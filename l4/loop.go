@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"runtime"
 	"sync"
@@ -12,7 +13,10 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/l4lb/l4lb/listener"
 )
 
 // The TCP data plane runs on event loops of its own, one per core, rather
@@ -30,9 +34,11 @@ import (
 // A loop is a goroutine, not a locked thread: its epoll descriptor is
 // itself registered with Go's netpoller (an epoll set is pollable), so an
 // idle loop parks like any goroutine, and its timers (connect, idle, PROXY
-// header) are the read deadline of that descriptor. Other goroutines reach
-// a loop only through post: accept loops hand it new connections, and the
-// control side (drains, shutdown, health) asks it to abort connections.
+// header) are the read deadline of that descriptor. Each loop accepts from
+// listening sockets of its own (acceptor), so a new connection is started
+// by the thread that accepted it. Other goroutines reach a loop only
+// through its requests: the control side hands it listening sockets and
+// takes them back, and aborts connections (drains, shutdown, health).
 // Everything else about a connection is touched by its loop alone, so the
 // data path takes no lock.
 type eventLoop struct {
@@ -42,28 +48,36 @@ type eventLoop struct {
 	file *os.File
 	rc   syscall.RawConn
 	// wakeFD is an eventfd in the epoll set: a write to it wakes the loop
-	// to read its inbox. It is never read: edge-triggered, each write is
+	// to read its requests. It is never read: edge-triggered, each write is
 	// a new event however high the counter.
 	wakeFD int
 	pipes  *pipePool
 
-	mu sync.Mutex // guards inbox, aborts and wakePending
-	// inbox holds new connections from accept loops; aborts, connections
-	// the control side ends.
-	inbox, aborts []*proxyConn
+	mu sync.Mutex // guards aborts, starting, stopping and wakePending
+	// aborts are connections the control side ends.
+	aborts []*proxyConn
+	// starting and stopping are listening sockets the control side hands
+	// to the loop or takes back.
+	starting, stopping []*acceptor
 	// wakePending: a wake-up is written and the loop has not yet taken
-	// its inbox, so another post need not write again.
+	// its requests, so another request need not write again.
 	wakePending bool
 
 	// Everything below belongs to the loop's goroutine.
 	events [128]unix.EpollEvent
-	// conns maps the slot in an epoll event's data to its connection.
-	conns []*proxyConn
+	// conns maps the slot in an epoll event's data to its connection;
+	// acceptors, a slot below wakeSlot to its listening socket.
+	conns     []*proxyConn
+	acceptors []*acceptor
+	// acceptRetry is the earliest retryAt of the stopped acceptors.
+	acceptRetry int64
+	// peerAddr is what accept4 writes the client's address into.
+	peerAddr unix.RawSockaddrAny
 	// freeSlots can be reused; freedNow were freed in the current batch
 	// of events, which may still name them, and join freeSlots after it.
 	freeSlots, freedNow []int32
-	// taken is the inbox swapped out, kept to reuse its array.
-	taken, takenAborts []*proxyConn
+	// takenAborts is aborts swapped out, kept to reuse its array.
+	takenAborts []*proxyConn
 	timers             timerHeap
 	// armed is the timer deadline set on file (monotonicNow units), 0 for
 	// none.
@@ -161,21 +175,15 @@ func (l *eventLoop) run() {
 	}
 }
 
-// post hands c to the loop: a new connection, or with abort set, one the
-// control side ends. Any goroutine may call it.
-func (l *eventLoop) post(c *proxyConn, abort bool) {
+// postAbort asks the loop to close c, from any goroutine.
+func (l *eventLoop) postAbort(c *proxyConn) {
 	l.mu.Lock()
-	if abort {
-		l.aborts = append(l.aborts, c)
-	} else {
-		l.inbox = append(l.inbox, c)
-	}
+	l.aborts = append(l.aborts, c)
 	wake := !l.wakePending
 	l.wakePending = true
 	l.mu.Unlock()
 	if wake {
-		one := uint64(1)
-		unix.Write(l.wakeFD, (*[8]byte)(unsafe.Pointer(&one))[:])
+		l.wake()
 	}
 }
 
@@ -190,8 +198,15 @@ func (l *eventLoop) pollFD(uintptr) bool {
 		l.now = monotonicNow()
 		for i := range n {
 			ev := &l.events[i]
-			if ev.Fd == wakeSlot {
-				continue // the inbox is read below, every round
+			switch {
+			case ev.Fd == wakeSlot:
+				continue // the requests are read below, every round
+			case ev.Fd < wakeSlot:
+				if a := l.acceptors[acceptorSlot(ev.Fd)]; a != nil {
+					a.readable = true
+					a.accept()
+				}
+				continue
 			}
 			if c := l.conns[ev.Fd]; c != nil {
 				c.onEvent(ev.Events, ev.Pad)
@@ -201,6 +216,7 @@ func (l *eventLoop) pollFD(uintptr) bool {
 		l.freeSlots = append(l.freeSlots, l.freedNow...)
 		l.freedNow = l.freedNow[:0]
 		l.fireTimers()
+		l.retryAcceptors()
 		if n < len(l.events) {
 			break
 		}
@@ -209,20 +225,45 @@ func (l *eventLoop) pollFD(uintptr) bool {
 	return false
 }
 
+// postAcceptor hands a listening socket to the loop (stop false), or
+// asks the loop to close it (stop true); a.done says when it has.
+func (l *eventLoop) postAcceptor(a *acceptor, stop bool) {
+	l.mu.Lock()
+	if stop {
+		l.stopping = append(l.stopping, a)
+	} else {
+		l.starting = append(l.starting, a)
+	}
+	wake := !l.wakePending
+	l.wakePending = true
+	l.mu.Unlock()
+	if wake {
+		l.wake()
+	}
+}
+
+func (l *eventLoop) wake() {
+	one := uint64(1)
+	unix.Write(l.wakeFD, (*[8]byte)(unsafe.Pointer(&one))[:])
+}
+
 func (l *eventLoop) takeInbox() {
 	l.mu.Lock()
-	if len(l.inbox) == 0 && len(l.aborts) == 0 {
+	if len(l.aborts) == 0 && len(l.starting) == 0 && len(l.stopping) == 0 {
 		l.wakePending = false
 		l.mu.Unlock()
 		return
 	}
-	l.inbox, l.taken = l.taken[:0], l.inbox
 	l.aborts, l.takenAborts = l.takenAborts[:0], l.aborts
+	starting, stopping := l.starting, l.stopping
+	l.starting, l.stopping = nil, nil
 	l.wakePending = false
 	l.mu.Unlock()
-	for i, c := range l.taken {
-		c.begin()
-		l.taken[i] = nil
+	for _, a := range starting {
+		l.startAcceptor(a)
+	}
+	for _, a := range stopping {
+		l.stopAcceptor(a)
 	}
 	for i, c := range l.takenAborts {
 		c.finish(errAborted)
@@ -298,8 +339,8 @@ func (l *eventLoop) fireTimers() {
 // armTimer sets the read deadline of the loop's descriptor to its next
 // timer, when that changed.
 func (l *eventLoop) armTimer() {
-	var next int64
-	if len(l.timers) > 0 {
+	next := l.acceptRetry
+	if len(l.timers) > 0 && (next == 0 || l.timers[0].timerAt < next) {
 		next = l.timers[0].timerAt
 	}
 	if next == l.armed {
@@ -335,4 +376,135 @@ func (h *timerHeap) Pop() any {
 	*h = old[:len(old)-1]
 	c.timerIndex = -1
 	return c
+}
+
+// acceptor is one listening socket of a service, run by a loop: the loop
+// accepts when epoll says a client waits and starts the client's
+// connection on itself, so a new connection costs no goroutine and no
+// hand-off between threads. Each SO_REUSEPORT socket of a service goes to
+// another loop (Server.serve), so each core accepts from its own queue.
+type acceptor struct {
+	loop *eventLoop
+	fd   int
+	addr netip.AddrPort
+	svc  *Service
+	// gate bounds the connections open over all services (limits.go).
+	gate *connGate
+	slot int32
+
+	readable bool
+	// held was accepted while the gate was full, and waits for a slot:
+	// at the bound each acceptor holds at most one client, and the rest
+	// queue in the kernel. FD is -1 when none is held.
+	held listener.Conn
+	// retryAt is when an acceptor that stopped (a full gate, or an accept
+	// error to back off from) tries again; 0 when it has not stopped.
+	retryAt int64
+	backoff listener.Backoff
+
+	// done is closed once the loop has closed the socket.
+	done *sync.WaitGroup
+}
+
+// gateRecheck is how often an acceptor at a full gate looks for a freed
+// slot: a loop must not block on the gate, and a check costs one atomic
+// add, so polling is cheaper than waking acceptors on each release.
+const gateRecheck = 10 * time.Millisecond
+
+// acceptorSlot maps acceptor slots to epoll data below wakeSlot.
+func acceptorSlot(slot int32) int32 { return -2 - slot }
+
+// startAcceptor puts a's socket in the loop's epoll set; on the loop.
+func (l *eventLoop) startAcceptor(a *acceptor) {
+	a.slot = int32(len(l.acceptors))
+	l.acceptors = append(l.acceptors, a)
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: acceptorSlot(a.slot)}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, a.fd, &ev); err != nil {
+		// Only for want of kernel memory: the socket cannot serve.
+		a.svc.log.Error("cannot watch a listening socket; it will not accept", "listen", a.addr, "error", err)
+		return
+	}
+	a.readable = true // clients may have queued before the socket joined the set
+	a.accept()
+}
+
+// stopAcceptor closes a's socket; on the loop.
+func (l *eventLoop) stopAcceptor(a *acceptor) {
+	if a.fd >= 0 {
+		unix.Close(a.fd) // which takes it out of the epoll set
+		a.fd = -1
+	}
+	if a.held.FD >= 0 {
+		unix.Close(a.held.FD)
+		a.held.FD = -1
+	}
+	l.acceptors[a.slot] = nil
+	a.retryAt = 0
+	a.done.Done()
+}
+
+// accept takes clients from the socket until it has none, the gate is
+// full or accept fails.
+func (a *acceptor) accept() {
+	a.acceptUntilStopped()
+	if l := a.loop; a.retryAt != 0 && (l.acceptRetry == 0 || a.retryAt < l.acceptRetry) {
+		l.acceptRetry = a.retryAt
+	}
+}
+
+func (a *acceptor) acceptUntilStopped() {
+	l := a.loop
+	for a.fd >= 0 && (a.readable || a.held.FD >= 0) {
+		if a.held.FD < 0 {
+			conn, err := listener.Accept(a.fd, &l.peerAddr)
+			switch err {
+			case nil:
+				a.backoff.Reset()
+			case unix.EAGAIN:
+				a.readable = false
+				return
+			case unix.EINTR, unix.ECONNABORTED:
+				continue
+			default:
+				wait := a.backoff.Next()
+				a.retryAt = l.now + int64(wait)
+				msg, level := "accept failed unexpectedly, backing off", hclog.Error
+				if listener.IsTransient(err) {
+					msg, level = "accept failed, backing off", hclog.Warn
+				}
+				a.svc.log.Log(level, msg, "listen", a.addr.String(), "error", os.NewSyscallError("accept4", err), "retry_in", wait.String())
+				return
+			}
+			a.held = conn
+		}
+		if a.gate != nil && !a.gate.tryAcquire() {
+			a.retryAt = l.now + int64(gateRecheck)
+			return
+		}
+		conn := a.held
+		a.held = listener.Conn{FD: -1}
+		if c := a.svc.admitClient(conn, l); c != nil {
+			c.begin()
+		}
+	}
+}
+
+// retryAcceptors runs the stopped acceptors whose retry time has come.
+func (l *eventLoop) retryAcceptors() {
+	if l.acceptRetry == 0 || l.acceptRetry > l.now {
+		return
+	}
+	l.acceptRetry = 0
+	for _, a := range l.acceptors {
+		if a == nil || a.retryAt == 0 {
+			continue
+		}
+		if a.retryAt <= l.now {
+			a.retryAt = 0
+			a.accept()
+		}
+		if a.retryAt != 0 && (l.acceptRetry == 0 || a.retryAt < l.acceptRetry) {
+			l.acceptRetry = a.retryAt
+		}
+	}
 }

@@ -107,9 +107,9 @@ func (f *sockFlags) update(events uint32) {
 var errConnectTimeout = errors.New("connect timed out")
 
 // abort ends the connection from any goroutine: its loop closes it.
-func (c *proxyConn) abort() { c.loop.post(c, true) }
+func (c *proxyConn) abort() { c.loop.postAbort(c) }
 
-// begin runs on the loop when the connection arrives from its accept loop.
+// begin starts a connection its acceptor admitted, on the same loop.
 func (c *proxyConn) begin() {
 	l := c.loop
 	c.slot = l.takeSlot(c)

@@ -9,13 +9,13 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/l4lb/l4lb/config"
-	"github.com/l4lb/l4lb/listener"
 )
 
 // startEcho runs an echo server on loopback until the test ends.
@@ -65,20 +65,25 @@ func startService(t *testing.T, idle time.Duration, backends ...netip.AddrPort) 
 		cfg.Backends = append(cfg.Backends, config.Backend{Address: b, Weight: 1})
 	}
 	svc := NewService(cfg, hclog.NewNullLogger())
-	lns, err := listener.ListenTCP(context.Background(), cfg.Listen, 1)
+	return serveTest(t, svc, cfg.Listen), svc
+}
+
+// serveTest runs svc on a socket bound to listen, on the event loops, as
+// the Server does, and returns the address it got.
+func serveTest(t *testing.T, svc *Service, listen netip.AddrPort) netip.AddrPort {
+	t.Helper()
+	lns, err := listenTCP(context.Background(), listen, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	raw, err := listener.Raw(lns[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	go listener.Serve(raw, svc.Handle, hclog.NewNullLogger())
+	var running sync.WaitGroup
+	acceptors := startAcceptors(svc, nil, lns, 0, &running)
 	t.Cleanup(func() {
-		raw.Close()
+		closeListeners(acceptors)
+		running.Wait()
 		svc.Drain(time.Now())
 	})
-	return raw.Addr().(*net.TCPAddr).AddrPort(), svc
+	return lns[0].addr
 }
 
 func roundTrip(t *testing.T, c net.Conn, msg string) {

@@ -67,19 +67,19 @@ func keyOf(sc *config.Service) socketKey { return socketKey{sc.Protocol, sc.List
 type runningService struct {
 	svc       *Service
 	cfg       *config.Service
-	listeners []*listener.RawListener
-	accepting sync.WaitGroup // accept loops
+	listeners []*acceptor
+	// accepting counts the listening sockets not yet closed by their loops.
+	accepting sync.WaitGroup
 	// udp runs a UDP service's sockets and flows (listeners is empty then).
 	udp *udpProxy
-	// stop is closed when the service stops accepting, which ends accept
-	// loops waiting at a full gate.
-	stop     chan struct{}
-	stopOnce sync.Once
 }
 
+// stopAccepting has the loops close the service's listening sockets; it
+// returns once they have.
 func (rs *runningService) stopAccepting() {
-	rs.stopOnce.Do(func() { close(rs.stop) })
 	closeListeners(rs.listeners)
+	rs.listeners = nil
+	rs.accepting.Wait()
 }
 
 func (srv *Server) newService(sc *config.Service) *Service {
@@ -140,15 +140,15 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 
 	// Phase 1: bind every socket the new config needs. Nothing running is
 	// touched yet.
-	fresh := make(map[socketKey][]*listener.RawListener)
-	extra := make(map[socketKey][]*listener.RawListener)
+	fresh := make(map[socketKey][]boundSocket)
+	extra := make(map[socketKey][]boundSocket)
 	freshUDP := make(map[socketKey][]*net.UDPConn)
 	undo := func() {
 		for _, lns := range fresh {
-			closeListeners(lns)
+			closeBound(lns)
 		}
 		for _, lns := range extra {
-			closeListeners(lns)
+			closeBound(lns)
 		}
 		for _, conns := range freshUDP {
 			for _, c := range conns {
@@ -221,7 +221,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			freshUDP[key] = conns
 		}
 		if conns, ok := freshUDP[key]; ok {
-			rs := &runningService{svc: srv.newService(sc), cfg: sc, stop: make(chan struct{})}
+			rs := &runningService{svc: srv.newService(sc), cfg: sc}
 			rs.udp = newUDPProxy(rs.svc, conns, srv.log.With("service", sc.Name))
 			srv.running[key] = rs
 			rs.udp.start()
@@ -230,7 +230,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			continue
 		}
 		if lns, ok := fresh[key]; ok {
-			rs := &runningService{svc: srv.newService(sc), cfg: sc, stop: make(chan struct{})}
+			rs := &runningService{svc: srv.newService(sc), cfg: sc}
 			srv.running[key] = rs
 			srv.serve(rs, lns)
 			srv.log.Info("service started", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
@@ -287,20 +287,11 @@ func (srv *Server) shrink(rs *runningService, workers int) {
 	srv.log.Info("workers removed", "service", rs.cfg.Name, "workers", workers)
 }
 
-func (srv *Server) serve(rs *runningService, lns []*listener.RawListener) {
-	log := srv.log.With("service", rs.cfg.Name)
-	for _, ln := range lns {
-		rs.listeners = append(rs.listeners, ln)
-		rs.accepting.Add(1)
-		var acceptor listener.Acceptor = ln
-		if srv.gate != nil {
-			acceptor = gatedListener{ln, srv.gate, rs.stop}
-		}
-		go func() {
-			defer rs.accepting.Done()
-			listener.Serve(acceptor, rs.svc.Handle, log)
-		}()
-	}
+// serve hands bound sockets to the event loops, each to the loop after the
+// service's previous one, so that a service's SO_REUSEPORT group spreads
+// over the cores.
+func (srv *Server) serve(rs *runningService, lns []boundSocket) {
+	rs.listeners = append(rs.listeners, startAcceptors(rs.svc, srv.gate, lns, len(rs.listeners), &rs.accepting)...)
 }
 
 // retire stops a service accepting and drains its connections in the
@@ -388,49 +379,62 @@ func (srv *Server) Services() []*Service {
 	return out
 }
 
-// gatedListener hands out connections only while the Server's gate has a
-// slot: each connection it returns holds one, which the Service gives back
-// when it is done with the connection. At the bound each accept loop holds
-// at most one accepted connection while it waits for a slot, and further
-// clients queue in the kernel, so the process keeps its descriptors for
-// the connections it already has.
-//
-// It accepts before it waits, not after: with several SO_REUSEPORT
-// sockets the kernel picks the socket of each new client, and a loop that
-// took the last slot and then sat in accept on an empty socket would leave
-// the client queued on another socket waiting for good.
-type gatedListener struct {
-	*listener.RawListener
-	gate *connGate
-	stop <-chan struct{}
+// boundSocket is a listening socket bound by Apply's first phase, not yet
+// accepting.
+type boundSocket struct {
+	fd   int
+	addr netip.AddrPort
 }
 
-var _ listener.Acceptor = gatedListener{}
-
-func (g gatedListener) AcceptRaw() (listener.Conn, error) {
-	c, err := g.RawListener.AcceptRaw()
-	if err != nil {
-		return c, err
-	}
-	if !g.gate.acquire(g.stop) {
-		unix.Close(c.FD)
-		return listener.Conn{}, net.ErrClosed
-	}
-	return c, nil
-}
-
-// listenTCP binds n SO_REUSEPORT sockets to addr for the raw accept loops.
-func listenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*listener.RawListener, error) {
+// listenTCP binds n SO_REUSEPORT sockets to addr and takes them off Go's
+// netpoller for the event loops.
+func listenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]boundSocket, error) {
 	lns, err := listener.ListenTCP(ctx, addr, n)
 	if err != nil {
 		return nil, err
 	}
-	return listener.RawAll(lns)
+	out := make([]boundSocket, 0, n)
+	for i, ln := range lns {
+		bound := ln.Addr().(*net.TCPAddr).AddrPort()
+		fd, err := listener.Detach(ln)
+		if err != nil {
+			closeBound(out)
+			for _, ln := range lns[i+1:] {
+				ln.Close()
+			}
+			return nil, err
+		}
+		out = append(out, boundSocket{fd, bound})
+	}
+	return out, nil
 }
 
-func closeListeners(lns []*listener.RawListener) {
-	for _, ln := range lns {
-		ln.Close()
+func closeBound(lns []boundSocket) {
+	for _, b := range lns {
+		unix.Close(b.fd)
+	}
+}
+
+// startAcceptors hands lns to the event loops for svc, the first to the
+// loop after the first's index, and counts each in running until its loop
+// has closed it.
+func startAcceptors(svc *Service, gate *connGate, lns []boundSocket, first int, running *sync.WaitGroup) []*acceptor {
+	set := loops()
+	out := make([]*acceptor, 0, len(lns))
+	for i, b := range lns {
+		l := set.loops[(first+i)%len(set.loops)]
+		a := &acceptor{loop: l, fd: b.fd, addr: b.addr, svc: svc, gate: gate, held: listener.Conn{FD: -1}, done: running}
+		running.Add(1)
+		l.postAcceptor(a, false)
+		out = append(out, a)
+	}
+	return out
+}
+
+// closeListeners has the loops close lns; their done counts say when.
+func closeListeners(lns []*acceptor) {
+	for _, a := range lns {
+		a.loop.postAcceptor(a, true)
 	}
 }
 

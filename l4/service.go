@@ -33,8 +33,9 @@ type route struct {
 	backendMax []int64
 }
 
-// Service balances the connections of one configured service. The accept
-// loops call Handle; the control side calls Update and Drain.
+// Service balances the connections of one configured service. Its
+// acceptors (loop.go) call admitClient; the control side calls Update and
+// Drain.
 type Service struct {
 	log hclog.Logger
 
@@ -230,16 +231,17 @@ func (s *Service) Backends() []*Backend {
 	return out
 }
 
-// Handle takes an accepted client connection and hands it to an event
-// loop (loop.go), which dials a backend and proxies; the loop closes it
-// when done. It is counted before Handle returns, so that a Drain that
-// starts once the accept loops have stopped waits for it.
+// admitClient takes a client its acceptor just accepted on loop l: it
+// returns the connection to begin there, or nil when the client was
+// turned away (closed and counted). The connection is counted before
+// admitClient returns, so that a Drain that starts once the acceptors
+// have stopped waits for it.
 //
-// The access list and limits are checked here, on the accept loop, before
-// any dial, so that a flood of refused clients costs an accept and a close
-// each. Behind a balancer (accept_proxy_protocol) only the
-// trusted_proxies check can run here: the rest waits for the header.
-func (s *Service) Handle(conn listener.Conn) {
+// The access list and limits are checked here, before any dial, so that a
+// flood of refused clients costs an accept and a close each. Behind a
+// balancer (accept_proxy_protocol) only the trusted_proxies check can run
+// here: the rest waits for the header.
+func (s *Service) admitClient(conn listener.Conn, l *eventLoop) *proxyConn {
 	s.accepted.Add(1)
 	r := s.route.Load()
 	p := peer{src: conn.Peer}
@@ -247,21 +249,20 @@ func (s *Service) Handle(conn listener.Conn) {
 		if !containsAddr(r.trusted, p.src.Addr()) {
 			s.reject(conn.FD, p.src, RejectUntrustedProxy, nil)
 			s.releaseSlot()
-			return
+			return nil
 		}
 		p.headerDue = true
 	} else {
-		l, reason, ok := s.admit(r, p.src.Addr())
+		lease, reason, ok := s.admit(r, p.src.Addr())
 		if !ok {
 			s.reject(conn.FD, p.src, reason, nil)
 			s.releaseSlot()
-			return
+			return nil
 		}
-		p.lease = l
+		p.lease = lease
 	}
 	s.handlers.Add(1)
-	c := &proxyConn{svc: s, loop: loops().pick(), client: conn.FD, backend: -1, peer: p, timerIndex: -1}
-	c.loop.post(c, false)
+	return &proxyConn{svc: s, loop: l, client: conn.FD, backend: -1, peer: p, timerIndex: -1}
 }
 
 // refuse counts a client closed for want of a backend, and logs it at

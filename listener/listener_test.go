@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -31,22 +30,26 @@ func TestListenTCPSharesPortAcrossSockets(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			raws, err := RawAll(lns)
-			if err != nil {
-				t.Fatal(err)
-			}
 			accepted := make(chan int, 64)
 			var wg sync.WaitGroup
-			for i, raw := range raws {
+			var files []*os.File
+			for i, ln := range lns {
+				fd, err := Detach(ln)
+				if err != nil {
+					t.Fatal(err)
+				}
+				f := os.NewFile(uintptr(fd), "listener") // on the netpoller: fd is non-blocking
+				files = append(files, f)
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					err := Serve(raw, func(c Conn) {
+					for {
+						c, err := acceptWait(f)
+						if err != nil {
+							return
+						}
 						accepted <- i
 						go echoRaw(c.FD)
-					}, hclog.NewNullLogger())
-					if err != nil {
-						t.Errorf("Serve returned %v after close, want nil", err)
 					}
 				}()
 			}
@@ -71,8 +74,8 @@ func TestListenTCPSharesPortAcrossSockets(t *testing.T) {
 			if len(used) < 2 {
 				t.Errorf("64 connections all went to one of 4 sockets: %v", used)
 			}
-			for _, raw := range raws {
-				raw.Close()
+			for _, f := range files {
+				f.Close()
 			}
 			wg.Wait()
 		})
@@ -91,41 +94,29 @@ func TestListenTCPBusyAddressClosesAll(t *testing.T) {
 	}
 }
 
-// fakeAcceptor fails with the queued errors, then reports closed.
-type fakeAcceptor struct{ errs []error }
-
-func (f *fakeAcceptor) AcceptRaw() (Conn, error) {
-	if len(f.errs) == 0 {
-		return Conn{}, net.ErrClosed
+func TestBackoffDoublesToItsBound(t *testing.T) {
+	var b Backoff
+	want := []time.Duration{5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000}
+	for i, w := range want {
+		if got := b.Next(); got != w*time.Millisecond {
+			t.Errorf("wait %d = %v, want %v", i, got, w*time.Millisecond)
+		}
 	}
-	err := f.errs[0]
-	f.errs = f.errs[1:]
-	return Conn{}, err
+	b.Reset()
+	if got := b.Next(); got != minAcceptBackoff {
+		t.Errorf("after Reset: %v, want %v", got, minAcceptBackoff)
+	}
 }
 
-func (f *fakeAcceptor) Addr() net.Addr { return &net.TCPAddr{} }
-
-func TestServeBacksOffOnTransientErrors(t *testing.T) {
-	emfile := &net.OpError{Op: "accept", Err: &os.SyscallError{Syscall: "accept4", Err: syscall.EMFILE}}
-	errs := make([]error, 10)
-	for i := range errs {
-		errs[i] = emfile
-	}
-	errs[4] = &net.OpError{Op: "accept", Err: syscall.ENOBUFS}
-	var slept []time.Duration
-	err := serve(&fakeAcceptor{errs: errs}, func(Conn) { t.Error("handler called without a connection") },
-		hclog.NewNullLogger(), func(d time.Duration) { slept = append(slept, d) })
-	if err != nil {
-		t.Fatalf("serve returned %v, want nil on close", err)
-	}
-	want := []time.Duration{5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000}
-	if len(slept) != len(want) {
-		t.Fatalf("slept %v, want %d sleeps", slept, len(want))
-	}
-	for i := range want {
-		if slept[i] != want[i]*time.Millisecond {
-			t.Errorf("sleep %d = %v, want %v", i, slept[i], want[i]*time.Millisecond)
+func TestIsTransient(t *testing.T) {
+	for _, err := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED,
+		&net.OpError{Op: "accept", Err: &os.SyscallError{Syscall: "accept4", Err: syscall.EMFILE}}} {
+		if !IsTransient(err) {
+			t.Errorf("%v: not transient", err)
 		}
+	}
+	if IsTransient(syscall.EBADF) {
+		t.Error("EBADF reported transient")
 	}
 }
 
@@ -142,11 +133,13 @@ func TestAcceptedSocketsInheritKeepalive(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	raw, err := Raw(lns[0])
+	fd, err := Detach(lns[0])
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := raw.AcceptRaw()
+	f := os.NewFile(uintptr(fd), "listener")
+	t.Cleanup(func() { f.Close() })
+	a, err := acceptWait(f)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -180,4 +173,24 @@ func echoRaw(fd int) {
 	f := os.NewFile(uintptr(fd), "accepted")
 	defer f.Close()
 	io.Copy(f, f)
+}
+
+// acceptWait accepts from a detached listener wrapped in an *os.File,
+// parking on the netpoller while no connection waits.
+func acceptWait(f *os.File) (Conn, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return Conn{}, err
+	}
+	var c Conn
+	var sa unix.RawSockaddrAny
+	var acceptErr error
+	err = rc.Read(func(fd uintptr) bool {
+		c, acceptErr = Accept(int(fd), &sa)
+		return acceptErr != unix.EAGAIN
+	})
+	if err != nil {
+		return Conn{}, err
+	}
+	return c, acceptErr
 }
