@@ -116,7 +116,7 @@ func (c *proxyConn) move(d, other *direction, src, dst int, sf, df *sockFlags) e
 				// finish closes both sockets at once, which sends the same
 				// FIN: one system call fewer per connection.
 				if !other.shut {
-					unix.Shutdown(dst, unix.SHUT_WR)
+					rawShutdownWrite(dst)
 					c.startHalfClose()
 				}
 			}

@@ -8,8 +8,6 @@ import (
 	"sync/atomic"
 	"syscall"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/l4lb/l4lb/config"
 )
 
@@ -215,8 +213,8 @@ type peer struct {
 // sockets on the balancer.
 func (s *Service) reject(client int, src netip.AddrPort, reason RejectReason, err error) {
 	s.countReject(src, reason, err)
-	unix.SetsockoptLinger(client, unix.SOL_SOCKET, unix.SO_LINGER, &resetOnClose)
-	unix.Close(client)
+	rawResetOnClose(client)
+	rawClose(client)
 }
 
 // countReject counts a rejection and logs it, at most once a second per
@@ -293,7 +291,3 @@ func protectionChanged(prev, sc *config.Service) bool {
 	}
 	return false
 }
-
-// resetOnClose is SO_LINGER on with a zero timeout: close(2) then sends a
-// reset instead of a FIN and frees the socket at once.
-var resetOnClose = unix.Linger{Onoff: 1, Linger: 0}

@@ -78,7 +78,7 @@ type eventLoop struct {
 	freeSlots, freedNow []int32
 	// takenAborts is aborts swapped out, kept to reuse its array.
 	takenAborts []*proxyConn
-	timers             timerHeap
+	timers      timerHeap
 	// armed is the timer deadline set on file (monotonicNow units), 0 for
 	// none.
 	armed int64
@@ -244,7 +244,7 @@ func (l *eventLoop) postAcceptor(a *acceptor, stop bool) {
 
 func (l *eventLoop) wake() {
 	one := uint64(1)
-	unix.Write(l.wakeFD, (*[8]byte)(unsafe.Pointer(&one))[:])
+	unix.RawSyscall(unix.SYS_WRITE, uintptr(l.wakeFD), uintptr(unsafe.Pointer(&one)), 8)
 }
 
 func (l *eventLoop) takeInbox() {
@@ -288,7 +288,7 @@ const sockEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
 
 func (l *eventLoop) register(fd int, slot int32, tag int32) error {
 	ev := unix.EpollEvent{Events: sockEvents, Fd: slot, Pad: tag}
-	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+	if err := rawEpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
 		return os.NewSyscallError("epoll_ctl", err)
 	}
 	return nil
@@ -435,7 +435,7 @@ func (l *eventLoop) stopAcceptor(a *acceptor) {
 		a.fd = -1
 	}
 	if a.held.FD >= 0 {
-		unix.Close(a.held.FD)
+		rawClose(a.held.FD)
 		a.held.FD = -1
 	}
 	l.acceptors[a.slot] = nil

@@ -170,7 +170,7 @@ func (c *proxyConn) dialNext() {
 		if err == nil {
 			c.backendTag += 2
 			if err = c.loop.register(fd, c.slot, c.backendTag|1); err != nil {
-				unix.Close(fd)
+				rawClose(fd)
 			}
 		}
 		if err == nil {
@@ -214,7 +214,7 @@ func (c *proxyConn) dialFailed(be *Backend, err error) bool {
 // proxied connection, and gives back its count.
 func (c *proxyConn) dropBackend() *Backend {
 	be := c.target
-	unix.Close(c.backend)
+	rawClose(c.backend)
 	c.backend, c.target = -1, nil
 	be.active.Add(-1)
 	return be
@@ -222,7 +222,7 @@ func (c *proxyConn) dropBackend() *Backend {
 
 // connectDone runs when the backend socket of a connect in flight reports.
 func (c *proxyConn) connectDone() {
-	errno, err := unix.GetsockoptInt(c.backend, unix.SOL_SOCKET, unix.SO_ERROR)
+	errno, err := rawGetsockoptInt(c.backend, unix.SOL_SOCKET, unix.SO_ERROR)
 	if err == nil && errno != 0 {
 		err = syscall.Errno(errno)
 	}
@@ -323,25 +323,21 @@ func localAddrOf(fd int) netip.AddrPort {
 // startConnect opens a non-blocking socket and starts its connect to addr.
 func startConnect(addr netip.AddrPort) (int, error) {
 	family := unix.AF_INET
-	var sa unix.Sockaddr
-	if addr.Addr().Is4() {
-		sa = &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}
-	} else {
+	if !addr.Addr().Is4() {
 		family = unix.AF_INET6
-		sa = &unix.SockaddrInet6{Port: int(addr.Port()), Addr: addr.Addr().As16()}
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	fd, err := rawSocket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 	if err != nil {
 		return -1, os.NewSyscallError("socket", err)
 	}
 	// Requests and replies leave at once, as from the client side (whose
 	// sockets inherit it from the listener).
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
-		unix.Close(fd)
+	if err := rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+		rawClose(fd)
 		return -1, os.NewSyscallError("setsockopt", err)
 	}
-	if err := unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS {
-		unix.Close(fd)
+	if err := rawConnect(fd, addr); err != nil && err != unix.EINPROGRESS {
+		rawClose(fd)
 		return -1, os.NewSyscallError("connect", err)
 	}
 	return fd, nil
@@ -431,7 +427,7 @@ func (c *proxyConn) readHeader() {
 // turned away, with a reset: see Service.reject.
 func (c *proxyConn) rejectClient(reason RejectReason, err error) {
 	c.svc.countReject(c.peer.src, reason, err)
-	unix.SetsockoptLinger(c.client, unix.SOL_SOCKET, unix.SO_LINGER, &resetOnClose)
+	rawResetOnClose(c.client)
 	c.finish(nil)
 }
 
@@ -494,14 +490,14 @@ func (c *proxyConn) finish(err error) {
 		// The half-close timeout: the peer still sending is gone or stuck.
 		// A reset frees both sockets at once; a FIN would leave ours in
 		// FIN_WAIT2 for tcp_fin_timeout waiting on that same peer.
-		unix.SetsockoptLinger(c.client, unix.SOL_SOCKET, unix.SO_LINGER, &resetOnClose)
-		unix.SetsockoptLinger(c.backend, unix.SOL_SOCKET, unix.SO_LINGER, &resetOnClose)
+		rawResetOnClose(c.client)
+		rawResetOnClose(c.backend)
 	}
 	c.up.release(l.pipes)
 	c.down.release(l.pipes)
-	unix.Close(c.client)
+	rawClose(c.client)
 	if opened {
-		unix.Close(c.backend)
+		rawClose(c.backend)
 		c.target.untrack(c)
 	} else if c.backend >= 0 {
 		c.dropBackend()
