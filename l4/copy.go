@@ -110,6 +110,12 @@ func (c *proxyConn) move(d, other *direction, src, dst int, sf, df *sockFlags) e
 			}
 		}
 		if d.eof {
+			if d.pipe != nil {
+				// Drained: a half-closed connection may stay open for
+				// long, and the direction that ended needs no pipe.
+				c.loop.pipes.put(d.pipe)
+				d.pipe = nil
+			}
 			if !d.shut {
 				d.shut = true
 				// Pass the half-close on. When the other way is done too,
