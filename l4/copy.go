@@ -170,10 +170,10 @@ func (c *proxyConn) readWrite(d *direction, src, dst int, sf, df *sockFlags) err
 	c.count(d, n)
 	if n == len(scratch) {
 		d.splicing = true
-	} else if !sf.finSeen {
+	} else if !sf.readUntilEAGAIN {
 		// A short read emptied the socket: the next bytes are a new
-		// edge. Reading again would only find EAGAIN, unless a FIN came
-		// with these bytes, which the event says (finSeen).
+		// edge. Reading again would only find EAGAIN, unless a FIN or
+		// urgent data came with these bytes, which the events say.
 		sf.readable = false
 	}
 	written := 0

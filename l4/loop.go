@@ -204,7 +204,12 @@ func (l *eventLoop) pollFD(uintptr) bool {
 			case ev.Fd < wakeSlot:
 				if a := l.acceptors[acceptorSlot(ev.Fd)]; a != nil {
 					a.readable = true
-					a.accept()
+					if a.retryAt == 0 {
+						// A stopped acceptor waits for its retry time:
+						// each new client must not mean another failing
+						// accept and another log line.
+						a.accept()
+					}
 				}
 				continue
 			}
@@ -281,10 +286,10 @@ func epollWaitNow(epfd int, events []unix.EpollEvent) (int, error) {
 	return int(n), nil
 }
 
-// Sockets are registered for input, output and the peer's FIN at once,
-// edge-triggered: each socket costs one epoll_ctl for its life, and its
-// close removes it from the set.
-const sockEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
+// Sockets are registered for input, urgent data, output and the peer's
+// FIN at once, edge-triggered: each socket costs one epoll_ctl for its
+// life, and its close removes it from the set.
+const sockEvents = unix.EPOLLIN | unix.EPOLLPRI | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET
 
 func (l *eventLoop) register(fd int, slot int32, tag int32) error {
 	ev := unix.EpollEvent{Events: sockEvents, Fd: slot, Pad: tag}

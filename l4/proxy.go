@@ -37,9 +37,7 @@ type proxyConn struct {
 	// backendTag is the epoll tag of the current backend socket: a new
 	// one per dial (see loop.go).
 	backendTag int32
-	// What each socket's events said and the calls since left true:
-	// readable, writable, and the peer's FIN seen.
-	cl, be sockFlags
+	cl, be     sockFlags
 
 	up   direction // client to backend
 	down direction // backend to client
@@ -89,14 +87,19 @@ const (
 	stateClosed
 )
 
-type sockFlags struct{ readable, writable, finSeen bool }
+// sockFlags is what a socket's events said, and the calls since left
+// true. readUntilEAGAIN is set once a short read may no longer mean the
+// socket is empty: the peer's FIN came (read returns the last bytes, and
+// the EOF only on the next call), or urgent data (read stops at the
+// urgent mark with bytes queued behind it).
+type sockFlags struct{ readable, writable, readUntilEAGAIN bool }
 
 func (f *sockFlags) update(events uint32) {
-	if events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+	if events&(unix.EPOLLIN|unix.EPOLLPRI|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		f.readable = true
 	}
-	if events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-		f.finSeen = true
+	if events&(unix.EPOLLPRI|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		f.readUntilEAGAIN = true
 	}
 	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		f.writable = true

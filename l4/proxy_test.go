@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
 
 	"github.com/l4lb/l4lb/config"
 )
@@ -327,5 +328,91 @@ func TestEOFRightBehindData(t *testing.T) {
 		if err != nil || string(got) != "ping" {
 			t.Fatalf("client half-closing right after its request, try %d: got %q, %v; want the echo then EOF", i, got, err)
 		}
+	}
+}
+
+// TestUrgentDataDoesNotStall: a read stops at the TCP urgent mark with
+// bytes still queued behind it, so that short read does not mean the
+// socket is empty (EPOLLPRI says so). The bytes behind the mark must go
+// through without waiting for the client's next segment.
+func TestUrgentDataDoesNotStall(t *testing.T) {
+	addr, _ := startService(t, time.Minute, startEcho(t))
+	c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "warm-up") // connection open on both sides
+	rc, _ := c.SyscallConn()
+	rc.Control(func(fd uintptr) {
+		f := int(fd)
+		unix.SetsockoptInt(f, unix.IPPROTO_TCP, unix.TCP_CORK, 1)
+		unix.Send(f, []byte("ab"), 0)
+		unix.Send(f, []byte("U"), unix.MSG_OOB) // urgent byte, not inline
+		unix.Send(f, []byte("defgh"), 0)
+		unix.SetsockoptInt(f, unix.IPPROTO_TCP, unix.TCP_CORK, 0) // one segment
+	})
+	want := "abdefgh" // the urgent byte is not in the stream (no SO_OOBINLINE)
+	got := make([]byte, 0, 16)
+	buf := make([]byte, 16)
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	for len(got) < len(want) {
+		n, err := c.Read(buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			break
+		}
+	}
+	if string(got) != want {
+		t.Fatalf("echo through l4lb after urgent data: got %q, want %q (bytes behind the urgent mark stuck in the client socket)", got, want)
+	}
+}
+
+// TestHalfClosedAfterBulkHoldsNoPipe: a client that uploads in bulk and
+// half-closes while the backend keeps its side open: the direction that
+// ended gives its pipe back, the connection keeps only its sockets.
+func TestHalfClosedAfterBulkHoldsNoPipe(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 64<<10)
+				for {
+					if _, err := c.Read(buf); err != nil {
+						break
+					}
+				}
+				<-done // keeps its side open, like a server still working on the reply
+			}()
+		}
+	}()
+	addr, _ := startService(t, time.Minute, ln.Addr().(*net.TCPAddr).AddrPort())
+	before := countPipes(t)
+	const conns = 30
+	for range conns {
+		c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(addr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte(strings.Repeat("z", 200_000)))
+		c.CloseWrite()
+	}
+	time.Sleep(500 * time.Millisecond)
+	held := countPipes(t) - before
+	t.Logf("%d half-closed idle connections hold %d pipe descriptors", conns, held)
+	if held > 8 {
+		t.Errorf("%d half-closed idle connections hold %d pipe descriptors, want a small pool", conns, held)
 	}
 }

@@ -399,7 +399,7 @@ func listenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]boundSocket, 
 		fd, err := listener.Detach(ln)
 		if err != nil {
 			closeBound(out)
-			for _, ln := range lns[i+1:] {
+			for _, ln := range lns[i:] {
 				ln.Close()
 			}
 			return nil, err
