@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -421,8 +422,16 @@ func acceptorSlot(slot int32) int32 { return -2 - slot }
 
 // startAcceptor puts a's socket in the loop's epoll set; on the loop.
 func (l *eventLoop) startAcceptor(a *acceptor) {
-	a.slot = int32(len(l.acceptors))
-	l.acceptors = append(l.acceptors, a)
+	// Reuse a closed acceptor's slot: reloads that change workers would
+	// otherwise grow the table. A stale event in the batch being handled
+	// costs the new acceptor one accept that finds EAGAIN, nothing else.
+	a.slot = int32(slices.Index(l.acceptors, nil))
+	if a.slot < 0 {
+		a.slot = int32(len(l.acceptors))
+		l.acceptors = append(l.acceptors, a)
+	} else {
+		l.acceptors[a.slot] = a
+	}
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: acceptorSlot(a.slot)}
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, a.fd, &ev); err != nil {
 		// Only for want of kernel memory: the socket cannot serve.

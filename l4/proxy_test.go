@@ -416,3 +416,28 @@ func TestHalfClosedAfterBulkHoldsNoPipe(t *testing.T) {
 		t.Errorf("%d half-closed idle connections hold %d pipe descriptors, want a small pool", conns, held)
 	}
 }
+
+// TestConnectTimeoutTriesNextBackend: a backend whose connects hang is
+// given up after connect_timeout (the event loop's timer), counted as a
+// failed dial, and the client is served by the next backend.
+func TestConnectTimeoutTriesNextBackend(t *testing.T) {
+	slow := newSlowBackend(t)
+	good := startEcho(t)
+	cfg := &config.Service{Balance: config.RoundRobin, Backends: []config.Backend{
+		{Address: slow.addr, Weight: 1}, {Address: good, Weight: 1}}}
+	addr, svc := startProtectedService(t, cfg) // connect_timeout 1s
+	var slowest time.Duration
+	for i := range 2 { // round robin: at least one of the two tries the slow backend first
+		start := time.Now()
+		c := dialT(t, addr)
+		roundTrip(t, c, "hello "+strconv.Itoa(i))
+		c.Close()
+		slowest = max(slowest, time.Since(start))
+	}
+	if slowest < 900*time.Millisecond {
+		t.Errorf("slowest client served after %v: the hanging connect was not waited for until connect_timeout (1s)", slowest)
+	}
+	if n := backendOf(svc, slow.addr).dialFailed.Load(); n < 1 || n > 2 {
+		t.Errorf("slow backend: %d failed dials counted, want 1 or 2 (once per client at most)", n)
+	}
+}
