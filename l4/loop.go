@@ -180,6 +180,12 @@ func (l *eventLoop) run() {
 func (l *eventLoop) postAbort(c *proxyConn) {
 	l.mu.Lock()
 	l.aborts = append(l.aborts, c)
+	l.unlockAndWake()
+}
+
+// unlockAndWake ends a request: it unlocks mu and wakes the loop, unless
+// a wake-up is already on its way.
+func (l *eventLoop) unlockAndWake() {
 	wake := !l.wakePending
 	l.wakePending = true
 	l.mu.Unlock()
@@ -240,12 +246,7 @@ func (l *eventLoop) postAcceptor(a *acceptor, stop bool) {
 	} else {
 		l.starting = append(l.starting, a)
 	}
-	wake := !l.wakePending
-	l.wakePending = true
-	l.mu.Unlock()
-	if wake {
-		l.wake()
-	}
+	l.unlockAndWake()
 }
 
 func (l *eventLoop) wake() {
