@@ -12,7 +12,7 @@ import (
 
 // copyBufSize is the buffer of the read/write path. A request or reply of
 // a database or game protocol fits in one read; a read that fills the
-// buffer means a bulk transfer, which moves to splice (see copier). 16 KiB
+// buffer means a bulk transfer, which moves to splice (see direction). 16 KiB
 // is HAProxy's default bufsize, and what the redis and iperf3 rows of
 // docs/performance.md were measured with.
 const copyBufSize = 16 << 10

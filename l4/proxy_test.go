@@ -144,7 +144,7 @@ func isReset(err error) bool {
 // descriptors, for the connection's life).
 func TestIdleConnectionsHoldNoPipes(t *testing.T) {
 	// Sizes just over one buffer end a burst on a short splice rather than
-	// on EAGAIN: the copier must give the pipe back on that path too.
+	// on EAGAIN: the direction must give the pipe back on that path too.
 	for _, size := range []int{100_000, 20_000, copyBufSize + 100} {
 		t.Run(strconv.Itoa(size), func(t *testing.T) {
 			addr, _ := startService(t, time.Minute, startEcho(t))
@@ -280,8 +280,9 @@ func TestNoBackendClosesAtOnce(t *testing.T) {
 }
 
 // A FIN that arrives together with the last bytes must still end the
-// connection: the copier reads until EAGAIN rather than parking after a
-// short read, since that FIN's netpoller wake-up is already spent. Both
+// connection: read returns the bytes and reports the EOF only on the next
+// call, so after a short read the loop reads again when the event said
+// EPOLLRDHUP, rather than waiting for an edge that will not come. Both
 // directions, many times, since whether data and FIN land in one read is a
 // matter of timing.
 func TestEOFRightBehindData(t *testing.T) {

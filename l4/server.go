@@ -19,8 +19,8 @@ import (
 	"github.com/l4lb/l4lb/listener"
 )
 
-// Server runs every service of a config: their listeners, accept loops and
-// proxied connections, and moves from one config to the next without
+// Server runs every service of a config: their listening sockets, acceptors
+// and proxied connections, and moves from one config to the next without
 // dropping a connection.
 //
 //	srv := l4.NewServer(logger)
@@ -94,7 +94,7 @@ func (srv *Server) newService(sc *config.Service) *Service {
 func (srv *Server) SetLogConnections(on bool) { srv.logConnections.Store(on) }
 
 // SetMaxConnections bounds the TCP connections open over all services
-// (0: no bound). At the bound the accept loops wait, and new clients wait
+// (0: no bound). At the bound the acceptors stop, and new clients wait
 // in the kernel's accept queue, until a connection closes. cmd/l4lb sets
 // it from RLIMIT_NOFILE, so that l4lb never runs out of descriptors for
 // the connections it has. Call it before the first Apply.

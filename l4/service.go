@@ -73,8 +73,8 @@ type Service struct {
 	rejected   [NumRejectReasons]atomic.Uint64
 	lastReject atomic.Int64 // monotonicNow of the last rejection log line
 	// gate, when set by the Server, is the process-wide bound on open TCP
-	// connections; each accepted connection holds a slot until Handle's
-	// work for it ends.
+	// connections; each accepted connection holds a slot until it closes
+	// or is turned away.
 	gate *connGate
 }
 
