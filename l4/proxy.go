@@ -214,32 +214,35 @@ func (c *proxyConn) dialFailed(be *Backend, err error) bool {
 }
 
 // dropBackend closes the backend socket of a connect that did not become a
-// proxied connection, and gives back its count.
+// proxied connection, with its timer and flags, and gives back its count.
 func (c *proxyConn) dropBackend() *Backend {
 	be := c.target
+	c.loop.unschedule(c)
 	rawClose(c.backend)
-	c.backend, c.target = -1, nil
+	c.backend, c.target, c.be = -1, nil, sockFlags{}
 	be.active.Add(-1)
 	return be
 }
 
-// connectDone runs when the backend socket of a connect in flight reports.
+// connectFailed drops the backend whose connect failed with err and tries
+// the next one.
+func (c *proxyConn) connectFailed(err error) {
+	be := c.dropBackend()
+	err = &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(be.addr), Err: err}
+	if c.dialFailed(be, err) {
+		c.dialNext()
+	}
+}
+
+// connectDone runs when the backend socket of a connect in flight turns
+// writable: connected, or failed.
 func (c *proxyConn) connectDone() {
 	errno, err := rawGetsockoptInt(c.backend, unix.SOL_SOCKET, unix.SO_ERROR)
 	if err == nil && errno != 0 {
 		err = syscall.Errno(errno)
 	}
-	if err == nil && !c.be.writable {
-		return // readable before connected cannot happen; wait for the edge
-	}
 	if err != nil {
-		c.loop.unschedule(c)
-		be := c.dropBackend()
-		err = &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(be.addr), Err: os.NewSyscallError("connect", err)}
-		if c.dialFailed(be, err) {
-			c.be = sockFlags{}
-			c.dialNext()
-		}
+		c.connectFailed(os.NewSyscallError("connect", err))
 		return
 	}
 	c.connected()
@@ -250,21 +253,14 @@ func (c *proxyConn) connected() {
 	be.connectTime.observe(time.Duration(monotonicNow() - c.dialStart))
 	connectOK(be)
 	if err := c.sendProxyHeader(); err != nil {
-		c.loop.unschedule(c)
-		c.dropBackend()
-		if c.dialFailed(be, err) {
-			c.be = sockFlags{}
-			c.dialNext()
-		}
+		c.connectFailed(err)
 		return
 	}
 	if !be.track(c) {
 		// A reload retired the backend while its connect was in flight;
 		// the client has sent nothing through yet, so the connection
 		// starts over on the current route rather than being cut.
-		c.loop.unschedule(c)
 		c.dropBackend()
-		c.be = sockFlags{}
 		c.restarts++
 		if c.restarts > maxDialAttempts {
 			c.svc.refuse(c.peer.src, "every backend chosen was removed while connecting")
@@ -376,12 +372,7 @@ func (c *proxyConn) onTimer() {
 	case stateHeader:
 		c.rejectClient(RejectProxyHeaderTimeout, errProxyTimeout)
 	case stateConnecting:
-		be := c.dropBackend()
-		err := &net.OpError{Op: "dial", Net: "tcp", Addr: net.TCPAddrFromAddrPort(be.addr), Err: errConnectTimeout}
-		if c.dialFailed(be, err) {
-			c.be = sockFlags{}
-			c.dialNext()
-		}
+		c.connectFailed(errConnectTimeout)
 	case stateOpen:
 		timeout := c.idleTimeout
 		if c.halfClosed {
