@@ -310,7 +310,6 @@ func (srv *Server) retire(rs *runningService) {
 	srv.retiring.Add(1)
 	go func() {
 		defer srv.retiring.Done()
-		rs.accepting.Wait()
 		if rs.udp != nil {
 			// Sockets stay open while flows drain: replies leave by them.
 			if !rs.udp.Drain(time.Now().Add(cfg.DrainTimeout)) {
@@ -347,7 +346,6 @@ func (srv *Server) Shutdown() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			rs.accepting.Wait()
 			if rs.udp != nil {
 				rs.udp.Drain(time.Now().Add(rs.cfg.DrainTimeout))
 			}
