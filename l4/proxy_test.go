@@ -19,8 +19,9 @@ import (
 	"github.com/l4lb/l4lb/config"
 )
 
-// startEcho runs an echo server on loopback until the test ends.
-func startEcho(t *testing.T) netip.AddrPort {
+// startBackend runs a server on loopback until the test ends: serve gets
+// each connection in a goroutine of its own, and closes it.
+func startBackend(t *testing.T, serve func(net.Conn)) netip.AddrPort {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -33,24 +34,29 @@ func startEcho(t *testing.T) netip.AddrPort {
 			if err != nil {
 				return
 			}
-			go func() {
-				// A plain read/write loop: io.Copy between TCP conns would
-				// splice through pipes of its own and confuse pipe counts.
-				buf := make([]byte, 32<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						c.Write(buf[:n])
-					}
-					if err != nil {
-						break
-					}
-				}
-				c.Close()
-			}()
+			go serve(c)
 		}
 	}()
 	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// startEcho runs an echo server on loopback until the test ends.
+func startEcho(t *testing.T) netip.AddrPort {
+	return startBackend(t, func(c net.Conn) {
+		// A plain read/write loop: io.Copy between TCP conns would splice
+		// through pipes of its own and confuse pipe counts.
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := c.Read(buf)
+			if n > 0 {
+				c.Write(buf[:n])
+			}
+			if err != nil {
+				break
+			}
+		}
+		c.Close()
+	})
 }
 
 // startService proxies a loopback port to backends with idle timeout idle
@@ -287,22 +293,10 @@ func TestNoBackendClosesAtOnce(t *testing.T) {
 // matter of timing.
 func TestEOFRightBehindData(t *testing.T) {
 	// The backend sends a reply and closes at once: data and FIN together.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte("bye"))
-			c.Close()
-		}
-	}()
-	closer, _ := startService(t, time.Minute, ln.Addr().(*net.TCPAddr).AddrPort())
+	closer, _ := startService(t, time.Minute, startBackend(t, func(c net.Conn) {
+		c.Write([]byte("bye"))
+		c.Close()
+	}))
 	echo, _ := startService(t, time.Minute, startEcho(t))
 	for i := range 50 {
 		c, err := net.Dial("tcp", closer.String())
@@ -373,32 +367,19 @@ func TestUrgentDataDoesNotStall(t *testing.T) {
 // half-closes while the backend keeps its side open: the direction that
 // ended gives its pipe back, the connection keeps only its sockets.
 func TestHalfClosedAfterBulkHoldsNoPipe(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	done := make(chan struct{})
 	defer close(done)
-	go func() {
+	backend := startBackend(t, func(c net.Conn) {
+		defer c.Close()
+		buf := make([]byte, 64<<10)
 		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+			if _, err := c.Read(buf); err != nil {
+				break
 			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					if _, err := c.Read(buf); err != nil {
-						break
-					}
-				}
-				<-done // keeps its side open, like a server still working on the reply
-			}()
 		}
-	}()
-	addr, _ := startService(t, time.Minute, ln.Addr().(*net.TCPAddr).AddrPort())
+		<-done // keeps its side open, like a server still working on the reply
+	})
+	addr, _ := startService(t, time.Minute, backend)
 	before := countPipes(t)
 	const conns = 30
 	for range conns {
