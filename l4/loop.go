@@ -197,6 +197,7 @@ func (l *eventLoop) unlockAndWake() {
 // pollFD is the RawConn.Read callback: it handles every event and timer
 // that is ready, then returns false to park until there are more.
 func (l *eventLoop) pollFD(uintptr) bool {
+	yielded := false
 	for {
 		n, err := epollWaitNow(l.epfd, l.events[:])
 		if err != nil && err != unix.EINTR {
@@ -229,9 +230,24 @@ func (l *eventLoop) pollFD(uintptr) bool {
 		l.freedNow = l.freedNow[:0]
 		l.fireTimers()
 		l.retryAcceptors()
-		if n < len(l.events) {
-			break
+		if n == len(l.events) {
+			continue // more may be waiting
 		}
+		if n > 0 && !yielded {
+			// The bytes just written woke their readers (a client, a
+			// backend), often on this core. Before going to sleep, let
+			// them run: their answers are then usually waiting at the
+			// next poll, and the loop goes on without the sleep and
+			// wake-up (a context switch each, and an interrupt to this
+			// core) that would otherwise come with every message.
+			// On redis -k 1 the loops slept 2.8 times as often as
+			// HAProxy's threads; with this yield, half as often, for 40%
+			// more requests/s (docs/performance.md).
+			yielded = true
+			rawYield()
+			continue
+		}
+		break
 	}
 	l.armTimer()
 	return false
