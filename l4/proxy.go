@@ -236,7 +236,16 @@ func (c *proxyConn) connectFailed(err error) {
 
 // connectDone runs when the backend socket of a connect in flight turns
 // writable: connected, or failed.
-func (c *proxyConn) connectDone() {
+// connectDone reads how the backend's connect ended from the event that
+// ended it. A connecting socket turns writable only once it is connected
+// or has failed, and a failure always comes with EPOLLERR or EPOLLHUP
+// (tcp_poll), so only then does SO_ERROR need reading: one system call
+// fewer per connection.
+func (c *proxyConn) connectDone(events uint32) {
+	if events&(unix.EPOLLERR|unix.EPOLLHUP) == 0 {
+		c.connected()
+		return
+	}
 	errno, err := rawGetsockoptInt(c.backend, unix.SOL_SOCKET, unix.SO_ERROR)
 	if err == nil && errno != 0 {
 		err = syscall.Errno(errno)
@@ -359,7 +368,7 @@ func (c *proxyConn) onEvent(events uint32, tag int32) {
 		}
 	case stateConnecting:
 		if tag&1 == 1 && c.be.writable {
-			c.connectDone()
+			c.connectDone(events)
 		}
 	case stateOpen:
 		c.pump()
