@@ -28,10 +28,11 @@ var errAborted = errors.New("connection aborted")
 // direction is one way of a proxied connection. Bytes move in one of two
 // modes chosen per chunk, like HAProxy's splice-auto:
 //
-//   - read/write (the default): read(2) into the loop's scratch buffer
-//     and write(2) it on to the destination at once. A message costs a
-//     read and a write; only what the destination does not take is copied
-//     to a pooled buffer of the direction's own, held until it drains.
+//   - read/write (the default): read(2) into the loop's buffer, and
+//     send it on with the loop's other writes of the same round, all with
+//     one io_uring_enter (flushSends). A message costs a read and a share
+//     of that call; only what the destination does not take is copied to
+//     a pooled buffer of the direction's own, held until it drains.
 //   - splice: once a read fills the buffer, the transfer is bulk and the
 //     direction splices (socket to pipe to socket, no copy through user
 //     space) through a pipe borrowed from the pipe pool, until a splice
@@ -47,6 +48,9 @@ type direction struct {
 	// pipe is held in splice mode while bytes are in flight.
 	pipe     *pipe
 	splicing bool
+	// sending: bytes read are queued in the loop's round of writes
+	// (flushSends), and the direction waits for its result.
+	sending bool
 	// eof: the source sent its FIN; shut: the destination was told.
 	eof, shut bool
 
@@ -57,7 +61,7 @@ type direction struct {
 }
 
 func (d *direction) pending() bool {
-	return d.buf != nil || (d.pipe != nil && d.pipe.buffered > 0)
+	return d.sending || d.buf != nil || (d.pipe != nil && d.pipe.buffered > 0)
 }
 
 // release gives back what the direction holds when the connection ends.
@@ -91,6 +95,9 @@ func (c *proxyConn) pump() {
 // them (a flag in sf or df turns false), reaches EOF, or fails.
 func (c *proxyConn) move(d, other *direction, src, dst int, sf, df *sockFlags) error {
 	for {
+		if d.sending {
+			return nil // flushSends goes on from here
+		}
 		if d.pending() {
 			if !df.writable {
 				return nil
@@ -150,11 +157,13 @@ func (c *proxyConn) count(d *direction, n int) {
 	c.lastActive = c.loop.now
 }
 
-// readWrite reads once into the loop's scratch buffer and writes what it
-// read on to dst.
+// readWrite reads once and passes what it read on to dst: into the
+// loop's round of writes when dst is writable (flushSends), else into a
+// buffer of the direction's own.
 func (c *proxyConn) readWrite(d *direction, src, dst int, sf, df *sockFlags) error {
-	scratch := c.loop.scratch
-	n, err := rawRead(src, scratch[:])
+	l := c.loop
+	into, batched := l.readSpace()
+	n, err := rawRead(src, into)
 	switch {
 	case err == unix.EINTR:
 		return nil
@@ -168,7 +177,7 @@ func (c *proxyConn) readWrite(d *direction, src, dst int, sf, df *sockFlags) err
 		return nil
 	}
 	c.count(d, n)
-	if n == len(scratch) {
+	if n == len(into) {
 		d.splicing = true
 	} else if !sf.readUntilEAGAIN {
 		// A short read emptied the socket: the next bytes are a new
@@ -176,17 +185,27 @@ func (c *proxyConn) readWrite(d *direction, src, dst int, sf, df *sockFlags) err
 		// urgent data came with these bytes, which the events say.
 		sf.readable = false
 	}
+	if df.writable && batched {
+		l.queueSend(c, d, df, dst, into[:n])
+		return nil
+	}
 	written := 0
 	if df.writable {
-		if written, err = writeAll(dst, scratch[:n], df); err != nil {
+		if written, err = writeAll(dst, into[:n], df); err != nil {
 			return err
 		}
 	}
 	if written < n {
-		d.buf = c.loop.pipes.bufs.Get().(*copyBuf)
-		d.off, d.end = 0, copy(d.buf[:], scratch[written:n])
+		d.hold(l, into[written:n])
 	}
 	return nil
+}
+
+// hold keeps p, which dst did not take, in a buffer of d's own until dst
+// is writable again.
+func (d *direction) hold(l *eventLoop, p []byte) {
+	d.buf = l.pipes.bufs.Get().(*copyBuf)
+	d.off, d.end = 0, copy(d.buf[:], p)
 }
 
 // flush writes out what d holds, from its buffer or its pipe.
