@@ -22,6 +22,8 @@ test: deps test-unit test-integration
 test-unit:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 $(PKGS_UNIT)
+	# The TCP data path once more as where io_uring is unavailable.
+	L4LB_TEST_NO_IO_URING=1 $(GO) test -race -count=1 ./l4/
 
 test-integration: build
 	$(GO) test -count=1 -timeout 10m ./integration/

@@ -276,14 +276,19 @@ const (
 	sendRingEntries = 128
 )
 
-// sendRingWanted is false only in tests of the write(2) path.
+// sendRingWanted is false with `l4lb run -no-io-uring`, and in tests of
+// the write(2) path.
 var sendRingWanted = true
+
+// DisableSendBatching makes the event loops write with write(2). It must
+// come before the first TCP service starts, as the loops are set up once.
+func DisableSendBatching() { sendRingWanted = false }
 
 // sendRingErr is why the last loop started has no ring, if it has none.
 var sendRingErr error
 
 // SendBatching says whether the TCP event loops batch their writes with
-// io_uring, and if not, why not.
+// io_uring, and if not, why not (nil when DisableSendBatching said so).
 func SendBatching() (bool, error) {
 	set := loops()
 	return set.loops[0].ring != nil, sendRingErr
@@ -339,19 +344,15 @@ func (l *eventLoop) flushSends() {
 				continue // an earlier write of this round failed
 			}
 			s.d.sending = false
-			switch {
-			case s.res >= 0:
-				if int(s.res) < len(s.buf) {
-					// The rest may fit now or not: flush finds out.
-					s.d.hold(l, s.buf[s.res:])
-				}
-			case s.res == -int32(unix.EAGAIN):
-				s.df.writable = false
-				s.d.hold(l, s.buf)
-			case s.res == -int32(unix.EINTR):
-				s.d.hold(l, s.buf)
-			default:
+			if s.res < 0 && s.res != -int32(unix.EAGAIN) && s.res != -int32(unix.EINTR) {
 				s.c.finish(&net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.Errno(-s.res))})
+				continue
+			}
+			if sent := int(max(s.res, 0)); sent < len(s.buf) {
+				// The rest is held, and flush, as the connection goes on,
+				// writes it or finds the socket full (EAGAIN, which then
+				// waits for EPOLLOUT).
+				s.d.hold(l, s.buf[sent:])
 			}
 		}
 		l.arenaUsed = 0

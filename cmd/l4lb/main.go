@@ -113,6 +113,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	levelFlag := fs.String("log-level", "", "log level, overriding [log] level: trace, debug, info, warn, error")
 	pidfile := fs.String("pidfile", "", "write the process id to this file (for `l4lb reload -pidfile`)")
 	pprofAddr := fs.String("pprof", "", "serve Go profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:6060; off by default")
+	noIOURing := fs.Bool("no-io-uring", false, "make TCP writes with write(2), one call each, instead of batching each round's writes with io_uring")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -149,6 +150,16 @@ func cmdRun(args []string, stderr io.Writer) int {
 	signals := make(chan os.Signal, 4)
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 
+	if *noIOURing {
+		l4.DisableSendBatching()
+	}
+	if batching, err := l4.SendBatching(); batching {
+		log.Info("TCP writes are batched with io_uring")
+	} else if err != nil {
+		log.Warn("io_uring is unavailable: TCP writes go one system call each, which costs CPU per message", "error", err)
+	} else {
+		log.Info("TCP writes go one system call each (-no-io-uring)")
+	}
 	srv := l4.NewServer(log)
 	srv.SetLogConnections(cfg.Log.Connections)
 	if nofile > 0 {

@@ -34,8 +34,8 @@ const (
 	// stdio, the netpoller, listening sockets, the admin endpoint, inotify,
 	// health probes (one per backend at a time), config reloads, and the
 	// one connection each acceptor may hold while it waits at the bound.
-	// The event loops' epoll and eventfd descriptors (two per core) come
-	// on top: see maxConnectionsFor.
+	// The event loops' epoll, eventfd and io_uring descriptors (three per
+	// core) come on top: see maxConnectionsFor.
 	fdReserve = 64
 	// pipePoolFDs is what the idle pipes of the splice pool may hold at
 	// most (maxIdlePipes = 128 pipes of two descriptors).
@@ -53,7 +53,7 @@ const (
 // need (see l4.Server.SetMaxConnections). UDP flows take a descriptor each
 // and are bounded by max_flows, not by this.
 func maxConnectionsFor(nofile uint64) int64 {
-	reserve := fdReserve + 2*uint64(runtime.GOMAXPROCS(0)) + min(pipePoolFDs, nofile/8)
+	reserve := fdReserve + 3*uint64(runtime.GOMAXPROCS(0)) + min(pipePoolFDs, nofile/8)
 	if nofile <= reserve+fdsPerConnection {
 		return 1
 	}

@@ -1,0 +1,135 @@
+package l4
+
+import (
+	"bytes"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// L4LB_TEST_NO_IO_URING=1 runs the package's tests with the event loops
+// writing through write(2), the path taken where io_uring is unavailable
+// (`make test` runs the TCP tests once more that way).
+func TestMain(m *testing.M) {
+	if os.Getenv("L4LB_TEST_NO_IO_URING") == "1" {
+		sendRingWanted = false
+	}
+	os.Exit(m.Run())
+}
+
+// The loops batch their writes exactly when the run asks them to: a
+// machine where io_uring is unavailable must say so, not pass silently on
+// the fallback path.
+func TestSendPathAsConfigured(t *testing.T) {
+	batching, err := SendBatching()
+	if sendRingWanted && !batching {
+		t.Fatalf("io_uring is unavailable here (%v): the loops write with write(2). Set L4LB_TEST_NO_IO_URING=1 to test that path alone.", err)
+	}
+	if !sendRingWanted && batching {
+		t.Fatal("L4LB_TEST_NO_IO_URING=1, yet the loops have an io_uring")
+	}
+}
+
+// socketPair returns the raw non-blocking descriptor of a loopback TCP
+// client and the server side's net.Conn.
+func socketPair(t *testing.T) (int, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := c.(*net.TCPConn).File()
+	c.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Dup(int(f.Fd()))
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.SetNonblock(fd, true)
+	t.Cleanup(func() { unix.Close(fd); s.Close() })
+	return fd, s
+}
+
+func TestSendRingSendsEachAndReportsEach(t *testing.T) {
+	if !sendRingWanted {
+		t.Skip("L4LB_TEST_NO_IO_URING=1: this run tests the write(2) path")
+	}
+	r, err := newSendRing(4) // fewer entries than sends: sendAll goes in parts
+	if err != nil {
+		t.Fatalf("io_uring unavailable: %v", err)
+	}
+	const n = 7
+	var sends []pendingSend
+	var peers []net.Conn
+	for i := range n {
+		fd, peer := socketPair(t)
+		peers = append(peers, peer)
+		sends = append(sends, pendingSend{dst: fd, buf: bytes.Repeat([]byte{byte('a' + i)}, 100+i), res: resUnset})
+	}
+	if err := r.sendAll(sends); err != nil {
+		t.Fatal(err)
+	}
+	for i, s := range sends {
+		if int(s.res) != len(s.buf) {
+			t.Fatalf("send %d: res %d, want %d", i, s.res, len(s.buf))
+		}
+		got := make([]byte, len(s.buf))
+		peers[i].SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := peers[i].Read(got); err != nil || !bytes.Equal(got, s.buf) {
+			t.Fatalf("peer %d got %q, %v", i, got, err)
+		}
+	}
+
+	// A full socket: the ring says EAGAIN (or how much fit) and never
+	// waits; everything it reports sent arrives, once.
+	fd, peer := socketPair(t)
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4096)
+	chunk := bytes.Repeat([]byte{'x'}, 64<<10)
+	sent, sawEAGAIN := 0, false
+	for range 1000 {
+		s := []pendingSend{{dst: fd, buf: chunk, res: resUnset}}
+		if err := r.sendAll(s); err != nil {
+			t.Fatal(err)
+		}
+		if s[0].res == -int32(unix.EAGAIN) {
+			sawEAGAIN = true
+			break
+		}
+		if s[0].res < 0 {
+			t.Fatalf("send: errno %d", -s[0].res)
+		}
+		sent += int(s[0].res)
+	}
+	if !sawEAGAIN {
+		t.Fatalf("a socket nobody reads took %d bytes without EAGAIN", sent)
+	}
+	unix.Shutdown(fd, unix.SHUT_WR)
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var got int
+	buf := make([]byte, 64<<10)
+	for {
+		k, err := peer.Read(buf)
+		got += k
+		if err != nil {
+			break
+		}
+	}
+	if got != sent {
+		t.Fatalf("peer received %d bytes, the ring reported %d sent", got, sent)
+	}
+}
