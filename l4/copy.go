@@ -48,9 +48,9 @@ type direction struct {
 	// pipe is held in splice mode while bytes are in flight.
 	pipe     *pipe
 	splicing bool
-	// sending: bytes read are queued in the loop's round of writes
-	// (flushSends), and the direction waits for its result.
-	sending bool
+	// busy: a read or write of the direction is queued in the loop's
+	// round (round.go), and the direction waits for its result.
+	busy bool
 	// eof: the source sent its FIN; shut: the destination was told.
 	eof, shut bool
 
@@ -61,7 +61,7 @@ type direction struct {
 }
 
 func (d *direction) pending() bool {
-	return d.sending || d.buf != nil || (d.pipe != nil && d.pipe.buffered > 0)
+	return d.buf != nil || (d.pipe != nil && d.pipe.buffered > 0)
 }
 
 // release gives back what the direction holds when the connection ends.
@@ -95,8 +95,8 @@ func (c *proxyConn) pump() {
 // them (a flag in sf or df turns false), reaches EOF, or fails.
 func (c *proxyConn) move(d, other *direction, src, dst int, sf, df *sockFlags) error {
 	for {
-		if d.sending {
-			return nil // flushSends goes on from here
+		if d.busy {
+			return nil // flushRound goes on from here
 		}
 		if d.pending() {
 			if !df.writable {
@@ -157,13 +157,21 @@ func (c *proxyConn) count(d *direction, n int) {
 	c.lastActive = c.loop.now
 }
 
-// readWrite reads once and passes what it read on to dst: into the
-// loop's round of writes when dst is writable (flushSends), else into a
-// buffer of the direction's own.
+// readWrite reads once and passes what it read on to dst: the read joins
+// the loop's round (round.go) when it can, else it is made at once.
 func (c *proxyConn) readWrite(d *direction, src, dst int, sf, df *sockFlags) error {
-	l := c.loop
-	into, batched := l.readSpace()
-	n, err := rawRead(src, into)
+	if c.loop.queueRecv(c, d, src, dst, sf, df) {
+		return nil
+	}
+	buf := c.loop.scratch[:]
+	n, err := rawRead(src, buf)
+	return c.afterRead(d, dst, sf, df, buf, n, err, false)
+}
+
+// afterRead goes on from a read of direction d into buf: n bytes, or err.
+// inRound: buf is in the loop's arena, and its write joins the round;
+// else it is made at once.
+func (c *proxyConn) afterRead(d *direction, dst int, sf, df *sockFlags, buf []byte, n int, err error, inRound bool) error {
 	switch {
 	case err == unix.EINTR:
 		return nil
@@ -177,7 +185,7 @@ func (c *proxyConn) readWrite(d *direction, src, dst int, sf, df *sockFlags) err
 		return nil
 	}
 	c.count(d, n)
-	if n == len(into) {
+	if n == len(buf) {
 		d.splicing = true
 	} else if !sf.readUntilEAGAIN {
 		// A short read emptied the socket: the next bytes are a new
@@ -185,18 +193,18 @@ func (c *proxyConn) readWrite(d *direction, src, dst int, sf, df *sockFlags) err
 		// urgent data came with these bytes, which the events say.
 		sf.readable = false
 	}
-	if df.writable && batched {
-		l.queueSend(c, d, df, dst, into[:n])
+	if df.writable && inRound {
+		c.loop.queueSend(c, d, df, dst, buf[:n])
 		return nil
 	}
 	written := 0
 	if df.writable {
-		if written, err = writeAll(dst, into[:n], df); err != nil {
+		if written, err = writeAll(dst, buf[:n], df); err != nil {
 			return err
 		}
 	}
 	if written < n {
-		d.hold(l, into[written:n])
+		d.hold(c.loop, buf[written:n])
 	}
 	return nil
 }

@@ -4,8 +4,6 @@ import (
 	"container/heap"
 	"errors"
 	"fmt"
-	"math"
-	"net"
 	"net/netip"
 	"os"
 	"runtime"
@@ -91,16 +89,17 @@ type eventLoop struct {
 	// bytes a destination does not take at once are copied to a buffer
 	// of the connection's own.
 	scratch *copyBuf
-	// ring makes the writes of a round with one system call (uring.go);
-	// nil where io_uring is not available, and flushSends makes them with
-	// write(2), at the same point.
-	ring *sendRing
-	// sends are the round's writes, made together by flushSends. Their
-	// bytes are in arena[:arenaUsed]: reads go there while it has room
-	// for a full one, and to scratch (written at once) when it has not.
-	sends, spareSends []pendingSend
-	arena             []byte
-	arenaUsed         int
+	// The round of reads and writes (round.go): ring makes them with one
+	// system call each way; nil where io_uring is not available, and then
+	// reads are made at once and writes by flushRound with write(2).
+	ring *ioRing
+	// recvs and sends are the round's, made together by flushRound. Their
+	// bytes are in arena[:arenaUsed]; reads go to scratch (and are written
+	// at once) when it has no room for one more.
+	recvs, sends opQueue
+	touched      []*proxyConn
+	arena        []byte
+	arenaUsed    int
 	// header is the buffer PROXY headers are peeked into.
 	header [proxyHeaderMax]byte
 	poll   func(fd uintptr) bool
@@ -163,9 +162,9 @@ func newEventLoop(pipes *pipePool) (*eventLoop, error) {
 		return nil, err
 	}
 	l := &eventLoop{epfd: epfd, file: os.NewFile(uintptr(epfd), "l4lb-event-loop"), wakeFD: wakeFD, pipes: pipes,
-		scratch: new(copyBuf), arena: make([]byte, sendArenaSize)}
-	if sendRingWanted {
-		l.ring, sendRingErr = newSendRing(sendRingEntries)
+		scratch: new(copyBuf), arena: make([]byte, roundArenaSize)}
+	if ioRingWanted {
+		l.ring, ioRingErr = newIORing(ioRingEntries)
 	}
 	if l.rc, err = l.file.SyscallConn(); err != nil {
 		return nil, err
@@ -241,7 +240,7 @@ func (l *eventLoop) pollFD(uintptr) bool {
 			}
 		}
 		l.takeInbox()
-		l.flushSends()
+		l.flushRound()
 		l.freeSlots = append(l.freeSlots, l.freedNow...)
 		l.freedNow = l.freedNow[:0]
 		l.fireTimers()
@@ -268,144 +267,6 @@ func (l *eventLoop) pollFD(uintptr) bool {
 	l.armTimer()
 	return false
 }
-
-// The round of writes: sendArenaSize holds the bytes of 16 full reads,
-// and of hundreds of requests and replies of the usual few hundred bytes.
-const (
-	sendArenaSize   = 16 * copyBufSize
-	sendRingEntries = 128
-)
-
-// sendRingWanted is false with `l4lb run -no-io-uring`, and in tests of
-// the write(2) path.
-var sendRingWanted = true
-
-// DisableSendBatching makes the event loops write with write(2). It must
-// come before the first TCP service starts, as the loops are set up once.
-func DisableSendBatching() { sendRingWanted = false }
-
-// sendRingErr is why the last loop started has no ring, if it has none.
-var sendRingErr error
-
-// SendBatching says whether the TCP event loops batch their writes with
-// io_uring, and if not, why not (nil when DisableSendBatching said so).
-func SendBatching() (bool, error) {
-	set := loops()
-	return set.loops[0].ring != nil, sendRingErr
-}
-
-// pendingSend is one write of a round.
-type pendingSend struct {
-	c   *proxyConn
-	d   *direction
-	df  *sockFlags
-	dst int
-	buf []byte
-	// res is what the write returned: bytes written, or a negated errno.
-	res int32
-}
-
-// readSpace is where the next read/write-mode read goes, and whether that
-// is in the round of writes.
-func (l *eventLoop) readSpace() ([]byte, bool) {
-	if len(l.arena)-l.arenaUsed >= copyBufSize {
-		return l.arena[l.arenaUsed : l.arenaUsed+copyBufSize], true
-	}
-	return l.scratch[:], false
-}
-
-// queueSend adds p, just read into the arena for direction d, to the
-// round's writes.
-func (l *eventLoop) queueSend(c *proxyConn, d *direction, df *sockFlags, dst int, p []byte) {
-	l.arenaUsed += (len(p) + 63) &^ 63
-	d.sending = true
-	l.sends = append(l.sends, pendingSend{c: c, d: d, df: df, dst: dst, buf: p})
-}
-
-// flushSends makes the round's writes, all at once, then lets each
-// connection that wrote go on (which may queue more writes, made in the
-// same way before the loop polls again). Writes of connections closed
-// since they were queued are dropped unmade: their descriptors are closed
-// and may already be reused.
-func (l *eventLoop) flushSends() {
-	for len(l.sends) > 0 {
-		queued := l.sends
-		l.sends = l.spareSends[:0]
-		sends := queued[:0]
-		for _, s := range queued {
-			if s.c.state != stateClosed {
-				sends = append(sends, s)
-			}
-		}
-		l.makeSends(sends)
-		for i := range sends {
-			s := &sends[i]
-			if s.c.state == stateClosed {
-				continue // an earlier write of this round failed
-			}
-			s.d.sending = false
-			if s.res < 0 && s.res != -int32(unix.EAGAIN) && s.res != -int32(unix.EINTR) {
-				s.c.finish(&net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.Errno(-s.res))})
-				continue
-			}
-			if sent := int(max(s.res, 0)); sent < len(s.buf) {
-				// The rest is held, and flush, as the connection goes on,
-				// writes it or finds the socket full (EAGAIN, which then
-				// waits for EPOLLOUT).
-				s.d.hold(l, s.buf[sent:])
-			}
-		}
-		l.arenaUsed = 0
-		for i := range sends {
-			if c := sends[i].c; c.state == stateOpen {
-				c.pump()
-			}
-		}
-		clear(queued)
-		l.spareSends = queued[:0]
-	}
-}
-
-// makeSends writes each of sends and sets its res.
-func (l *eventLoop) makeSends(sends []pendingSend) {
-	if l.ring != nil {
-		for i := range sends {
-			sends[i].res = resUnset
-		}
-		err := l.ring.sendAll(sends)
-		if err == nil {
-			return
-		}
-		// Only a broken ring gets here (each send completes inside the
-		// call): the loop writes with write(2) from now on, and the
-		// connections whose writes are unaccounted for end, since a write
-		// made twice would corrupt their streams.
-		l.ring, sendRingErr = nil, err
-		for i := range sends {
-			if sends[i].res == resUnset {
-				sends[i].res = -int32(unix.EIO)
-			}
-		}
-		return
-	}
-	for i := range sends {
-		s := &sends[i]
-		for {
-			n, err := rawWrite(s.dst, s.buf)
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				s.res = -int32(err.(syscall.Errno))
-			} else {
-				s.res = int32(n)
-			}
-			break
-		}
-	}
-}
-
-const resUnset = math.MinInt32
 
 // postAcceptor hands a listening socket to the loop (stop false), or
 // asks the loop to close it (stop true); a.done says when it has.

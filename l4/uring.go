@@ -8,18 +8,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sendRing is an io_uring used for one thing: to make the writes of an
-// event loop's round with one system call instead of one each. On this
-// kind of VM a system call costs 1-2 µs on entry and exit alone: a batch
-// of 16 small loopback sends took 4.0 µs per send with write(2) and 1.9
-// µs with one io_uring_enter (docs/performance.md). Reads stay read(2):
-// what to write depends on what was read.
+// ioRing is an io_uring used for one thing: to make the reads, then the
+// writes, of an event loop's round with one system call each instead of
+// one per socket. On this kind of VM a system call costs 1-2 µs on entry
+// and exit alone: a batch of 16 small loopback sends took 4.0 µs per send
+// with write(2) and 1.9 µs with one io_uring_enter (docs/performance.md).
 //
-// Every send is MSG_DONTWAIT, so the kernel completes each one inside
-// io_uring_enter (sent, partly sent, or EAGAIN) and never parks it for
-// later: the ring is empty again when submit returns, and the loop's
+// Every operation is MSG_DONTWAIT, so the kernel completes each one inside
+// io_uring_enter (done, partly done, or EAGAIN) and never parks it for
+// later: the ring is empty again when the call returns, and the loop's
 // buffers are free.
-type sendRing struct {
+type ioRing struct {
 	fd             int
 	sqHead, sqTail *uint32
 	sqMask         uint32
@@ -72,6 +71,7 @@ type uringCQOffsets struct {
 
 const (
 	uringOpSend         = 26 // IORING_OP_SEND
+	uringOpRecv         = 27 // IORING_OP_RECV
 	uringOffSQRing      = 0
 	uringOffSQEs        = 0x10000000
 	uringFeatSingleMmap = 1 << 0
@@ -82,10 +82,11 @@ const (
 	uringSetupFlags = 1<<7 | 1<<8
 )
 
-// newSendRing sets up a ring of n entries. It fails where io_uring is
+// newIORing sets up a ring of n entries. It fails where io_uring is
 // missing or forbidden (old kernels, kernel.io_uring_disabled, seccomp
-// profiles such as Docker's default); the loop then writes with write(2).
-func newSendRing(n uint32) (*sendRing, error) {
+// profiles such as Docker's default); the loop then uses read(2) and
+// write(2).
+func newIORing(n uint32) (*ioRing, error) {
 	var p uringParams
 	p.flags = uringSetupFlags
 	fd, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(n), uintptr(unsafe.Pointer(&p)), 0)
@@ -97,7 +98,7 @@ func newSendRing(n uint32) (*sendRing, error) {
 	if errno != 0 {
 		return nil, os.NewSyscallError("io_uring_setup", errno)
 	}
-	r := &sendRing{fd: int(fd), entries: p.sqEntries}
+	r := &ioRing{fd: int(fd), entries: p.sqEntries}
 	if p.features&uringFeatSingleMmap == 0 {
 		unix.Close(r.fd)
 		return nil, os.NewSyscallError("io_uring_setup", unix.ENOSYS) // before 5.4
@@ -126,19 +127,24 @@ func newSendRing(n uint32) (*sendRing, error) {
 	return r, nil
 }
 
-// sendAll sends each of sends and stores each result in its res: bytes
-// sent, or a negated errno. At most r.entries at a time.
-func (r *sendRing) sendAll(sends []pendingSend) error {
-	for len(sends) > 0 {
-		batch := sends[:min(len(sends), int(r.entries))]
-		sends = sends[len(batch):]
+// run makes each of ops, a recv (from op.fd into op.buf) or a send (op.buf
+// to op.fd) as opcode says, and stores each result in its res: bytes
+// moved, or a negated errno. At most r.entries at a time.
+func (r *ioRing) run(ops []pendingOp, opcode uint8) error {
+	flags := uint32(unix.MSG_DONTWAIT)
+	if opcode == uringOpSend {
+		flags |= unix.MSG_NOSIGNAL
+	}
+	for len(ops) > 0 {
+		batch := ops[:min(len(ops), int(r.entries))]
+		ops = ops[len(batch):]
 		tail := *r.sqTail
 		for i := range batch {
-			s := &batch[i]
+			op := &batch[i]
 			idx := tail & r.sqMask
-			r.sqes[idx] = uringSQE{opcode: uringOpSend, fd: int32(s.dst),
-				addr: uint64(uintptr(unsafe.Pointer(unsafe.SliceData(s.buf)))), len: uint32(len(s.buf)),
-				msgFlags: unix.MSG_DONTWAIT | unix.MSG_NOSIGNAL, userData: uint64(i)}
+			r.sqes[idx] = uringSQE{opcode: opcode, fd: int32(op.fd),
+				addr: uint64(uintptr(unsafe.Pointer(unsafe.SliceData(op.buf)))), len: uint32(len(op.buf)),
+				msgFlags: flags, userData: uint64(i)}
 			r.sqArray[idx] = idx
 			tail++
 		}
@@ -170,7 +176,7 @@ func (r *sendRing) sendAll(sends []pendingSend) error {
 // enter submits toSubmit entries and waits for minComplete completions.
 // It never waits on the network, the sends being MSG_DONTWAIT: hence a
 // RawSyscall, like the loop's other calls (rawsys.go).
-func (r *sendRing) enter(toSubmit, minComplete uint32) error {
+func (r *ioRing) enter(toSubmit, minComplete uint32) error {
 	for {
 		_, _, errno := unix.RawSyscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(toSubmit), uintptr(minComplete), uringEnterGetEvents, 0, 0)
 		switch errno {

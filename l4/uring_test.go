@@ -11,11 +11,11 @@ import (
 )
 
 // L4LB_TEST_NO_IO_URING=1 runs the package's tests with the event loops
-// writing through write(2), the path taken where io_uring is unavailable
-// (`make test` runs the TCP tests once more that way).
+// reading and writing with read(2) and write(2), the path taken where
+// io_uring is unavailable (`make test` runs the tests once more that way).
 func TestMain(m *testing.M) {
 	if os.Getenv("L4LB_TEST_NO_IO_URING") == "1" {
-		sendRingWanted = false
+		ioRingWanted = false
 	}
 	os.Exit(m.Run())
 }
@@ -23,12 +23,12 @@ func TestMain(m *testing.M) {
 // The loops batch their writes exactly when the run asks them to: a
 // machine where io_uring is unavailable must say so, not pass silently on
 // the fallback path.
-func TestSendPathAsConfigured(t *testing.T) {
-	batching, err := SendBatching()
-	if sendRingWanted && !batching {
-		t.Fatalf("io_uring is unavailable here (%v): the loops write with write(2). Set L4LB_TEST_NO_IO_URING=1 to test that path alone.", err)
+func TestIORingAsConfigured(t *testing.T) {
+	batching, err := IOURing()
+	if ioRingWanted && !batching {
+		t.Fatalf("io_uring is unavailable here (%v): the loops read and write one system call each. Set L4LB_TEST_NO_IO_URING=1 to test that path alone.", err)
 	}
-	if !sendRingWanted && batching {
+	if !ioRingWanted && batching {
 		t.Fatal("L4LB_TEST_NO_IO_URING=1, yet the loops have an io_uring")
 	}
 }
@@ -65,23 +65,23 @@ func socketPair(t *testing.T) (int, net.Conn) {
 	return fd, s
 }
 
-func TestSendRingSendsEachAndReportsEach(t *testing.T) {
-	if !sendRingWanted {
-		t.Skip("L4LB_TEST_NO_IO_URING=1: this run tests the write(2) path")
+func TestIORingMovesEachAndReportsEach(t *testing.T) {
+	if !ioRingWanted {
+		t.Skip("L4LB_TEST_NO_IO_URING=1: this run tests the read(2)/write(2) path")
 	}
-	r, err := newSendRing(4) // fewer entries than sends: sendAll goes in parts
+	r, err := newIORing(4) // fewer entries than sends: sendAll goes in parts
 	if err != nil {
 		t.Fatalf("io_uring unavailable: %v", err)
 	}
 	const n = 7
-	var sends []pendingSend
+	var sends []pendingOp
 	var peers []net.Conn
 	for i := range n {
 		fd, peer := socketPair(t)
 		peers = append(peers, peer)
-		sends = append(sends, pendingSend{dst: fd, buf: bytes.Repeat([]byte{byte('a' + i)}, 100+i), res: resUnset})
+		sends = append(sends, pendingOp{fd: fd, buf: bytes.Repeat([]byte{byte('a' + i)}, 100+i), res: resUnset})
 	}
-	if err := r.sendAll(sends); err != nil {
+	if err := r.run(sends, uringOpSend); err != nil {
 		t.Fatal(err)
 	}
 	for i, s := range sends {
@@ -95,6 +95,38 @@ func TestSendRingSendsEachAndReportsEach(t *testing.T) {
 		}
 	}
 
+	// Reads: the peers answer; the ring reads each answer into its own
+	// buffer, and says EAGAIN for a socket with nothing to read.
+	for i, peer := range peers {
+		peer.Write([]byte{byte('A' + i)})
+	}
+	recvs := make([]pendingOp, n)
+	for i := range recvs {
+		recvs[i] = pendingOp{fd: sends[i].fd, buf: make([]byte, 16), res: resUnset}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for i := 0; i < n; {
+		if err := r.run(recvs[i:i+1], uringOpRecv); err != nil {
+			t.Fatal(err)
+		}
+		switch res := recvs[i].res; {
+		case res == -int32(unix.EAGAIN) && time.Now().Before(deadline):
+			time.Sleep(time.Millisecond) // not there yet
+		case res != 1 || recvs[i].buf[0] != byte('A'+i):
+			t.Fatalf("recv %d: res %d, byte %q", i, res, recvs[i].buf[0])
+		default:
+			i++
+		}
+	}
+	if err := r.run(recvs, uringOpRecv); err != nil {
+		t.Fatal(err)
+	}
+	for i := range recvs {
+		if recvs[i].res != -int32(unix.EAGAIN) {
+			t.Fatalf("recv %d from an empty socket: res %d, want EAGAIN", i, recvs[i].res)
+		}
+	}
+
 	// A full socket: the ring says EAGAIN (or how much fit) and never
 	// waits; everything it reports sent arrives, once.
 	fd, peer := socketPair(t)
@@ -102,8 +134,8 @@ func TestSendRingSendsEachAndReportsEach(t *testing.T) {
 	chunk := bytes.Repeat([]byte{'x'}, 64<<10)
 	sent, sawEAGAIN := 0, false
 	for range 1000 {
-		s := []pendingSend{{dst: fd, buf: chunk, res: resUnset}}
-		if err := r.sendAll(s); err != nil {
+		s := []pendingOp{{fd: fd, buf: chunk, res: resUnset}}
+		if err := r.run(s, uringOpSend); err != nil {
 			t.Fatal(err)
 		}
 		if s[0].res == -int32(unix.EAGAIN) {

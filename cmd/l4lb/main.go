@@ -113,7 +113,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	levelFlag := fs.String("log-level", "", "log level, overriding [log] level: trace, debug, info, warn, error")
 	pidfile := fs.String("pidfile", "", "write the process id to this file (for `l4lb reload -pidfile`)")
 	pprofAddr := fs.String("pprof", "", "serve Go profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:6060; off by default")
-	noIOURing := fs.Bool("no-io-uring", false, "make TCP writes with write(2), one call each, instead of batching each round's writes with io_uring")
+	noIOURing := fs.Bool("no-io-uring", false, "make TCP reads and writes one system call each (read(2), write(2)) instead of batching them with io_uring")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -151,14 +151,14 @@ func cmdRun(args []string, stderr io.Writer) int {
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 
 	if *noIOURing {
-		l4.DisableSendBatching()
+		l4.DisableIOURing()
 	}
-	if batching, err := l4.SendBatching(); batching {
-		log.Info("TCP writes are batched with io_uring")
+	if batching, err := l4.IOURing(); batching {
+		log.Info("TCP reads and writes are batched with io_uring")
 	} else if err != nil {
-		log.Warn("io_uring is unavailable: TCP writes go one system call each, which costs CPU per message", "error", err)
+		log.Warn("io_uring is unavailable: TCP reads and writes go one system call each, which costs CPU per message", "error", err)
 	} else {
-		log.Info("TCP writes go one system call each (-no-io-uring)")
+		log.Info("TCP reads and writes go one system call each (-no-io-uring)")
 	}
 	srv := l4.NewServer(log)
 	srv.SetLogConnections(cfg.Log.Connections)
