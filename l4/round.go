@@ -85,47 +85,8 @@ func (l *eventLoop) queueSend(c *proxyConn, d *direction, df *sockFlags, dst int
 // closed and may already be reused.
 func (l *eventLoop) flushRound() {
 	for len(l.recvs.queued) > 0 || len(l.sends.queued) > 0 {
-		if recvs := l.recvs.take(); len(recvs) > 0 {
-			l.makeOps(recvs, uringOpRecv)
-			for i := range recvs {
-				op := &recvs[i]
-				if op.c.state == stateClosed {
-					continue
-				}
-				op.d.busy = false
-				l.touched = append(l.touched, op.c)
-				var err error
-				if op.res < 0 {
-					err = syscall.Errno(-op.res)
-				}
-				if err = op.c.afterRead(op.d, op.dst, op.sf, op.df, op.buf, int(max(op.res, 0)), err, true); err != nil {
-					op.c.finish(err)
-				}
-			}
-			clear(recvs)
-		}
-		if sends := l.sends.take(); len(sends) > 0 {
-			l.makeOps(sends, uringOpSend)
-			for i := range sends {
-				op := &sends[i]
-				if op.c.state == stateClosed {
-					continue
-				}
-				op.d.busy = false
-				l.touched = append(l.touched, op.c)
-				if op.res < 0 && op.res != -int32(unix.EAGAIN) && op.res != -int32(unix.EINTR) {
-					op.c.finish(&net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.Errno(-op.res))})
-					continue
-				}
-				if sent := int(max(op.res, 0)); sent < len(op.buf) {
-					// The rest is held, and flush, as the connection goes
-					// on, writes it or finds the socket full (EAGAIN, which
-					// then waits for EPOLLOUT).
-					op.d.hold(l, op.buf[sent:])
-				}
-			}
-			clear(sends)
-		}
+		l.runQueue(&l.recvs, uringOpRecv, l.recvDone)
+		l.runQueue(&l.sends, uringOpSend, l.sendDone)
 		// Every byte in the arena went out or was copied to a held buffer.
 		l.arenaUsed = 0
 		touched := l.touched
@@ -136,6 +97,51 @@ func (l *eventLoop) flushRound() {
 		}
 		clear(touched)
 		l.touched = touched[:0]
+	}
+}
+
+// runQueue makes the operations queued in q and hands each result whose
+// connection is still open to done.
+func (l *eventLoop) runQueue(q *opQueue, opcode uint8, done func(*pendingOp)) {
+	ops := q.take()
+	if len(ops) == 0 {
+		return
+	}
+	l.makeOps(ops, opcode)
+	for i := range ops {
+		op := &ops[i]
+		if op.c.state == stateClosed {
+			continue // an earlier result of the round ended it
+		}
+		op.d.busy = false
+		l.touched = append(l.touched, op.c)
+		done(op)
+	}
+	clear(ops)
+}
+
+// recvDone goes on from a read of the round as from a read(2).
+func (l *eventLoop) recvDone(op *pendingOp) {
+	var err error
+	if op.res < 0 {
+		err = syscall.Errno(-op.res)
+	}
+	if err = op.c.afterRead(op.d, op.dst, op.sf, op.df, op.buf, int(max(op.res, 0)), err, true); err != nil {
+		op.c.finish(err)
+	}
+}
+
+// sendDone holds what a write of the round left, or ends its connection.
+func (l *eventLoop) sendDone(op *pendingOp) {
+	if op.res < 0 && op.res != -int32(unix.EAGAIN) && op.res != -int32(unix.EINTR) {
+		op.c.finish(&net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.Errno(-op.res))})
+		return
+	}
+	if sent := int(max(op.res, 0)); sent < len(op.buf) {
+		// The rest is held, and flush, as the connection goes on, writes
+		// it or finds the socket full (EAGAIN, which then waits for
+		// EPOLLOUT).
+		op.d.hold(l, op.buf[sent:])
 	}
 }
 
