@@ -30,7 +30,7 @@ var errAborted = errors.New("connection aborted")
 //
 //   - read/write (the default): read(2) into the loop's buffer, and
 //     send it on with the loop's other writes of the same round, all with
-//     one io_uring_enter (flushSends). A message costs a read and a share
+//     one io_uring_enter (flushRound). A message costs a read and a share
 //     of that call; only what the destination does not take is copied to
 //     a pooled buffer of the direction's own, held until it drains.
 //   - splice: once a read fills the buffer, the transfer is bulk and the

@@ -1,6 +1,7 @@
 package l4
 
 import (
+	"cmp"
 	"container/heap"
 	"errors"
 	"fmt"
@@ -93,6 +94,8 @@ type eventLoop struct {
 	// system call each way; nil where io_uring is not available, and then
 	// reads are made at once and writes by flushRound with write(2).
 	ring *ioRing
+	// ringErr is why the loop has no ring, when it was asked for one.
+	ringErr error
 	// recvs and sends are the round's, made together by flushRound. Their
 	// bytes are in arena[:arenaUsed]; reads go to scratch (and are written
 	// at once) when it has no room for one more.
@@ -124,6 +127,7 @@ var loops = sync.OnceValue(func() *loopSet {
 			panic(fmt.Sprintf("l4lb: cannot start the TCP event loops: %v", err))
 		}
 		set.loops[i] = l
+		set.ringErr = cmp.Or(set.ringErr, l.ringErr)
 		go l.run()
 	}
 	return set
@@ -132,6 +136,8 @@ var loops = sync.OnceValue(func() *loopSet {
 type loopSet struct {
 	loops []*eventLoop
 	next  atomic.Uint32
+	// ringErr is why a loop has no io_uring, if one has none.
+	ringErr error
 }
 
 // pick spreads connections over the loops in turn.
@@ -162,9 +168,11 @@ func newEventLoop(pipes *pipePool) (*eventLoop, error) {
 		return nil, err
 	}
 	l := &eventLoop{epfd: epfd, file: os.NewFile(uintptr(epfd), "l4lb-event-loop"), wakeFD: wakeFD, pipes: pipes,
-		scratch: new(copyBuf), arena: make([]byte, roundArenaSize)}
+		scratch: new(copyBuf)}
 	if ioRingWanted {
-		l.ring, ioRingErr = newIORing(ioRingEntries)
+		if l.ring, l.ringErr = newIORing(ioRingEntries); l.ring != nil {
+			l.arena = make([]byte, roundArenaSize)
+		}
 	}
 	if l.rc, err = l.file.SyscallConn(); err != nil {
 		return nil, err

@@ -428,7 +428,7 @@ func TestConnectTimeoutTriesNextBackend(t *testing.T) {
 }
 
 // TestManyConnectionsInterleaved: many connections exchanging messages at
-// once share each round's writes (flushSends), and the larger messages
+// once share each round's reads and writes (flushRound), and the larger messages
 // fill the loop's arena, so reads spill to the scratch buffer and splice.
 // Every byte must arrive once and in order on its own connection.
 func TestManyConnectionsInterleaved(t *testing.T) {

@@ -28,19 +28,17 @@ const (
 // read(2)/write(2) path.
 var ioRingWanted = true
 
-// ioRingErr is why the last loop started has no ring, if it has none.
-var ioRingErr error
-
 // DisableIOURing makes the event loops read and write one system call
 // each. It must come before the first TCP service starts: the loops are
 // set up once.
 func DisableIOURing() { ioRingWanted = false }
 
 // IOURing says whether the TCP event loops batch their reads and writes
-// with io_uring, and if not, why not (nil after DisableIOURing).
+// with io_uring as they start, and if not, why not (nil after
+// DisableIOURing).
 func IOURing() (bool, error) {
 	set := loops()
-	return set.loops[0].ring != nil, ioRingErr
+	return ioRingWanted && set.ringErr == nil, set.ringErr
 }
 
 // pendingOp is one read or write of a round, for direction d of c.
@@ -137,10 +135,12 @@ func (l *eventLoop) sendDone(op *pendingOp) {
 		op.c.finish(&net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.Errno(-op.res))})
 		return
 	}
+	if op.res == -int32(unix.EAGAIN) {
+		op.df.writable = false
+	}
 	if sent := int(max(op.res, 0)); sent < len(op.buf) {
-		// The rest is held, and flush, as the connection goes on, writes
-		// it or finds the socket full (EAGAIN, which then waits for
-		// EPOLLOUT).
+		// The rest is held; flush writes it as the connection goes on,
+		// or finds the socket full and waits for EPOLLOUT.
 		op.d.hold(l, op.buf[sent:])
 	}
 }
@@ -179,8 +179,11 @@ func (l *eventLoop) makeOps(ops []pendingOp, opcode uint8) {
 		// Only a broken ring gets here (each operation completes inside
 		// the call): the loop reads and writes without it from now on, and
 		// the connections whose operations are unaccounted for end, since
-		// one made twice would corrupt their streams.
-		l.ring, ioRingErr = nil, err
+		// one made twice would corrupt their streams. The arena stays the
+		// loop's for good, so that nothing the kernel might still write
+		// there lands in reused memory.
+		l.ring.close()
+		l.ring, l.ringErr = nil, err
 		for i := range ops {
 			if ops[i].res == resUnset {
 				ops[i].res = -int32(unix.EIO)
@@ -189,9 +192,13 @@ func (l *eventLoop) makeOps(ops []pendingOp, opcode uint8) {
 		return
 	}
 	// Without a ring nothing is queued, unless the ring broke in this
-	// round: then its writes are made here.
+	// round: then its writes are made here, and its reads fail.
 	for i := range ops {
 		op := &ops[i]
+		if opcode != uringOpSend {
+			op.res = -int32(unix.EIO)
+			continue
+		}
 		for {
 			n, err := rawWrite(op.fd, op.buf)
 			if err == unix.EINTR {

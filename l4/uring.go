@@ -1,6 +1,8 @@
 package l4
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"sync/atomic"
 	"unsafe"
@@ -124,7 +126,47 @@ func newIORing(n uint32) (*ioRing, error) {
 	r.cqTail = (*uint32)(unsafe.Add(base, p.cqOff.tail))
 	r.cqMask = *(*uint32)(unsafe.Add(base, p.cqOff.ringMask))
 	r.cqes = unsafe.Slice((*uringCQE)(unsafe.Add(base, p.cqOff.cqes)), p.cqEntries)
+	if err := r.probe(uringOpRecv, uringOpSend); err != nil {
+		r.close()
+		return nil, err
+	}
 	return r, nil
+}
+
+// uringProbe is the kernel's struct io_uring_probe with room for every
+// opcode.
+type uringProbe struct {
+	lastOp, opsLen uint8
+	_              uint16
+	_              [3]uint32
+	ops            [256]struct {
+		op, _ uint8
+		flags uint16
+		_     uint32
+	}
+}
+
+const (
+	uringRegisterProbe   = 8 // IORING_REGISTER_PROBE
+	uringOpSupported     = 1 // IO_URING_OP_SUPPORTED
+	sysIOURingRegisterNr = unix.SYS_IO_URING_REGISTER
+)
+
+// probe checks that the kernel knows the opcodes: a ring sets up from
+// Linux 5.4, but sends and receives came in 5.6 (as did the probe), and
+// each one would fail with EINVAL.
+func (r *ioRing) probe(opcodes ...uint8) error {
+	var p uringProbe
+	_, _, errno := unix.Syscall6(sysIOURingRegisterNr, uintptr(r.fd), uringRegisterProbe, uintptr(unsafe.Pointer(&p)), uintptr(len(p.ops)), 0, 0)
+	if errno != 0 {
+		return fmt.Errorf("io_uring has no opcode probe (Linux 5.6 brought it, and sends and receives): %w", os.NewSyscallError("io_uring_register", errno))
+	}
+	for _, op := range opcodes {
+		if op > p.lastOp || p.ops[op].flags&uringOpSupported == 0 {
+			return fmt.Errorf("io_uring lacks opcode %d (IORING_OP_SEND is 26, IORING_OP_RECV 27)", op)
+		}
+	}
+	return nil
 }
 
 // run makes each of ops, a recv (from op.fd into op.buf) or a send (op.buf
@@ -150,15 +192,22 @@ func (r *ioRing) run(ops []pendingOp, opcode uint8) error {
 		}
 		atomic.StoreUint32(r.sqTail, tail)
 		want := uint32(len(batch))
-		if err := r.enter(want, want); err != nil {
+		if err := r.submit(want); err != nil {
 			return err
 		}
 		head := *r.cqHead
+		retried := false
 		for got := uint32(0); got < want; {
 			if head == atomic.LoadUint32(r.cqTail) {
-				// Not all done inside the call (they should be, being
-				// MSG_DONTWAIT): wait for the rest.
-				if err := r.enter(0, 1); err != nil {
+				// Every operation is MSG_DONTWAIT and completes inside the
+				// call; one that did not would leave the loop waiting, so
+				// the ring counts as broken (after one more look, in case
+				// the kernel left completion work to this call).
+				if retried {
+					return errOpNotInline
+				}
+				retried = true
+				if _, err := r.enterRaw(0, 0); err != nil && err != unix.EINTR {
 					return err
 				}
 				continue
@@ -173,24 +222,51 @@ func (r *ioRing) run(ops []pendingOp, opcode uint8) error {
 	return nil
 }
 
-// enter submits toSubmit entries and waits for minComplete completions.
-// It never waits on the network, the sends being MSG_DONTWAIT: hence a
-// RawSyscall, like the loop's other calls (rawsys.go).
-func (r *ioRing) enter(toSubmit, minComplete uint32) error {
+var errOpNotInline = errors.New("io_uring: an operation did not complete inside io_uring_enter")
+
+// submit hands the kernel the n entries queued. io_uring_enter may take
+// fewer than asked (before Linux 5.19, or short of memory); it is asked
+// again for the rest, and the ring counts as broken if it takes none.
+func (r *ioRing) submit(n uint32) error {
+	for n > 0 {
+		took, err := r.enter(n)
+		if err != nil {
+			return err
+		}
+		if took == 0 {
+			return errors.New("io_uring_enter submitted nothing")
+		}
+		n -= took
+	}
+	return nil
+}
+
+// enter submits up to toSubmit entries and returns how many it took. It
+// never waits (min_complete is 0): hence a RawSyscall, like the loop's
+// other calls (rawsys.go).
+func (r *ioRing) enter(toSubmit uint32) (uint32, error) {
 	for {
-		_, _, errno := unix.RawSyscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(toSubmit), uintptr(minComplete), uringEnterGetEvents, 0, 0)
-		switch errno {
-		case 0:
-			return nil
-		case unix.EINTR:
-			// What was submitted stays submitted; submit the rest, and
-			// the caller waits for any completion still missing.
-			toSubmit = atomic.LoadUint32(r.sqTail) - atomic.LoadUint32(r.sqHead)
-			if toSubmit == 0 {
-				return nil
-			}
-		default:
-			return os.NewSyscallError("io_uring_enter", errno)
+		took, err := r.enterRaw(toSubmit, 0)
+		if err != unix.EINTR {
+			return took, err
 		}
 	}
+}
+
+func (r *ioRing) enterRaw(toSubmit, minComplete uint32) (uint32, error) {
+	n, _, errno := unix.RawSyscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(toSubmit), uintptr(minComplete), uringEnterGetEvents, 0, 0)
+	if errno != 0 {
+		if errno == unix.EINTR {
+			return 0, errno
+		}
+		return 0, os.NewSyscallError("io_uring_enter", errno)
+	}
+	return uint32(n), nil
+}
+
+// close releases the ring. The kernel cancels what it still holds.
+func (r *ioRing) close() {
+	unix.Munmap(r.sqeMem)
+	unix.Munmap(r.mem)
+	unix.Close(r.fd)
 }
