@@ -28,11 +28,12 @@ var errAborted = errors.New("connection aborted")
 // direction is one way of a proxied connection. Bytes move in one of two
 // modes chosen per chunk, like HAProxy's splice-auto:
 //
-//   - read/write (the default): read(2) into the loop's buffer, and
-//     send it on with the loop's other writes of the same round, all with
-//     one io_uring_enter (flushRound). A message costs a read and a share
-//     of that call; only what the destination does not take is copied to
-//     a pooled buffer of the direction's own, held until it drains.
+//   - read/write (the default): a read and a write per message, made in
+//     the loop's round with the other connections' (round.go: one
+//     io_uring_enter for the round's reads, one for its writes), or one
+//     system call each without io_uring. Only what the destination does
+//     not take is copied to a pooled buffer of the direction's own, held
+//     until it drains.
 //   - splice: once a read fills the buffer, the transfer is bulk and the
 //     direction splices (socket to pipe to socket, no copy through user
 //     space) through a pipe borrowed from the pipe pool, until a splice

@@ -86,13 +86,13 @@ type eventLoop struct {
 	armed int64
 	// now is monotonicNow when the current batch of events was read.
 	now int64
-	// scratch is the buffer every read/write-mode read goes into; only
-	// bytes a destination does not take at once are copied to a buffer
-	// of the connection's own.
+	// scratch is the buffer a read made at once goes into (without a
+	// ring, or with the arena full); only bytes a destination does not
+	// take at once are copied to a buffer of the connection's own.
 	scratch *copyBuf
 	// The round of reads and writes (round.go): ring makes them with one
 	// system call each way; nil where io_uring is not available, and then
-	// reads are made at once and writes by flushRound with write(2).
+	// each read and write is made at once.
 	ring *ioRing
 	// ringErr is why the loop has no ring, when it was asked for one.
 	ringErr error

@@ -235,9 +235,7 @@ func (c *proxyConn) connectFailed(err error) {
 }
 
 // connectDone runs when the backend socket of a connect in flight turns
-// writable: connected, or failed.
-// connectDone reads how the backend's connect ended from the event that
-// ended it. A connecting socket turns writable only once it is connected
+// writable: connected, or failed, which it reads from the event. A connecting socket turns writable only once it is connected
 // or has failed, and a failure always comes with EPOLLERR or EPOLLHUP
 // (tcp_poll), so only then does SO_ERROR need reading: one system call
 // fewer per connection.
