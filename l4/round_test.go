@@ -132,4 +132,3 @@ func roundStress(t *testing.T, small bool) {
 		}
 	}
 }
-
