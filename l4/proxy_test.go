@@ -82,12 +82,18 @@ func startService(t *testing.T, idle time.Duration, backends ...netip.AddrPort) 
 // the Server does, and returns the address it got.
 func serveTest(t *testing.T, svc *Service, listen netip.AddrPort) netip.AddrPort {
 	t.Helper()
+	return serveTestOn(t, loops(), svc, listen)
+}
+
+// serveTestOn is serveTest on the loops of set.
+func serveTestOn(t *testing.T, set *loopSet, svc *Service, listen netip.AddrPort) netip.AddrPort {
+	t.Helper()
 	lns, err := listenTCP(context.Background(), listen, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var running sync.WaitGroup
-	acceptors := startAcceptors(svc, nil, lns, 0, &running)
+	acceptors := startAcceptors(set, svc, nil, lns, 0, &running)
 	t.Cleanup(func() {
 		closeListeners(acceptors)
 		running.Wait()

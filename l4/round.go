@@ -184,6 +184,8 @@ func (l *eventLoop) makeOps(ops []pendingOp, opcode uint8) {
 		// there lands in reused memory.
 		l.ring.close()
 		l.ring, l.ringErr = nil, err
+		ops[0].c.svc.log.Error("io_uring failed: this event loop reads and writes with a system call each from now on, and the connections it was reading or writing for are closed",
+			"error", err)
 		for i := range ops {
 			if ops[i].res == resUnset {
 				ops[i].res = -int32(unix.EIO)

@@ -291,7 +291,7 @@ func (srv *Server) shrink(rs *runningService, workers int) {
 // service's previous one, so that a service's SO_REUSEPORT group spreads
 // over the cores.
 func (srv *Server) serve(rs *runningService, lns []boundSocket) {
-	rs.listeners = append(rs.listeners, startAcceptors(rs.svc, srv.gate, lns, len(rs.listeners), &rs.accepting)...)
+	rs.listeners = append(rs.listeners, startAcceptors(loops(), rs.svc, srv.gate, lns, len(rs.listeners), &rs.accepting)...)
 }
 
 // retire stops a service accepting and drains its connections in the
@@ -413,11 +413,10 @@ func closeBound(lns []boundSocket) {
 	}
 }
 
-// startAcceptors hands lns to the event loops for svc, the first to the
-// loop after the first's index, and counts each in running until its loop
-// has closed it.
-func startAcceptors(svc *Service, gate *connGate, lns []boundSocket, first int, running *sync.WaitGroup) []*acceptor {
-	set := loops()
+// startAcceptors hands lns to the event loops of set for svc, the first
+// to the loop after the first's index, and counts each in running until its
+// loop has closed it.
+func startAcceptors(set *loopSet, svc *Service, gate *connGate, lns []boundSocket, first int, running *sync.WaitGroup) []*acceptor {
 	out := make([]*acceptor, 0, len(lns))
 	for i, b := range lns {
 		l := set.loops[(first+i)%len(set.loops)]

@@ -2,12 +2,19 @@ package l4
 
 import (
 	"bytes"
+	"errors"
 	"net"
+	"net/netip"
 	"os"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/l4lb/l4lb/config"
 )
 
 // L4LB_TEST_NO_IO_URING=1 runs the package's tests with the event loops
@@ -162,5 +169,93 @@ func TestIORingMovesEachAndReportsEach(t *testing.T) {
 	}
 	if got != sent {
 		t.Fatalf("peer received %d bytes, the ring reported %d sent", got, sent)
+	}
+}
+
+// lockedBuffer collects a logger's output from the loop's goroutine.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// A ring that fails at run time: the connection whose read it held ends
+// (its bytes could otherwise be read twice or lost), the failure is logged,
+// and the loop serves on with read(2) and write(2).
+func TestBrokenRingEndsItsConnectionsAndLoopGoesOn(t *testing.T) {
+	// A loop of the test's own, so that the package's loops keep their
+	// rings. It lives as long as the test binary, like the others.
+	l, err := newEventLoop(newPipePool())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.ring == nil { // L4LB_TEST_NO_IO_URING: this test needs one anyway
+		if l.ring, err = newIORing(ioRingEntries); err != nil {
+			t.Fatalf("io_uring unavailable: %v", err)
+		}
+		l.arena = make([]byte, roundArenaSize)
+	}
+	ringFD := l.ring.fd
+	go l.run()
+
+	var logs lockedBuffer
+	cfg := &config.Service{
+		Name: "broken-ring", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
+		Balance: config.Maglev, HashKey: config.SourceIPPort, Workers: 1,
+		ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: time.Second,
+		Backends: []config.Backend{{Address: startEcho(t), Weight: 1}},
+	}
+	svc := NewService(cfg, hclog.New(&hclog.LoggerOptions{Output: &logs}))
+	addr := serveTestOn(t, &loopSet{loops: []*eventLoop{l}}, svc, cfg.Listen)
+
+	before, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer before.Close()
+	roundTrip(t, before, "through the ring")
+
+	// Break the ring: its descriptor now names /dev/null, so the next
+	// io_uring_enter fails, as a ring the kernel stopped serving would.
+	devNull, err := unix.Open("/dev/null", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(devNull)
+	if err := unix.Dup3(devNull, ringFD, unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := before.Write([]byte("lost with the ring")); err != nil {
+		t.Fatal(err)
+	}
+	before.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// Reset, not closed: a clean EOF would tell the client its stream
+	// ended whole.
+	if n, err := before.Read(make([]byte, 64)); !errors.Is(err, unix.ECONNRESET) {
+		t.Fatalf("the connection whose read the broken ring held: read %d bytes, %v; want it reset", n, err)
+	}
+	if !strings.Contains(logs.String(), "io_uring failed") {
+		t.Fatalf("no log line about the broken ring; the log:\n%s", logs.String())
+	}
+
+	after, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer after.Close()
+	for i := range 20 {
+		roundTrip(t, after, strings.Repeat(string(rune('a'+i)), 1+i*1000))
 	}
 }
