@@ -114,7 +114,8 @@ LOCALHOST=127.0.0.1
 # format) they produce: measure_<workload> writes "metric value" lines.
 WORKLOADS=(iperf_p1 iperf_p8 redis_k1 redis_k0 idle)
 ROWS=(iperf_p1.gbps iperf_p8.gbps redis_k1.rps redis_k1.p99 redis_k0.rps redis_k0.p99
-	idle.fds idle.kib iperf_p1.cpugb iperf_p8.cpugb redis_k1.cpu redis_k0.cpu)
+	idle.fds idle.kib iperf_p1.cpugb iperf_p8.cpugb redis_k1.cpu redis_k0.cpu
+	iperf_p1.busygb iperf_p8.busygb redis_k1.busy redis_k0.busy)
 declare -A ROW_LABEL=(
 	[iperf_p1.gbps]="iperf3 -P 1 (Gbit/s)"
 	[iperf_p8.gbps]="iperf3 -P 8 (Gbit/s)"
@@ -128,6 +129,10 @@ declare -A ROW_LABEL=(
 	[iperf_p8.cpugb]="proxy CPU-s per GB, iperf3 -P 8"
 	[redis_k1.cpu]="proxy CPU-ms per 1000 requests, redis -k 1"
 	[redis_k0.cpu]="proxy CPU-ms per 1000 requests, redis -k 0"
+	[iperf_p1.busygb]="all-core busy CPU-s per GB, iperf3 -P 1"
+	[iperf_p8.busygb]="all-core busy CPU-s per GB, iperf3 -P 8"
+	[redis_k1.busy]="all-core busy CPU-µs per request, redis -k 1"
+	[redis_k0.busy]="all-core busy CPU-µs per request, redis -k 0"
 )
 declare -A ROW_FMT=(
 	[iperf_p1.gbps]="%.2f" [iperf_p8.gbps]="%.2f"
@@ -136,6 +141,8 @@ declare -A ROW_FMT=(
 	[idle.fds]="%.2f" [idle.kib]="%.1f"
 	[iperf_p1.cpugb]="%.3f" [iperf_p8.cpugb]="%.3f"
 	[redis_k1.cpu]="%.1f" [redis_k0.cpu]="%.1f"
+	[iperf_p1.busygb]="%.3f" [iperf_p8.busygb]="%.3f"
+	[redis_k1.busy]="%.1f" [redis_k0.busy]="%.1f"
 )
 # Rows that measure what the proxy itself costs: no ratio to direct, which
 # costs nothing (the value is direct's cell: n/a for CPU, 0 for descriptors
@@ -170,6 +177,13 @@ cpu_ticks() {
 	done
 	echo "$total"
 }
+
+# busy_ticks: time all cores spent busy since boot, in clock ticks: user,
+# nice, system, irq and softirq from /proc/stat. Softirq matters: the
+# kernel delivers loopback packets there, and that time is charged to no
+# process, so the proxy's own CPU rows leave it out. Steal is not counted
+# (the hypervisor running someone else).
+busy_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
 
 # rss_kib PID...: resident memory of the processes, in KiB.
 rss_kib() {
@@ -354,16 +368,16 @@ is_positive() { awk -v x="$1" 'BEGIN { exit !(x ~ /^[0-9.eE+-]+$/ && x + 0 > 0) 
 
 # iperf3_run TARGET P: one iperf3 test against TARGET with P parallel streams.
 iperf3_run() {
-	local target=$1 streams=$2 port=${PORT[$1,iperf]} attempt err gbps gb t0 t1
+	local target=$1 streams=$2 port=${PORT[$1,iperf]} attempt err gbps gb t0 t1 b0 b1
 	local -a pids
 	mapfile -t pids < <(target_pids "$target")
 	# The iperf3 server runs one test at a time and answers "busy" while it
 	# still tears the previous one down: retry that (bounded).
 	for ((attempt = 0; attempt < 20; attempt++)); do
-		t0=$(cpu_ticks "${pids[@]}")
+		t0=$(cpu_ticks "${pids[@]}") b0=$(busy_ticks)
 		if run_client $((IPERF_TIME + 30)) iperf3 -c "$LOCALHOST" -p "$port" -t "$IPERF_TIME" \
 			-P "$streams" -J --connect-timeout 3000; then
-			t1=$(cpu_ticks "${pids[@]}")
+			t1=$(cpu_ticks "${pids[@]}") b1=$(busy_ticks)
 			gbps=$(jq -r '.end.sum_received.bits_per_second / 1e9' "$CLIENT_OUT" 2>/dev/null) || gbps=
 			gb=$(jq -r '.end.sum_received.bytes / 1e9' "$CLIENT_OUT" 2>/dev/null) || gb=
 			if is_positive "$gbps"; then
@@ -372,6 +386,11 @@ iperf3_run() {
 				# proxy) per GB that reached the iperf3 server.
 				if ((${#pids[@]})) && is_positive "$gb"; then
 					awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v gb="$gb" 'BEGIN { printf "cpugb %.4f\n", t / hz / gb }' >>"$RESULT"
+				fi
+				# What the whole machine spent per GB: client, proxy, server
+				# and the kernel's softirq work, for direct too.
+				if is_positive "$gb"; then
+					awk -v t=$((b1 - b0)) -v hz="$CLK_TCK" -v gb="$gb" 'BEGIN { printf "busygb %.4f\n", t / hz / gb }' >>"$RESULT"
 				fi
 				return 0
 			fi
@@ -395,16 +414,16 @@ measure_iperf_p8() { iperf3_run "$1" 8; }
 
 # redis_run TARGET KEEPALIVE N: redis-benchmark PING (multibulk) against TARGET.
 redis_run() {
-	local target=$1 k=$2 n=$3 port=${PORT[$1,redis]} t0 t1
+	local target=$1 k=$2 n=$3 port=${PORT[$1,redis]} t0 t1 b0 b1
 	local -a pids
 	mapfile -t pids < <(target_pids "$target")
-	t0=$(cpu_ticks "${pids[@]}")
+	t0=$(cpu_ticks "${pids[@]}") b0=$(busy_ticks)
 	if ! run_client 180 redis-benchmark -h "$LOCALHOST" -p "$port" -t ping_mbulk \
 		-c "$REDIS_CLIENTS" -k "$k" -n "$n" --csv; then
 		log "redis-benchmark -k $k via $target failed: $(log_reason "$CLIENT_ERR")"
 		return 1
 	fi
-	t1=$(cpu_ticks "${pids[@]}")
+	t1=$(cpu_ticks "${pids[@]}") b1=$(busy_ticks)
 	# --csv: a header line naming the columns, then one line per test.
 	awk -F, '{ gsub(/"/, "") }
 		NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
@@ -419,6 +438,11 @@ redis_run() {
 	if ((${#pids[@]})); then
 		awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$n" 'BEGIN { printf "cpu %.4f\n", t / hz * 1000 / (n / 1000) }' >>"$RESULT"
 	fi
+	# The whole machine's busy time per request (client, proxy, server,
+	# softirq). The cores are nearly saturated in every column, direct
+	# included, so its ratio to direct's predicts the requests/s ratio:
+	# it shows how much any proxy may add for a given target.
+	awk -v t=$((b1 - b0)) -v hz="$CLK_TCK" -v n="$n" 'BEGIN { printf "busy %.4f\n", t / hz * 1e6 / n }' >>"$RESULT"
 }
 measure_redis_k1() { redis_run "$1" 1 "$REDIS_N_K1"; }
 measure_redis_k0() { redis_run "$1" 0 "$REDIS_N_K0"; }
@@ -484,6 +508,10 @@ print_table() {
 		) KiB each, client and backend sockets); lower is better"
 	echo "- CPU rows: user + system CPU time of the proxy's processes per GB received by the" \
 		"iperf3 server, or per 1000 redis requests, from /proc/PID/stat; lower is better"
+	echo "- all-core busy rows: what the whole machine spent (user, system, irq and softirq of" \
+		"every core, from /proc/stat: client, proxy, backend and the kernel's packet delivery) per GB" \
+		"or per request; lower is better. Where the cores are saturated, direct's value divided by a" \
+		"proxy's predicts that proxy's throughput ratio"
 	echo
 	print_table_body
 }
