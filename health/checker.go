@@ -12,11 +12,11 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
-// firstProbeSpread bounds the random delay before a new target's first
+// FirstProbeSpread bounds the random delay before a new target's first
 // probe. A new backend takes no traffic until it has been probed, so the
 // first probe comes almost at once; the spread only keeps the backends of
 // a fresh config from being probed all at the same instant.
-const firstProbeSpread = 100 * time.Millisecond
+const FirstProbeSpread = 100 * time.Millisecond
 
 // Result is the outcome of one probe.
 type Result struct {
@@ -156,7 +156,7 @@ func (c *Checker) run(ctx context.Context, pr *prober, p Prober, prev <-chan str
 		<-prev
 	}
 	t := pr.target
-	timer := time.NewTimer(jitter(min(t.Spec.Interval, firstProbeSpread)))
+	timer := time.NewTimer(jitter(min(t.Spec.Interval, FirstProbeSpread)))
 	defer timer.Stop()
 	for n := 0; ; n++ {
 		select {

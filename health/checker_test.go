@@ -137,7 +137,7 @@ func TestCheckerSet(t *testing.T) {
 	if err := c.Set([]Target{ta, tb}); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(2 * firstProbeSpread)
+	time.Sleep(2 * FirstProbeSpread)
 	if a.count() != 1 || b.count() != 1 {
 		t.Errorf("an unchanged Set restarted probers: %d and %d results, want 1 each", a.count(), b.count())
 	}
@@ -163,7 +163,7 @@ func TestCheckerSet(t *testing.T) {
 	a.closed.Store(true)
 	b.closed.Store(true)
 	b2.closed.Store(true)
-	time.Sleep(2 * firstProbeSpread)
+	time.Sleep(2 * FirstProbeSpread)
 	if a.late.Load()+b.late.Load()+b2.late.Load() != 0 {
 		t.Error("an Observer was called after Close returned")
 	}
@@ -176,7 +176,7 @@ func TestCheckerSet(t *testing.T) {
 }
 
 // TestCheckerJitter checks that targets set together are not probed in
-// lockstep: their first probes spread over firstProbeSpread and their
+// lockstep: their first probes spread over FirstProbeSpread and their
 // second ones over half the interval.
 func TestCheckerJitter(t *testing.T) {
 	up := listen(t)
@@ -201,7 +201,7 @@ func TestCheckerJitter(t *testing.T) {
 		second = append(second, r.at[1].Sub(r.at[0]))
 		r.mu.Unlock()
 	}
-	if spread(first) < firstProbeSpread/10 {
+	if spread(first) < FirstProbeSpread/10 {
 		t.Errorf("first probes at %v: all within %v of each other", first, spread(first))
 	}
 	if spread(second) < interval/20 {

@@ -186,6 +186,14 @@ func (t *Tracker) record(from, to State, reason string) Transition {
 	return tr
 }
 
+// Probed reports whether a probe result or a forced state has reached the
+// tracker: it is no longer Unknown, or it counts failures toward Down.
+func (t *Tracker) Probed() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.status.State != Unknown || t.status.Streak > 0
+}
+
 // Snapshot is a Tracker's state for status views.
 type Snapshot struct {
 	Status      Status

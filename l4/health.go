@@ -334,3 +334,49 @@ func (b *Backend) Health() health.Snapshot { return b.health.tracker.Snapshot() 
 // HealthRebuilds is how many times health changes rebuilt the service's
 // routing table.
 func (s *Service) HealthRebuilds() uint64 { return s.health.rebuilds.Load() }
+
+// firstVerdictWait bounds how long a new service with health checks waits
+// for its first probe results before it accepts: the first probe starts
+// within health.FirstProbeSpread and fails or succeeds within the check's
+// timeout; the margin covers the route's rebuild.
+func firstVerdictWait(cfg *config.Service) time.Duration {
+	if checksOff(cfg) {
+		return 0
+	}
+	return health.FirstProbeSpread + cfg.Health.Timeout + 50*time.Millisecond
+}
+
+// awaitFirstVerdict returns once the service can judge its clients: a
+// backend passed its first probe and the route holds it, or every weighted
+// backend has answered a probe (then the service has none to offer, and
+// says so to each client as usual), or until has passed. Until then the
+// service's listening sockets are bound but not accepted from, so that
+// clients of a fresh start wait in the kernel's accept queue instead of
+// being closed for want of a checked backend. It polls: it runs once per
+// new service, on the control side.
+func (s *Service) awaitFirstVerdict(until time.Time) {
+	for time.Now().Before(until) && !s.judged() {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// judged reports whether the published route can take clients, or every
+// weighted backend has been probed and none is up.
+func (s *Service) judged() bool {
+	if s.route.Load().balancer != nil {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, b := range s.cfg.Backends {
+		be := s.backends[b.Address]
+		if b.Weight == 0 || be == nil {
+			continue
+		}
+		// Up but not yet routed: the rebuild is on its way.
+		if !be.health.tracker.Probed() || be.health.tracker.State() == health.Up {
+			return false
+		}
+	}
+	return true
+}

@@ -1,6 +1,8 @@
 package l4
 
 import (
+	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -398,5 +400,68 @@ func TestHealthSurvivesReload(t *testing.T) {
 	s.Update(none)
 	if got := routed(s); len(got) != 3 {
 		t.Errorf("checks off: route %v, want all 3", got)
+	}
+}
+
+// A fresh start with health checks: a client that connects as soon as the
+// socket is bound, before any backend has been probed, waits in the accept
+// queue and is served, instead of being closed for want of a checked
+// backend (as every restart did to its first clients).
+func TestFreshServiceWaitsForFirstChecks(t *testing.T) {
+	// The backend answers every connection, its probes' too, after 150 ms:
+	// no probe can pass before the client below connects.
+	slow := startBackend(t, func(c net.Conn) {
+		defer c.Close()
+		time.Sleep(150 * time.Millisecond)
+		buf := make([]byte, 1024)
+		for {
+			n, err := c.Read(buf)
+			if n > 0 {
+				c.Write(buf[:n])
+			}
+			if err != nil {
+				return
+			}
+		}
+	})
+	// An address of this test's own in 127/8: no other test holds it.
+	const listen = "127.88.3.1:7000"
+	cfg, err := config.Parse([]byte(fmt.Sprintf(`[services.db]
+listen = %q
+  [services.db.health]
+  kind = "send_expect"
+  send = "ping"
+  expect = "ping"
+  interval = "10s"
+  timeout = "2s"
+  [[services.db.backends]]
+  address = %q
+`, listen, slow)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	applied := make(chan error, 1)
+	go func() {
+		_, err := srv.Apply(context.Background(), cfg)
+		applied <- err
+	}()
+	// Dial until the socket is bound; from then on the kernel queues the
+	// client.
+	var c net.Conn
+	for attempt := 0; ; attempt++ {
+		if c, err = net.Dial("tcp", listen); err == nil {
+			break
+		}
+		if attempt == 5000 {
+			t.Fatalf("the service never listened: %v", err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	defer c.Close()
+	roundTrip(t, c, "the first client")
+	if err := <-applied; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -195,6 +195,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 	// Phase 2: publish. Only in-memory swaps from here on: nothing fails.
 	summary := describeChange(srv.current, cfg)
 	wanted := make(map[socketKey]bool, len(cfg.Services))
+	var starting []startingService
 	for i := range cfg.Services {
 		sc := &cfg.Services[i]
 		key := keyOf(sc)
@@ -224,17 +225,13 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			rs := &runningService{svc: srv.newService(sc), cfg: sc}
 			rs.udp = newUDPProxy(rs.svc, conns, srv.log.With("service", sc.Name))
 			srv.running[key] = rs
-			rs.udp.start()
-			srv.log.Info("service started", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
-				"balance", sc.Balance, "workers", sc.Workers, "max_flows", sc.MaxFlows, "backends", backendList(sc))
+			starting = append(starting, startingService{rs, rs.udp.start})
 			continue
 		}
 		if lns, ok := fresh[key]; ok {
 			rs := &runningService{svc: srv.newService(sc), cfg: sc}
 			srv.running[key] = rs
-			srv.serve(rs, lns)
-			srv.log.Info("service started", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
-				"balance", sc.Balance, "workers", sc.Workers, "backends", backendList(sc))
+			starting = append(starting, startingService{rs, func() { srv.serve(rs, lns) }})
 			continue
 		}
 		rs := srv.running[key]
@@ -260,12 +257,46 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			delete(srv.running, key)
 		}
 	}
+	srv.start(starting)
 	srv.current = cfg
 	srv.version++
 	srv.loaded = time.Now()
 	change.Version = srv.version
 	change.Summary = summary
 	return change, nil
+}
+
+// startingService is a new service, bound and published, that does not
+// yet take clients.
+type startingService struct {
+	rs    *runningService
+	start func()
+}
+
+// start has the new services take clients. One with health checks first
+// waits, for at most firstVerdictWait, for its first probe results: on a
+// fresh start every backend is unknown, and a client accepted then would
+// be closed for want of a checked backend, while a client kept in the
+// kernel's accept queue a few milliseconds longer is served. The wait
+// holds mu, as the whole Apply does: it comes only with new services.
+func (srv *Server) start(starting []startingService) {
+	began := time.Now()
+	for _, ss := range starting {
+		sc := ss.rs.cfg
+		ss.rs.svc.awaitFirstVerdict(began.Add(firstVerdictWait(sc)))
+		ss.start()
+		args := []any{"service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
+			"balance", sc.Balance, "workers", sc.Workers}
+		if sc.Protocol == config.UDP {
+			args = append(args, "max_flows", sc.MaxFlows)
+		}
+		args = append(args, "backends", backendList(sc))
+		if !checksOff(sc) {
+			args = append(args, "healthy", ss.rs.svc.health.healthy.Load(),
+				"waited_for_first_checks", time.Since(began).Round(time.Millisecond).String())
+		}
+		srv.log.Info("service started", args...)
+	}
 }
 
 // migrateSysctl is the kernel setting (Linux 5.14+) that moves connections
