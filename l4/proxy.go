@@ -91,8 +91,10 @@ const (
 // true. readUntilEAGAIN is set once a short read may no longer mean the
 // socket is empty: the peer's FIN came (read returns the last bytes, and
 // the EOF only on the next call), or urgent data (read stops at the
-// urgent mark with bytes queued behind it).
-type sockFlags struct{ readable, writable, readUntilEAGAIN bool }
+// urgent mark with bytes queued behind it). urgent is set by urgent data
+// and cleared when splicing hands the socket back to read(2), the only
+// call that passes the urgent mark (see fillPipe).
+type sockFlags struct{ readable, writable, readUntilEAGAIN, urgent bool }
 
 func (f *sockFlags) update(events uint32) {
 	if events&(unix.EPOLLIN|unix.EPOLLPRI|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
@@ -100,6 +102,9 @@ func (f *sockFlags) update(events uint32) {
 	}
 	if events&(unix.EPOLLPRI|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		f.readUntilEAGAIN = true
+	}
+	if events&unix.EPOLLPRI != 0 {
+		f.urgent = true
 	}
 	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		f.writable = true

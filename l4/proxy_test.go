@@ -372,6 +372,59 @@ func TestUrgentDataDoesNotStall(t *testing.T) {
 	}
 }
 
+// Urgent data in the middle of a bulk transfer, once the direction
+// splices: splice(2) stops at the urgent mark and never passes it (EAGAIN
+// there, or 0 once the FIN is in), unlike read(2). The bytes behind the
+// mark must still go through, then the FIN if one came.
+func TestUrgentDataWhileSplicing(t *testing.T) {
+	for _, fin := range []bool{false, true} {
+		addr, _ := startService(t, time.Minute, startEcho(t))
+		c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(addr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		roundTrip(t, c, "warm-up")
+		// Bulk enough to switch to splice, and with the urgent byte and
+		// the tail one loopback segment (corked).
+		bulk := bytes.Repeat([]byte("0123456789abcdef"), 40_000/16)
+		rc, _ := c.SyscallConn()
+		rc.Control(func(fd uintptr) {
+			f := int(fd)
+			unix.SetsockoptInt(f, unix.IPPROTO_TCP, unix.TCP_CORK, 1)
+			for off := 0; off < len(bulk); {
+				n, err := unix.Write(f, bulk[off:])
+				if err != nil && err != unix.EAGAIN {
+					t.Errorf("write: %v", err)
+					return
+				}
+				off += max(n, 0)
+			}
+			unix.Send(f, []byte("U"), unix.MSG_OOB) // not inline: not in the stream
+			unix.Send(f, []byte("tail"), 0)
+			if fin {
+				unix.Shutdown(f, unix.SHUT_WR) // the FIN goes with the corked bytes
+			} else {
+				unix.SetsockoptInt(f, unix.IPPROTO_TCP, unix.TCP_CORK, 0)
+			}
+		})
+		want := append(bytes.Clone(bulk), "tail"...)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		var got []byte
+		if fin {
+			got, err = io.ReadAll(c)
+		} else {
+			got = make([]byte, len(want))
+			var n int
+			n, err = io.ReadFull(c, got)
+			got = got[:n]
+		}
+		c.Close()
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("FIN %v: echo of %d bulk bytes, an urgent byte and %q: got %d of %d bytes, then %v", fin, len(bulk), "tail", len(got), len(want), err)
+		}
+	}
+}
+
 // TestHalfClosedAfterBulkHoldsNoPipe: a client that uploads in bulk and
 // half-closes while the backend keeps its side open: the direction that
 // ended gives its pipe back, the connection keeps only its sockets.

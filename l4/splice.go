@@ -96,6 +96,18 @@ func (c *proxyConn) fillPipe(d *direction, src int, sf *sockFlags) error {
 	switch {
 	case err == unix.EINTR:
 		return nil
+	case sf.urgent && (err == unix.EAGAIN || (err == nil && n == 0)):
+		// splice stops at the urgent mark and never passes it: at the
+		// mark it says EAGAIN, or 0 once the FIN is in, with bytes still
+		// behind it. read(2) steps over the urgent byte, so the direction
+		// goes on in read/write mode, its socket still readable.
+		sf.urgent = false
+		d.splicing = false
+		if d.pipe.buffered == 0 {
+			pipes.put(d.pipe)
+			d.pipe = nil
+		}
+		return nil
 	case err == unix.EAGAIN:
 		sf.readable = false
 		if d.pipe.buffered == 0 {
