@@ -194,12 +194,20 @@ func Parse(data []byte, path string) (*Config, error) {
 		names = append(names, name)
 	}
 	sort.Strings(names)
+	// Overlapping listen addresses are checked over every service whose
+	// address parsed, valid or not otherwise: each problem is reported in
+	// the first run, not the next one after the others are fixed.
+	var listening []Service
 	for _, name := range names {
-		if svc, ok := v.service(name, file.Services[name]); ok {
+		svc, ok := v.service(name, file.Services[name])
+		if ok {
 			cfg.Services = append(cfg.Services, svc)
 		}
+		if svc.Listen.IsValid() {
+			listening = append(listening, svc)
+		}
 	}
-	v.checkListenConflicts(cfg.Services)
+	v.checkListenConflicts(listening)
 	if len(v.problems) > 0 {
 		return nil, &Errors{Path: path, Problems: v.problems}
 	}

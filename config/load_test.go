@@ -274,6 +274,13 @@ colour = "blue"
 
 [services.empty]
 listen = "127.0.0.1:1"
+
+# Valid itself, on the address of the invalid service above: the overlap
+# is reported along with that service's own problem.
+[services.dup]
+listen = "127.0.0.1:1"
+  [[services.dup.backends]]
+  address = "10.0.0.3:1"
 `
 	_, err := Parse([]byte(file), "many.toml")
 	var errs *Errors
@@ -287,7 +294,7 @@ listen = "127.0.0.1:1"
 	for _, k := range []string{
 		"services.pg.listen", "services.pg.workers", "services.pg.idle_timeout", "services.pg.colour",
 		"services.pg.backends[0].address", "services.pg.backends[0].weight", "services.pg.backends[2].address",
-		"services.empty.backends",
+		"services.empty.backends", "services.empty.listen",
 	} {
 		if !keys[k] {
 			t.Errorf("no problem reported for %s; got:\n%v", k, err)
