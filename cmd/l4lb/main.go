@@ -111,7 +111,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	path := fs.String("config", "", "config file")
 	levelFlag := fs.String("log-level", "", "log level, overriding [log] level: trace, debug, info, warn, error")
-	pidfile := fs.String("pidfile", "", "write the process id to this file (for `l4lb reload -pidfile`)")
+	pidfile := fs.String("pidfile", "", "write the process id to `file`, where l4lb reload -pidfile reads it")
 	pprofAddr := fs.String("pprof", "", "serve Go profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:6060; off by default")
 	noIOURing := fs.Bool("no-io-uring", false, "make TCP reads and writes one system call each (read(2), write(2)) instead of batching them with io_uring")
 	if err := fs.Parse(args); err != nil {
