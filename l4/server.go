@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -498,10 +499,40 @@ func describeChange(old, cfg *config.Config) string {
 			parts = append(parts, "-service "+old.Services[i].Name)
 		}
 	}
+	parts = append(parts, describeSettingsChange(old, cfg)...)
 	if len(parts) == 0 {
-		return "no service or backend change (formatting or comments)"
+		return "no change (formatting or comments)"
 	}
 	return strings.Join(parts, "; ")
+}
+
+// describeSettingsChange lists the changed settings outside services, and
+// says which of them wait for a restart.
+func describeSettingsChange(old, cfg *config.Config) []string {
+	settings := []struct {
+		key, was, now string
+		atRestart     bool
+	}{
+		{"admin.listen", old.Admin.Listen, cfg.Admin.Listen, false},
+		{"reload.watch", strconv.FormatBool(old.Reload.Watch), strconv.FormatBool(cfg.Reload.Watch), false},
+		{"log.level", old.Log.Level, cfg.Log.Level, false},
+		{"log.connections", strconv.FormatBool(old.Log.Connections), strconv.FormatBool(cfg.Log.Connections), false},
+		{"log.format", old.Log.Format, cfg.Log.Format, true},
+		{"process.user", old.Process.User, cfg.Process.User, true},
+		{"process.group", old.Process.Group, cfg.Process.Group, true},
+	}
+	var parts []string
+	for _, st := range settings {
+		if st.was == st.now {
+			continue
+		}
+		part := fmt.Sprintf("%s %q -> %q", st.key, st.was, st.now)
+		if st.atRestart {
+			part += " (takes effect at restart)"
+		}
+		parts = append(parts, part)
+	}
+	return parts
 }
 
 func describeServiceChange(prev, sc *config.Service) string {

@@ -1,0 +1,44 @@
+package l4
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/l4lb/l4lb/config"
+)
+
+// The reload summary names every change, settings outside services too,
+// and says which wait for a restart: "no change" for a change that was
+// applied (or silently was not) misleads whoever reads the log.
+func TestDescribeChangeNamesSettings(t *testing.T) {
+	parse := func(top string) *config.Config {
+		t.Helper()
+		cfg, err := config.Parse([]byte(top+`
+[services.db]
+listen = "127.0.0.1:5432"
+  [[services.db.backends]]
+  address = "10.0.0.1:5432"
+`), "test.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	old := parse("[admin]\nlisten = \"127.0.0.1:9901\"\n")
+	if got := describeChange(old, parse("# a comment\n[admin]\nlisten = \"127.0.0.1:9901\"\n")); got != "no change (formatting or comments)" {
+		t.Errorf("comment only: %q", got)
+	}
+	got := describeChange(old, parse("[admin]\nlisten = \"127.0.0.1:9902\"\n[log]\nformat = \"json\"\n[process]\nuser = \"nobody\"\n"))
+	for _, want := range []string{
+		`admin.listen "127.0.0.1:9901" -> "127.0.0.1:9902"`,
+		`log.format "text" -> "json" (takes effect at restart)`,
+		`process.user "" -> "nobody" (takes effect at restart)`,
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("summary %q lacks %q", got, want)
+		}
+	}
+	if strings.Contains(got, "admin.listen \"127.0.0.1:9901\" -> \"127.0.0.1:9902\" (takes effect at restart)") {
+		t.Errorf("admin.listen moves on reload, yet the summary says restart: %q", got)
+	}
+}
