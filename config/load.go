@@ -423,6 +423,10 @@ func (v *validator) duration(key string, raw any, def time.Duration, zeroOK bool
 		v.add(key, "%q is not a duration (use units: \"500ms\", \"3s\", \"1h\")", s)
 		return def
 	}
+	if d < 0 && zeroOK {
+		v.add(key, "%s must not be negative (\"0s\" is allowed)", s)
+		return def
+	}
 	if d < 0 || (d == 0 && !zeroOK) {
 		v.add(key, "%s must be greater than zero", s)
 		return def
@@ -447,6 +451,14 @@ func parseAddrPort(s string) (netip.AddrPort, error) {
 			return netip.AddrPort{}, fmt.Errorf("%q: missing IP: use \"0.0.0.0:%s\" or \"[::]:%s\" to listen on every address", s, port, port)
 		}
 		if _, perr := netip.ParseAddr(host); perr != nil && !strings.HasPrefix(host, "[") && !strings.Contains(port, ":") {
+			switch {
+			case strings.TrimSpace(host) != host:
+				return netip.AddrPort{}, fmt.Errorf("%q: remove the spaces around the address", s)
+			case strings.Trim(host, "0123456789.") == "":
+				// Digits and dots: a mistyped IPv4 address, not a name.
+				_, why, _ := strings.Cut(perr.Error(), "): ")
+				return netip.AddrPort{}, fmt.Errorf("%q: %q is not a valid IPv4 address: %s", s, host, why)
+			}
 			return netip.AddrPort{}, fmt.Errorf("%q: %q is not an IP address (host names are not resolved)", s, host)
 		}
 		if i := strings.LastIndexByte(s, ':'); i >= 0 {
