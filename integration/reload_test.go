@@ -962,7 +962,7 @@ func TestReloadFileWatch(t *testing.T) {
 		return l.reloads(t)
 	}
 	// expectNoop runs change, which must make the watcher look at the file
-	// (a debug line says it found no change) and reload nothing.
+	// (a line says it found no change) and reload nothing.
 	expectNoop := func(what string, wantReloads int, change func()) {
 		t.Helper()
 		seen := len(l.entries("reload: config unchanged"))

@@ -121,6 +121,7 @@ type statusJSON struct {
 	ReloadsFailed     uint64        `json:"reloads_failed"`
 	LastReloadError   string        `json:"last_reload_error,omitempty"`
 	LastReloadErrorAt *time.Time    `json:"last_reload_error_at,omitempty"`
+	LastReloadOKAt    *time.Time    `json:"last_reload_ok_at,omitempty"`
 	Services          []serviceJSON `json:"services"`
 
 	// OpenConnections and MaxConnections: TCP connections open over all
@@ -206,6 +207,9 @@ func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 		OpenConnections: st.OpenConnections, MaxConnections: st.MaxConnections}
 	rs := rl.stats()
 	out.ReloadsOK, out.ReloadsFailed, out.LastReloadError = rs.ok, rs.failed, rs.lastError
+	if !rs.lastOKAt.IsZero() {
+		out.LastReloadOKAt = &rs.lastOKAt
+	}
 	if !rs.lastErrorAt.IsZero() {
 		out.LastReloadErrorAt = &rs.lastErrorAt
 	}

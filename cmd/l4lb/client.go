@@ -65,7 +65,11 @@ func printStatus(w io.Writer, st statusJSON) {
 	fmt.Fprintf(w, "config version %d (hash %.12s), loaded %s; reloads ok %d, failed %d\n",
 		st.Version, st.Hash, st.LoadedAt.Format(time.RFC3339), st.ReloadsOK, st.ReloadsFailed)
 	if st.LastReloadError != "" {
-		fmt.Fprintf(w, "last reload error (%s):\n  %s\n", st.LastReloadErrorAt.Format(time.RFC3339),
+		label := "last reload error"
+		if st.LastReloadOKAt != nil && st.LastReloadErrorAt != nil && st.LastReloadOKAt.After(*st.LastReloadErrorAt) {
+			label = fmt.Sprintf("earlier reload error (a reload succeeded since, at %s)", st.LastReloadOKAt.Format(time.RFC3339))
+		}
+		fmt.Fprintf(w, "%s (%s):\n  %s\n", label, st.LastReloadErrorAt.Format(time.RFC3339),
 			strings.ReplaceAll(st.LastReloadError, "\n", "\n  "))
 	}
 	fmt.Fprintln(w)

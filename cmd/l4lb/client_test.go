@@ -45,3 +45,27 @@ func TestPrintStatusTurnedAway(t *testing.T) {
 		}
 	}
 }
+
+// A reload error that a later successful reload fixed is shown as past,
+// not as if the running config were broken.
+func TestPrintStatusReloadErrorSinceFixed(t *testing.T) {
+	for _, c := range []struct {
+		okAt, want string
+	}{
+		{"", "last reload error (2026-11-23T10:05:00Z)"},
+		{`"last_reload_ok_at": "2026-11-23T10:01:00Z",`, "last reload error (2026-11-23T10:05:00Z)"},
+		{`"last_reload_ok_at": "2026-11-23T10:09:00Z",`, "earlier reload error (a reload succeeded since, at 2026-11-23T10:09:00Z) (2026-11-23T10:05:00Z)"},
+	} {
+		doc := `{"version": 2, "hash": "abcdef0123456789", "loaded_at": "2026-11-23T10:00:00Z", ` + c.okAt + `
+		"last_reload_error": "l4lb.toml: services.pg.wieght: unknown key", "last_reload_error_at": "2026-11-23T10:05:00Z", "services": []}`
+		var st statusJSON
+		if err := json.Unmarshal([]byte(doc), &st); err != nil {
+			t.Fatal(err)
+		}
+		var out bytes.Buffer
+		printStatus(&out, st)
+		if !strings.Contains(out.String(), c.want+":\n  l4lb.toml: services.pg.wieght") {
+			t.Errorf("ok at %q: want %q in:\n%s", c.okAt, c.want, out.String())
+		}
+	}
+}

@@ -37,18 +37,22 @@ type reloader struct {
 	ok, failed  uint64
 	lastError   string
 	lastErrorAt time.Time
+	lastOKAt    time.Time
 }
 
 type reloadStats struct {
 	ok, failed  uint64
 	lastError   string
 	lastErrorAt time.Time
+	// lastOKAt is when a reload last succeeded, changed or not: a status
+	// view tells from it whether the last error still stands.
+	lastOKAt time.Time
 }
 
 func (r *reloader) stats() reloadStats {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return reloadStats{r.ok, r.failed, r.lastError, r.lastErrorAt}
+	return reloadStats{r.ok, r.failed, r.lastError, r.lastErrorAt, r.lastOKAt}
 }
 
 // run reloads once per burst of triggers until ctx ends.
@@ -107,9 +111,11 @@ func (r *reloader) reload(ctx context.Context, reason string) (l4.Change, error)
 	}
 	r.mu.Lock()
 	r.ok++
+	r.lastOKAt = time.Now()
 	r.mu.Unlock()
 	if change.Version == change.OldVersion {
-		r.log.Debug("reload: config unchanged", "trigger", reason, "version", change.Version)
+		// At info: whoever sent the SIGHUP wants to see that it was read.
+		r.log.Info("reload: config unchanged, nothing to do", "trigger", reason, "version", change.Version)
 		return change, nil
 	}
 	r.log.Info("reloaded", "trigger", reason, "version", change.OldVersion, "new_version", change.Version,
