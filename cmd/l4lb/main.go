@@ -161,12 +161,15 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Info("TCP reads and writes go one system call each (-no-io-uring)")
 	}
 	srv := l4.NewServer(log)
+	// The shortfall last warned of: start and each reload share it (reloads
+	// run one at a time, after start).
+	var flowShortfall int64
 	srv.SetLogConnections(cfg.Log.Connections)
 	if nofile > 0 {
 		maxConns := maxConnectionsFor(nofile)
 		srv.SetMaxConnections(maxConns)
 		log.Info("descriptor limit", "nofile", nofile, "nofile_hard", hardNofile, "max_connections", maxConns)
-		warnFlowDescriptors(log, cfg, nofile)
+		warnFlowDescriptors(log, cfg, nofile, &flowShortfall)
 	}
 	notify := newNotifier()
 	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, applied: func(c *config.Config) {
@@ -175,7 +178,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		}
 		srv.SetLogConnections(c.Log.Connections)
 		if nofile > 0 {
-			warnFlowDescriptors(log, c, nofile)
+			warnFlowDescriptors(log, c, nofile, &flowShortfall)
 		}
 	}}
 	adm := newAdmin(log, srv, rl)

@@ -78,10 +78,14 @@ func flowDescriptorShortfall(cfg *config.Config, nofile uint64) int64 {
 // warnFlowDescriptors says so when max_flows cannot be reached: past the
 // limit, new flows fail to open (dropped as backend_socket) and TCP
 // connections may find no pipe. Raising the limit or lowering max_flows is
-// the operator's call, not something to guess at here.
-func warnFlowDescriptors(log hclog.Logger, cfg *config.Config, nofile uint64) {
-	if short := flowDescriptorShortfall(cfg, nofile); short > 0 {
+// the operator's call, not something to guess at here. It warns when the
+// shortfall differs from the one warned of before (*warned), so that
+// reloads that do not change it repeat nothing.
+func warnFlowDescriptors(log hclog.Logger, cfg *config.Config, nofile uint64, warned *int64) {
+	short := flowDescriptorShortfall(cfg, nofile)
+	if short > 0 && short != *warned {
 		log.Warn("udp max_flows exceed RLIMIT_NOFILE: raise it (LimitNOFILE= under systemd) or lower max_flows",
 			"nofile", nofile, "descriptors_short", short)
 	}
+	*warned = short
 }

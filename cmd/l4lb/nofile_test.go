@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
+	"strings"
 	"testing"
+
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/l4lb/l4lb/config"
 )
@@ -35,5 +39,36 @@ func TestFlowDescriptorShortfall(t *testing.T) {
 		if got := flowDescriptorShortfall(tt.cfg, tt.nofile); got != tt.want {
 			t.Errorf("case %d: shortfall %d, want %d", i, got, tt.want)
 		}
+	}
+}
+
+// The max_flows warning comes at start and again only when a reload
+// changes the shortfall: not on every reload.
+func TestFlowWarningNotRepeated(t *testing.T) {
+	parse := func(maxFlows int) *config.Config {
+		t.Helper()
+		cfg, err := config.Parse([]byte(fmt.Sprintf(`[services.game]
+listen = "127.0.0.1:7777"
+protocol = "udp"
+max_flows = %d
+  [services.game.health]
+  kind = "none"
+  [[services.game.backends]]
+  address = "10.0.0.1:7777"
+`, maxFlows)), "test.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	var out bytes.Buffer
+	log := hclog.New(&hclog.LoggerOptions{Output: &out})
+	var warned int64
+	for _, maxFlows := range []int{5000, 5000, 6000, 6000, 100, 5000} {
+		warnFlowDescriptors(log, parse(maxFlows), 1024, &warned)
+	}
+	// Warned at 5000 (start), 6000 (changed) and 5000 again (after it fit).
+	if n := strings.Count(out.String(), "udp max_flows exceed RLIMIT_NOFILE"); n != 3 {
+		t.Errorf("%d warnings, want 3:\n%s", n, out.String())
 	}
 }
