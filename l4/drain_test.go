@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -226,5 +227,37 @@ func TestUDPServiceBackWhileDraining(t *testing.T) {
 	st, _ := game.UDPStats()
 	if st.Drops[DropDraining] != 0 {
 		t.Errorf("%d datagrams dropped as draining after the service came back", st.Drops[DropDraining])
+	}
+}
+
+// Shutdown says what it waits for, and what it had to cut at the drain
+// deadline: an operator watching a stop that takes drain_timeout sees why.
+func TestShutdownSaysWhatItDrains(t *testing.T) {
+	echo := startEcho(t)
+	// An address of this test's own in 127/8: no other test holds it.
+	const listen = "127.88.4.1:7000"
+	cfg, err := config.Parse([]byte(fmt.Sprintf("[services.db]\nlisten = %q\ndrain_timeout = \"300ms\"\n[[services.db.backends]]\naddress = %q\n", listen, echo)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs lockedBuffer
+	srv := NewServer(hclog.New(&hclog.LoggerOptions{Output: &logs}))
+	if _, err := srv.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "open and idle")
+	srv.Shutdown()
+	for _, want := range []string{
+		"draining before exit: service=db connections=1 flows=0 drain_timeout=300ms",
+		"drain_timeout passed: closed what was still open: service=db connections=1 flows=0",
+	} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("no %q in the log:\n%s", want, logs.String())
+		}
 	}
 }

@@ -342,9 +342,12 @@ func (srv *Server) retire(rs *runningService) {
 	srv.retiring.Add(1)
 	go func() {
 		defer srv.retiring.Done()
+		deadline := time.Now().Add(cfg.DrainTimeout)
+		var cutFlows int64
 		if rs.udp != nil {
 			// Sockets stay open while flows drain: replies leave by them.
-			if !rs.udp.Drain(time.Now().Add(cfg.DrainTimeout)) {
+			var drained bool
+			if cutFlows, drained = rs.udp.Drain(deadline); !drained {
 				return // revived by a reload: running again
 			}
 			srv.mu.Lock()
@@ -353,8 +356,9 @@ func (srv *Server) retire(rs *runningService) {
 			}
 			srv.mu.Unlock()
 		}
-		rs.svc.Drain(time.Now().Add(cfg.DrainTimeout))
-		srv.log.Info("service stopped", "service", cfg.Name, "listen", cfg.Listen)
+		cut := rs.svc.Drain(deadline)
+		srv.log.Info("service stopped", "service", cfg.Name, "listen", cfg.Listen,
+			"closed_at_drain_timeout", cut, "flows_closed_at_drain_timeout", cutFlows)
 	}()
 }
 
@@ -378,10 +382,27 @@ func (srv *Server) Shutdown() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			// Say what the exit waits for: a UDP flow ends only when it
+			// goes quiet, so one busy client holds the exit for the whole
+			// drain_timeout.
+			cfg := rs.cfg
+			deadline := time.Now().Add(cfg.DrainTimeout)
+			conns, flows := rs.svc.openConnections(), int64(0)
 			if rs.udp != nil {
-				rs.udp.Drain(time.Now().Add(rs.cfg.DrainTimeout))
+				flows = rs.udp.openFlows()
 			}
-			rs.svc.Drain(time.Now().Add(rs.cfg.DrainTimeout))
+			if conns+flows > 0 {
+				srv.log.Info("draining before exit", "service", cfg.Name, "connections", conns, "flows", flows,
+					"drain_timeout", cfg.DrainTimeout.String())
+			}
+			var cutFlows int64
+			if rs.udp != nil {
+				cutFlows, _ = rs.udp.Drain(deadline)
+			}
+			if cut := rs.svc.Drain(deadline); cut+cutFlows > 0 {
+				srv.log.Info("drain_timeout passed: closed what was still open", "service", cfg.Name,
+					"connections", cut, "flows", cutFlows)
+			}
 		}()
 	}
 	wg.Wait()

@@ -286,10 +286,10 @@ func (s *Service) allowLog(last *atomic.Int64) bool {
 }
 
 // Drain waits for open connections to end by themselves until deadline,
-// then closes the rest; it returns once every connection is closed. Call it
-// after the service's listeners are closed, so that no new connection
-// arrives.
-func (s *Service) Drain(deadline time.Time) {
+// then closes the rest; it returns once every connection is closed, with
+// how many were still open at deadline. Call it after the service's
+// listeners are closed, so that no new connection arrives.
+func (s *Service) Drain(deadline time.Time) (cut int64) {
 	s.health.close()
 	done := make(chan struct{})
 	go func() {
@@ -300,9 +300,10 @@ func (s *Service) Drain(deadline time.Time) {
 	defer timer.Stop()
 	select {
 	case <-done:
-		return
+		return 0
 	case <-timer.C:
 	}
+	cut = s.openConnections()
 	// A handler may still be dialing when the deadline passes and register
 	// its connection after a sweep; sweep again until every handler is gone.
 	// Dials are bounded by connect_timeout, so this ends.
@@ -314,8 +315,18 @@ func (s *Service) Drain(deadline time.Time) {
 		}
 		select {
 		case <-done:
-			return
+			return cut
 		case <-ticker.C:
 		}
 	}
+}
+
+// openConnections is how many proxied connections are open now, those to
+// draining backends included.
+func (s *Service) openConnections() int64 {
+	var n int64
+	for _, be := range s.Backends() {
+		n += be.active.Load()
+	}
+	return n
 }

@@ -568,7 +568,9 @@ func (p *udpProxy) start() {
 // It returns false, with nothing closed, when revive took the proxy back
 // into service first: a reload that removed the service and a later one
 // that brought it back while it drained.
-func (p *udpProxy) Drain(deadline time.Time) bool {
+// It returns how many flows were still open at deadline (and closed), and
+// false when a reload revived the proxy meanwhile.
+func (p *udpProxy) Drain(deadline time.Time) (cut int64, drained bool) {
 	p.draining.Store(true)
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
@@ -583,10 +585,11 @@ wait:
 	p.drainMu.Lock()
 	if !p.draining.Load() {
 		p.drainMu.Unlock()
-		return false
+		return 0, false
 	}
 	p.closing = true
 	p.drainMu.Unlock()
+	cut = p.active.Load()
 	for _, w := range p.workers {
 		w.conn.Close()
 	}
@@ -597,7 +600,7 @@ wait:
 		w.closeAll()
 	}
 	p.readers.Wait()
-	return true
+	return cut, true
 }
 
 // revive takes a draining proxy back into service: new flows open again
@@ -624,6 +627,9 @@ func (p *udpProxy) wakeDrain() {
 // Close closes the sockets and every flow at once, and returns when all
 // goroutines have ended.
 func (p *udpProxy) Close() { p.Drain(time.Now()) }
+
+// openFlows is how many flows are open now.
+func (p *udpProxy) openFlows() int64 { return p.active.Load() }
 
 // UDPStats returns the counters of a UDP service; false for TCP services.
 func (s *Service) UDPStats() (UDPStats, bool) {
