@@ -4,9 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -81,6 +83,9 @@ func (a *admin) prepare(addr string) (net.Listener, error) {
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return nil, fmt.Errorf("admin.listen: %w (is another l4lb running with this config? `l4lb status -admin %s` asks it)", err, addr)
+		}
 		return nil, errors.New("admin.listen: " + err.Error())
 	}
 	return ln, nil

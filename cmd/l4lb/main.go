@@ -130,6 +130,15 @@ func cmdRun(args []string, stderr io.Writer) int {
 		printConfigError(stderr, err)
 		return 1
 	}
+	if *pidfile != "" {
+		// SO_REUSEPORT lets a second l4lb bind the same addresses, and the
+		// kernel would split the clients between the two.
+		if pid, ok := pidfileOwner(*pidfile); ok {
+			fmt.Fprintf(stderr, "l4lb run: l4lb already runs as pid %d (%s): two would split the clients between them; stop it first, or reload it with l4lb reload -pidfile %s\n",
+				pid, *pidfile, *pidfile)
+			return 1
+		}
+	}
 	log := hclog.New(&hclog.LoggerOptions{
 		Name: "l4lb", Output: stderr, JSONFormat: cfg.Log.Format == "json",
 		Level: hclog.LevelFromString(cmp.Or(*levelFlag, cfg.Log.Level)),
