@@ -19,13 +19,15 @@ bin/demo-backend -listen 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003 &
 pids+=($!)
 bin/l4lb run -config scripts/demo.toml &
 pids+=($!)
+lb=$!
 
-cat <<'MSG'
+cat <<MSG
 
 l4lb demo: 127.0.0.1:7000 -> backends 127.0.0.1:7001, :7002, :7003 (weight 50)
   try:    nc 127.0.0.1 7000          (each line you type comes back; the greeting names the backend)
   no nc?  bash -c 'exec 3<>/dev/tcp/127.0.0.1/7000; head -1 <&3'
-  edit scripts/demo.toml (e.g. set a weight to 0) and l4lb reloads it; or: kill -HUP <l4lb pid>
+  status: bin/l4lb status
+  edit scripts/demo.toml (e.g. set a weight to 0) and l4lb reloads it; or: kill -HUP $lb
   Ctrl-C stops everything.
 
 MSG

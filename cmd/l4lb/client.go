@@ -34,18 +34,22 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	addr := fs.String("admin", config.DefaultAdminListen, "admin endpoint of the running l4lb")
 	raw := fs.Bool("json", false, "print the JSON document as it is")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if _, code, ok := parseArgs(fs, args, stderr, 0); !ok {
+		return code
 	}
 	resp, err := adminClient.Get(adminURL(*addr, "/status"))
 	if err != nil {
-		fmt.Fprintf(stderr, "l4lb status: %v\n", err)
+		fmt.Fprintf(stderr, "l4lb status: %v (is l4lb running with admin.listen = %q? -admin ADDR names another)\n", err, *addr)
 		return 1
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		fmt.Fprintf(stderr, "l4lb status: %s %v %s\n", resp.Status, err, body)
+	if err != nil {
+		fmt.Fprintf(stderr, "l4lb status: %s: %v\n", *addr, err)
+		return 1
+	}
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintf(stderr, "l4lb status: %s answered %s: not an l4lb admin endpoint, or it failed (%.200q)\n", *addr, resp.Status, body)
 		return 1
 	}
 	if *raw {
@@ -136,7 +140,13 @@ func cmdReload(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	addr := fs.String("admin", config.DefaultAdminListen, "admin endpoint of the running l4lb")
 	pidfile := fs.String("pidfile", "", "send SIGHUP to the process in this file instead of using the admin endpoint")
-	if err := fs.Parse(args); err != nil {
+	if _, code, ok := parseArgs(fs, args, stderr, 0); !ok {
+		return code
+	}
+	adminSet := false
+	fs.Visit(func(f *flag.Flag) { adminSet = adminSet || f.Name == "admin" })
+	if adminSet && *pidfile != "" {
+		fmt.Fprintln(stderr, "l4lb reload: give -admin or -pidfile, not both")
 		return 2
 	}
 	if *pidfile != "" {

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"syscall"
 
@@ -56,7 +57,7 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 	case "reload":
 		return cmdReload(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
-		fmt.Fprintf(stdout, "l4lb %s %s %s/%s\n", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		fmt.Fprintf(stdout, "l4lb %s %s %s/%s\n", buildVersion(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return 0
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
@@ -67,12 +68,59 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 	}
 }
 
+// parseArgs parses a subcommand's flags and allows at most positional
+// arguments besides. When ok is false the command ends with code: 0 after
+// -h, 2 for a bad flag or an argument nothing takes.
+func parseArgs(fs *flag.FlagSet, args []string, stderr io.Writer, positional int) (rest []string, code int, ok bool) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, 0, false
+		}
+		return nil, 2, false
+	}
+	if fs.NArg() > positional {
+		fmt.Fprintf(stderr, "l4lb %s: unexpected argument %q\n", fs.Name(), fs.Arg(positional))
+		return nil, 2, false
+	}
+	return fs.Args(), 0, true
+}
+
+// buildVersion is version, or for a build not given one, "dev-" and the
+// commit Go recorded from the source tree ("-dirty" with local changes).
+func buildVersion() string {
+	info, ok := debug.ReadBuildInfo()
+	if version != "dev" || !ok {
+		return version
+	}
+	var rev, dirty string
+	for _, s := range info.Settings {
+		switch {
+		case s.Key == "vcs.revision":
+			rev = s.Value[:min(12, len(s.Value))]
+		case s.Key == "vcs.modified" && s.Value == "true":
+			dirty = "-dirty"
+		}
+	}
+	if rev == "" {
+		return version
+	}
+	return "dev-" + rev + dirty
+}
+
 func cmdCheck(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("check", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	path := fs.String("config", "", "config file to validate")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	path := fs.String("config", "", "config file to validate (or give it as the argument: l4lb check FILE)")
+	rest, code, ok := parseArgs(fs, args, stderr, 1)
+	if !ok {
+		return code
+	}
+	if len(rest) == 1 {
+		if *path != "" {
+			fmt.Fprintln(stderr, "l4lb check: give the file once, as -config FILE or as the argument")
+			return 2
+		}
+		*path = rest[0]
 	}
 	if *path == "" {
 		fmt.Fprintln(stderr, "l4lb check: -config FILE is required")
@@ -114,8 +162,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 	pidfile := fs.String("pidfile", "", "write the process id to `file`, where l4lb reload -pidfile reads it")
 	pprofAddr := fs.String("pprof", "", "serve Go profiles (/debug/pprof/) on this address, e.g. 127.0.0.1:6060; off by default")
 	noIOURing := fs.Bool("no-io-uring", false, "make TCP reads and writes one system call each (read(2), write(2)) instead of batching them with io_uring")
-	if err := fs.Parse(args); err != nil {
-		return 2
+	if _, code, ok := parseArgs(fs, args, stderr, 0); !ok {
+		return code
 	}
 	if *path == "" {
 		fmt.Fprintln(stderr, "l4lb run: -config FILE is required")
@@ -230,7 +278,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	if err := notify.ready("serving"); err != nil {
 		log.Warn("cannot notify systemd", "error", err)
 	}
-	log.Info("ready", "version", version, "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
+	log.Info("ready", "version", buildVersion(), "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
 
 	for sig := range signals {
 		if sig == syscall.SIGHUP {
