@@ -208,6 +208,7 @@ func Parse(data []byte, path string) (*Config, error) {
 		}
 	}
 	v.checkListenConflicts(listening)
+	v.checkAdminConflict(cfg.Admin.Listen, listening)
 	if len(v.problems) > 0 {
 		return nil, &Errors{Path: path, Problems: v.problems}
 	}
@@ -323,6 +324,9 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 				v.add(bat+".address", "%v", err)
 			} else if first, dup := seen[ap]; dup {
 				v.add(bat+".address", "duplicate backend %s (also %s.backends[%d])", ap, at, first)
+			} else if svc.Protocol == TCP && ap.Port() == svc.Listen.Port() &&
+				(ap == svc.Listen || (svc.Listen.Addr().IsUnspecified() && ap.Addr().IsLoopback())) {
+				v.add(bat+".address", "%s is the service's own listen address (%s): l4lb would connect to itself", ap, svc.Listen)
 			} else {
 				seen[ap] = i
 			}
@@ -354,6 +358,21 @@ func (v *validator) checkListenConflicts(services []Service) {
 			if aa == ba || aa.IsUnspecified() || ba.IsUnspecified() {
 				v.add("services."+b.Name+".listen", "%s overlaps services.%s.listen (%s)", b.Listen, a.Name, a.Listen)
 			}
+		}
+	}
+}
+
+// checkAdminConflict rejects an admin endpoint on a TCP service's address:
+// l4lb would fail to bind one of them at start.
+func (v *validator) checkAdminConflict(admin string, services []Service) {
+	ap, err := netip.ParseAddrPort(admin)
+	if err != nil {
+		return // off, or reported already
+	}
+	for _, svc := range services {
+		sa := svc.Listen.Addr()
+		if svc.Protocol == TCP && svc.Listen.Port() == ap.Port() && (sa == ap.Addr() || sa.IsUnspecified() || ap.Addr().IsUnspecified()) {
+			v.add("admin.listen", "%s overlaps services.%s.listen (%s)", admin, svc.Name, svc.Listen)
 		}
 	}
 }

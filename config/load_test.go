@@ -191,6 +191,8 @@ func TestParseErrors(t *testing.T) {
 		{"weight range", svc("") + "weight = 1001\n", []string{"services.pg.backends[0].weight: 1001 is out of range [0, 1000]"}},
 		{"negative weight", svc("") + "weight = -1\n", []string{"services.pg.backends[0].weight: -1 is out of range"}},
 		{"same listen", svc("") + "[services.pg2]\nlisten = \"127.0.0.1:5432\"\n[[services.pg2.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg2.listen: 127.0.0.1:5432 overlaps services.pg.listen"}},
+		{"backend is the listen address", svc("") + "[[services.pg.backends]]\naddress = \"127.0.0.1:5432\"\n", []string{"services.pg.backends[1].address: 127.0.0.1:5432 is the service's own listen address"}},
+		{"admin on a service", "[admin]\nlisten = \"127.0.0.1:5432\"\n" + svc(""), []string{"admin.listen: 127.0.0.1:5432 overlaps services.pg.listen"}},
 		{"wildcard overlap", svc("") + "[services.pg2]\nlisten = \"0.0.0.0:5432\"\n[[services.pg2.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg2.listen:", "overlaps"}},
 		{"bad admin", "[admin]\nlisten = \"localhost\"\n" + svc(""), []string{"admin.listen:"}},
 		{"bad service name", "[services.\"p g\"]\nlisten = \"127.0.0.1:5432\"\n[[services.\"p g\".backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"service name must be"}},

@@ -16,6 +16,10 @@ func TestSubcommandArguments(t *testing.T) {
 	if err := os.WriteFile(good, []byte("[services.db]\nlisten = \"127.0.0.1:5432\"\n[[services.db.backends]]\naddress = \"10.0.0.1:5432\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	nobody := filepath.Join(t.TempDir(), "user.toml")
+	if err := os.WriteFile(nobody, []byte("[process]\nuser = \"no-such-user-l4lb\"\n[services.db]\nlisten = \"127.0.0.1:5432\"\n[[services.db.backends]]\naddress = \"10.0.0.1:5432\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		args     []string
 		code     int
@@ -31,6 +35,8 @@ func TestSubcommandArguments(t *testing.T) {
 		{[]string{"status", "extra"}, 2, `unexpected argument "extra"`},
 		{[]string{"reload", "-admin", "127.0.0.1:1", "-pidfile", "/nonexistent"}, 2, "not both"},
 		{[]string{"version"}, 0, "l4lb "},
+		{[]string{"check", nobody}, 1, `process.user "no-such-user-l4lb": no such user on this host`},
+		{[]string{"run", "-config", nobody}, 1, `process.user "no-such-user-l4lb": no such user on this host`},
 	} {
 		var out bytes.Buffer
 		code := runMain(c.args, &out, &out)

@@ -131,6 +131,14 @@ func cmdCheck(args []string, stdout, stderr io.Writer) int {
 		printConfigError(stderr, err)
 		return 1
 	}
+	if cfg.Process.User != "" {
+		// Checked on this host, as run will: where the file is checked
+		// elsewhere, the user may exist only on the host that runs it.
+		if _, _, err := processIDs(cfg.Process); err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", *path, err)
+			return 1
+		}
+	}
 	fmt.Fprintf(stdout, "%s: ok (%d services)\n", *path, len(cfg.Services))
 	return 0
 }
@@ -177,6 +185,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 	if err != nil {
 		printConfigError(stderr, err)
 		return 1
+	}
+	if cfg.Process.User != "" {
+		if _, _, err := processIDs(cfg.Process); err != nil {
+			fmt.Fprintf(stderr, "l4lb run: %s: %v\n", *path, err)
+			return 1
+		}
 	}
 	if *pidfile != "" {
 		// SO_REUSEPORT lets a second l4lb bind the same addresses, and the

@@ -10,6 +10,42 @@ import (
 	"github.com/l4lb/l4lb/config"
 )
 
+// processIDs resolves p.User and p.Group (names or numbers) to the uid
+// and gid l4lb will run as; Group "" is the user's primary group. run
+// calls it before binding anything, and check too, so that a user missing
+// on this host is reported before a single service starts.
+func processIDs(p config.Process) (uid, gid int, err error) {
+	u, err := user.Lookup(p.User)
+	if err != nil {
+		if _, numeric := strconv.Atoi(p.User); numeric != nil {
+			return 0, 0, fmt.Errorf("process.user %q: no such user on this host", p.User)
+		}
+		if u, err = user.LookupId(p.User); err != nil {
+			return 0, 0, fmt.Errorf("process.user %q: %w", p.User, err)
+		}
+	}
+	if uid, err = strconv.Atoi(u.Uid); err != nil {
+		return 0, 0, fmt.Errorf("process.user %q: uid %q: %w", p.User, u.Uid, err)
+	}
+	gidStr := u.Gid
+	if p.Group != "" {
+		g, err := user.LookupGroup(p.Group)
+		if err != nil {
+			if _, numeric := strconv.Atoi(p.Group); numeric != nil {
+				return 0, 0, fmt.Errorf("process.group %q: no such group on this host", p.Group)
+			}
+			if g, err = user.LookupGroupId(p.Group); err != nil {
+				return 0, 0, fmt.Errorf("process.group %q: %w", p.Group, err)
+			}
+		}
+		gidStr = g.Gid
+	}
+	if gid, err = strconv.Atoi(gidStr); err != nil {
+		return 0, 0, fmt.Errorf("process.group: gid %q: %w", gidStr, err)
+	}
+	return uid, gid, nil
+}
+
 // dropPrivileges makes the whole process run as p.User (and p.Group, or
 // the user's primary group) from now on. It runs once the sockets are
 // bound: binding ports below 1024 is what root was needed for. On Linux,
@@ -18,29 +54,9 @@ func dropPrivileges(p config.Process) error {
 	if p.User == "" {
 		return nil
 	}
-	u, err := user.Lookup(p.User)
+	uid, gid, err := processIDs(p)
 	if err != nil {
-		if u, err = user.LookupId(p.User); err != nil {
-			return fmt.Errorf("process.user %q: %w", p.User, err)
-		}
-	}
-	uid, err := strconv.Atoi(u.Uid)
-	if err != nil {
-		return fmt.Errorf("process.user %q: uid %q: %w", p.User, u.Uid, err)
-	}
-	gidStr := u.Gid
-	if p.Group != "" {
-		g, err := user.LookupGroup(p.Group)
-		if err != nil {
-			if g, err = user.LookupGroupId(p.Group); err != nil {
-				return fmt.Errorf("process.group %q: %w", p.Group, err)
-			}
-		}
-		gidStr = g.Gid
-	}
-	gid, err := strconv.Atoi(gidStr)
-	if err != nil {
-		return fmt.Errorf("process.group: gid %q: %w", gidStr, err)
+		return err
 	}
 	if os.Geteuid() != 0 {
 		if os.Geteuid() == uid {
