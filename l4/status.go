@@ -68,6 +68,9 @@ type ServiceStatus struct {
 	Listen   netip.AddrPort
 	Protocol config.Protocol
 	Balance  config.Balance
+	// Checked: the service probes its backends; without checks every
+	// backend counts as up.
+	Checked bool
 	// Accepted counts TCP connections accepted; Refused those closed at
 	// once because no backend could take them.
 	Accepted, Refused uint64
@@ -130,7 +133,7 @@ func (s *Service) Status() ServiceStatus {
 	s.mu.Lock()
 	cfg := s.cfg
 	st := ServiceStatus{
-		Name: cfg.Name, Listen: cfg.Listen, Protocol: cfg.Protocol, Balance: cfg.Balance,
+		Name: cfg.Name, Listen: cfg.Listen, Protocol: cfg.Protocol, Balance: cfg.Balance, Checked: !checksOff(cfg),
 		Accepted: s.accepted.Load(), Refused: s.refused.Load(), ProxyErrors: s.proxyErrors.Load(),
 		HealthRebuilds: s.HealthRebuilds(), Rejected: s.Rejected(),
 	}

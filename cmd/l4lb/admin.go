@@ -140,6 +140,7 @@ type serviceJSON struct {
 	Listen   string        `json:"listen"`
 	Protocol string        `json:"protocol"`
 	Balance  string        `json:"balance"`
+	Checked  bool          `json:"checked"`
 	Accepted uint64        `json:"accepted"`
 	Refused  uint64        `json:"refused"`
 	Errors   uint64        `json:"errors"`
@@ -221,7 +222,7 @@ func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 	for _, s := range st.Services {
 		sj := serviceJSON{
 			Name: s.Name, Listen: s.Listen.String(), Protocol: string(s.Protocol), Balance: string(s.Balance),
-			Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
+			Checked: s.Checked, Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
 		}
 		if s.Protocol == config.TCP {
 			sj.Rejected = map[string]uint64{}

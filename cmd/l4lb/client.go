@@ -91,12 +91,29 @@ func printStatus(w io.Writer, st statusJSON) {
 			if b.InRoute {
 				routed = "yes"
 			}
+			healthCell := b.Health
+			if !s.Checked {
+				healthCell = "no check"
+			}
 			fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%d\t%s\t%s\t%d\t%d\t%d\t%s\n", s.Name, s.Listen, s.Protocol, b.Address,
-				b.Weight, b.Health, routed, b.Active, b.Total, b.ConnectFailures, draining)
+				b.Weight, healthCell, routed, b.Active, b.Total, b.ConnectFailures, draining)
 		}
 	}
 	tw.Flush()
+	printDownReasons(w, st.Services)
 	printTurnedAway(w, st.Services)
+}
+
+// printDownReasons says, under the table, why each checked backend that is
+// down failed its last probe.
+func printDownReasons(w io.Writer, services []serviceJSON) {
+	for _, s := range services {
+		for _, b := range s.Backends {
+			if s.Checked && b.Health == "down" && b.LastFailure != "" {
+				fmt.Fprintf(w, "%s %s down: %s\n", s.Name, b.Address, b.LastFailure)
+			}
+		}
+	}
 }
 
 // printTurnedAway lists, per service, the clients and datagrams l4lb

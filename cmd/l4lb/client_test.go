@@ -69,3 +69,33 @@ func TestPrintStatusReloadErrorSinceFixed(t *testing.T) {
 		}
 	}
 }
+
+// Backends of a service without checks show "no check", not "up"; a
+// checked backend that is down shows why, under the table.
+func TestPrintStatusHealth(t *testing.T) {
+	const doc = `{"version": 1, "hash": "abcdef0123456789", "loaded_at": "2026-11-23T10:00:00Z",
+	"services": [
+	  {"name": "pg", "listen": "10.0.0.1:5432", "protocol": "tcp", "checked": true,
+	   "backends": [{"address": "10.0.0.11:5432", "weight": 100, "configured": true, "health": "down",
+	                 "last_failure": "dial tcp 10.0.0.11:5432: connect: connection refused"},
+	                {"address": "10.0.0.12:5432", "weight": 100, "configured": true, "in_route": true, "health": "up"}]},
+	  {"name": "web", "listen": "10.0.0.1:80", "protocol": "tcp",
+	   "backends": [{"address": "10.0.0.21:80", "weight": 100, "configured": true, "in_route": true, "health": "up"}]}
+	]}`
+	var st statusJSON
+	if err := json.Unmarshal([]byte(doc), &st); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	printStatus(&out, st)
+	text := out.String()
+	for _, want := range []string{
+		"10.0.0.12:5432  100     up",
+		"10.0.0.21:80    100     no check",
+		"pg 10.0.0.11:5432 down: dial tcp 10.0.0.11:5432: connect: connection refused\n",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("status output lacks %q:\n%s", want, text)
+		}
+	}
+}
