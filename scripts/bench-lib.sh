@@ -287,14 +287,17 @@ run_client() {
 # every ACTIVE target; measure_workload TARGET WORKLOAD writes "metric value"
 # lines to $RESULT (kept in SAMPLES) or fails (counted in FAILED).
 run_rounds() {
-	local r w wl i t metric value
+	local r w wl i j n=${#ACTIVE[@]} t metric value
 	for ((r = 1; r <= ROUNDS; r++)); do
 		for ((w = 0; w < ${#WORKLOADS[@]}; w++)); do
 			wl=${WORKLOADS[w]}
 			# Rotate the target order per round and workload so that no target
-			# always runs first (or right after the same neighbour).
-			for ((i = 0; i < ${#ACTIVE[@]}; i++)); do
-				t=${ACTIVE[(i + r - 1 + w) % ${#ACTIVE[@]}]}
+			# always runs first, and reverse it every other round: a rotation
+			# alone keeps each target right after the same neighbour.
+			for ((i = 0; i < n; i++)); do
+				j=$(((i + r - 1 + w) % n))
+				((r % 2)) || j=$((n - 1 - j))
+				t=${ACTIVE[j]}
 				: >"$RESULT"
 				if measure_workload "$t" "$wl" && [[ -s $RESULT ]]; then
 					while read -r metric value; do
