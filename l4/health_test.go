@@ -411,18 +411,8 @@ func TestFreshServiceWaitsForFirstChecks(t *testing.T) {
 	// The backend answers every connection, its probes' too, after 150 ms:
 	// no probe can pass before the client below connects.
 	slow := startBackend(t, func(c net.Conn) {
-		defer c.Close()
 		time.Sleep(150 * time.Millisecond)
-		buf := make([]byte, 1024)
-		for {
-			n, err := c.Read(buf)
-			if n > 0 {
-				c.Write(buf[:n])
-			}
-			if err != nil {
-				return
-			}
-		}
+		echo(c)
 	})
 	// An address of this test's own in 127/8: no other test holds it.
 	const listen = "127.88.3.1:7000"

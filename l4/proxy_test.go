@@ -44,22 +44,23 @@ func startBackend(t *testing.T, serve func(net.Conn)) netip.AddrPort {
 }
 
 // startEcho runs an echo server on loopback until the test ends.
-func startEcho(t *testing.T) netip.AddrPort {
-	return startBackend(t, func(c net.Conn) {
-		// A plain read/write loop: io.Copy between TCP conns would splice
-		// through pipes of its own and confuse pipe counts.
-		buf := make([]byte, 32<<10)
-		for {
-			n, err := c.Read(buf)
-			if n > 0 {
-				c.Write(buf[:n])
-			}
-			if err != nil {
-				break
-			}
+func startEcho(t *testing.T) netip.AddrPort { return startBackend(t, echo) }
+
+// echo writes back what c sends until it closes, then closes c. A plain
+// read/write loop: io.Copy between TCP conns would splice through pipes of
+// its own and confuse pipe counts.
+func echo(c net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			c.Write(buf[:n])
 		}
-		c.Close()
-	})
+		if err != nil {
+			break
+		}
+	}
+	c.Close()
 }
 
 // startService proxies a loopback port to backends with idle timeout idle

@@ -7,6 +7,18 @@ import (
 	"testing"
 )
 
+// statusText is the table `l4lb status` prints for the /status document doc.
+func statusText(t *testing.T, doc string) string {
+	t.Helper()
+	var st statusJSON
+	if err := json.Unmarshal([]byte(doc), &st); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	printStatus(&out, st)
+	return out.String()
+}
+
 // TestPrintStatusTurnedAway decodes a /status document as the admin
 // endpoint writes it and checks that the table is followed by what each
 // service turned away, naming only the reasons that happened.
@@ -22,13 +34,7 @@ func TestPrintStatusTurnedAway(t *testing.T) {
 	   "backends": []},
 	  {"name": "quiet", "listen": "10.0.0.1:80", "protocol": "tcp", "backends": []}
 	]}`
-	var st statusJSON
-	if err := json.Unmarshal([]byte(doc), &st); err != nil {
-		t.Fatal(err)
-	}
-	var out bytes.Buffer
-	printStatus(&out, st)
-	text := out.String()
+	text := statusText(t, doc)
 	for _, want := range []string{
 		"config version 3",
 		"pg       10.0.0.1:5432/tcp  10.0.0.11:5432",
@@ -58,14 +64,8 @@ func TestPrintStatusReloadErrorSinceFixed(t *testing.T) {
 	} {
 		doc := `{"version": 2, "hash": "abcdef0123456789", "loaded_at": "2026-11-23T10:00:00Z", ` + c.okAt + `
 		"last_reload_error": "l4lb.toml: services.pg.wieght: unknown key", "last_reload_error_at": "2026-11-23T10:05:00Z", "services": []}`
-		var st statusJSON
-		if err := json.Unmarshal([]byte(doc), &st); err != nil {
-			t.Fatal(err)
-		}
-		var out bytes.Buffer
-		printStatus(&out, st)
-		if !strings.Contains(out.String(), c.want+":\n  l4lb.toml: services.pg.wieght") {
-			t.Errorf("ok at %q: want %q in:\n%s", c.okAt, c.want, out.String())
+		if text := statusText(t, doc); !strings.Contains(text, c.want+":\n  l4lb.toml: services.pg.wieght") {
+			t.Errorf("ok at %q: want %q in:\n%s", c.okAt, c.want, text)
 		}
 	}
 }
@@ -82,13 +82,7 @@ func TestPrintStatusHealth(t *testing.T) {
 	  {"name": "web", "listen": "10.0.0.1:80", "protocol": "tcp",
 	   "backends": [{"address": "10.0.0.21:80", "weight": 100, "configured": true, "in_route": true, "health": "up"}]}
 	]}`
-	var st statusJSON
-	if err := json.Unmarshal([]byte(doc), &st); err != nil {
-		t.Fatal(err)
-	}
-	var out bytes.Buffer
-	printStatus(&out, st)
-	text := out.String()
+	text := statusText(t, doc)
 	for _, want := range []string{
 		"10.0.0.12:5432  100     up",
 		"10.0.0.21:80    100     no check",
