@@ -203,7 +203,9 @@ func Parse(data []byte, path string) (*Config, error) {
 		if ok {
 			cfg.Services = append(cfg.Services, svc)
 		}
-		if svc.Listen.IsValid() {
+		// A protocol that did not parse reads as the default: checked
+		// against the others, it could report a clash that is not one.
+		if f := file.Services[name]; svc.Listen.IsValid() && (f == nil || f.Protocol == nil || f.Protocol == "tcp" || f.Protocol == "udp") {
 			listening = append(listening, svc)
 		}
 	}

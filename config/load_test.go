@@ -342,3 +342,16 @@ func equalService(a, b Service) bool {
 		a.HashKey == b.HashKey && a.Workers == b.Workers && a.ConnectTimeout == b.ConnectTimeout &&
 		a.IdleTimeout == b.IdleTimeout && a.DrainTimeout == b.DrainTimeout
 }
+
+// A protocol that does not parse reads as the default (tcp) for the rest of
+// the checks: it must not add an overlap with a TCP service on the same
+// port, which the intended UDP service would not have.
+func TestBadProtocolAddsNoOverlap(t *testing.T) {
+	file := "[services.dns_tcp]\nlisten = \"0.0.0.0:53\"\n[[services.dns_tcp.backends]]\naddress = \"10.0.0.1:53\"\n" +
+		"[services.dns_udp]\nlisten = \"0.0.0.0:53\"\nprotocol = \"UDP\"\n[[services.dns_udp.backends]]\naddress = \"10.0.0.1:53\"\n"
+	_, err := Parse([]byte(file), "dns.toml")
+	var errs *Errors
+	if !errors.As(err, &errs) || len(errs.Problems) != 1 || errs.Problems[0].Key != "services.dns_udp.protocol" {
+		t.Fatalf("want only the protocol problem, got:\n%v", err)
+	}
+}

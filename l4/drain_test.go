@@ -261,3 +261,29 @@ func TestShutdownSaysWhatItDrains(t *testing.T) {
 		}
 	}
 }
+
+// A UDP flow counts once in the exit's log line, as a flow.
+func TestShutdownCountsUDPFlowsOnce(t *testing.T) {
+	echo := startUDPEcho(t, "echo")
+	// An address of this test's own in 127/8: no other test holds it.
+	const listen = "127.88.9.3:7000"
+	cfg, err := config.Parse([]byte(fmt.Sprintf("[services.dns]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\ndrain_timeout = \"200ms\"\n[services.dns.health]\nkind = \"none\"\n[[services.dns.backends]]\naddress = %q\n", listen, echo)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs lockedBuffer
+	srv := NewServer(hclog.New(&hclog.LoggerOptions{Output: &logs}))
+	if _, err := srv.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	newUDPClient(t, netip.MustParseAddrPort(listen)).exchange("one flow")
+	srv.Shutdown()
+	for _, want := range []string{
+		"draining before exit: service=dns connections=0 flows=1",
+		"drain_timeout passed: closed what was still open: service=dns connections=0 flows=1",
+	} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("no %q in the log:\n%s", want, logs.String())
+		}
+	}
+}

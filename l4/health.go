@@ -338,27 +338,16 @@ func (s *Service) HealthRebuilds() uint64 { return s.health.rebuilds.Load() }
 // firstVerdictWait bounds how long a new service with health checks waits
 // for its first probe results before it accepts: the first probe starts
 // within health.FirstProbeSpread and fails or succeeds within the check's
-// timeout; the margin covers the route's rebuild.
+// timeout; the margin covers the route's rebuild. A long timeout is capped:
+// the wait holds the Server's lock, which status and reloads need.
 func firstVerdictWait(cfg *config.Service) time.Duration {
 	if checksOff(cfg) {
 		return 0
 	}
-	return health.FirstProbeSpread + cfg.Health.Timeout + 50*time.Millisecond
+	return health.FirstProbeSpread + min(cfg.Health.Timeout, maxFirstCheckWait) + 50*time.Millisecond
 }
 
-// awaitFirstVerdict returns once the service can judge its clients: a
-// backend passed its first probe and the route holds it, or every weighted
-// backend has answered a probe (then the service has none to offer, and
-// says so to each client as usual), or until has passed. Until then the
-// service's listening sockets are bound but not accepted from, so that
-// clients of a fresh start wait in the kernel's accept queue instead of
-// being closed for want of a checked backend. It polls: it runs once per
-// new service, on the control side.
-func (s *Service) awaitFirstVerdict(until time.Time) {
-	for time.Now().Before(until) && !s.judged() {
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+const maxFirstCheckWait = 2 * time.Second
 
 // judged reports whether the published route can take clients, or every
 // weighted backend has been probed and none is up.
@@ -367,12 +356,15 @@ func (s *Service) judged() bool {
 		return true
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	weighted := make([]*Backend, 0, len(s.cfg.Backends))
 	for _, b := range s.cfg.Backends {
-		be := s.backends[b.Address]
-		if b.Weight == 0 || be == nil {
-			continue
+		if be := s.backends[b.Address]; b.Weight > 0 && be != nil {
+			weighted = append(weighted, be)
 		}
+	}
+	s.mu.Unlock()
+	// The trackers' locks are taken outside s.mu, as Status does.
+	for _, be := range weighted {
 		// Up but not yet routed: the rebuild is on its way.
 		if !be.health.tracker.Probed() || be.health.tracker.State() == health.Up {
 			return false

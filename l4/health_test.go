@@ -455,3 +455,69 @@ listen = %q
 		t.Fatal(err)
 	}
 }
+
+// New services wait for their first checks side by side: one whose only
+// backend never answers its probe does not hold back another whose
+// backend answers at once.
+func TestNewServicesWaitSideBySide(t *testing.T) {
+	hang := startBackend(t, func(c net.Conn) {
+		defer c.Close()
+		time.Sleep(5 * time.Second) // never answers the probe in time
+	})
+	echo := startEcho(t)
+	// Addresses of this test's own in 127/8: no other test holds them.
+	const hangListen, fineListen = "127.88.9.1:7000", "127.88.9.2:7000"
+	cfg, err := config.Parse([]byte(fmt.Sprintf(`
+[services.a_hangs]
+listen = %q
+  [services.a_hangs.health]
+  kind = "send_expect"
+  send = "ping"
+  expect = "pong"
+  interval = "10s"
+  timeout = "1500ms"
+  [[services.a_hangs.backends]]
+  address = %q
+
+[services.b_fine]
+listen = %q
+  [services.b_fine.health]
+  kind = "tcp"
+  interval = "10s"
+  timeout = "1500ms"
+  [[services.b_fine.backends]]
+  address = %q
+`, hangListen, hang, fineListen, echo)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	applied := make(chan error, 1)
+	go func() {
+		_, err := srv.Apply(context.Background(), cfg)
+		applied <- err
+	}()
+	var c net.Conn
+	for attempt := 0; ; attempt++ {
+		if c, err = net.Dial("tcp", fineListen); err == nil {
+			break
+		}
+		if attempt == 5000 {
+			t.Fatalf("b_fine never listened: %v", err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	defer c.Close()
+	roundTrip(t, c, "b_fine's first client")
+	// Apply returns once a_hangs gives up waiting, 1.5 s after its first
+	// probe began: b_fine must have served before that, not after.
+	select {
+	case err := <-applied:
+		t.Errorf("b_fine served its first client only once a_hangs had stopped waiting for its checks (Apply: %v)", err)
+	default:
+		if err := <-applied; err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -275,29 +275,47 @@ type startingService struct {
 }
 
 // start has the new services take clients. One with health checks first
-// waits, for at most firstVerdictWait, for its first probe results: on a
-// fresh start every backend is unknown, and a client accepted then would
-// be closed for want of a checked backend, while a client kept in the
-// kernel's accept queue a few milliseconds longer is served. The wait
-// holds mu, as the whole Apply does: it comes only with new services.
+// waits, for at most firstVerdictWait, until it can judge its clients
+// (Service.judged): on a fresh start every backend is unknown, and a
+// client accepted then would be closed for want of a checked backend,
+// while a client kept in the kernel's accept queue a few milliseconds
+// longer is served. The services wait side by side, each starting as soon
+// as it is ready, so that one whose backends hang does not hold back the
+// others. The wait holds mu, as the whole Apply does: it comes only with
+// new services, and is bounded.
 func (srv *Server) start(starting []startingService) {
 	began := time.Now()
-	for _, ss := range starting {
-		sc := ss.rs.cfg
-		ss.rs.svc.awaitFirstVerdict(began.Add(firstVerdictWait(sc)))
-		ss.start()
-		args := []any{"service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
-			"balance", sc.Balance, "workers", sc.Workers}
-		if sc.Protocol == config.UDP {
-			args = append(args, "max_flows", sc.MaxFlows)
+	for len(starting) > 0 {
+		waiting := starting[:0]
+		for _, ss := range starting {
+			if ss.rs.svc.judged() || time.Since(began) >= firstVerdictWait(ss.rs.cfg) {
+				srv.startNow(ss, began)
+			} else {
+				waiting = append(waiting, ss)
+			}
 		}
-		args = append(args, "backends", backendList(sc))
-		if !checksOff(sc) {
-			args = append(args, "healthy", ss.rs.svc.health.healthy.Load(),
-				"waited_for_first_checks", time.Since(began).Round(time.Millisecond).String())
+		starting = waiting
+		if len(starting) > 0 {
+			time.Sleep(5 * time.Millisecond) // control side: polling is fine
 		}
-		srv.log.Info("service started", args...)
 	}
+}
+
+// startNow has ss take clients and logs it.
+func (srv *Server) startNow(ss startingService, began time.Time) {
+	sc := ss.rs.cfg
+	ss.start()
+	args := []any{"service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
+		"balance", sc.Balance, "workers", sc.Workers}
+	if sc.Protocol == config.UDP {
+		args = append(args, "max_flows", sc.MaxFlows)
+	}
+	args = append(args, "backends", backendList(sc))
+	if !checksOff(sc) {
+		args = append(args, "healthy", ss.rs.svc.health.healthy.Load(),
+			"waited_for_first_checks", time.Since(began).Round(time.Millisecond).String())
+	}
+	srv.log.Info("service started", args...)
 }
 
 // migrateSysctl is the kernel setting (Linux 5.14+) that moves connections
@@ -387,19 +405,25 @@ func (srv *Server) Shutdown() {
 			// drain_timeout.
 			cfg := rs.cfg
 			deadline := time.Now().Add(cfg.DrainTimeout)
-			conns, flows := rs.svc.openConnections(), int64(0)
+			var conns, flows int64
 			if rs.udp != nil {
+				// A flow counts among its backend's connections too.
 				flows = rs.udp.openFlows()
+			} else {
+				conns = rs.svc.openConnections()
 			}
 			if conns+flows > 0 {
 				srv.log.Info("draining before exit", "service", cfg.Name, "connections", conns, "flows", flows,
 					"drain_timeout", cfg.DrainTimeout.String())
 			}
-			var cutFlows int64
+			var cut, cutFlows int64
 			if rs.udp != nil {
 				cutFlows, _ = rs.udp.Drain(deadline)
+				rs.svc.Drain(deadline) // the flows are closed: nothing left to cut
+			} else {
+				cut = rs.svc.Drain(deadline)
 			}
-			if cut := rs.svc.Drain(deadline); cut+cutFlows > 0 {
+			if cut+cutFlows > 0 {
 				srv.log.Info("drain_timeout passed: closed what was still open", "service", cfg.Name,
 					"connections", cut, "flows", cutFlows)
 			}

@@ -287,16 +287,17 @@ run_client() {
 # every ACTIVE target; measure_workload TARGET WORKLOAD writes "metric value"
 # lines to $RESULT (kept in SAMPLES) or fails (counted in FAILED).
 run_rounds() {
-	local r w wl i j n=${#ACTIVE[@]} t metric value
+	local r w wl i j k n=${#ACTIVE[@]} t metric value
 	for ((r = 1; r <= ROUNDS; r++)); do
 		for ((w = 0; w < ${#WORKLOADS[@]}; w++)); do
 			wl=${WORKLOADS[w]}
-			# Rotate the target order per round and workload so that no target
-			# always runs first, and reverse it every other round: a rotation
-			# alone keeps each target right after the same neighbour.
+			# Start each round and workload at another target, so that each
+			# runs first once in n rounds, and walk the order backwards every
+			# other round: a rotation alone keeps each target right after the
+			# same neighbour.
+			k=$((r - 1 + w))
 			for ((i = 0; i < n; i++)); do
-				j=$(((i + r - 1 + w) % n))
-				((r % 2)) || j=$((n - 1 - j))
+				if ((r % 2)); then j=$(((k + i) % n)); else j=$(((k - i + n) % n)); fi
 				t=${ACTIVE[j]}
 				: >"$RESULT"
 				if measure_workload "$t" "$wl" && [[ -s $RESULT ]]; then

@@ -136,16 +136,19 @@ type statusJSON struct {
 }
 
 type serviceJSON struct {
-	Name     string        `json:"name"`
-	Listen   string        `json:"listen"`
-	Protocol string        `json:"protocol"`
-	Balance  string        `json:"balance"`
-	Checked  bool          `json:"checked"`
-	Accepted uint64        `json:"accepted"`
-	Refused  uint64        `json:"refused"`
-	Errors   uint64        `json:"errors"`
-	Backends []backendJSON `json:"backends"`
-	UDP      *udpJSON      `json:"udp,omitempty"`
+	Name     string `json:"name"`
+	Listen   string `json:"listen"`
+	Protocol string `json:"protocol"`
+	Balance  string `json:"balance"`
+	// Unchecked: the service has no health checks (every backend counts
+	// as up). Said this way round so that an older l4lb, which omits it,
+	// reads as checked.
+	Unchecked bool          `json:"unchecked,omitempty"`
+	Accepted  uint64        `json:"accepted"`
+	Refused   uint64        `json:"refused"`
+	Errors    uint64        `json:"errors"`
+	Backends  []backendJSON `json:"backends"`
+	UDP       *udpJSON      `json:"udp,omitempty"`
 
 	// Rejected counts TCP clients closed by limits, access lists and the
 	// PROXY protocol checks, by reason.
@@ -222,7 +225,7 @@ func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 	for _, s := range st.Services {
 		sj := serviceJSON{
 			Name: s.Name, Listen: s.Listen.String(), Protocol: string(s.Protocol), Balance: string(s.Balance),
-			Checked: s.Checked, Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
+			Unchecked: !s.Checked, Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
 		}
 		if s.Protocol == config.TCP {
 			sj.Rejected = map[string]uint64{}

@@ -35,7 +35,7 @@ func TestSubcommandArguments(t *testing.T) {
 		{[]string{"status", "extra"}, 2, `unexpected argument "extra"`},
 		{[]string{"reload", "-admin", "127.0.0.1:1", "-pidfile", "/nonexistent"}, 2, "not both"},
 		{[]string{"version"}, 0, "l4lb "},
-		{[]string{"check", nobody}, 1, `process.user "no-such-user-l4lb": no such user on this host`},
+		{[]string{"check", nobody}, 0, `warning: process.user "no-such-user-l4lb": no such user on this host`},
 		{[]string{"run", "-config", nobody}, 1, `process.user "no-such-user-l4lb": no such user on this host`},
 	} {
 		var out bytes.Buffer

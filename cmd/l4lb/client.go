@@ -92,7 +92,7 @@ func printStatus(w io.Writer, st statusJSON) {
 				routed = "yes"
 			}
 			healthCell := b.Health
-			if !s.Checked {
+			if s.Unchecked {
 				healthCell = "no check"
 			}
 			fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%d\t%s\t%s\t%d\t%d\t%d\t%s\n", s.Name, s.Listen, s.Protocol, b.Address,
@@ -109,7 +109,7 @@ func printStatus(w io.Writer, st statusJSON) {
 func printDownReasons(w io.Writer, services []serviceJSON) {
 	for _, s := range services {
 		for _, b := range s.Backends {
-			if s.Checked && b.Health == "down" && b.LastFailure != "" {
+			if !s.Unchecked && b.Health == "down" && b.LastFailure != "" {
 				fmt.Fprintf(w, "%s %s down: %s\n", s.Name, b.Address, b.LastFailure)
 			}
 		}

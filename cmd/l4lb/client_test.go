@@ -75,11 +75,11 @@ func TestPrintStatusReloadErrorSinceFixed(t *testing.T) {
 func TestPrintStatusHealth(t *testing.T) {
 	const doc = `{"version": 1, "hash": "abcdef0123456789", "loaded_at": "2026-11-23T10:00:00Z",
 	"services": [
-	  {"name": "pg", "listen": "10.0.0.1:5432", "protocol": "tcp", "checked": true,
+	  {"name": "pg", "listen": "10.0.0.1:5432", "protocol": "tcp",
 	   "backends": [{"address": "10.0.0.11:5432", "weight": 100, "configured": true, "health": "down",
 	                 "last_failure": "dial tcp 10.0.0.11:5432: connect: connection refused"},
 	                {"address": "10.0.0.12:5432", "weight": 100, "configured": true, "in_route": true, "health": "up"}]},
-	  {"name": "web", "listen": "10.0.0.1:80", "protocol": "tcp",
+	  {"name": "web", "listen": "10.0.0.1:80", "protocol": "tcp", "unchecked": true,
 	   "backends": [{"address": "10.0.0.21:80", "weight": 100, "configured": true, "in_route": true, "health": "up"}]}
 	]}`
 	text := statusText(t, doc)

@@ -19,6 +19,12 @@ func pidfileOwner(path string) (int, bool) {
 	if err != nil || pid <= 0 || pid == os.Getpid() {
 		return 0, false
 	}
+	// /proc/N exists for thread ids too: only a thread group leader is a
+	// process a pidfile can name.
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil || !strings.Contains(string(status), fmt.Sprintf("\nTgid:\t%d\n", pid)) {
+		return 0, false
+	}
 	theirs, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
 	if err != nil {
 		return 0, false

@@ -58,3 +58,29 @@ func TestPidfileOwner(t *testing.T) {
 		t.Error("a missing pidfile has an owner")
 	}
 }
+
+// A stale pidfile whose number is now a thread of this very process (Go
+// starts several before main) names no other l4lb.
+func TestPidfileOwnerIgnoresThreads(t *testing.T) {
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tid := 0
+	for _, e := range tasks {
+		if n, _ := strconv.Atoi(e.Name()); n != os.Getpid() {
+			tid = n
+			break
+		}
+	}
+	if tid == 0 {
+		t.Fatal("the test binary runs one thread: no thread id to test with")
+	}
+	p := filepath.Join(t.TempDir(), "l4lb.pid")
+	if err := os.WriteFile(p, []byte(strconv.Itoa(tid)+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if pid, owned := pidfileOwner(p); owned {
+		t.Errorf("pidfile naming thread %d of this process (pid %d): pidfileOwner = %d, true; want no owner", tid, os.Getpid(), pid)
+	}
+}

@@ -17,7 +17,7 @@ import (
 func processIDs(p config.Process) (uid, gid int, err error) {
 	u, err := user.Lookup(p.User)
 	if err != nil {
-		if _, numeric := strconv.Atoi(p.User); numeric != nil {
+		if !isNumber(p.User) {
 			return 0, 0, fmt.Errorf("process.user %q: no such user on this host", p.User)
 		}
 		if u, err = user.LookupId(p.User); err != nil {
@@ -31,7 +31,7 @@ func processIDs(p config.Process) (uid, gid int, err error) {
 	if p.Group != "" {
 		g, err := user.LookupGroup(p.Group)
 		if err != nil {
-			if _, numeric := strconv.Atoi(p.Group); numeric != nil {
+			if !isNumber(p.Group) {
 				return 0, 0, fmt.Errorf("process.group %q: no such group on this host", p.Group)
 			}
 			if g, err = user.LookupGroupId(p.Group); err != nil {
@@ -44,6 +44,12 @@ func processIDs(p config.Process) (uid, gid int, err error) {
 		return 0, 0, fmt.Errorf("process.group: gid %q: %w", gidStr, err)
 	}
 	return uid, gid, nil
+}
+
+// isNumber reports whether s is a uid or gid rather than a name.
+func isNumber(s string) bool {
+	_, err := strconv.Atoi(s)
+	return err == nil
 }
 
 // dropPrivileges makes the whole process run as p.User (and p.Group, or
