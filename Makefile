@@ -11,8 +11,12 @@ BENCH_TOOLS = haproxy:haproxy nginx:nginx redis-benchmark:redis-tools iperf3:ipe
 
 all: build
 
+# The version l4lb reports: the commit, from git (go's own VCS stamp may be
+# off, as GOFLAGS=-buildvcs=false turns it off).
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+
 build:
-	$(GO) build -o bin/l4lb ./cmd/l4lb
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o bin/l4lb ./cmd/l4lb
 
 run:
 	./scripts/demo.sh

@@ -243,7 +243,7 @@ build_l4lb() {
 	command -v go >/dev/null || { STATUS[l4lb]="n/a (go not found, cannot build)"; return 1; }
 	log "building bin/l4lb"
 	mkdir -p bin
-	if ! go build -o bin/l4lb ./cmd/l4lb >"$TMP/l4lb-build.log" 2>&1; then
+	if ! go build -ldflags "-X main.version=$(git describe --tags --always --dirty 2>/dev/null || echo dev)" -o bin/l4lb ./cmd/l4lb >"$TMP/l4lb-build.log" 2>&1; then
 		if ((show > 0)); then
 			log "go build ./cmd/l4lb failed:"
 			sed 's/^/    /' "$TMP/l4lb-build.log" | head -n "$show" >&2

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-go build -o bin/l4lb ./cmd/l4lb
+go build -ldflags "-X main.version=$(git describe --tags --always --dirty 2>/dev/null || echo dev)" -o bin/l4lb ./cmd/l4lb
 go build -o bin/demo-backend ./scripts/demo-backend
 
 pids=()
