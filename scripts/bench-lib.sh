@@ -110,10 +110,22 @@ cleanup() {
 
 # start_bg NAME LOGFILE CMD...: run CMD in the background (a child of this
 # shell, so it can be waited for) and remember its PID in $LAST_PID.
+#
+# Each server (backends and proxies) runs in a session of its own. With
+# the kernel's autogroup scheduling on (kernel.sched_autogroup_enabled, the
+# default of most distributions), a session is one scheduling group, and
+# groups share the CPU evenly. Each process of the run stands for a host of
+# its own, so each gets a fair share as one unit, whatever its number of
+# threads. In one shared group the scheduler would weigh thread against
+# thread instead, and a proxy's extra threads (Go's runtime, HAProxy's
+# nbthread) would compete with the client and the backend one by one: on
+# redis -k 1 that moved l4lb from 39-45k requests/s to 32-37k and HAProxy
+# from 37-39k to 34-42k (docs/performance.md). setsid replaces itself with
+# CMD (this background job is no group leader), so the PID stays CMD's.
 start_bg() {
 	local name=$1 logf=$2
 	shift 2
-	"$@" </dev/null >"$logf" 2>&1 &
+	setsid "$@" </dev/null >"$logf" 2>&1 &
 	LAST_PID=$!
 	PIDS+=("$LAST_PID")
 	PID_NAME[$LAST_PID]=$name
