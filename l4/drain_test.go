@@ -236,15 +236,7 @@ func TestShutdownSaysWhatItDrains(t *testing.T) {
 	echo := startEcho(t)
 	// An address of this test's own in 127/8: no other test holds it.
 	const listen = "127.88.4.1:7000"
-	cfg, err := config.Parse([]byte(fmt.Sprintf("[services.db]\nlisten = %q\ndrain_timeout = \"300ms\"\n[[services.db.backends]]\naddress = %q\n", listen, echo)), "test.toml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var logs lockedBuffer
-	srv := NewServer(hclog.New(&hclog.LoggerOptions{Output: &logs}))
-	if _, err := srv.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	srv, logs := loggedServer(t, fmt.Sprintf("[services.db]\nlisten = %q\ndrain_timeout = \"300ms\"\n[[services.db.backends]]\naddress = %q\n", listen, echo))
 	c, err := net.Dial("tcp", listen)
 	if err != nil {
 		t.Fatal(err)
@@ -252,14 +244,9 @@ func TestShutdownSaysWhatItDrains(t *testing.T) {
 	defer c.Close()
 	roundTrip(t, c, "open and idle")
 	srv.Shutdown()
-	for _, want := range []string{
+	wantLog(t, logs,
 		"draining before exit: service=db connections=1 flows=0 drain_timeout=300ms",
-		"drain_timeout passed: closed what was still open: service=db connections=1 flows=0",
-	} {
-		if !strings.Contains(logs.String(), want) {
-			t.Errorf("no %q in the log:\n%s", want, logs.String())
-		}
-	}
+		"drain_timeout passed: closed what was still open: service=db connections=1 flows=0")
 }
 
 // A UDP flow counts once in the exit's log line, as a flow.
@@ -267,23 +254,35 @@ func TestShutdownCountsUDPFlowsOnce(t *testing.T) {
 	echo := startUDPEcho(t, "echo")
 	// An address of this test's own in 127/8: no other test holds it.
 	const listen = "127.88.9.3:7000"
-	cfg, err := config.Parse([]byte(fmt.Sprintf("[services.dns]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\ndrain_timeout = \"200ms\"\n[services.dns.health]\nkind = \"none\"\n[[services.dns.backends]]\naddress = %q\n", listen, echo)), "test.toml")
+	srv, logs := loggedServer(t, fmt.Sprintf("[services.dns]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\ndrain_timeout = \"200ms\"\n[services.dns.health]\nkind = \"none\"\n[[services.dns.backends]]\naddress = %q\n", listen, echo))
+	newUDPClient(t, netip.MustParseAddrPort(listen)).exchange("one flow")
+	srv.Shutdown()
+	wantLog(t, logs,
+		"draining before exit: service=dns connections=0 flows=1",
+		"drain_timeout passed: closed what was still open: service=dns connections=0 flows=1")
+}
+
+// loggedServer runs the config text on a Server whose log it returns.
+func loggedServer(t *testing.T, text string) (*Server, *lockedBuffer) {
+	t.Helper()
+	cfg, err := config.Parse([]byte(text), "test.toml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var logs lockedBuffer
-	srv := NewServer(hclog.New(&hclog.LoggerOptions{Output: &logs}))
+	logs := new(lockedBuffer)
+	srv := NewServer(hclog.New(&hclog.LoggerOptions{Output: logs}))
 	if _, err := srv.Apply(context.Background(), cfg); err != nil {
 		t.Fatal(err)
 	}
-	newUDPClient(t, netip.MustParseAddrPort(listen)).exchange("one flow")
-	srv.Shutdown()
-	for _, want := range []string{
-		"draining before exit: service=dns connections=0 flows=1",
-		"drain_timeout passed: closed what was still open: service=dns connections=0 flows=1",
-	} {
-		if !strings.Contains(logs.String(), want) {
-			t.Errorf("no %q in the log:\n%s", want, logs.String())
+	return srv, logs
+}
+
+// wantLog fails t for each line of want that logs lacks.
+func wantLog(t *testing.T, logs *lockedBuffer, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(logs.String(), w) {
+			t.Errorf("no %q in the log:\n%s", w, logs.String())
 		}
 	}
 }

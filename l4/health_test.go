@@ -430,26 +430,7 @@ listen = %q
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(hclog.NewNullLogger())
-	t.Cleanup(srv.Shutdown)
-	applied := make(chan error, 1)
-	go func() {
-		_, err := srv.Apply(context.Background(), cfg)
-		applied <- err
-	}()
-	// Dial until the socket is bound; from then on the kernel queues the
-	// client.
-	var c net.Conn
-	for attempt := 0; ; attempt++ {
-		if c, err = net.Dial("tcp", listen); err == nil {
-			break
-		}
-		if attempt == 5000 {
-			t.Fatalf("the service never listened: %v", err)
-		}
-		time.Sleep(time.Millisecond)
-	}
-	defer c.Close()
+	c, applied := applyAndDial(t, cfg, listen)
 	roundTrip(t, c, "the first client")
 	if err := <-applied; err != nil {
 		t.Fatal(err)
@@ -491,24 +472,7 @@ listen = %q
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := NewServer(hclog.NewNullLogger())
-	t.Cleanup(srv.Shutdown)
-	applied := make(chan error, 1)
-	go func() {
-		_, err := srv.Apply(context.Background(), cfg)
-		applied <- err
-	}()
-	var c net.Conn
-	for attempt := 0; ; attempt++ {
-		if c, err = net.Dial("tcp", fineListen); err == nil {
-			break
-		}
-		if attempt == 5000 {
-			t.Fatalf("b_fine never listened: %v", err)
-		}
-		time.Sleep(time.Millisecond)
-	}
-	defer c.Close()
+	c, applied := applyAndDial(t, cfg, fineListen)
 	roundTrip(t, c, "b_fine's first client")
 	// Apply returns once a_hangs gives up waiting, 1.5 s after its first
 	// probe began: b_fine must have served before that, not after.
@@ -519,5 +483,30 @@ listen = %q
 		if err := <-applied; err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// applyAndDial applies cfg on a new Server while it dials listen, from
+// before the socket is bound: once bound, the kernel queues the client.
+// Apply's result comes on the channel.
+func applyAndDial(t *testing.T, cfg *config.Config, listen string) (net.Conn, <-chan error) {
+	t.Helper()
+	srv := NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	applied := make(chan error, 1)
+	go func() {
+		_, err := srv.Apply(context.Background(), cfg)
+		applied <- err
+	}()
+	for attempt := 0; ; attempt++ {
+		c, err := net.Dial("tcp", listen)
+		if err == nil {
+			t.Cleanup(func() { c.Close() })
+			return c, applied
+		}
+		if attempt == 5000 {
+			t.Fatalf("%s never listened: %v", listen, err)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
