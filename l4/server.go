@@ -582,24 +582,30 @@ func describeSettingsChange(old, cfg *config.Config) []string {
 
 func describeServiceChange(prev, sc *config.Service) string {
 	var parts []string
-	weights := make(map[netip.AddrPort]int, len(prev.Backends))
+	before := make(map[netip.AddrPort]config.Backend, len(prev.Backends))
 	for _, b := range prev.Backends {
-		weights[b.Address] = b.Weight
+		before[b.Address] = b
 	}
 	for _, b := range sc.Backends {
-		w, ok := weights[b.Address]
+		was, ok := before[b.Address]
 		switch {
 		case !ok:
 			parts = append(parts, fmt.Sprintf("+%s", b.Address))
-		case w != b.Weight:
-			parts = append(parts, fmt.Sprintf("~%s weight %d→%d", b.Address, w, b.Weight))
+		case was.Weight != b.Weight:
+			parts = append(parts, fmt.Sprintf("~%s weight %d→%d", b.Address, was.Weight, b.Weight))
 		}
-		delete(weights, b.Address)
+		if ok && was.MaxConnections != b.MaxConnections {
+			parts = append(parts, fmt.Sprintf("~%s max_connections %d→%d", b.Address, was.MaxConnections, b.MaxConnections))
+		}
+		delete(before, b.Address)
 	}
 	for _, b := range prev.Backends {
-		if _, gone := weights[b.Address]; gone {
+		if _, gone := before[b.Address]; gone {
 			parts = append(parts, fmt.Sprintf("-%s", b.Address))
 		}
+	}
+	if prev.Protocol != sc.Protocol {
+		parts = append(parts, fmt.Sprintf("protocol %s→%s", prev.Protocol, sc.Protocol))
 	}
 	if prev.Listen != sc.Listen {
 		parts = append(parts, fmt.Sprintf("listen %s→%s", prev.Listen, sc.Listen))
@@ -610,6 +616,13 @@ func describeServiceChange(prev, sc *config.Service) string {
 	if prev.Balance != sc.Balance || prev.HashKey != sc.HashKey || prev.ConnectTimeout != sc.ConnectTimeout ||
 		prev.IdleTimeout != sc.IdleTimeout || prev.DrainTimeout != sc.DrainTimeout {
 		parts = append(parts, "settings")
+	}
+	if prev.Health != sc.Health || prev.PassiveFall != sc.PassiveFall ||
+		prev.PanicMode != sc.PanicMode || prev.OnDown != sc.OnDown {
+		parts = append(parts, "health")
+	}
+	if prev.MaxFlows != sc.MaxFlows {
+		parts = append(parts, fmt.Sprintf("max_flows %d→%d", prev.MaxFlows, sc.MaxFlows))
 	}
 	if protectionChanged(prev, sc) {
 		parts = append(parts, "protection")

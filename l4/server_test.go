@@ -3,6 +3,7 @@ package l4
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/l4lb/l4lb/config"
 )
@@ -40,5 +41,42 @@ listen = "127.0.0.1:5432"
 	}
 	if strings.Contains(got, "admin.listen \"127.0.0.1:9901\" -> \"127.0.0.1:9902\" (takes effect at restart)") {
 		t.Errorf("admin.listen moves on reload, yet the summary says restart: %q", got)
+	}
+}
+
+// Every applied service change is named: health, panic mode, a backend's
+// max_connections and max_flows were once summarised as "no change".
+func TestDescribeChangeNamesServiceSettings(t *testing.T) {
+	parse := func(settings, backend string) *config.Config {
+		t.Helper()
+		cfg, err := config.Parse([]byte(`
+[services.db]
+listen = "127.0.0.1:5432"
+`+settings+`
+  [services.db.health]
+  kind = "tcp"
+  interval = "10s"
+  [[services.db.backends]]
+  address = "10.0.0.1:5432"
+`+backend), "test.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	old := parse("", "")
+	for _, tc := range []struct{ settings, backend, want string }{
+		{settings: `panic_mode = "all"`, want: "health"},
+		{settings: `on_down = "close"`, want: "health"},
+		{backend: "  max_connections = 10\n", want: "~10.0.0.1:5432 max_connections 0→10"},
+	} {
+		if got := describeChange(old, parse(tc.settings, tc.backend)); !strings.Contains(got, tc.want) {
+			t.Errorf("%q%q summarised as %q, want %q in it", tc.settings, tc.backend, got, tc.want)
+		}
+	}
+	interval := parse("", "")
+	interval.Services[0].Health.Interval = time.Second
+	if got := describeChange(old, interval); !strings.Contains(got, "health") {
+		t.Errorf("a new health interval summarised as %q", got)
 	}
 }
