@@ -3,6 +3,7 @@ package l4
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -67,8 +68,11 @@ type serviceHealth struct {
 	// healthy is the number of routed backends that passed their checks in
 	// the route last built; 0 means all down (or none checked yet).
 	healthy   atomic.Int32
-	panicking atomic.Bool   // the route holds unhealthy backends: panic_mode "all" with none healthy
-	rebuilds  atomic.Uint64 // route rebuilds caused by health changes
+	panicking atomic.Bool // the route holds unhealthy backends: panic_mode "all" with none healthy
+	// outageLogged: the panic warning is logged and its end is not;
+	// guarded by the owner's lock.
+	outageLogged bool
+	rebuilds     atomic.Uint64 // route rebuilds caused by health changes
 }
 
 func (h *serviceHealth) init(log hclog.Logger, rebuild func()) {
@@ -111,23 +115,29 @@ type standby struct {
 // choose finishes the route's members: the healthy ones, or with none
 // healthy and panic_mode = "all", every weighted backend. The owner's lock
 // is held.
-func (h *serviceHealth) choose(cfg *config.Service, backends []*Backend, members []member, down []standby) ([]*Backend, []member) {
+func (h *serviceHealth) choose(cfg *config.Service, backends []*Backend, members []member, down []standby) (_ []*Backend, _ []member, panicking bool) {
 	h.healthy.Store(int32(len(members)))
-	panicking := len(members) == 0 && len(down) > 0 && cfg.PanicMode == config.PanicAll
+	panicking = len(members) == 0 && len(down) > 0 && cfg.PanicMode == config.PanicAll
 	if panicking {
 		for _, sb := range down {
 			backends = append(backends, sb.be)
 			members = append(members, sb.m)
 		}
 	}
-	if was := h.panicking.Swap(panicking); was != panicking {
-		if panicking {
+	h.panicking.Store(panicking)
+	// Before the first checks answer every backend is unknown and the
+	// route panics, but nothing failed: an outage is told only once a
+	// check found one.
+	outage := panicking && slices.ContainsFunc(down, func(sb standby) bool { return sb.be.health.tracker.Probed() })
+	if outage != h.outageLogged {
+		h.outageLogged = outage
+		if outage {
 			h.log.Warn("no healthy backend: panic_mode = \"all\" routes to every weighted backend", "service", cfg.Name, "backends", len(members))
 		} else {
 			h.log.Info("panic mode over: routing to healthy backends only", "service", cfg.Name)
 		}
 	}
-	return backends, members
+	return backends, members, panicking
 }
 
 // sync points the checker at cfg's backends. The owner's lock is held, so
@@ -350,9 +360,11 @@ func firstVerdictWait(cfg *config.Service) time.Duration {
 const maxFirstCheckWait = 2 * time.Second
 
 // judged reports whether the published route can take clients, or every
-// weighted backend has been probed and none is up.
+// weighted backend has been probed and none is up. A panic_mode = "all"
+// route made before the first checks answer holds backends nobody has
+// probed: it counts only once they are.
 func (s *Service) judged() bool {
-	if s.route.Load().balancer != nil {
+	if r := s.route.Load(); r.balancer != nil && !r.panicking {
 		return true
 	}
 	s.mu.Lock()

@@ -510,3 +510,32 @@ func applyAndDial(t *testing.T, cfg *config.Config, listen string) (net.Conn, <-
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// With panic_mode = "all" a fresh start still waits for the first checks,
+// instead of starting on a panic route over backends nobody probed, and
+// warns of no outage: none was found.
+func TestPanicAllStartWaitsForFirstChecks(t *testing.T) {
+	good := startEcho(t)
+	// An address of this test's own in 127/8: no other test holds it.
+	const listen = "127.88.7.2:7000"
+	srv, logs := loggedServer(t, fmt.Sprintf(`[services.db]
+listen = %q
+panic_mode = "all"
+  [services.db.health]
+  kind = "tcp"
+  interval = "10s"
+  timeout = "1s"
+  [[services.db.backends]]
+  address = %q
+  [[services.db.backends]]
+  address = %q
+`, listen, good, closedAddr(t)))
+	t.Cleanup(srv.Shutdown)
+	if got := routed(srv.Services()[0]); !sameAddrs(got, good) {
+		svc := srv.Services()[0]
+		t.Errorf("route once started: %v, want only the backend whose check passed, %s (panicking %v, healthy %d)\n%s", got, good, svc.health.panicking.Load(), svc.health.healthy.Load(), logs.String())
+	}
+	if strings.Contains(logs.String(), "no healthy backend") {
+		t.Errorf("a fresh start warned of an outage:\n%s", logs.String())
+	}
+}

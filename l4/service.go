@@ -25,6 +25,9 @@ type route struct {
 	backends []*Backend
 	// balancer is nil when no backend may take new connections.
 	balancer balancer
+	// panicking: no backend passes its checks, and panic_mode = "all"
+	// routes to every weighted one.
+	panicking bool
 	// acl and trusted are cfg's allow/deny and trusted_proxies (acl.go).
 	acl     accessList
 	trusted []netip.Prefix
@@ -136,11 +139,13 @@ func (s *Service) rebuildLocked() {
 			r.backends = append(r.backends, be)
 			members = append(members, m)
 		} else {
-			s.startDrainLocked(be, cfg.DrainTimeout)
 			unweighted = append(unweighted, be)
 		}
 	}
-	r.backends, members = s.health.choose(cfg, r.backends, members, down)
+	for _, be := range unweighted {
+		s.startDrainLocked(be, cfg.DrainTimeout)
+	}
+	r.backends, members, r.panicking = s.health.choose(cfg, r.backends, members, down)
 	r.backendMax = backendLimits(cfg, r.backends)
 	if len(members) > 0 {
 		r.balancer = newBalancer(cfg.Balance, members)
