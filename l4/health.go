@@ -359,6 +359,49 @@ func firstVerdictWait(cfg *config.Service) time.Duration {
 
 const maxFirstCheckWait = 2 * time.Second
 
+// keepPreviousRoute reports whether a rebuild leaves the previous route
+// published: no backend of the new one is up, some are not probed yet
+// (a reload brought them), and the previous route has healthy backends
+// to offer.
+// New clients then go to the previous backends until the new ones' first
+// checks answer, for at most firstVerdictWait, as a fresh start waits for
+// them: a reload that swaps a whole pool must not turn clients away.
+// s.mu is held.
+func (s *Service) keepPreviousRoute(cfg *config.Service, down []standby) bool {
+	prev := s.route.Load()
+	unprobed := slices.ContainsFunc(down, func(sb standby) bool { return !sb.be.health.tracker.Probed() })
+	if prev == nil || prev.balancer == nil || prev.panicking || !unprobed {
+		return false
+	}
+	now := time.Now()
+	if s.firstChecksDue.IsZero() {
+		wait := firstVerdictWait(cfg)
+		s.firstChecksDue = now.Add(wait)
+		timer := time.AfterFunc(wait, func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.firstChecksTimer != nil {
+				s.rebuildLocked()
+			}
+		})
+		s.firstChecksTimer = timer
+		s.log.Info("no new backend checked yet: the previous ones take new clients until the first checks answer",
+			"service", cfg.Name, "at_most", wait.String())
+		return true
+	}
+	return now.Before(s.firstChecksDue)
+}
+
+// stopFirstChecksWait ends keepPreviousRoute's wait, as a route is
+// published. s.mu is held.
+func (s *Service) stopFirstChecksWait() {
+	if s.firstChecksTimer != nil {
+		s.firstChecksTimer.Stop()
+		s.firstChecksTimer = nil
+	}
+	s.firstChecksDue = time.Time{}
+}
+
 // judged reports whether the published route can take clients, or every
 // weighted backend has been probed and none is up. A panic_mode = "all"
 // route made before the first checks answer holds backends nobody has

@@ -511,6 +511,54 @@ func applyAndDial(t *testing.T, cfg *config.Config, listen string) (net.Conn, <-
 	}
 }
 
+// A reload that swaps a checked service's whole pool (blue for green)
+// keeps the blue backend taking new clients until green's first check
+// answers, then moves them to green: no client is turned away in between.
+func TestReloadSwappingPoolKeepsServing(t *testing.T) {
+	blue := startEcho(t)
+	// Green answers every connection, its probe's too, after 150 ms: no
+	// probe can pass before the client below connects.
+	green := startBackend(t, func(c net.Conn) {
+		time.Sleep(150 * time.Millisecond)
+		echo(c)
+	})
+	// An address of this test's own in 127/8: no other test holds it.
+	const listen = "127.88.7.1:7000"
+	text := func(backend netip.AddrPort) string {
+		return fmt.Sprintf(`[services.db]
+listen = %q
+  [services.db.health]
+  kind = "tcp"
+  interval = "10s"
+  timeout = "2s"
+  [[services.db.backends]]
+  address = %q
+`, listen, backend)
+	}
+	srv, logs := loggedServer(t, text(blue))
+	t.Cleanup(srv.Shutdown)
+	cfg, err := config.Parse([]byte(text(green)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "the first client after the swap")
+	if n := srv.Services()[0].refused.Load(); n != 0 {
+		t.Errorf("%d clients refused during the swap", n)
+	}
+	wantLog(t, logs, "the previous ones take new clients until the first checks answer")
+	svc := srv.Services()[0]
+	eventually(t, "green routed alone", func() bool { return sameAddrs(routed(svc), green) })
+	eventually(t, "blue retired once idle", func() bool { return backendOf(svc, blue) == nil })
+}
+
 // With panic_mode = "all" a fresh start still waits for the first checks,
 // instead of starting on a panic route over backends nobody probed, and
 // warns of no outage: none was found.
@@ -538,4 +586,21 @@ panic_mode = "all"
 	if strings.Contains(logs.String(), "no healthy backend") {
 		t.Errorf("a fresh start warned of an outage:\n%s", logs.String())
 	}
+}
+
+// The wait for a new pool's first checks is bounded: swapped for a pool
+// whose checks fail, the service follows its config once they have
+// answered, and the previous backend drains.
+func TestReloadToDeadPoolEndsWait(t *testing.T) {
+	blue := startEcho(t)
+	s := newCheckedService(t, checkedConfig(blue))
+	eventually(t, "blue up", func() bool { return sameAddrs(routed(s), blue) })
+	dead := checkedConfig(closedAddr(t))
+	dead.Health.Fall = 3 // the first failed probe leaves it unknown: no transition rebuilds
+	s.Update(dead)
+	if got := routed(s); !sameAddrs(got, blue) {
+		t.Errorf("right after the swap: route %v, want blue %s until the new backend is checked", got, blue)
+	}
+	eventually(t, "the route empty once the wait ends", func() bool { return len(routed(s)) == 0 })
+	eventually(t, "blue retired", func() bool { return backendOf(s, blue) == nil })
 }

@@ -51,6 +51,11 @@ type Service struct {
 	backends map[netip.AddrPort]*Backend
 	// draining holds removed backends whose connections are still open.
 	draining map[netip.AddrPort]*Backend
+	// firstChecksDue is when a reload's wait for its new backends' first
+	// checks ends (keepPreviousRoute), zero when none is waited for;
+	// firstChecksTimer rebuilds the route then.
+	firstChecksDue   time.Time
+	firstChecksTimer *time.Timer
 
 	health serviceHealth // checks, passive detection, rebuilds on change: health.go
 
@@ -142,6 +147,19 @@ func (s *Service) rebuildLocked() {
 			unweighted = append(unweighted, be)
 		}
 	}
+	if len(members) == 0 && s.keepPreviousRoute(cfg, down) {
+		// The previous backends stay in s.backends, so that the rebuild
+		// that ends the wait drains them.
+		for addr, be := range s.backends {
+			if kept[addr] == nil {
+				kept[addr] = be
+			}
+		}
+		s.backends = kept
+		s.health.sync(cfg, kept)
+		return
+	}
+	s.stopFirstChecksWait()
 	for _, be := range unweighted {
 		s.startDrainLocked(be, cfg.DrainTimeout)
 	}
@@ -296,6 +314,9 @@ func (s *Service) allowLog(last *atomic.Int64) bool {
 // listeners are closed, so that no new connection arrives.
 func (s *Service) Drain(deadline time.Time) (cut int64) {
 	s.health.close()
+	s.mu.Lock()
+	s.stopFirstChecksWait()
+	s.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
 		s.handlers.Wait()
