@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -423,6 +424,56 @@ func TestUrgentDataWhileSplicing(t *testing.T) {
 		if err != nil || !bytes.Equal(got, want) {
 			t.Fatalf("FIN %v: echo of %d bulk bytes, an urgent byte and %q: got %d of %d bytes, then %v", fin, len(bulk), "tail", len(got), len(want), err)
 		}
+	}
+}
+
+// A direction in splice mode whose source holds bulk bytes, an urgent
+// byte, a tail and the FIN, before the loop has seen EPOLLPRI (the urgent
+// byte and the FIN came after the epoll_wait that brought it here):
+// splice(2) stops at the mark and, the FIN being in, returns 0. That 0 is
+// not the end of the stream: the tail behind the mark must go through
+// before the EOF. (TestUrgentDataWhileSplicing corks the bytes, so the
+// event comes first there.)
+func TestSpliceZeroAtUrgentMarkIsNotEOF(t *testing.T) {
+	src, writer := socketPair(t)
+	dst, reader := socketPair(t)
+	bulk := bytes.Repeat([]byte("0123456789abcdef"), 40_000/16)
+	rc, err := writer.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) {
+		f := int(fd)
+		unix.SetsockoptInt(f, unix.IPPROTO_TCP, unix.TCP_CORK, 1)
+		if _, err := unix.Write(f, bulk); err != nil {
+			t.Error(err)
+		}
+		unix.Send(f, []byte("U"), unix.MSG_OOB)
+		unix.Send(f, []byte("tail"), 0)
+		unix.Shutdown(f, unix.SHUT_WR)
+	})
+	time.Sleep(50 * time.Millisecond) // all of it in src's receive queue
+
+	l := &eventLoop{pipes: newPipePool(), scratch: new(copyBuf)}
+	c := &proxyConn{loop: l, timerIndex: -1}
+	c.up.moved, c.down.moved = new(atomic.Uint64), new(atomic.Uint64)
+	c.up.splicing = true // a read filled its buffer: a bulk transfer
+	sf := sockFlags{readable: true, readUntilEAGAIN: true}
+	df := sockFlags{writable: true}
+	for i := 0; i < 100 && !c.up.shut; i++ {
+		if err := c.move(&c.up, &c.down, src, dst, &sf, &df); err != nil {
+			t.Fatal(err)
+		}
+		sf.readable, df.writable = true, true // as the next events would say
+	}
+	if !c.up.shut {
+		t.Fatal("the direction never passed on the EOF")
+	}
+	reader.SetReadDeadline(time.Now().Add(2 * time.Second))
+	got, err := io.ReadAll(reader)
+	want := append(bytes.Clone(bulk), "tail"...)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("passed on %d bytes then %v; want %d (the bulk and %q) then EOF", len(got), err, len(want), "tail")
 	}
 }
 

@@ -96,11 +96,14 @@ func (c *proxyConn) fillPipe(d *direction, src int, sf *sockFlags) error {
 	switch {
 	case err == unix.EINTR:
 		return nil
-	case sf.urgent && (err == unix.EAGAIN || (err == nil && n == 0)):
+	case (sf.urgent && err == unix.EAGAIN) || (err == nil && n == 0):
 		// splice stops at the urgent mark and never passes it: at the
 		// mark it says EAGAIN, or 0 once the FIN is in, with bytes still
 		// behind it. read(2) steps over the urgent byte, so the direction
-		// goes on in read/write mode, its socket still readable.
+		// goes on in read/write mode, its socket still readable. A 0 is
+		// taken for the mark even before EPOLLPRI tells of one (the event
+		// can come after the bytes): read(2) then confirms a real EOF, at
+		// the cost of one read per spliced stream's end.
 		sf.urgent = false
 		d.splicing = false
 		if d.pipe.buffered == 0 {
@@ -119,9 +122,6 @@ func (c *proxyConn) fillPipe(d *direction, src int, sf *sockFlags) error {
 		return nil
 	case err != nil:
 		return &net.OpError{Op: "splice", Net: "tcp", Err: os.NewSyscallError("splice", err)}
-	case n == 0:
-		d.eof = true
-		return nil
 	}
 	d.pipe.buffered += n
 	c.count(d, n)
