@@ -2,6 +2,7 @@ package l4
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -490,4 +491,70 @@ func TestHalfCloseTimeoutResets(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatal("lingering client not reset within 5s of the backend's half-close")
+}
+
+// half_close_timeout counts from the half-close, not from the last byte
+// before it: the deadline a half-close sets is half_close_timeout after
+// it, even when the connection was quiet for longer than that before.
+// Counted from the last byte, the timer fired in the same pass of the loop
+// and cut the connection before the backend's answer to the EOF was read,
+// unless an unacknowledged FIN still showed in the send queue.
+func TestHalfCloseDeadlineCountsFromTheEOF(t *testing.T) {
+	const halfClose = 300 * time.Millisecond
+	l := &eventLoop{now: monotonicNow()}
+	c := &proxyConn{loop: l, timerIndex: -1, idleTimeout: time.Hour, halfCloseTimeout: halfClose}
+	c.lastActive = l.now - int64(10*time.Second) // quiet for 10 s
+	c.startHalfClose()
+	if want := l.now + int64(halfClose); c.timerAt != want {
+		t.Fatalf("a half-close after 10 s of quiet set its deadline %v from now, want %v",
+			time.Duration(c.timerAt-l.now), halfClose)
+	}
+}
+
+// End to end: clients quiet for longer than half_close_timeout half-close
+// to a backend that answers the EOF at once; each gets the answer.
+func TestHalfCloseAfterQuietSpell(t *testing.T) {
+	backend := startBackend(t, func(c net.Conn) {
+		defer c.Close()
+		io.Copy(c, c) // echoes until the client's EOF
+		c.Write([]byte("bye"))
+	})
+	const halfClose = 200 * time.Millisecond
+	cfg := &config.Service{Backends: []config.Backend{{Address: backend, Weight: 1}}}
+	cfg.HalfCloseTimeout = halfClose
+	addr, _ := startProtectedService(t, cfg)
+	const clients = 20
+	errs := make(chan error, clients)
+	for range clients {
+		go func() {
+			c, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			one := make([]byte, 1)
+			if _, err := c.Write([]byte("x")); err != nil {
+				errs <- err
+				return
+			}
+			if _, err := io.ReadFull(c, one); err != nil {
+				errs <- err
+				return
+			}
+			time.Sleep(2 * halfClose) // quiet for longer than half_close_timeout
+			c.(*net.TCPConn).CloseWrite()
+			got, err := io.ReadAll(c)
+			if err == nil && string(got) != "bye" {
+				err = fmt.Errorf("got %q, want %q", got, "bye")
+			}
+			errs <- err
+		}()
+	}
+	for range clients {
+		if err := <-errs; err != nil {
+			t.Errorf("a client that half-closed after a quiet spell: %v", err)
+		}
+	}
 }

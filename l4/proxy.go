@@ -478,6 +478,9 @@ func (c *proxyConn) startHalfClose() {
 		return
 	}
 	c.halfClosed = true
+	// The EOF is news: the timeout counts from it, not from the last byte
+	// before it, which may be longer ago than half_close_timeout.
+	c.lastActive = c.loop.now
 	c.loop.schedule(c, c.lastActive+int64(c.halfCloseTimeout))
 }
 
