@@ -264,10 +264,20 @@ func backendLimits(cfg *config.Service, backends []*Backend) []int64 {
 }
 
 // isLocalShortage reports errors that say this host, not the backend, ran
-// out of something: descriptors, buffers, memory.
+// out of something: descriptors, buffers, memory, epoll watches
+// (fs.epoll.max_user_watches: ENOSPC).
 func isLocalShortage(err error) bool {
 	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ENOSPC)
+}
+
+// blamesBackend reports whether a failed connect counts against the
+// backend's passive health. No free local port to its address
+// (EADDRNOTAVAIL) is this host's shortage, not the backend's failure:
+// another backend has ports of its own, so the connection tries the next
+// one, but a healthy backend must not be marked down for it.
+func blamesBackend(err error) bool {
+	return !errors.Is(err, syscall.EADDRNOTAVAIL)
 }
 
 // protectionChanged reports whether a reload changes any limit, access

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"syscall"
@@ -329,6 +330,19 @@ func TestIsLocalShortage(t *testing.T) {
 	}
 	if !isLocalShortage(&net.OpError{Op: "dial", Err: syscall.EMFILE}) {
 		t.Error("EMFILE not counted as a local shortage")
+	}
+	// epoll_ctl at fs.epoll.max_user_watches, as dialNext wraps it.
+	if !isLocalShortage(&net.OpError{Op: "dial", Err: os.NewSyscallError("epoll_ctl", syscall.ENOSPC)}) {
+		t.Error("ENOSPC (no epoll watch left) not counted as a local shortage")
+	}
+	// Out of local ports to one backend: ours, not the backend's fault,
+	// yet another backend may still have ports.
+	noPort := &net.OpError{Op: "dial", Err: os.NewSyscallError("connect", syscall.EADDRNOTAVAIL)}
+	if blamesBackend(noPort) || isLocalShortage(noPort) {
+		t.Errorf("EADDRNOTAVAIL: blames the backend %v, ends the connection %v; want neither", blamesBackend(noPort), isLocalShortage(noPort))
+	}
+	if !blamesBackend(err) {
+		t.Errorf("a refused connect does not count against the backend: %v", err)
 	}
 }
 

@@ -210,7 +210,9 @@ func (c *proxyConn) dialFailed(be *Backend, err error) bool {
 		c.finish(nil)
 		return false
 	}
-	s.connectFailed(r.cfg, be, err)
+	if blamesBackend(err) {
+		s.connectFailed(r.cfg, be, err)
+	}
 	failures := be.dialFailed.Add(1)
 	if s.allowLog(&be.lastDialLog) {
 		s.log.Warn("connect to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr, "error", err, "failures_total", failures)
