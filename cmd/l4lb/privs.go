@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/user"
@@ -13,37 +14,74 @@ import (
 // processIDs resolves p.User and p.Group (names or numbers) to the uid
 // and gid l4lb will run as; Group "" is the user's primary group. run
 // calls it before binding anything, and check too, so that a user missing
-// on this host is reported before a single service starts.
+// on this host is reported before a single service starts. A number with
+// no entry in the user database is taken as it is, as HAProxy's uid is
+// (containers often have none); its group must then be given.
 func processIDs(p config.Process) (uid, gid int, err error) {
-	u, err := user.Lookup(p.User)
-	if err != nil {
-		if !isNumber(p.User) {
-			return 0, 0, fmt.Errorf("process.user %q: no such user on this host", p.User)
-		}
-		if u, err = user.LookupId(p.User); err != nil {
-			return 0, 0, fmt.Errorf("process.user %q: %w", p.User, err)
-		}
-	}
-	if uid, err = strconv.Atoi(u.Uid); err != nil {
-		return 0, 0, fmt.Errorf("process.user %q: uid %q: %w", p.User, u.Uid, err)
-	}
-	gidStr := u.Gid
-	if p.Group != "" {
-		g, err := user.LookupGroup(p.Group)
+	gidStr := ""
+	u, err := lookupUser(p.User)
+	switch {
+	case err == nil:
+		uid, err = strconv.Atoi(u.Uid)
 		if err != nil {
-			if !isNumber(p.Group) {
-				return 0, 0, fmt.Errorf("process.group %q: no such group on this host", p.Group)
-			}
-			if g, err = user.LookupGroupId(p.Group); err != nil {
-				return 0, 0, fmt.Errorf("process.group %q: %w", p.Group, err)
-			}
+			return 0, 0, fmt.Errorf("process.user %q: uid %q: %w", p.User, u.Uid, err)
 		}
-		gidStr = g.Gid
+		gidStr = u.Gid
+	case isUnknown(err) && isNumber(p.User):
+		uid, _ = strconv.Atoi(p.User)
+		if p.Group == "" {
+			return 0, 0, fmt.Errorf("process.user %q has no entry on this host, so no primary group: set process.group too", p.User)
+		}
+	case isUnknown(err):
+		return 0, 0, fmt.Errorf("process.user %q: no such user on this host", p.User)
+	default:
+		return 0, 0, fmt.Errorf("process.user %q: %w", p.User, err)
+	}
+	if p.Group != "" {
+		g, err := lookupGroup(p.Group)
+		switch {
+		case err == nil:
+			gidStr = g.Gid
+		case isUnknown(err) && isNumber(p.Group):
+			gidStr = p.Group
+		case isUnknown(err):
+			return 0, 0, fmt.Errorf("process.group %q: no such group on this host", p.Group)
+		default:
+			return 0, 0, fmt.Errorf("process.group %q: %w", p.Group, err)
+		}
 	}
 	if gid, err = strconv.Atoi(gidStr); err != nil {
 		return 0, 0, fmt.Errorf("process.group: gid %q: %w", gidStr, err)
 	}
 	return uid, gid, nil
+}
+
+// lookupUser finds name, or a number as a uid.
+func lookupUser(name string) (*user.User, error) {
+	u, err := user.Lookup(name)
+	if isUnknown(err) && isNumber(name) {
+		return user.LookupId(name)
+	}
+	return u, err
+}
+
+// lookupGroup finds name, or a number as a gid.
+func lookupGroup(name string) (*user.Group, error) {
+	g, err := user.LookupGroup(name)
+	if isUnknown(err) && isNumber(name) {
+		return user.LookupGroupId(name)
+	}
+	return g, err
+}
+
+// isUnknown reports whether a lookup failed for want of an entry, rather
+// than for a database that could not be read.
+func isUnknown(err error) bool {
+	var noUser user.UnknownUserError
+	var noUID user.UnknownUserIdError
+	var noGroup user.UnknownGroupError
+	var noGID user.UnknownGroupIdError
+	return errors.As(err, &noUser) || errors.As(err, &noUID) || errors.As(err, &noGroup) || errors.As(err, &noGID)
 }
 
 // isNumber reports whether s is a uid or gid rather than a name.
