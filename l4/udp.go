@@ -563,13 +563,12 @@ func (p *udpProxy) start() {
 
 // Drain stops opening flows, lets the open ones run until they idle out or
 // deadline passes, then closes the sockets and every flow, and returns once
-// all goroutines have ended.
+// all goroutines have ended, with how many flows were still open at
+// deadline (and closed).
 //
 // It returns false, with nothing closed, when revive took the proxy back
 // into service first: a reload that removed the service and a later one
 // that brought it back while it drained.
-// It returns how many flows were still open at deadline (and closed), and
-// false when a reload revived the proxy meanwhile.
 func (p *udpProxy) Drain(deadline time.Time) (cut int64, drained bool) {
 	p.draining.Store(true)
 	timer := time.NewTimer(time.Until(deadline))

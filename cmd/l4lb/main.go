@@ -32,7 +32,7 @@ const usage = `usage: l4lb <command> [flags]
 
 commands:
   run     -config FILE [-log-level LEVEL] [-pidfile FILE]   run the load balancer
-  check   -config FILE                      validate a config file; exit 1 listing every problem
+  check   FILE | -config FILE               validate a config file; exit 1 listing every problem
   status  [-admin ADDR] [-json]             show services and backends of a running l4lb
   reload  [-admin ADDR | -pidfile FILE]     reload a running l4lb's config (POST /reload, or SIGHUP)
   version                                   print the version
