@@ -604,3 +604,36 @@ func TestReloadToDeadPoolEndsWait(t *testing.T) {
 	eventually(t, "the route empty once the wait ends", func() bool { return len(routed(s)) == 0 })
 	eventually(t, "blue retired", func() bool { return backendOf(s, blue) == nil })
 }
+
+// on_down = "close" reaches a connect in flight: the close sweeps the
+// backend's open connections once, when its checks mark it down, and a
+// connect that completes after that must not be proxied to the backend
+// marked down; the key's next backend takes the client.
+func TestOnDownCloseReachesConnectInFlight(t *testing.T) {
+	slow := newSlowBackend(t) // its connects hang until released, and it never answers
+	other := startEcho(t)
+	check := newRestartable(t)
+	cfg := checkedConfig(slow.addr, other)
+	cfg.Balance = config.RoundRobin // the first client goes to the first backend
+	cfg.Health.Port = check.addr.Port()
+	cfg.Health.Interval = time.Hour // probed once, at the start
+	cfg.OnDown = config.OnDownClose
+	cfg.ConnectTimeout = 10 * time.Second
+	addr, s := startService(t, time.Minute)
+	s.Update(cfg)
+	eventually(t, "both up", func() bool { return len(routed(s)) == 2 })
+
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	be := backendOf(s, slow.addr)
+	eventually(t, "the connect to the slow backend in flight", func() bool { return be.active.Load() == 1 })
+	if tr, changed := be.health.tracker.Force(health.Down, "marked down by the test"); changed {
+		s.health.transition(cfg, be, tr)
+	}
+	eventually(t, "the slow backend out of the route", func() bool { return sameAddrs(routed(s), other) })
+	slow.release(t)
+	roundTrip(t, c, "served by the backend still up")
+}

@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/health"
 )
 
 // proxyConn is one client connection joined to one backend connection,
@@ -270,6 +271,13 @@ func (c *proxyConn) connected() {
 		c.connectFailed(err)
 		return
 	}
+	if closedWhileConnecting(r, be) {
+		// The client has sent nothing through yet: the key's next
+		// backend takes it.
+		c.dropBackend()
+		c.dialNext()
+		return
+	}
 	if !be.track(c) {
 		// A reload retired the backend while its connect was in flight;
 		// the client has sent nothing through yet, so the connection
@@ -291,6 +299,14 @@ func (c *proxyConn) connected() {
 	c.up.moved, c.down.moved = &be.bytesToBack, &be.bytesToCli
 	c.loop.schedule(c, c.loop.now+int64(c.idleTimeout))
 	c.pump()
+}
+
+// closedWhileConnecting reports whether be went down under on_down =
+// "close" while a connect to it was in flight: the close swept the
+// backend's open connections once, before this one was among them. A
+// panicking route offers down backends on purpose, and keeps them.
+func closedWhileConnecting(r *route, be *Backend) bool {
+	return r.cfg.OnDown == config.OnDownClose && !r.panicking && be.health.tracker.State() == health.Down
 }
 
 // sendProxyHeader writes the PROXY header to the fresh backend socket when
