@@ -572,3 +572,35 @@ func TestHalfCloseAfterQuietSpell(t *testing.T) {
 		}
 	}
 }
+
+// A client that half-closes and then resets while its backend is still
+// silent: nothing reads the client socket after its EOF, yet the reset
+// must end the connection at once, not at half_close_timeout or
+// idle_timeout, with the backend working for a client long gone.
+func TestResetAfterHalfCloseEndsTheConnection(t *testing.T) {
+	hold := make(chan struct{})
+	defer close(hold)
+	backend := startBackend(t, func(c net.Conn) {
+		defer c.Close()
+		io.Copy(io.Discard, c)
+		<-hold // still working on the reply
+	})
+	addr, svc := startService(t, time.Minute, backend)
+	c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("request"))
+	c.CloseWrite()
+	eventually(t, "the connection open to the backend", func() bool { return svc.openConnections() == 1 })
+	time.Sleep(50 * time.Millisecond) // the EOF passed on
+	c.SetLinger(0)
+	c.Close() // a reset
+	deadline := time.Now().Add(2 * time.Second)
+	for svc.openConnections() != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := svc.openConnections(); n != 0 {
+		t.Fatalf("2 s after the client's reset %d connection is still open: it would wait for a timeout", n)
+	}
+}

@@ -392,8 +392,38 @@ func (c *proxyConn) onEvent(events uint32, tag int32) {
 			c.connectDone(events)
 		}
 	case stateOpen:
+		if events&unix.EPOLLERR != 0 {
+			if err := c.errorNoReadWillSee(tag); err != nil {
+				c.finish(err)
+				return
+			}
+		}
 		c.pump()
 	}
+}
+
+// errorNoReadWillSee is the pending error (a reset) of the socket an
+// event with EPOLLERR came from, once the direction that reads that
+// socket has passed on its EOF: nothing reads it again, so without this a
+// client that half-closed and then reset would keep its backend working
+// until a timeout. Before the EOF the next read reports the error, after
+// the bytes that came before it.
+func (c *proxyConn) errorNoReadWillSee(tag int32) error {
+	fd, reader := c.client, &c.up
+	if tag&1 == 1 {
+		fd, reader = c.backend, &c.down
+	}
+	if !reader.eof {
+		return nil
+	}
+	errno, err := rawGetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err == nil && errno != 0 {
+		err = syscall.Errno(errno)
+	}
+	if err != nil {
+		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", err)}
+	}
+	return nil
 }
 
 // onTimer runs when the connection's deadline is due.
