@@ -204,7 +204,7 @@ func signalPidfile(path string) error {
 	}
 	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
 	if err != nil || pid <= 0 {
-		return errors.New(path + ": no process id in it")
+		return errors.New(path + ": no process id in it (is l4lb still starting?)")
 	}
 	if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
 		return fmt.Errorf("signal process %d: %w", pid, err)

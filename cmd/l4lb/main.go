@@ -16,7 +16,6 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
-	"strconv"
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
@@ -192,14 +191,13 @@ func cmdRun(args []string, stderr io.Writer) int {
 			return 1
 		}
 	}
+	var pidLock *os.File
 	if *pidfile != "" {
-		// SO_REUSEPORT lets a second l4lb bind the same addresses, and the
-		// kernel would split the clients between the two.
-		if pid, ok := pidfileOwner(*pidfile); ok {
-			fmt.Fprintf(stderr, "l4lb run: l4lb already runs as pid %d (%s): two would split the clients between them; stop it first, or reload it with l4lb reload -pidfile %s\n",
-				pid, *pidfile, *pidfile)
+		if pidLock, err = lockPidfile(*pidfile); err != nil {
+			fmt.Fprintf(stderr, "l4lb run: -pidfile: %v\n", err)
 			return 1
 		}
+		defer pidLock.Close()
 	}
 	log := hclog.New(&hclog.LoggerOptions{
 		Name: "l4lb", Output: stderr, JSONFormat: cfg.Log.Format == "json",
@@ -267,8 +265,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 	// The pidfile goes where root may write (/run), so before the drop;
 	// removing it at exit may then fail, as with other daemons that drop
 	// privileges, and a stale file names a dead process.
-	if *pidfile != "" {
-		if err := os.WriteFile(*pidfile, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644); err != nil {
+	if pidLock != nil {
+		if err := writePid(pidLock); err != nil {
 			log.Error("cannot write pidfile", "error", err)
 			return 1
 		}
