@@ -210,7 +210,7 @@ func Parse(data []byte, path string) (*Config, error) {
 		}
 	}
 	v.checkListenConflicts(listening)
-	v.checkAdminConflict(cfg.Admin.Listen, listening)
+	v.checkAdminConflict(cfg.Admin.Listen, file.Admin == nil || file.Admin.Listen == nil, listening)
 	if len(v.problems) > 0 {
 		return nil, &Errors{Path: path, Problems: v.problems}
 	}
@@ -326,8 +326,10 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 				v.add(bat+".address", "%v", err)
 			} else if first, dup := seen[ap]; dup {
 				v.add(bat+".address", "duplicate backend %s (also %s.backends[%d])", ap, at, first)
-			} else if svc.Protocol == TCP && ap.Port() == svc.Listen.Port() &&
-				(ap == svc.Listen || (svc.Listen.Addr().IsUnspecified() && ap.Addr().IsLoopback())) {
+			} else if ap == svc.Listen || (svc.Protocol == TCP && ap.Port() == svc.Listen.Port() &&
+				svc.Listen.Addr().IsUnspecified() && ap.Addr().IsLoopback()) {
+				// A wildcard UDP service may front a resolver on loopback
+				// at its own port; the exact address never.
 				v.add(bat+".address", "%s is the service's own listen address (%s): l4lb would connect to itself", ap, svc.Listen)
 			} else {
 				seen[ap] = i
@@ -366,7 +368,9 @@ func (v *validator) checkListenConflicts(services []Service) {
 
 // checkAdminConflict rejects an admin endpoint on a TCP service's address:
 // l4lb would fail to bind one of them at start.
-func (v *validator) checkAdminConflict(admin string, services []Service) {
+// byDefault: admin is the default, which the file never wrote, so the
+// message says how to move or turn it off.
+func (v *validator) checkAdminConflict(admin string, byDefault bool, services []Service) {
 	ap, err := netip.ParseAddrPort(admin)
 	if err != nil {
 		return // off, or reported already
@@ -374,7 +378,11 @@ func (v *validator) checkAdminConflict(admin string, services []Service) {
 	for _, svc := range services {
 		sa := svc.Listen.Addr()
 		if svc.Protocol == TCP && svc.Listen.Port() == ap.Port() && (sa == ap.Addr() || sa.IsUnspecified() || ap.Addr().IsUnspecified()) {
-			v.add("admin.listen", "%s overlaps services.%s.listen (%s)", admin, svc.Name, svc.Listen)
+			if byDefault {
+				v.add("admin.listen", "the default admin endpoint %s overlaps services.%s.listen (%s): set [admin] listen to another address, or to \"\" for none", admin, svc.Name, svc.Listen)
+			} else {
+				v.add("admin.listen", "%s overlaps services.%s.listen (%s)", admin, svc.Name, svc.Listen)
+			}
 		}
 	}
 }
