@@ -6,7 +6,6 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -199,9 +198,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 		}
 		defer pidLock.Close()
 	}
+	if *levelFlag != "" {
+		cfg.Log.Level = *levelFlag // and on each reload (reloader.logLevel)
+	}
 	log := hclog.New(&hclog.LoggerOptions{
 		Name: "l4lb", Output: stderr, JSONFormat: cfg.Log.Format == "json",
-		Level: hclog.LevelFromString(cmp.Or(*levelFlag, cfg.Log.Level)),
+		Level: hclog.LevelFromString(cfg.Log.Level),
 	})
 	if *pprofAddr != "" {
 		if err := startPprof(*pprofAddr, log); err != nil {
@@ -241,10 +243,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 		warnFlowDescriptors(log, cfg, nofile, &flowShortfall)
 	}
 	notify := newNotifier()
-	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, applied: func(c *config.Config) {
-		if *levelFlag == "" {
-			log.SetLevel(hclog.LevelFromString(c.Log.Level))
-		}
+	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, logLevel: *levelFlag, applied: func(c *config.Config) {
+		log.SetLevel(hclog.LevelFromString(c.Log.Level))
 		srv.SetLogConnections(c.Log.Connections)
 		if nofile > 0 {
 			warnFlowDescriptors(log, c, nofile, &flowShortfall)

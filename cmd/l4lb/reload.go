@@ -30,6 +30,9 @@ type reloader struct {
 	// applied runs after a new config is applied: [log] settings and the
 	// descriptor check.
 	applied func(*config.Config)
+	// logLevel is run's -log-level, which overrides each file's [log]
+	// level, so that a reload neither changes the level nor says it did.
+	logLevel string
 
 	reloading sync.Mutex // held for a whole reload: triggers and POST /reload take turns
 
@@ -130,6 +133,9 @@ func (r *reloader) apply(ctx context.Context) (l4.Change, *config.Config, error)
 	cfg, err := config.Load(r.path)
 	if err != nil {
 		return l4.Change{}, nil, err
+	}
+	if r.logLevel != "" {
+		cfg.Log.Level = r.logLevel
 	}
 	var adminLn net.Listener
 	if r.admin != nil {

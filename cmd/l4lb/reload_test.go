@@ -1,0 +1,48 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/l4"
+)
+
+// run -log-level overrides [log] level on every reload too: a reload
+// whose file changes the level keeps the flag's, and its summary does not
+// claim a change that did not happen.
+func TestReloadKeepsLogLevelFlag(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l4lb.toml")
+	write := func(level string) {
+		t.Helper()
+		// An address of this test's own in 127/8: no other test holds it.
+		text := "[admin]\nlisten = \"\"\n[log]\nlevel = \"" + level + "\"\n" +
+			"[services.db]\nlisten = \"127.88.11.1:7000\"\n[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\n"
+		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	rl := &reloader{path: path, srv: srv, log: hclog.NewNullLogger(), notify: newNotifier(), logLevel: "debug"}
+	write("info")
+	if _, _, err := rl.apply(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	write("warn")
+	change, cfg, err := rl.apply(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Log.Level != "debug" {
+		t.Errorf("after a reload the level is %q, want the flag's %q", cfg.Log.Level, "debug")
+	}
+	if strings.Contains(change.Summary, "log.level") {
+		t.Errorf("summary %q names a log.level change the flag overrides", change.Summary)
+	}
+}
+
