@@ -27,9 +27,11 @@ type admin struct {
 	log     hclog.Logger
 	handler http.Handler
 
-	mu     sync.Mutex // guards addr and server
+	mu     sync.Mutex // guards addr, server and started
 	addr   string
 	server *http.Server
+	// started: the first commit, at start, is done; reloads come after.
+	started bool
 }
 
 func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
@@ -83,7 +85,9 @@ func (a *admin) prepare(addr string) (net.Listener, error) {
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		if errors.Is(err, syscall.EADDRINUSE) {
+		if errors.Is(err, syscall.EADDRINUSE) && !a.started {
+			// At start the likeliest holder is an l4lb already running;
+			// on a reload, another program took the new address.
 			return nil, fmt.Errorf("admin.listen: %w (is another l4lb running with this config? `l4lb status -admin %s` asks it)", err, addr)
 		}
 		return nil, errors.New("admin.listen: " + err.Error())
@@ -96,6 +100,7 @@ func (a *admin) prepare(addr string) (net.Listener, error) {
 func (a *admin) commit(addr string, ln net.Listener) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.started = true
 	if addr == a.addr {
 		return
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -46,3 +47,23 @@ func TestReloadKeepsLogLevelFlag(t *testing.T) {
 	}
 }
 
+// A taken admin address suggests another l4lb only at start; on a reload
+// the new address was taken by some other program.
+func TestAdminAddressTakenHint(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	a := newAdmin(hclog.NewNullLogger(), srv, &reloader{})
+	const hint = "is another l4lb running"
+	if _, err := a.prepare(taken.Addr().String()); err == nil || !strings.Contains(err.Error(), hint) {
+		t.Errorf("at start: %v; want the hint %q", err, hint)
+	}
+	a.commit("", nil) // started, with the endpoint off
+	if _, err := a.prepare(taken.Addr().String()); err == nil || strings.Contains(err.Error(), hint) {
+		t.Errorf("on a reload: %v; want an error without the hint", err)
+	}
+}
