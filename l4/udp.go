@@ -265,6 +265,12 @@ type udpFlow struct {
 func (f *udpFlow) close() {
 	if f.closed.CompareAndSwap(false, true) {
 		f.conn.Close()
+		// A closed flow is no longer open: it frees its max_flows slot and
+		// leaves the gauges now, not when its worker next looks at it.
+		f.backend.active.Add(-1)
+		if p := f.w.p; p.active.Add(-1) == 0 && p.draining.Load() {
+			p.wakeDrain()
+		}
 	}
 }
 
@@ -880,14 +886,10 @@ func (w *udpWorker) remove(f *udpFlow, expired bool) {
 	w.wheel.unlink(f)
 	f.close()
 	f.backend.udp.unlink(f)
-	f.backend.active.Add(-1)
 	if expired {
 		w.c.flowsExpired.Add(1)
 	} else {
 		w.c.flowsClosed.Add(1)
-	}
-	if w.p.active.Add(-1) == 0 && w.p.draining.Load() {
-		w.p.wakeDrain()
 	}
 }
 

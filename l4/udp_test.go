@@ -597,3 +597,34 @@ func BenchmarkUDPForwardBatch(b *testing.B) {
 		})
 	}
 }
+
+// A flow closed by a backend drain keeps its max_flows slot (and counts in
+// udp_flows_active) until its client sends again or the timer wheel reaches
+// its idle deadline, up to idle_timeout (60 s by default) later. Meanwhile
+// new clients are refused for max_flows with no flow open.
+func TestUDPClosedFlowsFreeTheirSlot(t *testing.T) {
+	a, b := startUDPEcho(t, "a"), startUDPEcho(t, "b")
+	cfg := udpConfig(a, b)
+	cfg.MaxFlows = 1
+	cfg.DrainTimeout = 200 * time.Millisecond
+	svc, _ := startUDPService(t, cfg)
+	first := newUDPClient(t, cfg.Listen)
+	name := first.exchange("first")
+	next := *cfg
+	if name == "a" {
+		next.Backends = cfg.Backends[1:]
+	} else {
+		next.Backends = cfg.Backends[:1]
+	}
+	svc.Update(&next) // first's backend leaves: its flow drains for 200 ms, then is closed
+	time.Sleep(next.DrainTimeout + 500*time.Millisecond)
+
+	st, _ := svc.UDPStats()
+	if st.FlowsActive != 0 {
+		t.Errorf("udp_flows_active = %d after the drain closed the only flow; want 0", st.FlowsActive)
+	}
+	if _, err := newUDPClient(t, cfg.Listen).tryExchange("second", time.Second); err != nil {
+		st, _ := svc.UDPStats()
+		t.Fatalf("new client refused with no flow open (max_flows = 1): %v; stats %+v", err, st)
+	}
+}
