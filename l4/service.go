@@ -176,6 +176,9 @@ func (s *Service) rebuildLocked() {
 			// Nothing to drain: refuse now, after the swap, so that a
 			// connection turned away starts over on a route without it.
 			be.setRefuseNew(true)
+			// UDP flows that picked it from the previous route while the
+			// table was built: no drain will reach them.
+			be.udp.closeFlows()
 		}
 	}
 	// Removed backends drain or retire only once no route holds them: a
@@ -189,6 +192,10 @@ func (s *Service) rebuildLocked() {
 		if be.drainTimer == nil && !be.retireIfIdle() {
 			// A connection registered since startDrainLocked looked.
 			s.startDrainLocked(be, cfg.DrainTimeout)
+		} else if be.drainTimer == nil {
+			// Retired: close UDP flows linked since startDrainLocked looked
+			// (retireIfIdle sees only TCP connections).
+			be.udp.closeFlows()
 		}
 		if be.drainTimer != nil {
 			s.draining[addr] = be

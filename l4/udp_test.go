@@ -628,3 +628,66 @@ func TestUDPClosedFlowsFreeTheirSlot(t *testing.T) {
 		t.Fatalf("new client refused with no flow open (max_flows = 1): %v; stats %+v", err, st)
 	}
 }
+
+// A flow that picked a backend from the route before a reload set its
+// weight to 0, when the backend had no flow at the reload's
+// startDrainLocked, escapes every drain: no drain timer starts (active was
+// 0), connect's refusesNew check runs before setRefuseNew(true) (the
+// Maglev build sits between them), and setRefuseNew closes nothing. The
+// flow then lives as long as its client sends. (For a removed backend the
+// same hole is retireIfIdle, which looks only at TCP conns, not udp.flows,
+// but its window is a few instructions.)
+func TestUDPFlowPickedDuringWeightZeroReloadCloses(t *testing.T) {
+	a, b := startUDPEcho(t, "a"), startUDPEcho(t, "b")
+	for trial := range 4 {
+		cfg := udpConfig(a, b)
+		cfg.MaxFlows = 100000
+		cfg.DrainTimeout = 100 * time.Millisecond
+		cfg.Backends[0].Weight = 0 // a starts with no flows
+		svc, p := startUDPService(t, cfg)
+		const n = 1500
+		clients := make([]*net.UDPConn, n)
+		for i := range clients {
+			c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			clients[i] = c
+		}
+		up, zero := *cfg, *cfg
+		up.Backends = []config.Backend{{Address: a, Weight: 100}, {Address: b, Weight: 100}}
+		zero.Backends = []config.Backend{{Address: a, Weight: 0}, {Address: b, Weight: 100}}
+		start := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			<-start
+			for _, c := range clients {
+				c.WriteToUDPAddrPort([]byte("x"), cfg.Listen)
+			}
+		}()
+		close(start)
+		time.Sleep(200 * time.Microsecond)
+		svc.Update(&up)   // a in the route
+		svc.Update(&zero) // a at weight 0: its flows drain for 100 ms
+		<-done
+		time.Sleep(cfg.DrainTimeout + 400*time.Millisecond)
+		be := backendOf(svc, a)
+		var open int
+		be.udp.mu.Lock()
+		for f := be.udp.flows; f != nil; f = f.beNext {
+			if !f.closed.Load() {
+				open++
+			}
+		}
+		be.udp.mu.Unlock()
+		for _, c := range clients {
+			c.Close()
+		}
+		p.Close()
+		if open > 0 {
+			t.Fatalf("trial %d: %d flows to a still open %v after it went to weight 0 (drain_timeout %v)",
+				trial, open, cfg.DrainTimeout+400*time.Millisecond, cfg.DrainTimeout)
+		}
+	}
+}
