@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -261,6 +262,20 @@ type udpFlow struct {
 	bePrev, beNext *udpFlow
 }
 
+// backendGone says, once f's backend has refused a datagram (ICMP port
+// unreachable), whether the flow ends: it does when the backend is out of
+// the route, since nothing listens there and the checks took it out, so
+// that the client's next datagram opens a flow on a live backend, as
+// nginx ends the session on that error. While the backend is routed the
+// flow stays: it may be restarting.
+func (f *udpFlow) backendGone() bool {
+	return !slices.Contains(f.w.p.svc.route.Load().backends, f.backend)
+}
+
+// errBackendGone ends a flow whose backend refused a datagram and left
+// the route (backendGone).
+var errBackendGone = errors.New("backend refused the datagram and is out of the route")
+
 // close closes the flow's backend socket, once; that ends its reader.
 func (f *udpFlow) close() {
 	if f.closed.CompareAndSwap(false, true) {
@@ -283,7 +298,7 @@ func (f *udpFlow) copyBackendToClient(rc syscall.RawConn) {
 			break // closed: by the worker, a drain, or shutdown
 		}
 	}
-	if f.readErr != nil && !errors.Is(f.readErr, net.ErrClosed) && f.w.p.svc.allowLog(&f.w.p.lastReadErrLog) {
+	if f.readErr != nil && !errors.Is(f.readErr, net.ErrClosed) && f.readErr != errBackendGone && f.w.p.svc.allowLog(&f.w.p.lastReadErrLog) {
 		f.w.p.log.Warn("udp flow ended by a receive error", "client", f.client, "backend", f.backend.addr, "error", f.readErr)
 	}
 	f.close()
@@ -310,9 +325,14 @@ func (f *udpFlow) readReplies(fd uintptr) bool {
 			return false
 		case unix.ECONNREFUSED:
 			// ICMP port unreachable for an earlier datagram: the backend
-			// host is up but nothing listens. The flow stays: the backend
-			// may come back, and a drain or idle ends the flow otherwise.
+			// host is up but nothing listens.
 			w.replies.drops[DropBackendRefused].Add(1)
+			if f.backendGone() {
+				// Closed by copyBackendToClient: not here, inside the
+				// read, which Close would wait for.
+				f.readErr = errBackendGone
+				return true
+			}
 			continue
 		default:
 			f.readErr = err
@@ -367,7 +387,9 @@ type udpSend struct {
 	n      int  // slots to send
 
 	sent, bytes int // datagrams and bytes the last send moved
-	fn          func(fd uintptr)
+	// refused: the last send met a pending ICMP port unreachable.
+	refused bool
+	fn      func(fd uintptr)
 }
 
 func newUDPSend(b *mmsg.Batch, noAddr bool) *udpSend {
@@ -380,7 +402,7 @@ func newUDPSend(b *mmsg.Batch, noAddr bool) *udpSend {
 // full, or an error for that one datagram, such as a pending ICMP error)
 // is skipped, as a UDP proxy must not stall its other flows for one.
 func (s *udpSend) send(fd uintptr) {
-	s.sent, s.bytes = 0, 0
+	s.sent, s.bytes, s.refused = 0, 0, false
 	for i := 0; i < s.n; {
 		k, err := s.b.Send(int(fd), i, s.n, s.noAddr)
 		for j := i; j < i+k; j++ {
@@ -389,6 +411,7 @@ func (s *udpSend) send(fd uintptr) {
 		s.sent += k
 		i += k
 		if err != nil {
+			s.refused = s.refused || err == unix.ECONNREFUSED
 			i++
 		}
 	}
@@ -777,6 +800,9 @@ func (w *udpWorker) send(f *udpFlow, k int, now int64) {
 	}
 	if w.out.sent < k {
 		w.c.drops[DropSendBackend].Add(uint64(k - w.out.sent))
+		if w.out.refused && f.backendGone() {
+			f.close()
+		}
 	}
 	if sent := uint64(w.out.sent); sent > 0 {
 		bytes := uint64(w.out.bytes)

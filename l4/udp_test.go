@@ -691,3 +691,75 @@ func TestUDPFlowPickedDuringWeightZeroReloadCloses(t *testing.T) {
 		}
 	}
 }
+
+// stoppableUDPEcho is startUDPEcho with a stop: after stop its port is
+// closed, so the kernel answers datagrams to it with ICMP port unreachable.
+func stoppableUDPEcho(t *testing.T, name string) (netip.AddrPort, func()) {
+	t.Helper()
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, udpBufSize)
+		prefix := []byte(name + ":")
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf[len(prefix):])
+			if err != nil {
+				return
+			}
+			copy(buf, prefix)
+			c.WriteToUDPAddrPort(buf[:len(prefix)+n], from)
+		}
+	}()
+	stop := func() { c.Close(); <-done }
+	t.Cleanup(func() { c.Close(); <-done })
+	return c.LocalAddr().(*net.UDPAddr).AddrPort(), stop
+}
+
+// A backend that dies (host up, port closed) keeps its flows for as long as
+// their clients send: every client datagram refreshes lastSeen even though
+// every send fails or draws an ICMP port unreachable, ECONNREFUSED only
+// bumps a counter, and with the default on_down = "keep" being marked down
+// does not end the flow either. The client is black-holed while a healthy
+// backend is in the route. nginx ends the session on the upstream's
+// ECONNREFUSED; the next datagram goes to a live upstream.
+func TestUDPFlowLeavesBackendGone(t *testing.T) {
+	a, stopA := stoppableUDPEcho(t, "a")
+	b, _ := stoppableUDPEcho(t, "b")
+	cfg := udpConfig(a, b)
+	cfg.IdleTimeout = 500 * time.Millisecond
+	cfg.Health = config.Health{Kind: config.HealthSendExpect, Interval: 50 * time.Millisecond,
+		Timeout: 40 * time.Millisecond, Rise: 1, Fall: 2, Send: "ping", ExpectRegex: "^[ab]:ping$"}
+	cfg.OnDown = config.OnDownKeep
+	cfg.PanicMode = config.PanicNone
+	svc, _ := startUDPService(t, cfg)
+	eventually(t, "both backends up", func() bool { return len(routed(svc)) == 2 })
+
+	var onA *udpClient
+	for range 64 {
+		c := newUDPClient(t, cfg.Listen)
+		if c.exchange("which") == "a" {
+			onA = c
+			break
+		}
+	}
+	if onA == nil {
+		t.Fatal("no client reached a")
+	}
+	stopA()
+	eventually(t, "a marked down", func() bool { return len(routed(svc)) == 1 })
+
+	// The client keeps asking, well within idle_timeout, for 4 idle_timeouts.
+	deadline := time.Now().Add(4 * cfg.IdleTimeout)
+	for time.Now().Before(deadline) {
+		if got, err := onA.tryExchange("retry", 100*time.Millisecond); err == nil {
+			t.Logf("client served by %s after a went down", got)
+			return
+		}
+	}
+	st, _ := svc.UDPStats()
+	t.Fatalf("client black-holed on dead backend a for %v (4 × idle_timeout) while b is up; stats %+v", 4*cfg.IdleTimeout, st)
+}
