@@ -334,6 +334,11 @@ func (f *udpFlow) readReplies(fd uintptr) bool {
 				return true
 			}
 			continue
+		case unix.EMSGSIZE:
+			// ICMP fragmentation needed: the kernel has learned the path's
+			// MTU and fragments from now on. The flow goes on, its 4-tuple
+			// kept: DTLS, QUIC and game servers key sessions by it.
+			continue
 		default:
 			f.readErr = err
 			return true

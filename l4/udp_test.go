@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -762,4 +763,105 @@ func TestUDPFlowLeavesBackendGone(t *testing.T) {
 	}
 	st, _ := svc.UDPStats()
 	t.Fatalf("client black-holed on dead backend a for %v (4 × idle_timeout) while b is up; stats %+v", 4*cfg.IdleTimeout, st)
+}
+
+// recordingUDPEcho is startUDPEcho that also reports the address each
+// datagram came from: the flow socket's local address.
+func recordingUDPEcho(t *testing.T, name string) (netip.AddrPort, <-chan netip.AddrPort) {
+	t.Helper()
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	peers := make(chan netip.AddrPort, 100)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, udpBufSize)
+		prefix := []byte(name + ":")
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf[len(prefix):])
+			if err != nil {
+				return
+			}
+			select {
+			case peers <- from:
+			default:
+			}
+			copy(buf, prefix)
+			c.WriteToUDPAddrPort(buf[:len(prefix)+n], from)
+		}
+	}()
+	t.Cleanup(func() { c.Close(); <-done })
+	return c.LocalAddr().(*net.UDPAddr).AddrPort(), peers
+}
+
+func icmpChecksum(b []byte) uint16 {
+	var s uint32
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	for s>>16 != 0 {
+		s = s&0xffff + s>>16
+	}
+	return ^uint16(s)
+}
+
+// sendICMPUnreach sends, over loopback, an ICMP destination unreachable
+// (code) about a UDP datagram from src to dst, as a router or the backend
+// host would. Needs CAP_NET_RAW.
+func sendICMPUnreach(t *testing.T, code byte, mtu uint16, src, dst netip.AddrPort) {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_ICMP)
+	if err != nil {
+		t.Fatalf("raw socket (needs CAP_NET_RAW, as make test has as root): %v", err)
+	}
+	defer syscall.Close(fd)
+	s4, d4 := src.Addr().As4(), dst.Addr().As4()
+	ip := []byte{0x45, 0, 0, 28 + 100, 0, 0, 0x40, 0, 64, 17, 0, 0,
+		s4[0], s4[1], s4[2], s4[3], d4[0], d4[1], d4[2], d4[3]}
+	udp := []byte{byte(src.Port() >> 8), byte(src.Port()), byte(dst.Port() >> 8), byte(dst.Port()), 0, 108, 0, 0}
+	msg := append([]byte{3, code, 0, 0, 0, 0, byte(mtu >> 8), byte(mtu)}, append(ip, udp...)...)
+	cs := icmpChecksum(msg)
+	msg[2], msg[3] = byte(cs>>8), byte(cs)
+	if err := syscall.Sendto(fd, msg, 0, &syscall.SockaddrInet4{Addr: s4}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// ICMP fragmentation needed (a router on a lower-MTU path to the backend)
+// ends the flow: the kernel reports it as EMSGSIZE on the connected socket
+// (IP_PMTUDISC_WANT is the default), and readReplies treats every recvmmsg
+// error but EAGAIN and ECONNREFUSED as fatal, although the kernel has just
+// learned the path MTU and fragments the next datagram itself. The client's next datagram opens a new flow
+// from a new local port, so the backend sees a new peer and loses the
+// session (DTLS, QUIC, WireGuard, game servers key sessions by 4-tuple),
+// and replies in flight to the old port are lost. ECONNREFUSED, a harder
+// error, keeps the flow.
+func TestUDPFragmentationNeededKeepsFlow(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		code byte
+		mtu  uint16
+	}{{"frag needed", 4, 1200}} {
+		t.Run(tc.name, func(t *testing.T) {
+			be, peers := recordingUDPEcho(t, "a")
+			cfg := udpConfig(be)
+			svc, _ := startUDPService(t, cfg)
+			c := newUDPClient(t, cfg.Listen)
+			c.exchange("one")
+			p1 := <-peers
+			sendICMPUnreach(t, tc.code, tc.mtu, p1, be)
+			time.Sleep(200 * time.Millisecond)
+			c.exchange("two")
+			p2 := <-peers
+			st, _ := svc.UDPStats()
+			if p2 != p1 || st.FlowsClosed != 0 {
+				t.Errorf("after one ICMP %s the backend sees the client from %s, was %s; stats %+v", tc.name, p2, p1, st)
+			}
+		})
+	}
 }
