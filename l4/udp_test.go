@@ -599,10 +599,10 @@ func BenchmarkUDPForwardBatch(b *testing.B) {
 	}
 }
 
-// A flow closed by a backend drain keeps its max_flows slot (and counts in
-// udp_flows_active) until its client sends again or the timer wheel reaches
-// its idle deadline, up to idle_timeout (60 s by default) later. Meanwhile
-// new clients are refused for max_flows with no flow open.
+// A flow closed by a backend drain frees its max_flows slot (and leaves
+// udp_flows_active) when it closes, not when its client sends again or the
+// timer wheel reaches its idle deadline, up to idle_timeout later: a new
+// client must not be refused for max_flows with no flow open.
 func TestUDPClosedFlowsFreeTheirSlot(t *testing.T) {
 	a, b := startUDPEcho(t, "a"), startUDPEcho(t, "b")
 	cfg := udpConfig(a, b)
@@ -631,13 +631,12 @@ func TestUDPClosedFlowsFreeTheirSlot(t *testing.T) {
 }
 
 // A flow that picked a backend from the route before a reload set its
-// weight to 0, when the backend had no flow at the reload's
-// startDrainLocked, escapes every drain: no drain timer starts (active was
-// 0), connect's refusesNew check runs before setRefuseNew(true) (the
-// Maglev build sits between them), and setRefuseNew closes nothing. The
-// flow then lives as long as its client sends. (For a removed backend the
-// same hole is retireIfIdle, which looks only at TCP conns, not udp.flows,
-// but its window is a few instructions.)
+// weight to 0, when the backend had no flow as the reload looked, must not
+// escape every drain: no drain timer starts (nothing was open), connect's
+// refusesNew check can run before setRefuseNew (the Maglev build sits
+// between them), so the reload closes such flows itself. (A removed
+// backend has the same window around retireIfIdle, which sees only TCP
+// connections.)
 func TestUDPFlowPickedDuringWeightZeroReloadCloses(t *testing.T) {
 	a, b := startUDPEcho(t, "a"), startUDPEcho(t, "b")
 	for trial := range 4 {
@@ -720,13 +719,11 @@ func stoppableUDPEcho(t *testing.T, name string) (netip.AddrPort, func()) {
 	return c.LocalAddr().(*net.UDPAddr).AddrPort(), stop
 }
 
-// A backend that dies (host up, port closed) keeps its flows for as long as
-// their clients send: every client datagram refreshes lastSeen even though
-// every send fails or draws an ICMP port unreachable, ECONNREFUSED only
-// bumps a counter, and with the default on_down = "keep" being marked down
-// does not end the flow either. The client is black-holed while a healthy
-// backend is in the route. nginx ends the session on the upstream's
-// ECONNREFUSED; the next datagram goes to a live upstream.
+// A backend that dies (host up, port closed) and leaves the route does not
+// keep its flows, even with on_down = "keep" and a client that keeps
+// sending within idle_timeout: the port unreachable ends the flow, and the
+// client's next datagram goes to the backend still up, as nginx ends the
+// session on the upstream's ECONNREFUSED.
 func TestUDPFlowLeavesBackendGone(t *testing.T) {
 	a, stopA := stoppableUDPEcho(t, "a")
 	b, _ := stoppableUDPEcho(t, "b")
@@ -833,14 +830,12 @@ func sendICMPUnreach(t *testing.T, code byte, mtu uint16, src, dst netip.AddrPor
 }
 
 // ICMP fragmentation needed (a router on a lower-MTU path to the backend)
-// ends the flow: the kernel reports it as EMSGSIZE on the connected socket
-// (IP_PMTUDISC_WANT is the default), and readReplies treats every recvmmsg
-// error but EAGAIN and ECONNREFUSED as fatal, although the kernel has just
-// learned the path MTU and fragments the next datagram itself. The client's next datagram opens a new flow
-// from a new local port, so the backend sees a new peer and loses the
-// session (DTLS, QUIC, WireGuard, game servers key sessions by 4-tuple),
-// and replies in flight to the old port are lost. ECONNREFUSED, a harder
-// error, keeps the flow.
+// reaches the flow's socket as EMSGSIZE (IP_PMTUDISC_WANT is the default):
+// the kernel has learned the path MTU and fragments from then on, so the
+// flow goes on from the same local port. Ended, the client's next datagram
+// would open a flow from a new port, and the backend would lose the
+// session (DTLS, QUIC, WireGuard and game servers key sessions by
+// 4-tuple).
 func TestUDPFragmentationNeededKeepsFlow(t *testing.T) {
 	for _, tc := range []struct {
 		name string
