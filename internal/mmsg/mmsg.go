@@ -24,6 +24,7 @@ package mmsg
 import (
 	"net"
 	"net/netip"
+	"strconv"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -50,6 +51,10 @@ type Batch struct {
 	addrs []unix.RawSockaddrInet6 // big enough for either family
 	inet6 bool                    // the socket is AF_INET6: addresses are sockaddr_in6
 	own   [][]byte                // the buffers NewBatch made, to reset Bufs
+	// zoneIndex and zone are the last scope id Addr turned into a zone,
+	// so that a link-local peer's datagrams allocate nothing.
+	zoneIndex uint32
+	zone      string
 }
 
 // NewBatch returns a batch of n slots of bufSize bytes each. inet6 says
@@ -123,11 +128,14 @@ func (b *Batch) Addr(i int) netip.AddrPort {
 	}
 	ip := netip.AddrFrom16(sa.Addr)
 	if sa.Scope_id != 0 {
-		// Link-local peers only; net caches interface names, and this is
-		// not the per-datagram path of any realistic load.
-		if ifi, err := net.InterfaceByIndex(int(sa.Scope_id)); err == nil {
-			ip = ip.WithZone(ifi.Name)
+		// Link-local peers: the zone is the interface index, as a number
+		// (netip takes any zone, and SetAddr reads it back). An interface
+		// name would cost a netlink dump per datagram: net does not cache
+		// them.
+		if sa.Scope_id != b.zoneIndex {
+			b.zoneIndex, b.zone = sa.Scope_id, strconv.FormatUint(uint64(sa.Scope_id), 10)
 		}
+		ip = ip.WithZone(b.zone)
 	}
 	return netip.AddrPortFrom(ip, ntohs(sa.Port))
 }
@@ -145,7 +153,9 @@ func (b *Batch) SetAddr(i int, ap netip.AddrPort) {
 	}
 	*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Port: htons(ap.Port()), Addr: ip.As16()}
 	if z := ip.Zone(); z != "" {
-		if ifi, err := net.InterfaceByName(z); err == nil {
+		if index, err := strconv.ParseUint(z, 10, 32); err == nil {
+			sa.Scope_id = uint32(index) // as Addr writes it
+		} else if ifi, err := net.InterfaceByName(z); err == nil {
 			sa.Scope_id = uint32(ifi.Index)
 		}
 	}

@@ -194,3 +194,22 @@ func TestBatchAllocs(t *testing.T) {
 		t.Errorf("%v allocations per send and receive, want 0", allocs)
 	}
 }
+
+// A link-local peer's zone is its interface index, as a number, both ways:
+// naming the interface cost a netlink dump per datagram.
+func TestBatchLinkLocalZone(t *testing.T) {
+	b := NewBatch(2, 64, true)
+	b.addrs[0] = unix.RawSockaddrInet6{Family: unix.AF_INET6, Port: htons(5353),
+		Addr: netip.MustParseAddr("fe80::1").As16(), Scope_id: 7}
+	got := b.Addr(0)
+	if want := netip.MustParseAddrPort("[fe80::1%7]:5353"); got != want {
+		t.Fatalf("Addr = %v, want %v", got, want)
+	}
+	if allocs := testing.AllocsPerRun(100, func() { b.Addr(0) }); allocs != 0 {
+		t.Errorf("Addr of a link-local peer allocates %v times", allocs)
+	}
+	b.SetAddr(1, got)
+	if sa := b.addrs[1]; sa.Scope_id != 7 || sa.Addr != got.Addr().As16() || ntohs(sa.Port) != 5353 {
+		t.Errorf("SetAddr(%v) wrote scope %d, port %d", got, sa.Scope_id, ntohs(sa.Port))
+	}
+}
