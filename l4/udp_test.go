@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -21,14 +22,24 @@ import (
 
 var loopback = netip.MustParseAddr("127.0.0.1")
 
-// startUDPEcho runs a UDP backend on loopback that answers each datagram
-// with "NAME:" and the datagram, until cleanup.
-func startUDPEcho(t testing.TB, name string) netip.AddrPort {
+// udpEcho is a UDP backend on loopback that answers each datagram with
+// "NAME:" and the datagram, until stop or cleanup. peers gets the address
+// each datagram came from (the flow socket's), while it has room.
+type udpEcho struct {
+	addr  netip.AddrPort
+	peers chan netip.AddrPort
+	// stop closes the port: datagrams to it then draw ICMP port
+	// unreachable.
+	stop func()
+}
+
+func newUDPEcho(t testing.TB, name string) *udpEcho {
 	t.Helper()
 	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}
+	e := &udpEcho{addr: c.LocalAddr().(*net.UDPAddr).AddrPort(), peers: make(chan netip.AddrPort, 100)}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -39,16 +50,24 @@ func startUDPEcho(t testing.TB, name string) netip.AddrPort {
 			if err != nil {
 				return
 			}
+			select {
+			case e.peers <- from:
+			default:
+			}
 			copy(buf, prefix)
 			c.WriteToUDPAddrPort(buf[:len(prefix)+n], from)
 		}
 	}()
-	t.Cleanup(func() {
+	e.stop = sync.OnceFunc(func() {
 		c.Close()
 		<-done
 	})
-	return c.LocalAddr().(*net.UDPAddr).AddrPort()
+	t.Cleanup(e.stop)
+	return e
 }
+
+// startUDPEcho is newUDPEcho's address.
+func startUDPEcho(t testing.TB, name string) netip.AddrPort { return newUDPEcho(t, name).addr }
 
 // udpConfig is a Maglev UDP service over backends, spreading a client's
 // ports; tests change the fields they care about.
@@ -692,41 +711,15 @@ func TestUDPFlowPickedDuringWeightZeroReloadCloses(t *testing.T) {
 	}
 }
 
-// stoppableUDPEcho is startUDPEcho with a stop: after stop its port is
-// closed, so the kernel answers datagrams to it with ICMP port unreachable.
-func stoppableUDPEcho(t *testing.T, name string) (netip.AddrPort, func()) {
-	t.Helper()
-	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, udpBufSize)
-		prefix := []byte(name + ":")
-		for {
-			n, from, err := c.ReadFromUDPAddrPort(buf[len(prefix):])
-			if err != nil {
-				return
-			}
-			copy(buf, prefix)
-			c.WriteToUDPAddrPort(buf[:len(prefix)+n], from)
-		}
-	}()
-	stop := func() { c.Close(); <-done }
-	t.Cleanup(func() { c.Close(); <-done })
-	return c.LocalAddr().(*net.UDPAddr).AddrPort(), stop
-}
-
 // A backend that dies (host up, port closed) and leaves the route does not
 // keep its flows, even with on_down = "keep" and a client that keeps
 // sending within idle_timeout: the port unreachable ends the flow, and the
 // client's next datagram goes to the backend still up, as nginx ends the
 // session on the upstream's ECONNREFUSED.
 func TestUDPFlowLeavesBackendGone(t *testing.T) {
-	a, stopA := stoppableUDPEcho(t, "a")
-	b, _ := stoppableUDPEcho(t, "b")
+	echoA := newUDPEcho(t, "a")
+	a, stopA := echoA.addr, echoA.stop
+	b := startUDPEcho(t, "b")
 	cfg := udpConfig(a, b)
 	cfg.IdleTimeout = 500 * time.Millisecond
 	cfg.Health = config.Health{Kind: config.HealthSendExpect, Interval: 50 * time.Millisecond,
@@ -760,37 +753,6 @@ func TestUDPFlowLeavesBackendGone(t *testing.T) {
 	}
 	st, _ := svc.UDPStats()
 	t.Fatalf("client black-holed on dead backend a for %v (4 × idle_timeout) while b is up; stats %+v", 4*cfg.IdleTimeout, st)
-}
-
-// recordingUDPEcho is startUDPEcho that also reports the address each
-// datagram came from: the flow socket's local address.
-func recordingUDPEcho(t *testing.T, name string) (netip.AddrPort, <-chan netip.AddrPort) {
-	t.Helper()
-	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	peers := make(chan netip.AddrPort, 100)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		buf := make([]byte, udpBufSize)
-		prefix := []byte(name + ":")
-		for {
-			n, from, err := c.ReadFromUDPAddrPort(buf[len(prefix):])
-			if err != nil {
-				return
-			}
-			select {
-			case peers <- from:
-			default:
-			}
-			copy(buf, prefix)
-			c.WriteToUDPAddrPort(buf[:len(prefix)+n], from)
-		}
-	}()
-	t.Cleanup(func() { c.Close(); <-done })
-	return c.LocalAddr().(*net.UDPAddr).AddrPort(), peers
 }
 
 func icmpChecksum(b []byte) uint16 {
@@ -843,7 +805,8 @@ func TestUDPFragmentationNeededKeepsFlow(t *testing.T) {
 		mtu  uint16
 	}{{"frag needed", 4, 1200}} {
 		t.Run(tc.name, func(t *testing.T) {
-			be, peers := recordingUDPEcho(t, "a")
+			echo := newUDPEcho(t, "a")
+			be, peers := echo.addr, echo.peers
 			cfg := udpConfig(be)
 			svc, _ := startUDPService(t, cfg)
 			c := newUDPClient(t, cfg.Listen)
