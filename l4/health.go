@@ -67,8 +67,7 @@ type serviceHealth struct {
 
 	// healthy is the number of routed backends that passed their checks in
 	// the route last built; 0 means all down (or none checked yet).
-	healthy   atomic.Int32
-	panicking atomic.Bool // the route holds unhealthy backends: panic_mode "all" with none healthy
+	healthy atomic.Int32
 	// outageLogged: the panic warning is logged and its end is not;
 	// guarded by the owner's lock.
 	outageLogged bool
@@ -124,7 +123,6 @@ func (h *serviceHealth) choose(cfg *config.Service, backends []*Backend, members
 			members = append(members, sb.m)
 		}
 	}
-	h.panicking.Store(panicking)
 	// Before the first checks answer every backend is unknown and the
 	// route panics, but nothing failed: an outage is told only once a
 	// check found one.
@@ -287,8 +285,8 @@ func (s *Service) rebuildForHealth() {
 
 	n := s.health.rebuilds.Add(1)
 	s.log.Info("routing table rebuilt after health change", "service", cfg.Name,
-		"healthy", s.health.healthy.Load(), "backends", len(cfg.Backends), "panic", s.health.panicking.Load(), "rebuilds_total", n)
-	if s.health.panicking.Load() {
+		"healthy", s.health.healthy.Load(), "backends", len(cfg.Backends), "panic", s.route.Load().panicking, "rebuilds_total", n)
+	if s.route.Load().panicking {
 		return // down backends are routed to: their connections are all there is
 	}
 	for _, be := range backends {

@@ -335,8 +335,8 @@ func TestHealthPanicMode(t *testing.T) {
 			case mode == config.PanicAll && len(got) != 2:
 				t.Errorf("panic_mode all with all down: route %v, want both", got)
 			}
-			if s.health.panicking.Load() != (mode == config.PanicAll) {
-				t.Errorf("panicking = %v", s.health.panicking.Load())
+			if s.route.Load().panicking != (mode == config.PanicAll) {
+				t.Errorf("panicking = %v", s.route.Load().panicking)
 			}
 		})
 	}
@@ -581,7 +581,7 @@ panic_mode = "all"
 	t.Cleanup(srv.Shutdown)
 	if got := routed(srv.Services()[0]); !sameAddrs(got, good) {
 		svc := srv.Services()[0]
-		t.Errorf("route once started: %v, want only the backend whose check passed, %s (panicking %v, healthy %d)\n%s", got, good, svc.health.panicking.Load(), svc.health.healthy.Load(), logs.String())
+		t.Errorf("route once started: %v, want only the backend whose check passed, %s (panicking %v, healthy %d)\n%s", got, good, svc.route.Load().panicking, svc.health.healthy.Load(), logs.String())
 	}
 	if strings.Contains(logs.String(), "no healthy backend") {
 		t.Errorf("a fresh start warned of an outage:\n%s", logs.String())
