@@ -540,6 +540,10 @@ type udpProxy struct {
 	// read, so batches number the busy flows, not the open ones.
 	replyBatches sync.Pool
 
+	// dial opens a flow's socket to a backend: net.DialUDP, a field so
+	// that tests can make it fail as a host out of descriptors does.
+	dial func(backend netip.AddrPort) (*net.UDPConn, error)
+
 	lastRefusalLog atomic.Int64 // monotonicNow of the last refusal log line
 	lastReadErrLog atomic.Int64
 	lastOpenErrLog atomic.Int64
@@ -548,7 +552,7 @@ type udpProxy struct {
 // newUDPProxy returns the proxy of svc over conns, a SO_REUSEPORT group,
 // and makes it svc's UDP side (Service.UDPStats). Call start to serve.
 func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy {
-	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1)}
+	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1), dial: dialUDP}
 	// The sockets of a group share their family; replies are addressed in it.
 	inet6 := len(conns) > 0 && isInet6(conns[0])
 	p.replyBatches.New = func() any { return newUDPSend(mmsg.NewBatch(udpReplyBatch, udpBufSize, inet6), false) }
@@ -859,6 +863,14 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 		if err == nil {
 			return f
 		}
+		if isLocalShortage(err) {
+			// Out of descriptors or memory here: every backend would
+			// fail alike, and none of them is to blame.
+			if p.svc.allowLog(&p.lastOpenErrLog) {
+				p.log.Warn("udp flow not opened: this host cannot open a socket", "service", r.cfg.Name, "client", client, "error", err)
+			}
+			break
+		}
 		failures := be.dialFailed.Add(1)
 		if p.svc.allowLog(&p.lastOpenErrLog) {
 			p.log.Warn("udp socket to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr,
@@ -872,7 +884,7 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 
 // connect opens the flow's socket to be and starts its reader.
 func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udpFlow, error) {
-	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(be.addr))
+	conn, err := w.p.dial(be.addr)
 	if err != nil {
 		return nil, err
 	}
@@ -906,6 +918,10 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udp
 	w.p.readers.Add(1)
 	go f.copyBackendToClient(rc)
 	return f, nil
+}
+
+func dialUDP(backend netip.AddrPort) (*net.UDPConn, error) {
+	return net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(backend))
 }
 
 // remove takes f out of the worker's table and wheel and closes it; expired
