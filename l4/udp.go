@@ -276,6 +276,9 @@ func (f *udpFlow) backendGone() bool {
 // the route (backendGone).
 var errBackendGone = errors.New("backend refused the datagram and is out of the route")
 
+// errBackendRetired: the backend connect picked was retired meanwhile.
+var errBackendRetired = errors.New("backend retired by a reload while picked")
+
 // close closes the flow's backend socket, once; that ends its reader.
 func (f *udpFlow) close() {
 	if f.closed.CompareAndSwap(false, true) {
@@ -852,6 +855,8 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 	key := clientKey(client, r.cfg.HashKey)
 	var triedBuf [maxDialAttempts]int
 	tried := triedBuf[:0]
+	repicked := false
+	dropped := DropBackendSocket
 	for len(tried) < maxDialAttempts {
 		i := r.balancer.pick(key, tried)
 		if i < 0 {
@@ -862,6 +867,19 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 		f, err := w.connect(client, be, now)
 		if err == nil {
 			return f
+		}
+		if err == errBackendRetired {
+			// A reload retired it after r was loaded: the reload has
+			// published its route by then, so one more pick finds it.
+			if r = p.svc.route.Load(); repicked || r.balancer == nil {
+				if r.balancer == nil {
+					dropped = DropNoBackend
+				}
+				break
+			}
+			repicked = true
+			key, tried = clientKey(client, r.cfg.HashKey), tried[:0]
+			continue
 		}
 		if isLocalShortage(err) {
 			// Out of descriptors or memory here: every backend would
@@ -878,7 +896,7 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 		}
 	}
 	p.active.Add(-1)
-	w.c.drops[DropBackendSocket].Add(1)
+	w.c.drops[dropped].Add(1)
 	return nil
 }
 
@@ -898,16 +916,19 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udp
 	f.proxyHeader = w.flowProxyHeader(client)
 	f.lastSeen.Store(now)
 	be.active.Add(1)
-	be.total.Add(1)
 	be.udp.link(f)
 	if be.refusesNew() {
-		// Removed while we picked it: no drain would close this flow, so
-		// it ends now and the client's next datagram opens a flow on the
-		// current route. (retire sets the flag before closeFlows takes
-		// udp.mu: either closeFlows sees the flow linked above, or this
-		// sees the flag.)
+		// Removed, or set to weight 0, while we picked it from the route
+		// before: no drain would close this flow, so it ends before it
+		// carries anything, and open picks again from the current route.
+		// (retire sets the flag before closeFlows takes udp.mu: either
+		// closeFlows sees the flow linked above, or this sees the flag.)
 		f.close()
+		be.udp.unlink(f)
+		w.p.active.Add(1) // close gave back the slot open holds for the client
+		return nil, errBackendRetired
 	}
+	be.total.Add(1)
 	w.flows[client] = f
 	w.wheel.insert(f, (now+int64(w.p.svc.route.Load().cfg.IdleTimeout))/int64(udpTick))
 	w.c.flowsCreated.Add(1)

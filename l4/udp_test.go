@@ -862,3 +862,40 @@ func TestUDPLocalShortageBlamesNoBackend(t *testing.T) {
 		t.Fatalf("no flow once sockets open again: %v", err)
 	}
 }
+
+// A client's first datagram that picks a backend while a reload retires it
+// is not lost: the flow picks again from the reload's route.
+func TestUDPFlowPickedDuringRetireRepicks(t *testing.T) {
+	a, b := startUDPEcho(t, "a"), startUDPEcho(t, "b")
+	cfg := udpConfig(a)
+	cfg.Workers = 1
+	svc, p := newUDPService(t, cfg)
+	onlyB := *cfg
+	onlyB.Backends = []config.Backend{{Address: b, Weight: 100}}
+	var reloaded atomic.Bool
+	p.dial = func(backend netip.AddrPort) (*net.UDPConn, error) {
+		if backend == a && reloaded.CompareAndSwap(false, true) {
+			// The reload lands between the pick and the socket.
+			svc.Update(&onlyB)
+		}
+		return dialUDP(backend)
+	}
+	p.start()
+	reply, err := newUDPClient(t, cfg.Listen).tryExchange("x", 2*time.Second)
+	if err != nil {
+		t.Fatalf("first datagram lost to a reload that retired its backend: %v", err)
+	}
+	if reply != "b" {
+		t.Errorf("reply from %q; want b, the reload's backend", reply)
+	}
+	if !reloaded.Load() {
+		t.Fatal("the reload did not run between pick and socket")
+	}
+	st, _ := svc.UDPStats()
+	if st.FlowsCreated != 1 || st.Drops != [NumDropReasons]uint64{} {
+		t.Errorf("flows created %d, drops %v; want 1 flow, no drops", st.FlowsCreated, st.Drops)
+	}
+	if n := backendOf(svc, b).total.Load(); n != 1 {
+		t.Errorf("backend b: %d flows; want 1", n)
+	}
+}
