@@ -94,6 +94,10 @@ type Service struct {
 	// MaxFlows caps the open flows of a UDP service (0 for TCP services):
 	// past it, datagrams that would open a flow are dropped and counted.
 	MaxFlows int
+	// RepliesPerDatagram is how many datagrams a UDP service's backends
+	// send back for each client datagram (DNS: 1): a flow that has all it
+	// asked for ends at once. 0: not counted, flows end at IdleTimeout.
+	RepliesPerDatagram int
 	// Health is how backends are checked (see health.go); its Kind is
 	// HealthNone, every backend healthy, without a [health] table.
 	Health Health

@@ -62,6 +62,9 @@ const (
 	// MaxMaxFlows bounds max_flows: 16 Mi flows would need as many
 	// descriptors, far beyond any sane RLIMIT_NOFILE.
 	MaxMaxFlows = 1 << 24
+	// MaxRepliesPerDatagram bounds replies_per_datagram: protocols that
+	// answer with more than a few datagrams are streams, for idle_timeout.
+	MaxRepliesPerDatagram = 1000
 )
 
 // Errors is every problem found in one config file. Load returns it (as
@@ -149,6 +152,8 @@ type fileService struct {
 	IdleTimeout    any `toml:"idle_timeout"`
 	DrainTimeout   any `toml:"drain_timeout"`
 	MaxFlows       any `toml:"max_flows"`
+	// RepliesPerDatagram: see Service.RepliesPerDatagram.
+	RepliesPerDatagram any `toml:"replies_per_datagram"`
 	fileServiceHealth
 	fileServiceProtect
 	// Backends are decoded as plain tables so that unknown keys can be
@@ -246,6 +251,13 @@ type validator struct {
 	problems []Problem
 }
 
+// udpOnly reports a key set on a service whose protocol is not UDP.
+func (v *validator) udpOnly(key string, raw any, protocol Protocol) {
+	if raw != nil {
+		v.add(key, "applies only to protocol = \"udp\" (protocol is %q)", protocol)
+	}
+}
+
 func (v *validator) add(key, format string, args ...any) {
 	v.problems = append(v.problems, Problem{Key: key, Message: fmt.Sprintf(format, args...)})
 }
@@ -288,8 +300,10 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 	if svc.Protocol == UDP {
 		idleDefault = DefaultUDPIdleTimeout
 		svc.MaxFlows = int(v.integer(at+".max_flows", f.MaxFlows, DefaultMaxFlows, 1, MaxMaxFlows))
-	} else if f.MaxFlows != nil {
-		v.add(at+".max_flows", "applies only to protocol = \"udp\" (protocol is %q)", svc.Protocol)
+		svc.RepliesPerDatagram = int(v.integer(at+".replies_per_datagram", f.RepliesPerDatagram, 0, 1, MaxRepliesPerDatagram))
+	} else {
+		v.udpOnly(at+".max_flows", f.MaxFlows, svc.Protocol)
+		v.udpOnly(at+".replies_per_datagram", f.RepliesPerDatagram, svc.Protocol)
 	}
 	svc.Balance = Balance(v.enum(at+".balance", f.Balance, string(DefaultBalance), "maglev", "round_robin", "least_conn"))
 	svc.HashKey = HashKey(v.enum(at+".hash_key", f.HashKey, string(DefaultHashKey), "source_ip", "source_ip_port"))

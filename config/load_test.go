@@ -100,6 +100,7 @@ listen = "127.0.0.1:7777"
 protocol = "udp"
 idle_timeout = "5s"
 max_flows = 100
+replies_per_datagram = 1
 [[services.game.backends]]
 address = "10.0.0.1:7777"
 
@@ -117,16 +118,17 @@ address = "10.0.0.1:53"
 		protocol Protocol
 		idle     time.Duration
 		maxFlows int
+		replies  int
 	}{
-		{"dns", UDP, DefaultUDPIdleTimeout, DefaultMaxFlows},
-		{"game", UDP, 5 * time.Second, 100},
-		{"dnstcp", TCP, DefaultIdleTimeout, 0},
+		{"dns", UDP, DefaultUDPIdleTimeout, DefaultMaxFlows, 0},
+		{"game", UDP, 5 * time.Second, 100, 1},
+		{"dnstcp", TCP, DefaultIdleTimeout, 0, 0},
 	}
 	for _, tt := range tests {
 		s := cfg.Service(tt.name)
-		if s.Protocol != tt.protocol || s.IdleTimeout != tt.idle || s.MaxFlows != tt.maxFlows {
-			t.Errorf("%s: protocol %s, idle_timeout %v, max_flows %d; want %s, %v, %d",
-				tt.name, s.Protocol, s.IdleTimeout, s.MaxFlows, tt.protocol, tt.idle, tt.maxFlows)
+		if s.Protocol != tt.protocol || s.IdleTimeout != tt.idle || s.MaxFlows != tt.maxFlows || s.RepliesPerDatagram != tt.replies {
+			t.Errorf("%s: protocol %s, idle_timeout %v, max_flows %d, replies_per_datagram %d; want %s, %v, %d, %d",
+				tt.name, s.Protocol, s.IdleTimeout, s.MaxFlows, s.RepliesPerDatagram, tt.protocol, tt.idle, tt.maxFlows, tt.replies)
 		}
 	}
 }
@@ -171,6 +173,8 @@ func TestParseErrors(t *testing.T) {
 		{"max_flows on tcp", svc("max_flows = 10"), []string{"services.pg.max_flows: applies only to protocol = \"udp\""}},
 		{"max_flows range", svc("protocol = \"udp\"\nmax_flows = 0"), []string{"services.pg.max_flows: 0 is out of range [1, 16777216]"}},
 		{"max_flows type", svc("protocol = \"udp\"\nmax_flows = \"many\""), []string{"services.pg.max_flows: want an integer, got a string"}},
+		{"replies_per_datagram on tcp", svc("replies_per_datagram = 1"), []string{"services.pg.replies_per_datagram: applies only to protocol = \"udp\""}},
+		{"replies_per_datagram range", svc("protocol = \"udp\"\nreplies_per_datagram = 0"), []string{"services.pg.replies_per_datagram: 0 is out of range [1, 1000]"}},
 		{"bad enum", svc("balance = \"random\""), []string{"services.pg.balance: \"random\" is not one of maglev, round_robin, least_conn"}},
 		{"hash_key without maglev", svc("balance = \"round_robin\"\nhash_key = \"source_ip\""), []string{"services.pg.hash_key: applies only to balance = \"maglev\""}},
 		{"workers range", svc("workers = -1"), []string{"services.pg.workers: -1 is out of range [0, 1024]"}},

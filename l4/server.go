@@ -309,6 +309,9 @@ func (srv *Server) startNow(ss startingService, began time.Time) {
 		"balance", sc.Balance, "workers", sc.Workers}
 	if sc.Protocol == config.UDP {
 		args = append(args, "max_flows", sc.MaxFlows)
+		if sc.RepliesPerDatagram > 0 {
+			args = append(args, "replies_per_datagram", sc.RepliesPerDatagram)
+		}
 	}
 	args = append(args, "backends", backendList(sc))
 	if !checksOff(sc) {
@@ -623,6 +626,10 @@ func describeServiceChange(prev, sc *config.Service) string {
 	}
 	if prev.MaxFlows != sc.MaxFlows {
 		parts = append(parts, fmt.Sprintf("max_flows %d→%d", prev.MaxFlows, sc.MaxFlows))
+	}
+	if prev.RepliesPerDatagram != sc.RepliesPerDatagram {
+		// Flows open at the reload keep the count they opened with.
+		parts = append(parts, "replies_per_datagram")
 	}
 	if protectionChanged(prev, sc) {
 		parts = append(parts, "protection")

@@ -2,6 +2,7 @@ package l4
 
 import (
 	"errors"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -152,9 +153,10 @@ type UDPStats struct {
 	DatagramsToClient, BytesToClient   uint64
 	FlowsActive                        int64
 	FlowsCreated                       uint64
-	// FlowsExpired ended at idle_timeout; FlowsClosed ended otherwise (a
-	// drain, a socket error, shutdown).
-	FlowsExpired, FlowsClosed uint64
+	// FlowsExpired ended at idle_timeout; FlowsAnswered once the backend
+	// sent replies_per_datagram for each datagram; FlowsClosed otherwise
+	// (a drain, a socket error, shutdown).
+	FlowsExpired, FlowsAnswered, FlowsClosed uint64
 	// FlowsRefused counts datagrams that would have opened a flow past
 	// max_flows; they are in Drops[DropMaxFlows] too.
 	FlowsRefused uint64
@@ -218,7 +220,7 @@ func (u *udpBackend) closeFlows() {
 	}
 	u.mu.Unlock()
 	for _, f := range flows {
-		f.close()
+		f.end()
 	}
 }
 
@@ -254,6 +256,15 @@ type udpFlow struct {
 	lastSeen atomic.Int64
 	// closed is set once conn is closed; the worker then removes the flow.
 	closed atomic.Bool
+	// replies is the service's replies_per_datagram when the flow opened;
+	// 0: not counted. owed is then the replies the backend still owes,
+	// or flowAnswered once it owes none and the reader ends the flow.
+	replies int64
+	owed    atomic.Int64
+	// endedNext links the flow in its worker's ended stack.
+	endedNext *udpFlow
+	// removed: the worker took the flow out of its table. Worker-owned.
+	removed bool
 
 	// Timer wheel links, owned by w. slot is -1 while unlinked.
 	wPrev, wNext *udpFlow
@@ -276,18 +287,69 @@ func (f *udpFlow) backendGone() bool {
 // the route (backendGone).
 var errBackendGone = errors.New("backend refused the datagram and is out of the route")
 
+// errFlowAnswered ends a flow whose backend sent every reply it owed.
+var errFlowAnswered = errors.New("every reply owed was sent")
+
+// flowAnswered is owed's value once the flow has all its replies: far
+// below anything datagrams count down to, so that it reads as answered
+// even after a late count.
+const flowAnswered = math.MinInt64 / 2
+
+// expect counts the replies owed for n more datagrams to the backend. It
+// returns false when the reader has already found the flow answered: the
+// datagrams need a new flow.
+func (f *udpFlow) expect(n int) bool {
+	for {
+		owed := f.owed.Load()
+		if owed <= flowAnswered/2 {
+			return false
+		}
+		if f.owed.CompareAndSwap(owed, owed+int64(n)*f.replies) {
+			return true
+		}
+	}
+}
+
+// answered counts n replies from the backend, and reports whether they
+// were the last it owed; the flow is then marked answered, and no datagram
+// counted after that goes on it.
+func (f *udpFlow) answered(n int) bool {
+	owed := f.owed.Add(-int64(n))
+	return owed <= 0 && owed > flowAnswered/2 && f.owed.CompareAndSwap(owed, flowAnswered)
+}
+
 // errBackendRetired: the backend connect picked was retired meanwhile.
 var errBackendRetired = errors.New("backend retired by a reload while picked")
 
 // close closes the flow's backend socket, once; that ends its reader.
-func (f *udpFlow) close() {
-	if f.closed.CompareAndSwap(false, true) {
-		f.conn.Close()
-		// A closed flow is no longer open: it frees its max_flows slot and
-		// leaves the gauges now, not when its worker next looks at it.
-		f.backend.active.Add(-1)
-		if p := f.w.p; p.active.Add(-1) == 0 && p.draining.Load() {
-			p.wakeDrain()
+func (f *udpFlow) close() bool {
+	if !f.closed.CompareAndSwap(false, true) {
+		return false
+	}
+	f.conn.Close()
+	// A closed flow is no longer open: it frees its max_flows slot and
+	// leaves the gauges now, not when its worker next looks at it.
+	f.backend.active.Add(-1)
+	if p := f.w.p; p.active.Add(-1) == 0 && p.draining.Load() {
+		p.wakeDrain()
+	}
+	return true
+}
+
+// end closes the flow from outside its worker (its reader, a drain) and
+// hands it to the worker to remove: a flow whose client sends no more
+// (a DNS client's port) would otherwise sit in the worker's table until
+// idle_timeout.
+func (f *udpFlow) end() {
+	if !f.close() {
+		return
+	}
+	w := f.w
+	for {
+		head := w.ended.Load()
+		f.endedNext = head
+		if w.ended.CompareAndSwap(head, f) {
+			return
 		}
 	}
 }
@@ -301,10 +363,11 @@ func (f *udpFlow) copyBackendToClient(rc syscall.RawConn) {
 			break // closed: by the worker, a drain, or shutdown
 		}
 	}
-	if f.readErr != nil && !errors.Is(f.readErr, net.ErrClosed) && f.readErr != errBackendGone && f.w.p.svc.allowLog(&f.w.p.lastReadErrLog) {
+	if f.readErr != nil && !errors.Is(f.readErr, net.ErrClosed) && f.readErr != errBackendGone && f.readErr != errFlowAnswered &&
+		f.w.p.svc.allowLog(&f.w.p.lastReadErrLog) {
 		f.w.p.log.Warn("udp flow ended by a receive error", "client", f.client, "backend", f.backend.addr, "error", f.readErr)
 	}
-	f.close()
+	f.end()
 }
 
 // readReplies reads the datagrams waiting on the flow's socket, a batch at
@@ -371,6 +434,10 @@ func (f *udpFlow) readReplies(fd uintptr) bool {
 		}
 		if cerr != nil {
 			f.readErr = net.ErrClosed // the worker's socket is gone: shutdown
+			return true
+		}
+		if f.replies > 0 && f.answered(n) {
+			f.readErr = errFlowAnswered
 			return true
 		}
 		if n < b.Len() {
@@ -472,6 +539,7 @@ type udpCounters struct {
 	datagrams, bytes atomic.Uint64
 	flowsCreated     atomic.Uint64
 	flowsExpired     atomic.Uint64
+	flowsAnswered    atomic.Uint64
 	flowsClosed      atomic.Uint64
 	flowsRefused     atomic.Uint64
 	drops            [NumDropReasons]atomic.Uint64
@@ -504,6 +572,9 @@ type udpWorker struct {
 	wheel     udpWheel
 	nextSweep int64 // monotonicNow when the wheel's next tick is due
 	deadline  bool  // a read deadline is set (only while there are flows)
+	// ended is a stack of flows closed by their readers or a drain, for
+	// the worker to remove (udpFlow.end), linked by endedNext.
+	ended atomic.Pointer[udpFlow]
 
 	c       udpCounters
 	replies udpReplyCounters
@@ -685,6 +756,7 @@ func (s *Service) UDPStats() (UDPStats, bool) {
 		st.BytesToClient += w.replies.bytes.Load()
 		st.FlowsCreated += w.c.flowsCreated.Load()
 		st.FlowsExpired += w.c.flowsExpired.Load()
+		st.FlowsAnswered += w.c.flowsAnswered.Load()
 		st.FlowsClosed += w.c.flowsClosed.Load()
 		st.FlowsRefused += w.c.flowsRefused.Load()
 		for i := range st.Drops {
@@ -740,6 +812,9 @@ func (w *udpWorker) readBatches(fd uintptr) bool {
 			return true
 		}
 		now := monotonicNow()
+		if w.ended.Load() != nil {
+			w.removeEnded()
+		}
 		w.forwardBatch(n, now)
 		if now >= w.nextSweep {
 			w.sweep(now)
@@ -805,6 +880,17 @@ func (w *udpWorker) flow(client netip.AddrPort, now int64) *udpFlow {
 
 // send sends w.out's first k datagrams, all of f's, to f's backend.
 func (w *udpWorker) send(f *udpFlow, k int, now int64) {
+	if f.replies > 0 && !f.expect(k) {
+		// The backend's last reply owed ended f as these datagrams came
+		// (flow saw it open): they start a new flow.
+		w.remove(f, false)
+		if f = w.open(f.client, now); f == nil {
+			return
+		}
+		if f.replies > 0 {
+			f.expect(k) // a new flow: not answered yet
+		}
+	}
 	f.lastSeen.Store(now)
 	w.out.n = k
 	if err := f.rc.Control(w.out.fn); err != nil {
@@ -812,7 +898,11 @@ func (w *udpWorker) send(f *udpFlow, k int, now int64) {
 	}
 	if w.out.sent < k {
 		w.c.drops[DropSendBackend].Add(uint64(k - w.out.sent))
-		if w.out.refused && f.backendGone() {
+		if f.replies > 0 && f.answered((k-w.out.sent)*int(f.replies)) {
+			// No reply comes for what was not sent, and every other
+			// was in.
+			w.remove(f, false)
+		} else if w.out.refused && f.backendGone() {
 			f.close()
 		}
 	}
@@ -864,7 +954,7 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 		}
 		tried = append(tried, i)
 		be := r.backends[i]
-		f, err := w.connect(client, be, now)
+		f, err := w.connect(client, be, r.cfg.RepliesPerDatagram, now)
 		if err == nil {
 			return f
 		}
@@ -900,8 +990,9 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 	return nil
 }
 
-// connect opens the flow's socket to be and starts its reader.
-func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udpFlow, error) {
+// connect opens the flow's socket to be and starts its reader; replies is
+// the service's replies_per_datagram.
+func (w *udpWorker) connect(client netip.AddrPort, be *Backend, replies int, now int64) (*udpFlow, error) {
 	conn, err := w.p.dial(be.addr)
 	if err != nil {
 		return nil, err
@@ -911,7 +1002,7 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, now int64) (*udp
 		conn.Close()
 		return nil, err
 	}
-	f := &udpFlow{client: client, conn: conn, rc: rc, backend: be, w: w, slot: -1}
+	f := &udpFlow{client: client, conn: conn, rc: rc, backend: be, w: w, slot: -1, replies: int64(replies)}
 	f.readFn = f.readReplies
 	f.proxyHeader = w.flowProxyHeader(client)
 	f.lastSeen.Store(now)
@@ -945,19 +1036,36 @@ func dialUDP(backend netip.AddrPort) (*net.UDPConn, error) {
 	return net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(backend))
 }
 
-// remove takes f out of the worker's table and wheel and closes it; expired
-// says whether idle_timeout ended it.
+// remove takes f out of the worker's table and wheel and closes it, once;
+// expired says whether idle_timeout ended it.
 func (w *udpWorker) remove(f *udpFlow, expired bool) {
+	if f.removed {
+		return
+	}
+	f.removed = true
 	if w.flows[f.client] == f {
 		delete(w.flows, f.client)
 	}
 	w.wheel.unlink(f)
 	f.close()
 	f.backend.udp.unlink(f)
-	if expired {
+	switch {
+	case expired:
 		w.c.flowsExpired.Add(1)
-	} else {
+	case f.replies > 0 && f.owed.Load() <= flowAnswered/2:
+		w.c.flowsAnswered.Add(1)
+	default:
 		w.c.flowsClosed.Add(1)
+	}
+}
+
+// removeEnded removes the flows on the ended stack.
+func (w *udpWorker) removeEnded() {
+	for f := w.ended.Swap(nil); f != nil; {
+		next := f.endedNext
+		f.endedNext = nil
+		w.remove(f, false)
+		f = next
 	}
 }
 
@@ -965,6 +1073,7 @@ func (w *udpWorker) remove(f *udpFlow, expired bool) {
 // idle deadline or closed are removed, the others go to the slot of their
 // current deadline.
 func (w *udpWorker) sweep(now int64) {
+	w.removeEnded()
 	idle := int64(w.p.svc.route.Load().cfg.IdleTimeout)
 	tick := int64(udpTick)
 	// Tick t is due once all of its deadlines, < (t+1)·udpTick, are past.

@@ -899,3 +899,78 @@ func TestUDPFlowPickedDuringRetireRepicks(t *testing.T) {
 		t.Errorf("backend b: %d flows; want 1", n)
 	}
 }
+
+// With replies_per_datagram, a flow ends as soon as its backend has
+// answered every datagram, freeing its socket and its max_flows slot, and
+// the client's next datagram opens a new flow: DNS clients, each query from
+// a new port, would otherwise hold a socket each until idle_timeout.
+func TestUDPRepliesPerDatagramEndsAnsweredFlows(t *testing.T) {
+	echo := newUDPEcho(t, "a")
+	cfg := udpConfig(echo.addr)
+	cfg.RepliesPerDatagram = 1
+	cfg.MaxFlows = 1 // a flow left open would refuse the next one
+	svc, _ := startUDPService(t, cfg)
+	c := newUDPClient(t, cfg.Listen)
+	c.exchange("q1")
+	first := <-echo.peers
+	waitUDPStats(t, svc, 2*time.Second, func(st UDPStats) bool { return st.FlowsAnswered == 1 && st.FlowsActive == 0 })
+	c.exchange("q2")
+	if second := <-echo.peers; second == first {
+		t.Errorf("second query came from the first flow's socket %v; want a new flow", first)
+	}
+	waitUDPStats(t, svc, 2*time.Second, func(st UDPStats) bool { return st.FlowsAnswered == 2 && st.FlowsActive == 0 })
+	st, _ := svc.UDPStats()
+	if st.FlowsCreated != 2 || st.FlowsExpired != 0 || st.FlowsClosed != 0 || st.Drops != [NumDropReasons]uint64{} {
+		t.Errorf("stats %+v; want 2 flows created and answered, none expired, closed or dropped", st)
+	}
+}
+
+// Datagrams that a client sends while its flow's last reply is on its way
+// are not lost to the flow ending: each is answered, on the old flow or a
+// new one.
+func TestUDPRepliesPerDatagramPipelined(t *testing.T) {
+	cfg := udpConfig(startUDPEcho(t, "a"), startUDPEcho(t, "b"))
+	cfg.RepliesPerDatagram = 1
+	svc, _ := startUDPService(t, cfg)
+	const clients, rounds = 20, 60
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	for range clients {
+		c := newUDPClient(t, cfg.Listen)
+		wg.Go(func() {
+			buf := make([]byte, 64)
+			for round := range rounds {
+				// One datagram at a time, whose reply ends the flow just
+				// as the next comes, and bursts, which one flow answers.
+				burst := 1 + round%3
+				for i := range burst {
+					if _, err := c.conn.WriteToUDPAddrPort(fmt.Appendf(nil, "%d.%d", round, i), cfg.Listen); err != nil {
+						errs <- err
+						return
+					}
+				}
+				for i := range burst {
+					c.conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+					if _, _, err := c.conn.ReadFromUDPAddrPort(buf); err != nil {
+						errs <- fmt.Errorf("client %v round %d: reply %d of %d: %w", c.addr(), round, i+1, burst, err)
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	st, _ := svc.UDPStats()
+	if st.Drops != [NumDropReasons]uint64{} {
+		t.Errorf("drops %v; want none", st.Drops)
+	}
+	const datagrams = clients * rounds * 2 // bursts of 1, 2 and 3
+	if st.FlowsAnswered == 0 || st.DatagramsToClient != datagrams {
+		t.Errorf("%d flows answered, %d replies; want some answered, %d replies", st.FlowsAnswered, st.DatagramsToClient, datagrams)
+	}
+	t.Logf("%d flows created, %d answered for %d datagrams", st.FlowsCreated, st.FlowsAnswered, datagrams)
+}

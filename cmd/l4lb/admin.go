@@ -194,6 +194,7 @@ type udpJSON struct {
 	FlowsActive        int64             `json:"flows_active"`
 	FlowsCreated       uint64            `json:"flows_created"`
 	FlowsExpired       uint64            `json:"flows_expired"`
+	FlowsAnswered      uint64            `json:"flows_answered"`
 	FlowsClosed        uint64            `json:"flows_closed"`
 	FlowsRefused       uint64            `json:"flows_refused"`
 	Drops              map[string]uint64 `json:"drops"`
@@ -207,7 +208,7 @@ func newUDPJSON(st *l4.UDPStats) *udpJSON {
 		DatagramsToBackend: st.DatagramsToBackend, BytesToBackend: st.BytesToBackend,
 		DatagramsToClient: st.DatagramsToClient, BytesToClient: st.BytesToClient,
 		FlowsActive: st.FlowsActive, FlowsCreated: st.FlowsCreated, FlowsExpired: st.FlowsExpired,
-		FlowsClosed: st.FlowsClosed, FlowsRefused: st.FlowsRefused, Drops: map[string]uint64{},
+		FlowsAnswered: st.FlowsAnswered, FlowsClosed: st.FlowsClosed, FlowsRefused: st.FlowsRefused, Drops: map[string]uint64{},
 	}
 	for reason, n := range st.Drops {
 		u.Drops[l4.DropReason(reason).String()] = n
