@@ -167,16 +167,19 @@ func parseV1Port(s string) (uint16, error) {
 
 // v2 command, family and transport bytes.
 const (
-	proxyV2Local   = 0x20
-	proxyV2Proxy   = 0x21
-	proxyV2Unspec  = 0x00
-	proxyV2TCP4    = 0x11
-	proxyV2UDP4    = 0x12
-	proxyV2TCP6    = 0x21
-	proxyV2UDP6    = 0x22
-	proxyV2Inet4   = 12 // src addr, dst addr, src port, dst port
-	proxyV2Inet6   = 36
-	proxyV2TLVHead = 3 // type, 16-bit length
+	proxyV2Local  = 0x20
+	proxyV2Proxy  = 0x21
+	proxyV2Unspec = 0x00
+	proxyV2TCP4   = 0x11
+	proxyV2UDP4   = 0x12
+	proxyV2TCP6   = 0x21
+	proxyV2UDP6   = 0x22
+	// AF_UNIX stream and datagram.
+	proxyV2UnixStream = 0x31
+	proxyV2UnixDgram  = 0x32
+	proxyV2Inet4      = 12 // src addr, dst addr, src port, dst port
+	proxyV2Inet6      = 36
+	proxyV2TLVHead    = 3 // type, 16-bit length
 )
 
 func parseProxyV2(b []byte) (proxyHeader, int, error) {
@@ -203,15 +206,16 @@ func parseProxyV2(b []byte) (proxyHeader, int, error) {
 		addrLen = proxyV2Inet4
 	case proxyV2TCP6:
 		addrLen = proxyV2Inet6
-	case proxyV2Unspec:
-		h.local = true
+	case proxyV2Unspec, proxyV2UnixStream, proxyV2UnixDgram:
+		// No address l4lb can use (UNSPEC's block has no set layout):
+		// the spec lets a receiver go on with the connection's own
+		// addresses, as HAProxy does, and as for v1 UNKNOWN.
+		return proxyHeader{local: true}, total, nil
 	case proxyV2UDP4, proxyV2UDP6:
 		if verCmd == proxyV2Proxy {
 			return proxyHeader{}, 0, malformed("v2 header for a datagram connection on a TCP one")
 		}
 	default:
-		// AF_UNIX (0x31, 0x32) and undefined values: no address l4lb can
-		// route by.
 		if verCmd == proxyV2Proxy {
 			return proxyHeader{}, 0, malformed("v2 family/transport byte 0x%02x", famProto)
 		}
@@ -331,8 +335,12 @@ func peekProxyHeader(fd int, buf *[proxyHeaderMax]byte) (h proxyHeader, done boo
 		}
 		if perr == nil {
 			// The bytes are there: this read takes exactly them.
-			if _, err := unix.Read(fd, buf[:size]); err != nil {
+			if n, err := unix.Read(fd, buf[:size]); err != nil {
 				perr = err
+			} else if n != size {
+				// Stopped at an urgent mark: the rest would be
+				// proxied as the client's data.
+				perr = malformed("header read cut short at %d of %d bytes", n, size)
 			}
 		}
 		return h, true, perr
