@@ -89,6 +89,7 @@ type udpService struct {
 	Idle     string // "30s" when empty
 	Drain    string // "2s" when empty
 	MaxFlows int    // 1000 when 0
+	Replies  int    // replies_per_datagram; not set when 0
 	Backends []netip.AddrPort
 	Extra    string // appended after the backends: a [services.NAME.health] table
 }
@@ -116,6 +117,9 @@ idle_timeout = %q
 drain_timeout = %q
 max_flows = %d
 `, s.Name, s.Listen, def(s.HashKey, "source_ip_port"), def(s.Idle, "30s"), def(s.Drain, "2s"), maxFlows)
+	if s.Replies > 0 {
+		fmt.Fprintf(&b, "replies_per_datagram = %d\n", s.Replies)
+	}
 	for _, a := range s.Backends {
 		fmt.Fprintf(&b, "\n  [[services.%s.backends]]\n  address = %q\n", s.Name, a)
 	}
@@ -434,6 +438,41 @@ func TestUDPMaxFlowsAndExpiry(t *testing.T) {
 	}
 	if r.Seen == seen[0] {
 		t.Errorf("client came back through the same l4lb socket %s; want a new flow", r.Seen)
+	}
+}
+
+// TestUDPRepliesPerDatagram is DNS's pattern: each query from a new port,
+// one reply each. With replies_per_datagram = 1 a flow ends at its reply,
+// so a few flow slots serve any number of queries; without it the fifth
+// query would be refused until the first flow idled out.
+func TestUDPRepliesPerDatagram(t *testing.T) {
+	const maxFlows, queriers, queries = 4, 2, 100
+	top := newTopology(t, 1, 1, 2)
+	svc := udpEchoService(t, top, "dns", udpEchoPort)
+	svc.MaxFlows, svc.Replies = maxFlows, 1
+	startLB(t, top.LB, udpConf(svc))
+	c := top.Clients[0]
+	// Each querier has at most two flows open: the one waiting for its
+	// reply, and the one before it, closing just after its reply.
+	var wg sync.WaitGroup
+	errs := make(chan error, queriers)
+	for q := range queriers {
+		wg.Go(func() {
+			for i := range queries {
+				port := newUDPClient(t, c.NS, c.Addrs4[0], svc.Listen)
+				_, err := port.exchange(fmt.Appendf(nil, "query %d.%d", q, i), udpIOTimeout)
+				port.conn.Close()
+				if err != nil {
+					errs <- fmt.Errorf("query %d of querier %d, max_flows = %d: %w", i, q, maxFlows, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }
 
