@@ -224,6 +224,7 @@ func runClient(args []string) error {
 	warmup := fs.Duration("warmup", 500*time.Millisecond, "time before the measurement starts")
 	grace := fs.Duration("grace", 200*time.Millisecond, "time after the sends stop to wait for late replies")
 	lossTimeout := fs.Duration("loss-timeout", 100*time.Millisecond, "a flow without a reply for this long counts its outstanding datagrams lost")
+	fresh := fs.Bool("fresh", false, "each flow sends each datagram from a new socket (a new source port) and waits for its reply before the next, as DNS resolvers do; -window is ignored")
 	fs.Parse(args)
 	var to []netip.AddrPort
 	for _, s := range strings.Split(*targets, ",") {
@@ -246,6 +247,9 @@ func runClient(args []string) error {
 
 	conns := make([]*net.UDPConn, *flows)
 	for i := range conns {
+		if *fresh {
+			break // each query opens its own
+		}
 		c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to[i%len(to)]))
 		if err != nil {
 			return err
@@ -266,6 +270,10 @@ func runClient(args []string) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			if *fresh {
+				runFreshFlow(to[i%len(to)], st, *size, *lossTimeout, start, &stopping, &measuring, &measured)
+				return
+			}
 			runFlow(c, st, *window, *size, *lossTimeout, start, &stopping, &measuring, &measured)
 		}()
 	}
@@ -279,7 +287,9 @@ func runClient(args []string) error {
 	stopping.Store(true)
 	time.Sleep(*grace)
 	for _, c := range conns {
-		c.SetReadDeadline(time.Now()) // wake the readers
+		if c != nil {
+			c.SetReadDeadline(time.Now()) // wake the readers
+		}
 	}
 	wg.Wait()
 
@@ -413,6 +423,32 @@ func runFlow(c *net.UDPConn, st *flowStats, window, size int, lossTimeout time.D
 		for i := range n {
 			st.record(rb.Bufs[i][:rb.Lens[i]], size, start, seq)
 		}
+	}
+}
+
+// runFreshFlow sends one datagram at a time, each from a new socket, and
+// waits up to lossTimeout for its reply, until stopping: a DNS resolver's
+// pattern, which costs a proxy a flow (a socket) per query.
+func runFreshFlow(to netip.AddrPort, st *flowStats, size int, lossTimeout time.Duration, start time.Time,
+	stopping, measuring *atomic.Bool, measured *atomic.Uint64) {
+	query := make([]byte, size)
+	reply := make([]byte, size+1)
+	for seq := uint64(0); !stopping.Load(); seq++ {
+		c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
+		if err != nil {
+			time.Sleep(time.Millisecond) // out of ports or descriptors: let some close
+			continue
+		}
+		binary.LittleEndian.PutUint64(query[0:], seq)
+		binary.LittleEndian.PutUint64(query[8:], uint64(time.Since(start)))
+		st.sent++
+		c.SetReadDeadline(time.Now().Add(lossTimeout))
+		if _, err := c.Write(query); err == nil {
+			if n, err := c.Read(reply); err == nil && st.record(reply[:n], size, start, seq+1) && measuring.Load() {
+				measured.Add(1)
+			}
+		}
+		c.Close()
 	}
 }
 
