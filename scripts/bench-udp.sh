@@ -24,6 +24,8 @@
 #   UDP_FLOWS        client flows (default 32)
 #   UDP_WINDOW       datagrams outstanding per flow (default 4)
 #   UDP_SIZES        datagram sizes in bytes (default "64 1200")
+#   UDP_DNS=0        skip the DNS-style row (each 64 B query from a new port,
+#                    l4lb replies_per_datagram = 1, nginx proxy_responses 1)
 #   TARGETS          columns to run, subset of "direct l4lb nginx"
 #   L4LB_BIN         use this binary instead of building bin/l4lb
 #   L4LB_BALANCE     l4lb balance algorithm (default round_robin)
@@ -46,7 +48,7 @@ source "$ROOT/scripts/bench-lib.sh"
 
 # ---------------------------------------------------------------- settings ---
 
-set_cmd_line scripts/bench-udp.sh "$*" QUICK ROUNDS UDP_TIME UDP_FLOWS UDP_WINDOW UDP_SIZES TARGETS \
+set_cmd_line scripts/bench-udp.sh "$*" QUICK ROUNDS UDP_TIME UDP_FLOWS UDP_WINDOW UDP_SIZES UDP_DNS TARGETS \
 	L4LB_BIN L4LB_BALANCE NGINX_UDP_RESPONSES BENCH_UDP_PORT_BASE KEEP_TMP
 
 QUICK=${QUICK:-0}
@@ -89,6 +91,12 @@ declare -A TARGET_ADDR=(
 	[l4lb]=$LOCALHOST:$((BENCH_UDP_PORT_BASE + 101))
 	[nginx]=$LOCALHOST:$((BENCH_UDP_PORT_BASE + 201))
 )
+# The DNS-style workload's service: one flow per query, ended by its reply.
+declare -A DNS_ADDR=(
+	[direct]=${TARGET_ADDR[direct]}
+	[l4lb]=$LOCALHOST:$((BENCH_UDP_PORT_BASE + 102))
+	[nginx]=$LOCALHOST:$((BENCH_UDP_PORT_BASE + 202))
+)
 
 # Workloads, in run order (one per size), and the rows they produce:
 # measure_udp SIZE writes "metric value" lines. No cost rows (ROW_COST): every
@@ -104,6 +112,14 @@ for s in "${SIZES[@]}"; do
 	ROW_FMT[udp$s.dps]="%.0f"
 	ROW_FMT[udp$s.p99]="%.3f"
 done
+if [[ ${UDP_DNS:-1} != 0 ]]; then
+	WORKLOADS+=(dns)
+	ROWS+=(dns.dps dns.p99)
+	ROW_LABEL[dns.dps]="UDP 64 B, a new port per query (queries/s)"
+	ROW_LABEL[dns.p99]="UDP 64 B, a new port per query, p99 RTT (ms)"
+	ROW_FMT[dns.dps]="%.0f"
+	ROW_FMT[dns.p99]="%.3f"
+fi
 
 # ------------------------------------------------------- process handling ---
 
@@ -157,6 +173,22 @@ start_l4lb() {
 		for b in "${BACKENDS[@]}"; do
 			printf '\n  [[services.bench_udp.backends]]\n  address = "%s"\n  weight = 100\n' "$b"
 		done
+		cat <<-EOF
+
+			[services.bench_dns]
+			listen = "${DNS_ADDR[l4lb]}"
+			protocol = "udp"
+			balance = "$L4LB_BALANCE"
+			workers = 0
+			replies_per_datagram = 1
+			drain_timeout = "0s"
+
+			  [services.bench_dns.health]
+			  kind = "none"
+		EOF
+		for b in "${BACKENDS[@]}"; do
+			printf '\n  [[services.bench_dns.backends]]\n  address = "%s"\n  weight = 100\n' "$b"
+		done
 	} >"$cfg"
 	start_bg l4lb "$TMP/l4lb.log" "$L4LB" run -config "$cfg"
 	if wait_ports udp "$LAST_PID" "${TARGET_ADDR[l4lb]##*:}"; then
@@ -202,6 +234,12 @@ start_nginx() {
 			        ${NGINX_UDP_RESPONSES:+proxy_responses $NGINX_UDP_RESPONSES;}
 			        proxy_timeout 60s;
 			    }
+			    server {
+			        listen ${DNS_ADDR[nginx]} udp reuseport;
+			        proxy_pass bench_udp;
+			        proxy_responses 1;
+			        proxy_timeout 60s;
+			    }
 			}
 		EOF
 	} >"$cfg"
@@ -215,12 +253,16 @@ start_nginx() {
 
 # -------------------------------------------------------------- workloads ---
 
-# measure_udp TARGET SIZE: one udpload client run.
+# measure_udp TARGET SIZE [dns]: one udpload client run; with dns, each
+# query from a new port, against the target's DNS-style service.
 measure_udp() {
-	local target=$1 size=$2
-	if ! run_client $((UDP_TIME + 30)) "$UDPLOAD" client -target "${TARGET_ADDR[$target]}" \
-		-flows "$UDP_FLOWS" -window "$UDP_WINDOW" -size "$size" -duration "${UDP_TIME}s"; then
-		log "udpload -size $size via $target failed: $(log_reason "$CLIENT_ERR")"
+	local target=$1 size=$2 addr=${TARGET_ADDR[$1]} load=(-window "$UDP_WINDOW")
+	if [[ ${3:-} == dns ]]; then
+		addr=${DNS_ADDR[$target]} load=(-fresh)
+	fi
+	if ! run_client $((UDP_TIME + 30)) "$UDPLOAD" client -target "$addr" \
+		-flows "$UDP_FLOWS" "${load[@]}" -size "$size" -duration "${UDP_TIME}s"; then
+		log "udpload -size $size ${3:-} via $target failed: $(log_reason "$CLIENT_ERR")"
 		return 1
 	fi
 	# One line of key=value pairs.
@@ -234,8 +276,15 @@ measure_udp() {
 	}
 }
 
-# measure_workload TARGET WORKLOAD: the hook run_rounds calls (WORKLOAD udpSIZE).
-measure_workload() { measure_udp "$1" "${2#udp}"; }
+# measure_workload TARGET WORKLOAD: the hook run_rounds calls (WORKLOAD udpSIZE
+# or dns).
+measure_workload() {
+	if [[ $2 == dns ]]; then
+		measure_udp "$1" 64 dns
+	else
+		measure_udp "$1" "${2#udp}"
+	fi
+}
 
 # ----------------------------------------------------------------- output ---
 
@@ -251,7 +300,8 @@ print_table() {
 	print_table_head "l4lb UDP loopback benchmark" nginx go
 	echo "- workload: scripts/udpload, $UDP_FLOWS flows x $UDP_WINDOW datagrams outstanding, ${UDP_TIME} s" \
 		"per run, 2 echo backends; nginx \`udp reuseport\`, workers = cores," \
-		"proxy_responses ${NGINX_UDP_RESPONSES:-unset}, proxy_timeout 60s"
+		"proxy_responses ${NGINX_UDP_RESPONSES:-unset}, proxy_timeout 60s; the new-port-per-query rows:" \
+		"$UDP_FLOWS queriers, one query at a time each, l4lb replies_per_datagram = 1, nginx proxy_responses 1"
 	echo "- each cell: median of $ROUNDS interleaved round(s) (ratio to direct); clients, proxy and" \
 		"backends share the same $NCPU cores; for p99 lower is better"
 	echo
@@ -262,7 +312,7 @@ print_table() {
 
 ensure_packages ss=iproute2
 command -v ss >/dev/null || die "ss is required (install iproute2, or run as root to have it installed)"
-for b in "${BACKENDS[@]}" "${TARGET_ADDR[l4lb]}" "${TARGET_ADDR[nginx]}"; do
+for b in "${BACKENDS[@]}" "${TARGET_ADDR[l4lb]}" "${TARGET_ADDR[nginx]}" "${DNS_ADDR[l4lb]}" "${DNS_ADDR[nginx]}"; do
 	if port_bound udp "${b##*:}"; then
 		die "UDP port ${b##*:} is already in use: set BENCH_UDP_PORT_BASE to a free block"
 	fi
