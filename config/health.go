@@ -3,6 +3,8 @@ package config
 import (
 	"regexp"
 	"time"
+
+	"github.com/BurntSushi/toml"
 )
 
 // HealthKind names how backends are checked.
@@ -73,10 +75,13 @@ const MaxRiseFall = 100
 // fileServiceHealth holds the health keys of [services.NAME]; fileService
 // embeds it.
 type fileServiceHealth struct {
-	Health      *fileHealth `toml:"health"`
-	PassiveFall any         `toml:"passive_fall"`
-	PanicMode   any         `toml:"panic_mode"`
-	OnDown      any         `toml:"on_down"`
+	Health      toml.Primitive `toml:"health"`
+	PassiveFall any            `toml:"passive_fall"`
+	PanicMode   any            `toml:"panic_mode"`
+	OnDown      any            `toml:"on_down"`
+	// health is Health decoded (validator.service), nil without a
+	// [health] table or with something other than a table there.
+	health *fileHealth
 }
 
 // fileHealth is the TOML shape of [services.NAME.health].
@@ -95,8 +100,8 @@ type fileHealth struct {
 // serviceHealth fills the health settings of svc: its [health] table and
 // the passive_fall, panic_mode and on_down keys.
 func (v *validator) serviceHealth(at string, f *fileService, svc *Service) {
-	svc.Health = v.health(at+".health", f.Health)
-	if svc.Protocol == UDP && f.Health != nil && f.Health.Kind == nil {
+	svc.Health = v.health(at+".health", f.health)
+	if svc.Protocol == UDP && f.health != nil && f.health.Kind == nil {
 		// The TCP default would probe a port a UDP server need not listen
 		// on, and mark every backend down: make the operator choose.
 		v.add(at+".health.kind", "a UDP service has no default check kind: set \"send_expect\" (a request and reply over UDP) or \"tcp\" (a TCP connect, with port = the backend's TCP port), or \"none\"")

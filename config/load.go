@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"reflect"
 	"regexp"
 	"runtime"
 	"sort"
@@ -125,13 +126,16 @@ func Load(path string) (*Config, error) {
 
 // The TOML-shaped file. Leaves are `any` so that a value of the wrong type
 // does not abort decoding: every leaf is checked by the validator, which can
-// then report all problems at once with their dotted keys.
+// then report all problems at once with their dotted keys. Tables are
+// toml.Primitive for the same reason: a scalar where a table belongs (`health
+// = "tcp"`) would otherwise fail the whole decode; the validator checks each
+// one's type before decoding it (validator.table).
 type fileConfig struct {
-	Admin    *fileAdmin              `toml:"admin"`
-	Reload   *fileReload             `toml:"reload"`
-	Log      *fileLog                `toml:"log"`
-	Process  *fileProcess            `toml:"process"`
-	Services map[string]*fileService `toml:"services"`
+	Admin    toml.Primitive            `toml:"admin"`
+	Reload   toml.Primitive            `toml:"reload"`
+	Log      toml.Primitive            `toml:"log"`
+	Process  toml.Primitive            `toml:"process"`
+	Services map[string]toml.Primitive `toml:"services"`
 }
 
 type fileAdmin struct {
@@ -156,10 +160,12 @@ type fileService struct {
 	RepliesPerDatagram any `toml:"replies_per_datagram"`
 	fileServiceHealth
 	fileServiceProtect
-	// Backends are decoded as plain tables so that unknown keys can be
+	// Backends are decoded as plain values so that unknown keys can be
 	// reported with the backend's index, which MetaData.Undecoded cannot do
-	// for arrays of tables.
-	Backends []map[string]any `toml:"backends"`
+	// for arrays of tables, and so that `backends = ["10.0.0.1:5432"]` (a
+	// list of addresses, as in HAProxy and nginx) is reported as such
+	// (validator.backendTables).
+	Backends any `toml:"backends"`
 }
 
 var backendKeys = []string{"address", "weight", "max_connections"}
@@ -173,24 +179,30 @@ func Parse(data []byte, path string) (*Config, error) {
 	if err != nil {
 		return nil, &Errors{Path: path, Problems: []Problem{decodeProblem(data, err)}}
 	}
-	v := validator{}
-	for _, key := range md.Undecoded() {
-		v.add(key.String(), "unknown key")
-	}
+	v := validator{md: md}
 	sum := sha256.Sum256(data)
-	cfg := &Config{
-		Path:    path,
-		Hash:    hex.EncodeToString(sum[:]),
-		Admin:   v.admin(file.Admin),
-		Log:     v.log(file.Log),
-		Process: v.process(file.Process),
+	cfg := &Config{Path: path, Hash: hex.EncodeToString(sum[:])}
+	var admin *fileAdmin
+	if a := new(fileAdmin); v.table(file.Admin, a, "admin") {
+		admin = a
 	}
-	if file.Reload != nil {
-		cfg.Reload.Watch = v.boolean("reload.watch", file.Reload.Watch, DefaultReloadWatch)
+	cfg.Admin = v.admin(admin)
+	var log *fileLog
+	if l := new(fileLog); v.table(file.Log, l, "log") {
+		log = l
+	}
+	cfg.Log = v.log(log)
+	var process *fileProcess
+	if p := new(fileProcess); v.table(file.Process, p, "process") {
+		process = p
+	}
+	cfg.Process = v.process(process)
+	if r := new(fileReload); v.table(file.Reload, r, "reload") {
+		cfg.Reload.Watch = v.boolean("reload.watch", r.Watch, DefaultReloadWatch)
 	}
 	if t := md.Type("services"); t != "" && t != "Hash" {
 		// The decoder skips a non-table here without an error of its own.
-		v.add("services", "want [services.NAME] tables, got a %s", strings.ToLower(t))
+		v.add("services", "want [services.NAME] tables, got %s", tomlTypeName(t))
 	} else if len(file.Services) == 0 {
 		v.add("services", "no services defined: add at least one [services.NAME] table")
 	}
@@ -204,18 +216,30 @@ func Parse(data []byte, path string) (*Config, error) {
 	// the first run, not the next one after the others are fixed.
 	var listening []Service
 	for _, name := range names {
-		svc, ok := v.service(name, file.Services[name])
+		f := new(fileService)
+		if !v.table(file.Services[name], f, "services", name) {
+			continue
+		}
+		svc, ok := v.service(name, f)
 		if ok {
 			cfg.Services = append(cfg.Services, svc)
 		}
 		// A protocol that did not parse reads as the default: checked
 		// against the others, it could report a clash that is not one.
-		if f := file.Services[name]; svc.Listen.IsValid() && (f == nil || f.Protocol == nil || f.Protocol == "tcp" || f.Protocol == "udp") {
+		if svc.Listen.IsValid() && (f.Protocol == nil || f.Protocol == "tcp" || f.Protocol == "udp") {
 			listening = append(listening, svc)
 		}
 	}
 	v.checkListenConflicts(listening)
-	v.checkAdminConflict(cfg.Admin.Listen, file.Admin == nil || file.Admin.Listen == nil, listening)
+	v.checkAdminConflict(cfg.Admin.Listen, admin == nil || admin.Listen == nil, listening)
+	// Last: the keys of a table count as decoded only once the table has
+	// been (validator.table).
+	for _, key := range md.Undecoded() {
+		if len(key) > 3 && key[0] == "services" && key[2] == "backends" {
+			continue // checked by service, with the backend's index
+		}
+		v.add(key.String(), "unknown key")
+	}
 	if len(v.problems) > 0 {
 		return nil, &Errors{Path: path, Problems: v.problems}
 	}
@@ -248,7 +272,36 @@ func decodeProblem(data []byte, err error) Problem {
 
 // validator collects problems while it converts file values to Config values.
 type validator struct {
+	md       toml.MetaData
 	problems []Problem
+}
+
+// table decodes the table at key (its parts, as the file nests them) from p
+// into dst. It returns false when key is absent, and when it holds
+// something other than a table, which it reports under the dotted key.
+func (v *validator) table(p toml.Primitive, dst any, key ...string) bool {
+	// The value's type is read from the value, not from MetaData.Type:
+	// the decoder matches struct fields regardless of case, so the file
+	// may spell the key otherwise than key does. Decoding into `any`
+	// leaves the keys within undecoded, for Undecoded to check.
+	if reflect.ValueOf(p).IsZero() {
+		return false // absent: PrimitiveDecode would panic on it
+	}
+	var raw any
+	if err := v.md.PrimitiveDecode(p, &raw); err != nil || raw == nil {
+		return false
+	}
+	dotted := strings.Join(key, ".")
+	if _, ok := raw.(map[string]any); !ok {
+		v.add(dotted, "want a table ([%s] with its keys on the lines below it), got %s", dotted, tomlType(raw))
+		return false
+	}
+	if err := v.md.PrimitiveDecode(p, dst); err != nil {
+		// Not expected: every leaf of dst is `any`.
+		v.add(dotted, "%v", err)
+		return false
+	}
+	return true
 }
 
 // udpOnly reports a key set on a service whose protocol is not UDP.
@@ -282,9 +335,6 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 	if !serviceName.MatchString(name) {
 		v.add(at, "service name must be 1-64 letters, digits, '_' or '-'")
 	}
-	if f == nil {
-		f = &fileService{}
-	}
 	svc := Service{Name: name}
 	if f.Listen == nil {
 		v.add(at+".listen", "missing: every service needs a listen address such as \"0.0.0.0:5432\"")
@@ -317,14 +367,18 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 	svc.ConnectTimeout = v.duration(at+".connect_timeout", f.ConnectTimeout, DefaultConnectTimeout, false)
 	svc.IdleTimeout = v.duration(at+".idle_timeout", f.IdleTimeout, idleDefault, false)
 	svc.DrainTimeout = v.duration(at+".drain_timeout", f.DrainTimeout, DefaultDrainTimeout, true)
+	if h := new(fileHealth); v.table(f.Health, h, "services", name, "health") {
+		f.health = h
+	}
 	v.serviceHealth(at, f, &svc)
 	v.serviceProtect(at, &f.fileServiceProtect, &svc)
 
-	if len(f.Backends) == 0 {
-		v.add(at+".backends", "no backends: add at least one [[%s.backends]] table", at)
-	}
-	seen := make(map[netip.AddrPort]int, len(f.Backends))
-	for i, fb := range f.Backends {
+	backends := v.backendTables(at, f.Backends)
+	seen := make(map[netip.AddrPort]int, len(backends))
+	for i, fb := range backends {
+		if fb == nil {
+			continue // not a table: reported
+		}
 		bat := fmt.Sprintf("%s.backends[%d]", at, i)
 		for key := range fb {
 			if !contains(backendKeys, key) {
@@ -359,6 +413,39 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 		svc.Backends = append(svc.Backends, b)
 	}
 	return svc, len(v.problems) == before
+}
+
+// backendTables returns the tables of a service's backends, with nil in
+// place of an element that is not a table (reported here, as is a missing
+// or empty array, or one that is not an array).
+func (v *validator) backendTables(at string, raw any) []map[string]any {
+	var out []map[string]any
+	switch raw := raw.(type) {
+	case nil:
+	case []map[string]any: // [[services.NAME.backends]] tables
+		out = raw
+	case []any: // an inline array: tables, or the addresses of HAProxy's and nginx's habit
+		out = make([]map[string]any, len(raw))
+		for i, e := range raw {
+			if m, ok := e.(map[string]any); ok {
+				out[i] = m
+				continue
+			}
+			bat := fmt.Sprintf("%s.backends[%d]", at, i)
+			if s, ok := e.(string); ok {
+				v.add(bat, "want a table, got the string %q: backends are tables, each with an address: write [[%s.backends]] and address = %q on the line below it, or { address = %q }", s, at, s, s)
+			} else {
+				v.add(bat, "want a table such as { address = \"10.0.0.11:5432\" }, got %s", tomlType(e))
+			}
+		}
+	default:
+		v.add(at+".backends", "want an array of tables ([[%s.backends]], each with an address), got %s", at, tomlType(raw))
+		return nil
+	}
+	if len(out) == 0 {
+		v.add(at+".backends", "no backends: add at least one [[%s.backends]] table", at)
+	}
+	return out
 }
 
 // checkListenConflicts rejects two services that would receive the same
@@ -558,6 +645,30 @@ func tomlType(raw any) string {
 		return "a date-time"
 	default:
 		return fmt.Sprintf("%T", raw)
+	}
+}
+
+// tomlTypeName names a type as MetaData.Type spells it.
+func tomlTypeName(t string) string {
+	switch t {
+	case "String":
+		return "a string"
+	case "Integer":
+		return "an integer"
+	case "Float":
+		return "a float"
+	case "Bool":
+		return "a boolean"
+	case "Datetime":
+		return "a date-time"
+	case "Array":
+		return "an array"
+	case "ArrayHash":
+		return "an array of tables"
+	case "Hash":
+		return "a table"
+	default:
+		return strings.ToLower(t)
 	}
 }
 

@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"runtime"
 	"strings"
@@ -317,6 +318,59 @@ listen = "127.0.0.1:1"
 	for _, line := range strings.Split(err.Error(), "\n") {
 		if !strings.HasPrefix(line, "many.toml: services.") {
 			t.Errorf("line does not name file and key: %q", line)
+		}
+	}
+}
+
+// A scalar where a table belongs is a problem under its dotted key, like
+// any other value of the wrong type: it neither aborts validation (hiding
+// the file's other problems) nor is reported at line 1, column 1.
+func TestParseScalarWhereTableBelongs(t *testing.T) {
+	const backend = "[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n"
+	for _, tt := range []struct {
+		name, file, key string
+	}{
+		{"admin", "admin = \"127.0.0.1:9901\"\n[services.pg]\nlisten = \"127.0.0.1:5432\"\nwieght = 3\n" + backend, "admin"},
+		{"log", "log = \"debug\"\n[services.pg]\nlisten = \"127.0.0.1:5432\"\nwieght = 3\n" + backend, "log"},
+		{"process", "process = 1\n[services.pg]\nlisten = \"127.0.0.1:5432\"\nwieght = 3\n" + backend, "process"},
+		{"reload", "reload = true\n[services.pg]\nlisten = \"127.0.0.1:5432\"\nwieght = 3\n" + backend, "reload"},
+		{"health", "[services.pg]\nlisten = \"127.0.0.1:5432\"\nhealth = \"tcp\"\nwieght = 3\n" + backend, "services.pg.health"},
+		{"service", "[services]\ncache = \"127.0.0.1:6379\"\n[services.pg]\nlisten = \"127.0.0.1:5432\"\nwieght = 3\n" + backend, "services.cache"},
+		{"backends", "[services.pg]\nlisten = \"127.0.0.1:5432\"\nwieght = 3\nbackends = \"10.0.0.1:5432\"\n", "services.pg.backends"},
+		{"backend", "[services.pg]\nlisten = \"127.0.0.1:5432\"\nwieght = 3\nbackends = [{ address = \"10.0.0.1:5432\" }, 7]\n", "services.pg.backends[1]"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.file), "types.toml")
+			var errs *Errors
+			if !errors.As(err, &errs) {
+				t.Fatalf("want *Errors, got %v", err)
+			}
+			keys := map[string]string{}
+			for _, p := range errs.Problems {
+				keys[p.Key] = p.Message
+			}
+			if msg := keys[tt.key]; !strings.HasPrefix(msg, "want a") {
+				t.Errorf("no type problem under %s; got:\n%v", tt.key, err)
+			}
+			if keys["services.pg.wieght"] != "unknown key" || len(errs.Problems) != 2 {
+				t.Errorf("want exactly the type problem and services.pg.wieght; got:\n%v", err)
+			}
+		})
+	}
+}
+
+// backends = ["10.0.0.1:5432"], as HAProxy's and nginx's server lists
+// read, is told that backends are tables, not that an address is missing.
+func TestParseBackendsAsAddresses(t *testing.T) {
+	_, err := Parse([]byte("[services.pg]\nlisten = \"127.0.0.1:5432\"\nbackends = [\"10.0.0.1:5432\", \"10.0.0.2:5432\"]\n"), "pg.toml")
+	var errs *Errors
+	if !errors.As(err, &errs) || len(errs.Problems) != 2 {
+		t.Fatalf("want one problem per backend, got:\n%v", err)
+	}
+	for i, p := range errs.Problems {
+		if want := fmt.Sprintf("services.pg.backends[%d]", i); p.Key != want || !strings.Contains(p.Message, "backends are tables") ||
+			!strings.Contains(p.Message, "[[services.pg.backends]]") {
+			t.Errorf("problem %d: %s; want it under %s, saying backends are tables", i, p, want)
 		}
 	}
 }
