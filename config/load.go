@@ -392,6 +392,8 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 			ap, err := parseAddrPort(s)
 			if err != nil {
 				v.add(bat+".address", "%v", err)
+			} else if why := notAHost(ap.Addr()); why != "" {
+				v.add(bat+".address", "%s %s", ap, why)
 			} else if first, dup := seen[ap]; dup {
 				v.add(bat+".address", "duplicate backend %s (also %s.backends[%d])", ap, at, first)
 			} else if ap == svc.Listen || (svc.Protocol == TCP && ap.Port() == svc.Listen.Port() &&
@@ -605,6 +607,22 @@ func parseAddrPort(s string) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("%q: IPv6 zones are not supported", s)
 	}
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+}
+
+// notAHost says why a backend cannot be at addr, or "" when it can: the
+// unspecified address (a connect to it reaches this host, which is never
+// what a backend list means), multicast and broadcast addresses (no TCP
+// connection, and no UDP flow's replies, come from one).
+func notAHost(addr netip.Addr) string {
+	switch {
+	case addr.IsUnspecified():
+		return "is the unspecified address, not a backend's (a connect to it reaches this host): give the backend's own address"
+	case addr.IsMulticast():
+		return "is a multicast address: a backend needs a unicast one"
+	case addr == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return "is the broadcast address: a backend needs a unicast one"
+	}
+	return ""
 }
 
 func parsePort(s string) (int, error) {
