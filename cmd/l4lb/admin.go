@@ -56,9 +56,15 @@ func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
 		}
 		json.NewEncoder(w).Encode(res)
 	})
+	mux.HandleFunc("/reload", func(w http.ResponseWriter, r *http.Request) {
+		// Any other method than POST: without this, "/" below would
+		// answer, offering GET.
+		w.Header().Set("Allow", http.MethodPost)
+		http.Error(w, "reload with POST /reload", http.StatusMethodNotAllowed)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
-			w.Header().Set("Allow", "GET")
+			w.Header().Set("Allow", "GET, HEAD")
 			http.Error(w, "the admin endpoint is read-only, except POST /reload", http.StatusMethodNotAllowed)
 			return
 		}

@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -65,5 +67,39 @@ func TestAdminAddressTakenHint(t *testing.T) {
 	a.commit("", nil) // started, with the endpoint off
 	if _, err := a.prepare(taken.Addr().String()); err == nil || strings.Contains(err.Error(), hint) {
 		t.Errorf("on a reload: %v; want an error without the hint", err)
+	}
+}
+
+// Every method the admin endpoint refuses gets 405 naming the ones it
+// takes: POST for /reload, GET (and HEAD) elsewhere.
+func TestAdminRefusedMethods(t *testing.T) {
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	ts := httptest.NewServer(newAdmin(hclog.NewNullLogger(), srv, &reloader{}).handler)
+	t.Cleanup(ts.Close)
+	for _, c := range []struct {
+		method, path string
+		code         int
+		allow        string
+	}{
+		{http.MethodDelete, "/reload", http.StatusMethodNotAllowed, "POST"},
+		{http.MethodGet, "/reload", http.StatusMethodNotAllowed, "POST"},
+		{http.MethodPut, "/reload", http.StatusMethodNotAllowed, "POST"},
+		{http.MethodPost, "/status", http.StatusMethodNotAllowed, "GET, HEAD"},
+		{http.MethodDelete, "/metrics", http.StatusMethodNotAllowed, "GET, HEAD"},
+		{http.MethodGet, "/nothing", http.StatusNotFound, ""},
+	} {
+		req, err := http.NewRequest(c.method, ts.URL+c.path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != c.code || resp.Header.Get("Allow") != c.allow {
+			t.Errorf("%s %s: %s, Allow %q; want %d, Allow %q", c.method, c.path, resp.Status, resp.Header.Get("Allow"), c.code, c.allow)
+		}
 	}
 }
