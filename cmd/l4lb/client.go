@@ -180,12 +180,24 @@ func cmdReload(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer resp.Body.Close()
-	var res reloadResult
-	if err := json.NewDecoder(resp.Body).Decode(&res); err != nil {
-		fmt.Fprintf(stderr, "l4lb reload: %s: %v\n", resp.Status, err)
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		fmt.Fprintf(stderr, "l4lb reload: %s: %v\n", *addr, err)
 		return 1
 	}
-	if res.Error != "" {
+	// l4lb answers 200 with the versions, or 422 with the error; a running
+	// l4lb's version is at least 1. Anything else is some other server (or
+	// a proxy's error page), whose "success" must not pass for a reload:
+	// systemctl reload relies on this exit code.
+	var res reloadResult
+	jsonErr := json.Unmarshal(body, &res)
+	applied := resp.StatusCode == http.StatusOK && res.Error == ""
+	rejected := resp.StatusCode == http.StatusUnprocessableEntity && res.Error != ""
+	if jsonErr != nil || res.Version == 0 || !(applied || rejected) {
+		fmt.Fprintf(stderr, "l4lb reload: %s answered %s: not an l4lb admin endpoint, or it failed (%.200q)\n", *addr, resp.Status, body)
+		return 1
+	}
+	if rejected {
 		fmt.Fprintf(stderr, "reload rejected, version %d still serving:\n%s\n", res.Version, res.Error)
 		return 1
 	}

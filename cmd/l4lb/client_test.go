@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 )
@@ -91,5 +94,40 @@ func TestPrintStatusHealth(t *testing.T) {
 		if !strings.Contains(text, want) {
 			t.Errorf("status output lacks %q:\n%s", want, text)
 		}
+	}
+}
+
+// l4lb reload succeeds only on l4lb's own answer of success: 200 with a
+// version. Another server's answer, whatever its status and body, is a
+// failure, or systemctl reload (ExecReload=l4lb reload) would pass
+// against it.
+func TestReloadCommandChecksTheAnswer(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		status int
+		body   string
+		code   int
+		output string
+	}{
+		{"applied", http.StatusOK, `{"old_version": 1, "version": 2, "changes": "pg: +10.0.0.13:5432"}`, 0, "reloaded: version 1 -> 2: pg: +10.0.0.13:5432"},
+		{"unchanged", http.StatusOK, `{"old_version": 2, "version": 2}`, 0, "config unchanged, version 2"},
+		{"rejected", http.StatusUnprocessableEntity, `{"old_version": 2, "version": 2, "error": "l4lb.toml: services.pg.wieght: unknown key"}`, 1, "reload rejected, version 2 still serving:\nl4lb.toml: services.pg.wieght: unknown key"},
+		{"server error with JSON", http.StatusInternalServerError, `{"status": "error"}`, 1, "answered 500 Internal Server Error: not an l4lb admin endpoint"},
+		{"not found", http.StatusNotFound, `{}`, 1, "answered 404 Not Found: not an l4lb admin endpoint"},
+		{"other JSON with 200", http.StatusOK, `{"status": "ok"}`, 1, "answered 200 OK: not an l4lb admin endpoint"},
+		{"HTML with 200", http.StatusOK, `<html>welcome</html>`, 1, "answered 200 OK: not an l4lb admin endpoint"},
+		{"error with 200", http.StatusOK, `{"old_version": 2, "version": 2, "error": "x"}`, 1, "not an l4lb admin endpoint"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.WriteHeader(c.status)
+				io.WriteString(w, c.body)
+			}))
+			defer ts.Close()
+			var out bytes.Buffer
+			if code := runMain([]string{"reload", "-admin", ts.URL}, &out, &out); code != c.code || !strings.Contains(out.String(), c.output) {
+				t.Errorf("exit %d, output %q; want exit %d and %q", code, out.String(), c.code, c.output)
+			}
+		})
 	}
 }
