@@ -15,6 +15,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/l4lb/l4lb/config"
 )
 
@@ -209,12 +211,36 @@ func cmdReload(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// signalPidfile sends SIGHUP to the l4lb whose pidfile is path. A pidfile
+// no l4lb holds the lock of is stale, left by an l4lb that crashed, was
+// killed or could not remove it after dropping privileges: its number may
+// now be another program's, so nothing is sent.
 func signalPidfile(path string) error {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	defer f.Close()
+	content, err := io.ReadAll(io.LimitReader(f, 32))
+	if err != nil {
+		return err
+	}
+	text := strings.TrimSpace(string(content))
+	// l4lb run holds an exclusive lock on its pidfile for its life
+	// (lockPidfile), so a shared one is ours only when no l4lb runs. The
+	// l4lb could still exit between this test and the signal; the window is
+	// that of one system call, where reading the number alone left it open
+	// for as long as the file stayed behind.
+	switch err := unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB); {
+	case err == nil:
+		if text == "" {
+			text = "no process id"
+		}
+		return fmt.Errorf("%s is stale: no l4lb holds it (it says %q, which may now be another program's process id); nothing was signalled", path, text)
+	case !errors.Is(err, unix.EWOULDBLOCK):
+		return fmt.Errorf("lock %s: %w", path, err)
+	}
+	pid, err := strconv.Atoi(text)
 	if err != nil || pid <= 0 {
 		return errors.New(path + ": no process id in it (is l4lb still starting?)")
 	}

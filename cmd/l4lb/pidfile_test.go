@@ -1,12 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -34,22 +36,8 @@ func TestMain(m *testing.M) {
 // left by a dead one is taken over.
 func TestPidfileLock(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "l4lb.pid")
-	holder := exec.Command(os.Args[0])
-	holder.Env = append(os.Environ(), "L4LB_TEST_HOLD_PIDFILE="+path)
-	if err := holder.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	holder := startPidfileHolder(t, path)
 	want := strconv.Itoa(holder.Process.Pid)
-	for i := 0; ; i++ {
-		if b, _ := os.ReadFile(path); strings.TrimSpace(string(b)) == want {
-			break
-		}
-		if i == 500 {
-			t.Fatal("the holder never wrote its pid")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 	_, err := lockPidfile(path)
 	var held *pidfileHeldError
 	if !errors.As(err, &held) || held.pid != want {
@@ -79,5 +67,76 @@ func TestPidfileLock(t *testing.T) {
 	// either has written its pid.
 	if _, err := lockPidfile(path); !errors.As(err, &held) {
 		t.Errorf("a second lock of a held pidfile: %v; want it refused", err)
+	}
+}
+
+// startPidfileHolder starts this test binary as a stand-in for a running
+// l4lb that holds the pidfile at path (see TestMain), and returns once the
+// pidfile names it. The holder is killed at the end of the test.
+func startPidfileHolder(t *testing.T, path string) *exec.Cmd {
+	t.Helper()
+	holder := exec.Command(os.Args[0])
+	holder.Env = append(os.Environ(), "L4LB_TEST_HOLD_PIDFILE="+path)
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	want := strconv.Itoa(holder.Process.Pid)
+	// The pid is written after the lock is taken: polled, since the holder
+	// has no other way to say it is ready.
+	for i := 0; ; i++ {
+		if b, _ := os.ReadFile(path); strings.TrimSpace(string(b)) == want {
+			return holder
+		}
+		if i == 500 {
+			t.Fatal("the holder never wrote its pid")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// l4lb reload -pidfile signals the l4lb that holds the pidfile's lock,
+// and nothing when no l4lb holds it: a pidfile left behind (a crash,
+// SIGKILL, or a [process] user that cannot remove it from /run) names a
+// process id that may now be another program's.
+func TestReloadPidfileSignalsOnlyAHolder(t *testing.T) {
+	dir := t.TempDir()
+
+	// Stale: the pidfile names a live process that holds no lock.
+	other := exec.Command("sleep", "30")
+	if err := other.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Process.Kill() })
+	otherDone := make(chan error, 1)
+	go func() { otherDone <- other.Wait() }()
+	stale := filepath.Join(dir, "stale.pid")
+	if err := os.WriteFile(stale, []byte(strconv.Itoa(other.Process.Pid)+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	code := runMain([]string{"reload", "-pidfile", stale}, &out, &out)
+	if code != 1 || !strings.Contains(out.String(), stale+" is stale: no l4lb holds it") {
+		t.Errorf("stale pidfile: exit %d, output %q; want exit 1, saying it is stale", code, out.String())
+	}
+
+	// Held: the holder gets the SIGHUP, which ends it (it does not catch it).
+	held := filepath.Join(dir, "held.pid")
+	holder := startPidfileHolder(t, held)
+	out.Reset()
+	if code := runMain([]string{"reload", "-pidfile", held}, &out, &out); code != 0 || !strings.Contains(out.String(), "SIGHUP sent") {
+		t.Errorf("held pidfile: exit %d, output %q; want exit 0", code, out.String())
+	}
+	var exit *exec.ExitError
+	if err := holder.Wait(); !errors.As(err, &exit) || exit.Sys().(syscall.WaitStatus).Signal() != syscall.SIGHUP {
+		t.Errorf("the holder ended with %v, want SIGHUP", err)
+	}
+
+	// By now the stale pidfile's process has had time to die of a signal
+	// sent in error.
+	select {
+	case err := <-otherDone:
+		t.Errorf("the process a stale pidfile names was signalled: %v", err)
+	default:
 	}
 }
