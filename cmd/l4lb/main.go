@@ -133,7 +133,7 @@ func cmdCheck(args []string, stdout, stderr io.Writer) int {
 		// A warning, not a failure: a file checked in CI or on a build
 		// host names a user that may exist only where l4lb runs. run
 		// refuses to start without it.
-		if _, _, err := processIDs(cfg.Process); err != nil {
+		if _, err := processIDs(cfg.Process); err != nil {
 			fmt.Fprintf(stderr, "%s: warning: %v (l4lb run would refuse to start on this host)\n", *path, err)
 		}
 	}
@@ -185,7 +185,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		return 1
 	}
 	if cfg.Process.User != "" {
-		if _, _, err := processIDs(cfg.Process); err != nil {
+		if _, err := processIDs(cfg.Process); err != nil {
 			fmt.Fprintf(stderr, "l4lb run: %s: %v\n", *path, err)
 			return 1
 		}
@@ -277,7 +277,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 		return 1
 	}
 	if cfg.Process.User != "" {
-		log.Info("running unprivileged", "uid", os.Getuid(), "gid", os.Getgid())
+		groups, _ := os.Getgroups()
+		log.Info("running unprivileged", "uid", os.Getuid(), "gid", os.Getgid(), "groups", groups)
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())

@@ -15,8 +15,12 @@ import (
 
 // TestMain lets the test binary stand in for a running l4lb: with
 // L4LB_TEST_HOLD_PIDFILE set, it locks that pidfile as run does, writes
-// its pid and sleeps.
+// its pid and sleeps. With L4LB_TEST_DROP_TO, it drops root for that user
+// (dropTo).
 func TestMain(m *testing.M) {
+	if name := os.Getenv("L4LB_TEST_DROP_TO"); name != "" {
+		os.Exit(dropTo(name))
+	}
 	if path := os.Getenv("L4LB_TEST_HOLD_PIDFILE"); path != "" {
 		f, err := lockPidfile(path)
 		if err == nil {

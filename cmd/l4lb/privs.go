@@ -5,37 +5,51 @@ import (
 	"fmt"
 	"os"
 	"os/user"
+	"slices"
 	"strconv"
 	"syscall"
 
 	"github.com/l4lb/l4lb/config"
 )
 
-// processIDs resolves p.User and p.Group (names or numbers) to the uid
-// and gid l4lb will run as; Group "" is the user's primary group. run
-// calls it before binding anything, and check too, so that a user missing
-// on this host is reported before a single service starts. A number with
-// no entry in the user database is taken as it is, as HAProxy's uid is
-// (containers often have none); its group must then be given.
-func processIDs(p config.Process) (uid, gid int, err error) {
+// account is who l4lb runs as once it drops root.
+type account struct {
+	uid, gid int
+	// groups are the supplementary groups: the user's, from the group
+	// database (its primary group included), and gid. HAProxy and nginx
+	// set them with initgroups(3) too, so that a file the user reads
+	// through a group it belongs to, such as a config at 0640
+	// root:ssl-cert, stays readable after the drop.
+	groups []int
+}
+
+// processIDs resolves p.User and p.Group (names or numbers) to the uid,
+// gid and groups l4lb will run as; Group "" is the user's primary group.
+// run calls it before binding anything, and check too, so that a user
+// missing on this host is reported before a single service starts. A
+// number with no entry in the user database is taken as it is, as
+// HAProxy's uid is (containers often have none); its group must then be
+// given, and is its only one.
+func processIDs(p config.Process) (account, error) {
+	var acct account
 	gidStr := ""
 	u, err := lookupUser(p.User)
 	switch {
 	case err == nil:
-		uid, err = strconv.Atoi(u.Uid)
+		acct.uid, err = strconv.Atoi(u.Uid)
 		if err != nil {
-			return 0, 0, fmt.Errorf("process.user %q: uid %q: %w", p.User, u.Uid, err)
+			return account{}, fmt.Errorf("process.user %q: uid %q: %w", p.User, u.Uid, err)
 		}
 		gidStr = u.Gid
 	case isUnknown(err) && isNumber(p.User):
-		uid, _ = strconv.Atoi(p.User)
+		acct.uid, _ = strconv.Atoi(p.User)
 		if p.Group == "" {
-			return 0, 0, fmt.Errorf("process.user %q has no entry on this host, so no primary group: set process.group too", p.User)
+			return account{}, fmt.Errorf("process.user %q has no entry on this host, so no primary group: set process.group too", p.User)
 		}
 	case isUnknown(err):
-		return 0, 0, fmt.Errorf("process.user %q: no such user on this host", p.User)
+		return account{}, fmt.Errorf("process.user %q: no such user on this host", p.User)
 	default:
-		return 0, 0, fmt.Errorf("process.user %q: %w", p.User, err)
+		return account{}, fmt.Errorf("process.user %q: %w", p.User, err)
 	}
 	if p.Group != "" {
 		g, err := lookupGroup(p.Group)
@@ -45,15 +59,31 @@ func processIDs(p config.Process) (uid, gid int, err error) {
 		case isUnknown(err) && isNumber(p.Group):
 			gidStr = p.Group
 		case isUnknown(err):
-			return 0, 0, fmt.Errorf("process.group %q: no such group on this host", p.Group)
+			return account{}, fmt.Errorf("process.group %q: no such group on this host", p.Group)
 		default:
-			return 0, 0, fmt.Errorf("process.group %q: %w", p.Group, err)
+			return account{}, fmt.Errorf("process.group %q: %w", p.Group, err)
 		}
 	}
-	if gid, err = strconv.Atoi(gidStr); err != nil {
-		return 0, 0, fmt.Errorf("process.group: gid %q: %w", gidStr, err)
+	if acct.gid, err = strconv.Atoi(gidStr); err != nil {
+		return account{}, fmt.Errorf("process.group: gid %q: %w", gidStr, err)
 	}
-	return uid, gid, nil
+	acct.groups = []int{acct.gid}
+	if u != nil {
+		ids, err := u.GroupIds()
+		if err != nil {
+			return account{}, fmt.Errorf("process.user %q: its groups: %w", p.User, err)
+		}
+		for _, id := range ids {
+			n, err := strconv.Atoi(id)
+			if err != nil {
+				return account{}, fmt.Errorf("process.user %q: group id %q: %w", p.User, id, err)
+			}
+			if !slices.Contains(acct.groups, n) {
+				acct.groups = append(acct.groups, n)
+			}
+		}
+	}
+	return acct, nil
 }
 
 // lookupUser finds name, or a number as a uid.
@@ -91,33 +121,34 @@ func isNumber(s string) bool {
 }
 
 // dropPrivileges makes the whole process run as p.User (and p.Group, or
-// the user's primary group) from now on. It runs once the sockets are
-// bound: binding ports below 1024 is what root was needed for. On Linux,
-// Go applies setuid and setgid to every thread of the process.
+// the user's primary group, and the user's supplementary groups) from now
+// on. It runs once the sockets are bound: binding ports below 1024 is what
+// root was needed for. On Linux, Go applies setgroups, setgid and setuid to
+// every thread of the process.
 func dropPrivileges(p config.Process) error {
 	if p.User == "" {
 		return nil
 	}
-	uid, gid, err := processIDs(p)
+	acct, err := processIDs(p)
 	if err != nil {
 		return err
 	}
 	if os.Geteuid() != 0 {
-		if os.Geteuid() == uid {
+		if os.Geteuid() == acct.uid {
 			return nil // already that user
 		}
 		return fmt.Errorf("process.user %q: l4lb runs as uid %d, not root: it cannot change user", p.User, os.Geteuid())
 	}
 	// Supplementary groups first, then the group, then the user: after
 	// setuid nothing else may be changed.
-	if err := syscall.Setgroups([]int{gid}); err != nil {
-		return fmt.Errorf("setgroups: %w", err)
+	if err := syscall.Setgroups(acct.groups); err != nil {
+		return fmt.Errorf("setgroups %v: %w", acct.groups, err)
 	}
-	if err := syscall.Setgid(gid); err != nil {
-		return fmt.Errorf("setgid %d: %w", gid, err)
+	if err := syscall.Setgid(acct.gid); err != nil {
+		return fmt.Errorf("setgid %d: %w", acct.gid, err)
 	}
-	if err := syscall.Setuid(uid); err != nil {
-		return fmt.Errorf("setuid %d: %w", uid, err)
+	if err := syscall.Setuid(acct.uid); err != nil {
+		return fmt.Errorf("setuid %d: %w", acct.uid, err)
 	}
 	return nil
 }

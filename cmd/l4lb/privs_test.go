@@ -1,6 +1,11 @@
 package main
 
 import (
+	"fmt"
+	"os"
+	"os/exec"
+	"os/user"
+	"slices"
 	"strings"
 	"testing"
 
@@ -23,7 +28,8 @@ func TestProcessIDs(t *testing.T) {
 		{user: "no-such-user-l4lb", err: `process.user "no-such-user-l4lb": no such user on this host`},
 		{user: "root", group: "no-such-group-l4lb", err: `process.group "no-such-group-l4lb": no such group on this host`},
 	} {
-		uid, gid, err := processIDs(config.Process{User: tc.user, Group: tc.group})
+		acct, err := processIDs(config.Process{User: tc.user, Group: tc.group})
+		uid, gid := acct.uid, acct.gid
 		switch {
 		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
 			t.Errorf("user %q group %q: error %v, want %q", tc.user, tc.group, err, tc.err)
@@ -33,4 +39,76 @@ func TestProcessIDs(t *testing.T) {
 			t.Errorf("user %q group %q: uid %d gid %d, want %d %d", tc.user, tc.group, uid, gid, tc.uid, tc.gid)
 		}
 	}
+}
+
+// dropTo, in a child started by TestPrivilegeDropKeepsSupplementaryGroups
+// (see TestMain), drops root for user and prints the groups it then has.
+func dropTo(user string) int {
+	if err := dropPrivileges(config.Process{User: user}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	groups, err := os.Getgroups()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println(os.Getuid(), os.Getgid(), groups)
+	return 0
+}
+
+// Dropping root for a user keeps the user's supplementary groups, as
+// initgroups(3) does for HAProxy and nginx: with a config at 0640
+// root:ssl-cert and user = "postgres" (a member of ssl-cert), every reload
+// after the drop must still read the file.
+func TestPrivilegeDropKeepsSupplementaryGroups(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to drop it")
+	}
+	member, group := supplementaryMember(t)
+	u, err := user.Lookup(member)
+	if err != nil {
+		t.Fatal(err)
+	}
+	child := exec.Command(os.Args[0])
+	child.Env = append(os.Environ(), "L4LB_TEST_DROP_TO="+member)
+	out, err := child.CombinedOutput()
+	if err != nil {
+		t.Fatalf("drop to %s: %v: %s", member, err, out)
+	}
+	// "uid gid [g1 g2 ...]"
+	fields := strings.SplitN(strings.TrimSpace(string(out)), " ", 3)
+	if len(fields) != 3 {
+		t.Fatalf("child said %q", out)
+	}
+	if fields[0] != u.Uid || fields[1] != u.Gid {
+		t.Errorf("uid and gid after the drop: %s %s, want %s %s", fields[0], fields[1], u.Uid, u.Gid)
+	}
+	if !slices.Contains(strings.Fields(strings.Trim(fields[2], "[]")), group.Gid) {
+		t.Errorf("groups after dropping root for %s: %s; want them to include %s (%s), which %s is a member of",
+			member, fields[2], group.Gid, group.Name, member)
+	}
+}
+
+// supplementaryMember finds a user of this host that is a member of a
+// group other than its primary one, from /etc/group, or skips the test.
+func supplementaryMember(t *testing.T) (string, *user.Group) {
+	t.Helper()
+	data, err := os.ReadFile("/etc/group")
+	if err != nil {
+		t.Skip(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Split(line, ":")
+		if len(f) != 4 || f[3] == "" {
+			continue
+		}
+		for _, name := range strings.Split(f[3], ",") {
+			if u, err := user.Lookup(name); err == nil && u.Gid != f[2] && u.Uid != "0" {
+				return name, &user.Group{Gid: f[2], Name: f[0]}
+			}
+		}
+	}
+	t.Skip("no user on this host is a member of a group besides its primary one")
+	return "", nil
 }
