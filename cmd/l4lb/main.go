@@ -333,7 +333,7 @@ func watchConfigFile(ctx context.Context, log hclog.Logger, srv *l4.Server, path
 		for range w.Changes() {
 			if _, cfg, _ := srv.Version(); cfg.Reload.Watch {
 				select {
-				case triggers <- "file change":
+				case triggers <- triggerFile:
 				default: // a reload is already pending
 				}
 			}

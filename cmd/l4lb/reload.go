@@ -2,7 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -17,6 +20,9 @@ import (
 // triggers to merge into it: an editor's save, a `mv` over the file and a
 // SIGHUP from a deploy script often arrive together.
 const reloadSettle = 100 * time.Millisecond
+
+// triggerFile is the reason of reloads the file watch asks for.
+const triggerFile = "file change"
 
 // reloader re-reads the config file and applies it, one reload at a time.
 type reloader struct {
@@ -35,6 +41,10 @@ type reloader struct {
 	logLevel string
 
 	reloading sync.Mutex // held for a whole reload: triggers and POST /reload take turns
+	// waiting is why the file watch last found no config to load ("" when
+	// it last found one): a file removed, or created and not written yet,
+	// is waited for, and said so once. Guarded by reloading.
+	waiting string
 
 	mu          sync.Mutex // guards the fields below
 	ok, failed  uint64
@@ -91,6 +101,20 @@ func (r *reloader) run(ctx context.Context, triggers <-chan string) {
 func (r *reloader) reload(ctx context.Context, reason string) (l4.Change, error) {
 	r.reloading.Lock()
 	defer r.reloading.Unlock()
+	if reason == triggerFile {
+		// Only for the watch: whoever sends SIGHUP or POST /reload for a
+		// missing file hears that it is missing.
+		if why := r.notWritten(); why != "" {
+			version, _, _ := r.srv.Version()
+			if why != r.waiting {
+				r.log.Warn("config file "+why+": waiting for it to be written; the running config keeps serving",
+					"config", r.path, "version", version)
+				r.waiting = why
+			}
+			return l4.Change{OldVersion: version, Version: version}, nil
+		}
+	}
+	r.waiting = ""
 	if err := r.notify.reloading(); err != nil {
 		r.log.Warn("cannot notify systemd", "error", err)
 	}
@@ -117,13 +141,33 @@ func (r *reloader) reload(ctx context.Context, reason string) (l4.Change, error)
 	r.lastOKAt = time.Now()
 	r.mu.Unlock()
 	if change.Version == change.OldVersion {
-		// At info: whoever sent the SIGHUP wants to see that it was read.
-		r.log.Info("reload: config unchanged, nothing to do", "trigger", reason, "version", change.Version)
+		// At info for a SIGHUP or POST /reload: whoever sent it wants to
+		// see that it was read. The watch's own are routine (a touch, a
+		// chmod, a rewrite with the same bytes).
+		level := hclog.Info
+		if reason == triggerFile {
+			level = hclog.Debug
+		}
+		r.log.Log(level, "reload: config unchanged, nothing to do", "trigger", reason, "version", change.Version)
 		return change, nil
 	}
 	r.log.Info("reloaded", "trigger", reason, "version", change.OldVersion, "new_version", change.Version,
 		"hash", cfg.Hash[:12], "changes", change.Summary)
 	return change, nil
+}
+
+// notWritten says why the config file holds no config to load, "" when it
+// may: removed (perhaps to be replaced), or empty (just created, or
+// truncated to be rewritten), which no valid config is.
+func (r *reloader) notWritten() string {
+	fi, err := os.Stat(r.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return "removed"
+	case err == nil && fi.Size() == 0:
+		return "empty"
+	}
+	return ""
 }
 
 // apply loads the file and applies it whole: the admin endpoint's new

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"net"
 	"net/http"
@@ -101,5 +102,73 @@ func TestAdminRefusedMethods(t *testing.T) {
 		if resp.StatusCode != c.code || resp.Header.Get("Allow") != c.allow {
 			t.Errorf("%s %s: %s, Allow %q; want %d, Allow %q", c.method, c.path, resp.Status, resp.Header.Get("Allow"), c.code, c.allow)
 		}
+	}
+}
+
+// A reload the file watch asks for, finding the file removed or empty
+// (being replaced, or created and not yet written), waits for it: one
+// warning, no failed reload, the running config serving. SIGHUP on a
+// missing file still fails: whoever sent it hears why. And an unchanged
+// file after a watch event is not worth an info line.
+func TestReloadWaitsForTheWatchedFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l4lb.toml")
+	write := func(weight string) {
+		t.Helper()
+		// An address of this test's own in 127/8: no other test holds it.
+		text := "[admin]\nlisten = \"\"\n[services.db]\nlisten = \"127.88.11.2:7000\"\n" +
+			"[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\nweight = " + weight + "\n"
+		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var logs bytes.Buffer
+	log := hclog.New(&hclog.LoggerOptions{Output: &logs, Level: hclog.Info})
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	rl := &reloader{path: path, srv: srv, log: log, notify: newNotifier()}
+	write("100")
+	if _, _, err := rl.apply(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	reload := func(reason string) {
+		t.Helper()
+		rl.reload(ctx, reason)
+	}
+
+	reload(triggerFile)
+	if strings.Contains(logs.String(), "unchanged") {
+		t.Errorf("an unchanged file after a watch event is logged at info:\n%s", logs.String())
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	reload(triggerFile)
+	reload(triggerFile)
+	if n := strings.Count(logs.String(), "[WARN]  config file removed: waiting for it to be written"); n != 1 {
+		t.Errorf("%d warnings for a removed file, want 1:\n%s", n, logs.String())
+	}
+	if err := os.WriteFile(path, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	reload(triggerFile)
+	if !strings.Contains(logs.String(), "[WARN]  config file empty: waiting for it to be written") {
+		t.Errorf("no warning for an empty file:\n%s", logs.String())
+	}
+	if st := rl.stats(); st.failed != 0 {
+		t.Errorf("%d failed reloads while the file was removed or empty, want 0 (last: %s)", st.failed, st.lastError)
+	}
+	write("50")
+	reload(triggerFile)
+	if version, _, _ := srv.Version(); version != 2 {
+		t.Errorf("version %d once the file is back with a change, want 2:\n%s", version, logs.String())
+	}
+
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	reload("SIGHUP")
+	if st := rl.stats(); st.failed != 1 || !strings.Contains(st.lastError, "no such file or directory") {
+		t.Errorf("SIGHUP on a removed file: %d failed, last error %q; want it failed", st.failed, st.lastError)
 	}
 }
