@@ -1,11 +1,18 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 )
 
 // The subcommands' arguments: -h is not an error, check takes the file as
@@ -43,5 +50,195 @@ func TestSubcommandArguments(t *testing.T) {
 		if code != c.code || !strings.Contains(out.String(), c.inOutput) {
 			t.Errorf("l4lb %s: exit %d, output %q; want exit %d and %q", strings.Join(c.args, " "), code, out.String(), c.code, c.inOutput)
 		}
+	}
+}
+
+// runProc is this test binary running as `l4lb run` (see TestMain), with
+// its log read line by line.
+type runProc struct {
+	cmd *exec.Cmd
+	// exited is closed once the process has exited; err is then its end.
+	exited chan struct{}
+	err    error
+
+	mu    sync.Mutex // guards lines and more
+	lines []string
+	// more is closed, and replaced, when a line arrives.
+	more chan struct{}
+}
+
+// startRun starts `l4lb run` with args, in a process of its own so that
+// its signals and exit are real. It is killed at the end of the test.
+func startRun(t *testing.T, args ...string) *runProc {
+	t.Helper()
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "L4LB_TEST_RUN="+strings.Join(append([]string{"run"}, args...), "\n"))
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &runProc{cmd: cmd, exited: make(chan struct{}), more: make(chan struct{})}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			p.mu.Lock()
+			p.lines = append(p.lines, sc.Text())
+			close(p.more)
+			p.more = make(chan struct{})
+			p.mu.Unlock()
+		}
+		p.err = cmd.Wait()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-p.exited
+		if t.Failed() {
+			t.Logf("l4lb's log:\n%s", p.log())
+		}
+	})
+	return p
+}
+
+func (p *runProc) log() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.lines, "\n")
+}
+
+// waitLog waits for a log line containing text, and returns it.
+func (p *runProc) waitLog(t *testing.T, text string, within time.Duration) string {
+	t.Helper()
+	deadline := time.After(within)
+	for seen := 0; ; {
+		p.mu.Lock()
+		lines, more := p.lines, p.more
+		p.mu.Unlock()
+		for ; seen < len(lines); seen++ {
+			if strings.Contains(lines[seen], text) {
+				return lines[seen]
+			}
+		}
+		select {
+		case <-more:
+		case <-p.exited:
+			// The last lines may have come with the exit.
+			p.mu.Lock()
+			done := seen == len(p.lines)
+			p.mu.Unlock()
+			if done {
+				t.Fatalf("l4lb exited (%v) without logging %q", p.err, text)
+			}
+		case <-deadline:
+			t.Fatalf("no %q in l4lb's log within %s", text, within)
+		}
+	}
+}
+
+// testPort is a port for a service of a test, in 30000-39999 (the range
+// the tests here bind listen addresses in) and free when it is picked.
+func testPort(t *testing.T) int {
+	t.Helper()
+	for range 100 {
+		port := 30000 + rand.IntN(10000)
+		if ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+			ln.Close()
+			return port
+		}
+	}
+	t.Fatal("no free port in 30000-39999")
+	return 0
+}
+
+// silentBackend accepts connections, holds them and never writes: a health
+// check that expects a reply waits for its timeout. accepted gets each
+// connection; all are closed at the end of the test.
+func silentBackend(t *testing.T) (addr string, accepted <-chan net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns := make(chan net.Conn, 64)
+	var held []net.Conn
+	var mu sync.Mutex // guards held
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+			select {
+			case conns <- c:
+			default:
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	return ln.Addr().String(), conns
+}
+
+// A change to the config file made while l4lb starts, here while it
+// waits for its first health checks, is applied once it is ready: the
+// file is watched before it is read.
+func TestRunAppliesAChangeMadeWhileStarting(t *testing.T) {
+	backend, probes := silentBackend(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "l4lb.toml")
+	port := testPort(t)
+	write := func(weight int) {
+		t.Helper()
+		text := fmt.Sprintf(`[admin]
+listen = ""
+[reload]
+watch = true
+[services.demo]
+listen = "127.0.0.1:%d"
+[services.demo.health]
+kind = "send_expect"
+send = "PING\r\n"
+expect = "+PONG"
+interval = "1s"
+timeout = "1s"
+[[services.demo.backends]]
+address = %q
+weight = %d
+`, port, backend, weight)
+		// Renamed into place, as deploy tools do.
+		tmp := filepath.Join(dir, ".l4lb.toml.tmp")
+		if err := os.WriteFile(tmp, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(100)
+	run := startRun(t, "-config", path)
+	// The first probe: l4lb has read the file and waits for the probe's
+	// answer (up to its 1 s timeout) before it is ready.
+	select {
+	case <-probes:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no health probe reached the backend")
+	}
+	write(50)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	line := run.waitLog(t, "reloaded:", 5*time.Second)
+	if !strings.Contains(line, "weight 100→50") {
+		t.Errorf("the reload says %q; want the weight change", line)
 	}
 }

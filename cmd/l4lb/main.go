@@ -179,6 +179,14 @@ func cmdRun(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "l4lb run: unknown -log-level %q\n", *levelFlag)
 		return 2
 	}
+	// The file is watched before it is read: a change made while l4lb
+	// starts (the first health checks alone may take 2 s) is then pending
+	// once the reloads begin, rather than lost. The watch runs whatever
+	// [reload] watch says, so that a reload can switch it on.
+	watcher, watchErr := config.NewWatcher(*path)
+	if watchErr == nil {
+		defer watcher.Close()
+	}
 	cfg, err := config.Load(*path)
 	if err != nil {
 		printConfigError(stderr, err)
@@ -285,13 +293,18 @@ func cmdRun(args []string, stderr io.Writer) int {
 	defer cancel()
 	triggers := make(chan string, 8)
 	go rl.run(ctx, triggers)
-	watchConfigFile(ctx, log, srv, *path, triggers)
-	// Ready only once the file is watched: a change made after this line
-	// must not be missed.
 	if err := notify.ready("serving"); err != nil {
 		log.Warn("cannot notify systemd", "error", err)
 	}
 	log.Info("ready", "version", buildVersion(), "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
+	// After READY=1: a change made during start-up then reloads after it.
+	if watchErr != nil {
+		if cfg.Reload.Watch {
+			log.Error("cannot watch the config file; reload with SIGHUP", "error", watchErr)
+		}
+	} else {
+		go forwardChanges(watcher, srv, triggers)
+	}
 
 	for sig := range signals {
 		if sig == syscall.SIGHUP {
@@ -314,29 +327,16 @@ func cmdRun(args []string, stderr io.Writer) int {
 	return 0
 }
 
-// watchConfigFile turns changes of the config file into reload triggers
-// while the running config has [reload] watch = true. The watcher runs
-// either way, so that a reload can switch watching on.
-func watchConfigFile(ctx context.Context, log hclog.Logger, srv *l4.Server, path string, triggers chan<- string) {
-	w, err := config.NewWatcher(path)
-	if err != nil {
+// forwardChanges turns changes of the config file into reload triggers
+// while the running config has [reload] watch = true, until the watcher
+// is closed.
+func forwardChanges(w *config.Watcher, srv *l4.Server, triggers chan<- string) {
+	for range w.Changes() {
 		if _, cfg, _ := srv.Version(); cfg.Reload.Watch {
-			log.Error("cannot watch the config file; reload with SIGHUP", "error", err)
-		}
-		return
-	}
-	go func() {
-		<-ctx.Done()
-		w.Close()
-	}()
-	go func() {
-		for range w.Changes() {
-			if _, cfg, _ := srv.Version(); cfg.Reload.Watch {
-				select {
-				case triggers <- triggerFile:
-				default: // a reload is already pending
-				}
+			select {
+			case triggers <- triggerFile:
+			default: // a reload is already pending
 			}
 		}
-	}()
+	}
 }

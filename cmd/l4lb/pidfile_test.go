@@ -16,10 +16,14 @@ import (
 // TestMain lets the test binary stand in for a running l4lb: with
 // L4LB_TEST_HOLD_PIDFILE set, it locks that pidfile as run does, writes
 // its pid and sleeps. With L4LB_TEST_DROP_TO, it drops root for that user
-// (dropTo).
+// (dropTo). With L4LB_TEST_RUN, it is l4lb, given the arguments in it, one
+// a line (startRun).
 func TestMain(m *testing.M) {
 	if name := os.Getenv("L4LB_TEST_DROP_TO"); name != "" {
 		os.Exit(dropTo(name))
+	}
+	if args := os.Getenv("L4LB_TEST_RUN"); args != "" {
+		os.Exit(runMain(strings.Split(args, "\n"), os.Stdout, os.Stderr))
 	}
 	if path := os.Getenv("L4LB_TEST_HOLD_PIDFILE"); path != "" {
 		f, err := lockPidfile(path)
