@@ -386,12 +386,19 @@ func (srv *Server) retire(rs *runningService) {
 // Shutdown stops accepting on every service, lets open connections finish
 // for up to each service's drain_timeout, closes the rest and returns when
 // every connection is closed, those of services that an earlier reload
-// removed and that are still draining included.
+// removed and that are still draining included. The services stay in
+// Status and Services while they drain (Status says Stopping). A second
+// call only waits for the services removed by reloads.
 func (srv *Server) Shutdown() {
 	srv.mu.Lock()
+	if srv.closed {
+		srv.mu.Unlock()
+		srv.retiring.Wait()
+		return
+	}
 	srv.closed = true
+	// Apply refuses to run from now on, so running is not changed again.
 	running := srv.running
-	srv.running = nil
 	srv.mu.Unlock()
 
 	for _, rs := range running {

@@ -59,7 +59,9 @@ type ServerStatus struct {
 	// against MaxConnections, the bound derived from RLIMIT_NOFILE (both 0
 	// without a bound).
 	OpenConnections, MaxConnections int64
-	Services                        []ServiceStatus // by name
+	// Stopping: Shutdown has begun; Services are draining.
+	Stopping bool
+	Services []ServiceStatus // by name
 }
 
 // ServiceStatus is one service's state and counters.
@@ -104,7 +106,7 @@ type BackendStatus struct {
 // Status returns a view of the running config and every service.
 func (srv *Server) Status() ServerStatus {
 	srv.mu.Lock()
-	st := ServerStatus{Version: srv.version, LoadedAt: srv.loaded}
+	st := ServerStatus{Version: srv.version, LoadedAt: srv.loaded, Stopping: srv.closed}
 	if srv.current != nil {
 		st.Hash = srv.current.Hash
 	}

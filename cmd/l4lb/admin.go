@@ -144,6 +144,9 @@ type statusJSON struct {
 	// services, and the bound from RLIMIT_NOFILE (0 without one).
 	OpenConnections int64 `json:"open_connections"`
 	MaxConnections  int64 `json:"max_connections"`
+
+	// Stopping: l4lb is stopping; every service drains (and says so).
+	Stopping bool `json:"stopping,omitempty"`
 }
 
 type serviceJSON struct {
@@ -164,6 +167,10 @@ type serviceJSON struct {
 	// Rejected counts TCP clients closed by limits, access lists and the
 	// PROXY protocol checks, by reason.
 	Rejected map[string]uint64 `json:"rejected,omitempty"`
+
+	// Draining: the service no longer accepts, and its open connections
+	// finish within its drain_timeout (l4lb is stopping).
+	Draining bool `json:"draining,omitempty"`
 }
 
 type backendJSON struct {
@@ -225,7 +232,7 @@ func newUDPJSON(st *l4.UDPStats) *udpJSON {
 func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 	st := srv.Status()
 	out := statusJSON{Version: st.Version, Hash: st.Hash, LoadedAt: st.LoadedAt, Services: []serviceJSON{},
-		OpenConnections: st.OpenConnections, MaxConnections: st.MaxConnections}
+		OpenConnections: st.OpenConnections, MaxConnections: st.MaxConnections, Stopping: st.Stopping}
 	rs := rl.stats()
 	out.ReloadsOK, out.ReloadsFailed, out.LastReloadError = rs.ok, rs.failed, rs.lastError
 	if !rs.lastOKAt.IsZero() {
@@ -237,7 +244,7 @@ func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 	for _, s := range st.Services {
 		sj := serviceJSON{
 			Name: s.Name, Listen: s.Listen.String(), Protocol: string(s.Protocol), Balance: string(s.Balance),
-			Unchecked: !s.Checked, Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
+			Unchecked: !s.Checked, Draining: st.Stopping, Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
 		}
 		if s.Protocol == config.TCP {
 			sj.Rejected = map[string]uint64{}

@@ -3,14 +3,18 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -241,4 +245,95 @@ weight = %d
 	if !strings.Contains(line, "weight 100→50") {
 		t.Errorf("the reload says %q; want the weight change", line)
 	}
+}
+
+// waitExit waits for the process to exit and returns how it ended.
+func (p *runProc) waitExit(t *testing.T, within time.Duration) error {
+	t.Helper()
+	select {
+	case <-p.exited:
+		return p.err
+	case <-time.After(within):
+		t.Fatalf("l4lb still runs %s later", within)
+		return nil
+	}
+}
+
+// stopConfig writes a config with one service, demo, in front of backend,
+// with no health checks (so that it routes at once) and drain_timeout.
+func stopConfig(t *testing.T, backend, adminAddr, drain string) (path string, listen string) {
+	t.Helper()
+	listen = fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	path = filepath.Join(t.TempDir(), "l4lb.toml")
+	text := fmt.Sprintf("[admin]\nlisten = %q\n[services.demo]\nlisten = %q\ndrain_timeout = %q\n[[services.demo.backends]]\naddress = %q\n",
+		adminAddr, listen, drain, backend)
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path, listen
+}
+
+// While l4lb drains before it exits, /status still shows the services, as
+// draining; a second SIGTERM (or SIGINT) stops it at once, closing the
+// connections the first one would have waited for.
+func TestRunStopsAtOnceOnASecondSignal(t *testing.T) {
+	backend, accepted := silentBackend(t)
+	adminAddr := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	path, listen := stopConfig(t, backend, adminAddr, "1m")
+	run := startRun(t, "-config", path)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	client, err := net.Dial("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	select {
+	case <-accepted:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the client's connection never reached the backend")
+	}
+
+	run.cmd.Process.Signal(syscall.SIGTERM)
+	run.waitLog(t, "draining before exit: service=demo connections=1", 5*time.Second)
+	resp, err := http.Get("http://" + adminAddr + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st statusJSON
+	err = json.NewDecoder(resp.Body).Decode(&st)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Stopping || len(st.Services) != 1 || st.Services[0].Name != "demo" || !st.Services[0].Draining ||
+		len(st.Services[0].Backends) != 1 || st.Services[0].Backends[0].Active != 1 {
+		t.Errorf("/status while draining: %+v; want stopping, and demo draining with its connection", st)
+	}
+
+	run.cmd.Process.Signal(syscall.SIGTERM)
+	if err := run.waitExit(t, 5*time.Second); err != nil {
+		t.Errorf("l4lb ended with %v after a second SIGTERM, want exit 0", err)
+	}
+	if line := run.waitLog(t, "stopping now: closing every open connection", time.Second); !strings.Contains(line, "connections=1") {
+		t.Errorf("the log says %q; want it to count the connection it closes", line)
+	}
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := client.Read(make([]byte, 1)); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Error("the client's connection is still open after l4lb exited")
+	}
+}
+
+// SIGQUIT stops l4lb as SIGTERM does (as it stops nginx gracefully),
+// rather than dumping goroutines and exiting at once with status 2.
+func TestRunStopsGracefullyOnSIGQUIT(t *testing.T) {
+	backend, _ := silentBackend(t)
+	path, _ := stopConfig(t, backend, "", "5s")
+	run := startRun(t, "-config", path)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	run.cmd.Process.Signal(syscall.SIGQUIT)
+	if err := run.waitExit(t, 10*time.Second); err != nil {
+		t.Errorf("l4lb ended with %v after SIGQUIT, want exit 0", err)
+	}
+	run.waitLog(t, "stopping: no new connections; open ones may finish within drain_timeout: signal=quit", time.Second)
+	run.waitLog(t, "l4lb: stopped", time.Second)
 }

@@ -78,13 +78,18 @@ func printStatus(w io.Writer, st statusJSON) {
 		fmt.Fprintf(w, "%s (%s):\n  %s\n", label, st.LastReloadErrorAt.Format(time.RFC3339),
 			strings.ReplaceAll(st.LastReloadError, "\n", "\n  "))
 	}
+	if st.Stopping {
+		fmt.Fprintln(w, "stopping: no service accepts; open connections drain within each drain_timeout")
+	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "SERVICE\tLISTEN\tBACKEND\tWEIGHT\tHEALTH\tROUTED\tACTIVE\tTOTAL\tFAILED\tDRAINING")
 	for _, s := range st.Services {
 		for _, b := range s.Backends {
 			draining := "no"
-			if b.Draining && b.DrainDeadline != nil {
+			if s.Draining {
+				draining = "stopping"
+			} else if b.Draining && b.DrainDeadline != nil {
 				draining = "until " + b.DrainDeadline.Format(time.TimeOnly)
 			} else if !b.Configured {
 				draining = "removed"

@@ -131,3 +131,22 @@ func TestReloadCommandChecksTheAnswer(t *testing.T) {
 		})
 	}
 }
+
+// While l4lb stops, the table says so, and every backend of a draining
+// service shows it.
+func TestPrintStatusStopping(t *testing.T) {
+	const doc = `{"version": 1, "hash": "abcdef0123456789", "loaded_at": "2026-11-23T10:00:00Z", "stopping": true,
+	"services": [
+	  {"name": "pg", "listen": "10.0.0.1:5432", "protocol": "tcp", "draining": true,
+	   "backends": [{"address": "10.0.0.11:5432", "weight": 100, "configured": true, "in_route": true, "health": "up", "active": 3}]}
+	]}`
+	text := statusText(t, doc)
+	for _, want := range []string{
+		"stopping: no service accepts; open connections drain within each drain_timeout\n",
+		"10.0.0.11:5432  100     up      yes     3       0      0       stopping",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("status output lacks %q:\n%s", want, text)
+		}
+	}
+}

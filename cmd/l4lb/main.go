@@ -1,6 +1,6 @@
 // Command l4lb is an L4 (TCP and UDP) load balancer.
 //
-//	l4lb run -config /etc/l4lb/l4lb.toml     serve until SIGINT/SIGTERM; SIGHUP reloads
+//	l4lb run -config /etc/l4lb/l4lb.toml     serve until SIGINT/SIGTERM/SIGQUIT; SIGHUP reloads
 //	l4lb check -config /etc/l4lb/l4lb.toml   validate a config file
 //	l4lb version
 package main
@@ -227,7 +227,10 @@ func cmdRun(args []string, stderr io.Writer) int {
 	// Signals are subscribed before listeners bind, so that a SIGHUP or
 	// SIGTERM arriving during start-up is handled, not fatal.
 	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	// SIGQUIT stops as SIGTERM does, as it stops nginx gracefully, rather
+	// than Go's default of a goroutine dump and an exit that cuts every
+	// connection.
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP)
 
 	if *noIOURing {
 		l4.DisableIOURing()
@@ -319,12 +322,43 @@ func cmdRun(args []string, stderr io.Writer) int {
 			log.Warn("cannot notify systemd", "error", err)
 		}
 		cancel()
-		srv.Shutdown()
-		adm.close()
-		log.Info("stopped")
-		return 0
+		drained := make(chan struct{})
+		go func() {
+			srv.Shutdown()
+			close(drained)
+		}()
+		for {
+			select {
+			case <-drained:
+				adm.close()
+				log.Info("stopped")
+				return 0
+			case sig := <-signals:
+				if sig == syscall.SIGHUP {
+					log.Info("stopping: SIGHUP ignored")
+					continue
+				}
+				// Whoever sends a second one will not wait for the drain:
+				// the exit closes every socket.
+				log.Warn("stopping now: closing every open connection", "signal", sig.String(),
+					"connections", openConnections(srv))
+				return 0
+			}
+		}
 	}
 	return 0
+}
+
+// openConnections counts the connections (and UDP flows) open to the
+// backends of every service.
+func openConnections(srv *l4.Server) int64 {
+	var n int64
+	for _, s := range srv.Status().Services {
+		for _, b := range s.Backends {
+			n += b.Active
+		}
+	}
+	return n
 }
 
 // forwardChanges turns changes of the config file into reload triggers
