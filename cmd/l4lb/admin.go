@@ -21,8 +21,8 @@ import (
 )
 
 // admin serves the local admin endpoint: GET /status (JSON), GET /metrics
-// (Prometheus) and POST /reload. Nothing else changes state; every other
-// method is refused.
+// (Prometheus) and POST /reload (503 once l4lb is stopping). Nothing else
+// changes state; every other method is refused.
 type admin struct {
 	log     hclog.Logger
 	handler http.Handler
@@ -50,7 +50,11 @@ func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
 		change, err := rl.reload(r.Context(), "admin POST /reload")
 		w.Header().Set("Content-Type", "application/json")
 		res := reloadResult{OldVersion: change.OldVersion, Version: change.Version, Changes: change.Summary}
-		if err != nil {
+		switch {
+		case errors.Is(err, errStopping):
+			res.Error = err.Error()
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case err != nil:
 			res.Error = err.Error()
 			w.WriteHeader(http.StatusUnprocessableEntity)
 		}

@@ -200,8 +200,13 @@ func cmdReload(args []string, stdout, stderr io.Writer) int {
 	jsonErr := json.Unmarshal(body, &res)
 	applied := resp.StatusCode == http.StatusOK && res.Error == ""
 	rejected := resp.StatusCode == http.StatusUnprocessableEntity && res.Error != ""
-	if jsonErr != nil || res.Version == 0 || !(applied || rejected) {
+	stopping := resp.StatusCode == http.StatusServiceUnavailable && res.Error != ""
+	if jsonErr != nil || res.Version == 0 || !(applied || rejected || stopping) {
 		fmt.Fprintf(stderr, "l4lb reload: %s answered %s: not an l4lb admin endpoint, or it failed (%.200q)\n", *addr, resp.Status, body)
+		return 1
+	}
+	if stopping {
+		fmt.Fprintf(stderr, "l4lb reload: %s\n", res.Error)
 		return 1
 	}
 	if rejected {

@@ -112,6 +112,7 @@ func TestReloadCommandChecksTheAnswer(t *testing.T) {
 		{"applied", http.StatusOK, `{"old_version": 1, "version": 2, "changes": "pg: +10.0.0.13:5432"}`, 0, "reloaded: version 1 -> 2: pg: +10.0.0.13:5432"},
 		{"unchanged", http.StatusOK, `{"old_version": 2, "version": 2}`, 0, "config unchanged, version 2"},
 		{"rejected", http.StatusUnprocessableEntity, `{"old_version": 2, "version": 2, "error": "l4lb.toml: services.pg.wieght: unknown key"}`, 1, "reload rejected, version 2 still serving:\nl4lb.toml: services.pg.wieght: unknown key"},
+		{"stopping", http.StatusServiceUnavailable, `{"old_version": 2, "version": 2, "error": "l4lb is stopping: nothing to reload"}`, 1, "l4lb reload: l4lb is stopping: nothing to reload"},
 		{"server error with JSON", http.StatusInternalServerError, `{"status": "error"}`, 1, "answered 500 Internal Server Error: not an l4lb admin endpoint"},
 		{"not found", http.StatusNotFound, `{}`, 1, "answered 404 Not Found: not an l4lb admin endpoint"},
 		{"other JSON with 200", http.StatusOK, `{"status": "ok"}`, 1, "answered 200 OK: not an l4lb admin endpoint"},

@@ -324,6 +324,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		cancel()
 		drained := make(chan struct{})
 		go func() {
+			rl.stop() // after a reload in progress: no Apply during the drain
 			srv.Shutdown()
 			close(drained)
 		}()

@@ -45,6 +45,9 @@ type reloader struct {
 	// it last found one): a file removed, or created and not written yet,
 	// is waited for, and said so once. Guarded by reloading.
 	waiting string
+	// stopped: l4lb is stopping, and reloads are refused (stop). Guarded
+	// by reloading.
+	stopped bool
 
 	mu          sync.Mutex // guards the fields below
 	ok, failed  uint64
@@ -101,6 +104,11 @@ func (r *reloader) run(ctx context.Context, triggers <-chan string) {
 func (r *reloader) reload(ctx context.Context, reason string) (l4.Change, error) {
 	r.reloading.Lock()
 	defer r.reloading.Unlock()
+	if r.stopped {
+		// Neither a failed reload nor READY=1 after STOPPING=1.
+		version, _, _ := r.srv.Version()
+		return l4.Change{OldVersion: version, Version: version}, errStopping
+	}
 	if reason == triggerFile {
 		// Only for the watch: whoever sends SIGHUP or POST /reload for a
 		// missing file hears that it is missing.
@@ -154,6 +162,17 @@ func (r *reloader) reload(ctx context.Context, reason string) (l4.Change, error)
 	r.log.Info("reloaded", "trigger", reason, "version", change.OldVersion, "new_version", change.Version,
 		"hash", cfg.Hash[:12], "changes", change.Summary)
 	return change, nil
+}
+
+// errStopping is the answer to a reload asked for while l4lb stops.
+var errStopping = errors.New("l4lb is stopping: nothing to reload")
+
+// stop refuses every reload from now on, once the one running, if any,
+// has finished: l4lb is stopping.
+func (r *reloader) stop() {
+	r.reloading.Lock()
+	defer r.reloading.Unlock()
+	r.stopped = true
 }
 
 // notWritten says why the config file holds no config to load, "" when it

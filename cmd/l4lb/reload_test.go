@@ -172,3 +172,34 @@ func TestReloadWaitsForTheWatchedFile(t *testing.T) {
 		t.Errorf("SIGHUP on a removed file: %d failed, last error %q; want it failed", st.failed, st.lastError)
 	}
 }
+
+// A POST /reload while l4lb stops is refused with 503: not a failed
+// reload (which alerts on reloads_total{result="failed"} would page for),
+// and no READY=1 to systemd after STOPPING=1.
+func TestAdminReloadWhileStopping(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l4lb.toml")
+	text := "[admin]\nlisten = \"\"\n[services.db]\nlisten = \"127.88.11.3:7000\"\n[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\n"
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	srv := l4.NewServer(hclog.NewNullLogger())
+	rl := &reloader{path: path, srv: srv, log: hclog.NewNullLogger(), notify: newNotifier()}
+	if _, _, err := rl.apply(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewServer(newAdmin(hclog.NewNullLogger(), srv, rl).handler)
+	t.Cleanup(ts.Close)
+	rl.stop()
+	srv.Shutdown()
+	resp, err := http.Post(ts.URL+"/reload", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("POST /reload while stopping: %s, want 503", resp.Status)
+	}
+	if st := rl.stats(); st.failed != 0 {
+		t.Errorf("%d failed reloads counted while stopping (%s), want 0", st.failed, st.lastError)
+	}
+}
