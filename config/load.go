@@ -397,7 +397,7 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 			} else if first, dup := seen[ap]; dup {
 				v.add(bat+".address", "duplicate backend %s (also %s.backends[%d])", ap, at, first)
 			} else if ap == svc.Listen || (svc.Protocol == TCP && ap.Port() == svc.Listen.Port() &&
-				svc.Listen.Addr().IsUnspecified() && ap.Addr().IsLoopback()) {
+				svc.Listen.Addr().IsUnspecified() && listenOverlap(svc.Listen.Addr(), ap.Addr()) && ap.Addr().IsLoopback()) {
 				// A wildcard UDP service may front a resolver on loopback
 				// at its own port; the exact address never.
 				v.add(bat+".address", "%s is the service's own listen address (%s): l4lb would connect to itself", ap, svc.Listen)
@@ -451,9 +451,8 @@ func (v *validator) backendTables(at string, raw any) []map[string]any {
 }
 
 // checkListenConflicts rejects two services that would receive the same
-// packets: the same port and protocol with equal addresses, or with either
-// address a wildcard (SO_REUSEPORT would let both bind and silently split
-// the traffic).
+// packets: the same port and protocol with addresses that overlap
+// (SO_REUSEPORT would let both bind and silently split the traffic).
 func (v *validator) checkListenConflicts(services []Service) {
 	for i := range services {
 		for j := 0; j < i; j++ {
@@ -461,12 +460,30 @@ func (v *validator) checkListenConflicts(services []Service) {
 			if a.Protocol != b.Protocol || a.Listen.Port() != b.Listen.Port() {
 				continue
 			}
-			aa, ba := a.Listen.Addr(), b.Listen.Addr()
-			if aa == ba || aa.IsUnspecified() || ba.IsUnspecified() {
+			if listenOverlap(a.Listen.Addr(), b.Listen.Addr()) {
 				v.add("services."+b.Name+".listen", "%s overlaps services.%s.listen (%s)", b.Listen, a.Name, a.Listen)
 			}
 		}
 	}
+}
+
+// listenOverlap reports whether services listening on a and b, on one
+// port, would share clients. 0.0.0.0 is every IPv4 address and no IPv6
+// one (l4lb binds it as an IPv4 socket), so it leaves [::1] and
+// [fd00::1] alone; [::] is every address of both families (l4lb binds
+// it dual-stack). 0.0.0.0 and [::] overlap: the kernel binds both, and
+// gives the IPv4 clients to the 0.0.0.0 service, silently taking them
+// from the [::] one.
+func listenOverlap(a, b netip.Addr) bool {
+	switch {
+	case a == b, a == netip.IPv6Unspecified(), b == netip.IPv6Unspecified():
+		return true
+	case a == netip.IPv4Unspecified():
+		return b.Is4()
+	case b == netip.IPv4Unspecified():
+		return a.Is4()
+	}
+	return false
 }
 
 // checkAdminConflict rejects an admin endpoint on a TCP service's address:

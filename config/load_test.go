@@ -275,6 +275,58 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
+// TestListenOverlap checks which pairs of listen addresses on one port
+// are refused as overlapping: 0.0.0.0 takes IPv4 clients only, [::] both
+// families.
+func TestListenOverlap(t *testing.T) {
+	tests := []struct {
+		a, b    string
+		overlap bool
+	}{
+		{"127.0.0.1", "127.0.0.1", true},
+		{"127.0.0.1", "127.0.0.2", false},
+		{"0.0.0.0", "10.0.0.1", true},
+		{"0.0.0.0", "[::1]", false},
+		{"0.0.0.0", "[fd00::1]", false},
+		{"0.0.0.0", "[::]", true},
+		{"[::]", "10.0.0.1", true},
+		{"[::]", "[fd00::1]", true},
+		{"[fd00::1]", "[fd00::2]", false},
+	}
+	for _, tt := range tests {
+		for _, pair := range [][2]string{{tt.a, tt.b}, {tt.b, tt.a}} {
+			file := fmt.Sprintf("[services.a]\nlisten = \"%s:5432\"\n[[services.a.backends]]\naddress = \"10.9.0.1:5432\"\n"+
+				"[services.b]\nlisten = \"%s:5432\"\n[[services.b.backends]]\naddress = \"10.9.0.1:5432\"\n", pair[0], pair[1])
+			_, err := Parse([]byte(file), "overlap.toml")
+			if got := err != nil && strings.Contains(err.Error(), "overlaps"); got != tt.overlap || (err != nil && !got) {
+				t.Errorf("%s:5432 and %s:5432: overlap %v, want %v (error: %v)", pair[0], pair[1], got, tt.overlap, err)
+			}
+		}
+	}
+}
+
+// TestWildcardServiceBackendOnLoopback checks that a TCP service on a
+// wildcard refuses a backend on a loopback address it listens on itself,
+// and only that: 0.0.0.0 does not listen on [::1].
+func TestWildcardServiceBackendOnLoopback(t *testing.T) {
+	tests := []struct {
+		listen, backend string
+		refused         bool
+	}{
+		{"0.0.0.0", "127.0.0.1", true},
+		{"0.0.0.0", "[::1]", false},
+		{"[::]", "127.0.0.1", true},
+		{"[::]", "[::1]", true},
+	}
+	for _, tt := range tests {
+		file := fmt.Sprintf("[services.a]\nlisten = \"%s:5432\"\n[[services.a.backends]]\naddress = \"%s:5432\"\n", tt.listen, tt.backend)
+		_, err := Parse([]byte(file), "self.toml")
+		if got := err != nil && strings.Contains(err.Error(), "own listen address"); got != tt.refused || (err != nil && !got) {
+			t.Errorf("listen %s:5432, backend %s:5432: refused %v, want %v (error: %v)", tt.listen, tt.backend, got, tt.refused, err)
+		}
+	}
+}
+
 func TestParseReportsEveryProblem(t *testing.T) {
 	file := `
 [services.pg]

@@ -3,6 +3,7 @@ package l4
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -236,6 +237,51 @@ func TestUDPLargeDatagram(t *testing.T) {
 	msg := strings.Repeat("x", 65507-len("a:"))
 	if got := c.exchange(msg); got != "a" {
 		t.Errorf("backend %q", got)
+	}
+}
+
+// TestUDPProxyHeaderOnIPv4Wildcard checks the PROXY v2 header a service
+// on 0.0.0.0 puts before an IPv4 client's datagrams: UDP over IPv4 (0x12)
+// with the client's address as it is. A dual-stack socket would have sent
+// UDP over IPv6 with a ::ffff:-mapped client and [::] as destination.
+func TestUDPProxyHeaderOnIPv4Wildcard(t *testing.T) {
+	backend, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer backend.Close()
+	cfg := udpConfig(backend.LocalAddr().(*net.UDPAddr).AddrPort())
+	cfg.Workers = 1
+	cfg.ProxyProtocol = config.ProxyV2
+	conns, err := listener.ListenUDP(context.Background(), netip.MustParseAddrPort("0.0.0.0:0"), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Listen = conns[0].LocalAddr().(*net.UDPAddr).AddrPort()
+	p := newUDPProxy(NewService(cfg, hclog.NewNullLogger()), conns, hclog.NewNullLogger())
+	t.Cleanup(p.Close)
+	p.start()
+
+	c := newUDPClient(t, netip.AddrPortFrom(loopback, cfg.Listen.Port()))
+	if _, err := c.conn.WriteToUDPAddrPort([]byte("q"), c.to); err != nil {
+		t.Fatal(err)
+	}
+	backend.SetReadDeadline(time.Now().Add(2 * time.Second))
+	buf := make([]byte, 256)
+	n, _, err := backend.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The v2 header of an IPv4 datagram: 16 bytes, then source and
+	// destination addresses (4 bytes each) and ports (2 each).
+	got := buf[:n]
+	if n < 28 || got[13] != proxyV2UDP4 {
+		t.Fatalf("datagram %x: want a v2 header of family 0x12 (UDP over IPv4)", got)
+	}
+	src := netip.AddrPortFrom(netip.AddrFrom4([4]byte(got[16:20])), binary.BigEndian.Uint16(got[24:]))
+	dst := netip.AddrPortFrom(netip.AddrFrom4([4]byte(got[20:24])), binary.BigEndian.Uint16(got[26:]))
+	if src != c.addr() || dst.Port() != cfg.Listen.Port() || string(got[28:]) != "q" {
+		t.Errorf("header %s -> %s, payload %q: want %s -> port %d, %q", src, dst, got[28:], c.addr(), cfg.Listen.Port(), "q")
 	}
 }
 

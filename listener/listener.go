@@ -27,7 +27,8 @@ import (
 )
 
 // ListenTCP binds n TCP sockets to addr with SO_REUSEPORT. On error none of
-// them stays open. An unspecified IPv6 address ("[::]") also accepts IPv4.
+// them stays open. "0.0.0.0" accepts IPv4 clients only; "[::]" accepts
+// IPv6 and IPv4 clients (see network).
 func ListenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.TCPListener, error) {
 	if n < 1 {
 		return nil, fmt.Errorf("listen %s: need at least one socket, got %d", addr, n)
@@ -38,7 +39,7 @@ func ListenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.TCPListe
 	lc := net.ListenConfig{Control: setTCPOptions, KeepAlive: -1}
 	lns := make([]*net.TCPListener, 0, n)
 	for range n {
-		ln, err := lc.Listen(ctx, "tcp", addr.String())
+		ln, err := lc.Listen(ctx, network("tcp", addr), addr.String())
 		if err != nil {
 			for _, l := range lns {
 				l.Close()
@@ -48,6 +49,22 @@ func ListenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.TCPListe
 		lns = append(lns, ln.(*net.TCPListener))
 	}
 	return lns, nil
+}
+
+// network is the network to bind addr with, for proto "tcp" or "udp". An
+// IPv4 address, 0.0.0.0 included, gets an IPv4 socket ("tcp4", "udp4"),
+// which IPv6 clients cannot reach: 0.0.0.0 means every IPv4 address, as in
+// HAProxy and nginx. Go would open "tcp" on 0.0.0.0 as a dual-stack IPv6
+// socket on [::], exposing the service over IPv6 too, and a UDP service's
+// local address would then read [::] (its PROXY v2 headers would go out
+// as IPv6). An IPv6 address keeps plain "tcp"/"udp", so that [::] stays
+// dual-stack: Go turns IPV6_V6ONLY off on it whatever
+// net.ipv6.bindv6only says.
+func network(proto string, addr netip.AddrPort) string {
+	if addr.Addr().Is4() {
+		return proto + "4"
+	}
+	return proto
 }
 
 func setReusePort(network, address string, c syscall.RawConn) error {

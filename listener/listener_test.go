@@ -3,6 +3,7 @@ package listener
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -78,6 +79,45 @@ func TestListenTCPSharesPortAcrossSockets(t *testing.T) {
 				f.Close()
 			}
 			wg.Wait()
+		})
+	}
+}
+
+// TestListenTCPWildcardFamilies checks which clients each wildcard takes:
+// 0.0.0.0 only IPv4 ones, as in HAProxy and nginx (Go's "tcp" would make
+// it a dual-stack [::] socket), [::] both families.
+func TestListenTCPWildcardFamilies(t *testing.T) {
+	for _, tt := range []struct {
+		listen, bound string
+		ipv6Clients   bool
+	}{
+		{listen: "0.0.0.0", bound: "0.0.0.0", ipv6Clients: false},
+		{listen: "::", bound: "::", ipv6Clients: true},
+	} {
+		t.Run(tt.listen, func(t *testing.T) {
+			lns, err := ListenTCP(context.Background(), netip.AddrPortFrom(netip.MustParseAddr(tt.listen), 0), 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer lns[0].Close()
+			bound := lns[0].Addr().(*net.TCPAddr).AddrPort()
+			if bound.Addr().String() != tt.bound {
+				t.Errorf("bound %s, want %s", bound, tt.bound)
+			}
+			// A dial succeeds once the kernel queues the connection on
+			// the listening socket; nothing else listens on the port.
+			for _, client := range []struct {
+				host string
+				want bool
+			}{{"127.0.0.1", true}, {"::1", tt.ipv6Clients}} {
+				c, err := net.DialTimeout("tcp", net.JoinHostPort(client.host, fmt.Sprint(bound.Port())), 2*time.Second)
+				if err == nil {
+					c.Close()
+				}
+				if got := err == nil; got != client.want {
+					t.Errorf("a client from %s connected: %v, want %v (dial error: %v)", client.host, got, client.want, err)
+				}
+			}
 		})
 	}
 }

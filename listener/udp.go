@@ -8,7 +8,8 @@ import (
 )
 
 // ListenUDP binds n UDP sockets to addr with SO_REUSEPORT, one per worker.
-// On error none of them stays open.
+// On error none of them stays open. As with ListenTCP, "0.0.0.0" receives
+// IPv4 datagrams only and "[::]" both families.
 //
 // The kernel picks the socket of a group for each datagram by a hash of its
 // 4-tuple, so all datagrams of one client address:port reach the same
@@ -23,7 +24,7 @@ func ListenUDP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.UDPConn,
 	lc := net.ListenConfig{Control: setReusePort}
 	conns := make([]*net.UDPConn, 0, n)
 	for range n {
-		c, err := lc.ListenPacket(ctx, "udp", addr.String())
+		c, err := lc.ListenPacket(ctx, network("udp", addr), addr.String())
 		if err != nil {
 			for _, c := range conns {
 				c.Close()

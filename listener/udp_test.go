@@ -2,6 +2,7 @@ package listener
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"testing"
@@ -83,6 +84,52 @@ func TestListenUDPGroup(t *testing.T) {
 			}
 			if len(used) < 2 {
 				t.Errorf("16 clients all reached socket %v; want a spread", used)
+			}
+		})
+	}
+}
+
+// TestListenUDPWildcardFamilies checks which clients each wildcard
+// receives from: 0.0.0.0 only IPv4 ones, [::] both families. 0.0.0.0 must
+// also read back as an IPv4 address: the PROXY v2 header of a flow takes
+// its family from it.
+func TestListenUDPWildcardFamilies(t *testing.T) {
+	for _, tt := range []struct {
+		listen, bound string
+		ipv6Clients   bool
+	}{
+		{listen: "0.0.0.0", bound: "0.0.0.0", ipv6Clients: false},
+		{listen: "::", bound: "::", ipv6Clients: true},
+	} {
+		t.Run(tt.listen, func(t *testing.T) {
+			conns, err := ListenUDP(context.Background(), netip.AddrPortFrom(netip.MustParseAddr(tt.listen), 0), 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln := conns[0]
+			defer ln.Close()
+			bound := ln.LocalAddr().(*net.UDPAddr).AddrPort()
+			if bound.Addr().String() != tt.bound {
+				t.Errorf("bound %s, want %s", bound, tt.bound)
+			}
+			for _, client := range []struct {
+				host string
+				want bool
+			}{{"127.0.0.1", true}, {"::1", tt.ipv6Clients}} {
+				c, err := net.Dial("udp", net.JoinHostPort(client.host, fmt.Sprint(bound.Port())))
+				if err != nil {
+					t.Fatal(err)
+				}
+				c.Write([]byte(client.host))
+				c.Close()
+				// Loopback delivers at once: a datagram not there within
+				// 300 ms did not come.
+				ln.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+				buf := make([]byte, 64)
+				n, _, err := ln.ReadFromUDPAddrPort(buf)
+				if got := err == nil && string(buf[:n]) == client.host; got != client.want {
+					t.Errorf("a datagram from %s arrived: %v, want %v", client.host, got, client.want)
+				}
 			}
 		})
 	}
