@@ -7,8 +7,10 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -72,6 +74,47 @@ func TestSourceLimiter(t *testing.T) {
 	wg.Wait()
 	if maxHeld > limit || l.count(a) != 0 {
 		t.Fatalf("held at most %d (limit %d), %d left", maxHeld, limit, l.count(a))
+	}
+}
+
+// BenchmarkAdmit is what admission costs a connection: admit, then
+// releaseLease at its close, for a service without limits and one with
+// max_connections and max_connections_per_source, from one core and from
+// all of them at once (one client address per goroutine, as different
+// clients on different cores).
+func BenchmarkAdmit(b *testing.B) {
+	for _, limited := range []bool{false, true} {
+		cfg := &config.Service{Name: "bench", Balance: config.RoundRobin, Backends: []config.Backend{{Address: netip.MustParseAddrPort("127.0.0.1:1"), Weight: 1}}}
+		name := "no_limits"
+		if limited {
+			cfg.MaxConnections, cfg.MaxConnectionsPerSource = 1<<20, 1<<20
+			name = "limits"
+		}
+		s := NewService(cfg, hclog.NewNullLogger())
+		r := s.route.Load()
+		b.Run(name, func(b *testing.B) {
+			src := netip.MustParseAddr("192.0.2.1")
+			for b.Loop() {
+				l, _, ok := s.admit(r, src)
+				if !ok {
+					b.Fatal("refused")
+				}
+				s.releaseLease(l)
+			}
+		})
+		b.Run(name+"_parallel", func(b *testing.B) {
+			var next atomic.Uint32
+			b.RunParallel(func(pb *testing.PB) {
+				src := netip.AddrFrom4([4]byte{192, 0, 2, byte(next.Add(1))})
+				for pb.Next() {
+					l, _, ok := s.admit(r, src)
+					if !ok {
+						b.Fatal("refused")
+					}
+					s.releaseLease(l)
+				}
+			})
+		})
 	}
 }
 
@@ -208,6 +251,38 @@ func TestMaxConnectionsPerSourceAndService(t *testing.T) {
 	}
 	if n := svc.Rejected()[RejectMaxConnections]; n != 1 {
 		t.Errorf("rejected max_connections = %d, want 1", n)
+	}
+}
+
+// TestLimitSetByReloadCountsOpenConnections sets each limit with a
+// reload while three connections are open: the new limit of 2 must count
+// them, and turn the next client away.
+func TestLimitSetByReloadCountsOpenConnections(t *testing.T) {
+	tests := []struct {
+		name   string
+		set    func(*config.Service)
+		reason RejectReason
+	}{
+		{"max_connections", func(c *config.Service) { c.MaxConnections = 2 }, RejectMaxConnections},
+		{"max_connections_per_source", func(c *config.Service) { c.MaxConnectionsPerSource = 2 }, RejectMaxConnectionsPerSource},
+		{"backend max_connections", func(c *config.Service) { c.Backends[0].MaxConnections = 2 }, RejectBackendsFull},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := &config.Service{Backends: []config.Backend{{Address: startEcho(t), Weight: 1}}}
+			addr, svc := startProtectedService(t, cfg)
+			for i := range 3 {
+				roundTrip(t, dialT(t, addr), fmt.Sprint("open ", i))
+			}
+			next := *cfg
+			next.Backends = slices.Clone(cfg.Backends)
+			tt.set(&next)
+			svc.Update(&next)
+			dialClosed(t, addr)
+			if got := svc.Rejected()[tt.reason]; got != 1 {
+				t.Errorf("rejected %s = %d, want 1", tt.reason, got)
+			}
+		})
 	}
 }
 

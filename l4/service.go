@@ -74,8 +74,9 @@ type Service struct {
 	lastRefusal atomic.Int64  // monotonicNow of the last refusal log line
 	proxyErrors atomic.Uint64 // connections that ended with an error other than idle
 
-	// Protection (limits.go): open counts admitted connections for
-	// max_connections, sources the open ones of each client address.
+	// Protection (limits.go): open counts the admitted connections, for
+	// max_connections, and sources those of each client address, for
+	// max_connections_per_source, whether or not a limit is set.
 	open       atomic.Int64
 	sources    sourceLimiter
 	rejected   [NumRejectReasons]atomic.Uint64
