@@ -135,14 +135,21 @@ var loops = sync.OnceValue(func() *loopSet {
 
 type loopSet struct {
 	loops []*eventLoop
-	next  atomic.Uint32
+	// next is the loop, modulo len(loops), of the next service's first
+	// socket (reserve).
+	next atomic.Uint32
 	// ringErr is why a loop has no io_uring, if one has none.
 	ringErr error
 }
 
-// pick spreads connections over the loops in turn.
-func (s *loopSet) pick() *eventLoop {
-	return s.loops[int(s.next.Add(1))%len(s.loops)]
+// reserve returns the index of the first of n loops taken in turn, for a
+// new service's n listening sockets: each service starts where the
+// previous one ended, so services with fewer sockets than there are
+// loops spread over the cores instead of all starting on loop 0 (a
+// connection runs on the loop that accepted it).
+func (s *loopSet) reserve(n int) int {
+	end := s.next.Add(uint32(n))
+	return int((end - uint32(n)) % uint32(len(s.loops)))
 }
 
 func newEventLoop(pipes *pipePool) (*eventLoop, error) {

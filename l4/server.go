@@ -69,6 +69,9 @@ type runningService struct {
 	svc       *Service
 	cfg       *config.Service
 	listeners []*acceptor
+	// firstLoop is the index of the loop of the first listening socket;
+	// socket i goes to loop firstLoop+i, modulo the loop count.
+	firstLoop int
 	// accepting counts the listening sockets not yet closed by their loops.
 	accepting sync.WaitGroup
 	// udp runs a UDP service's sockets and flows (listeners is empty then).
@@ -230,7 +233,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			continue
 		}
 		if lns, ok := fresh[key]; ok {
-			rs := &runningService{svc: srv.newService(sc), cfg: sc}
+			rs := &runningService{svc: srv.newService(sc), cfg: sc, firstLoop: loops().reserve(len(lns))}
 			srv.running[key] = rs
 			starting = append(starting, startingService{rs, func() { srv.serve(rs, lns) }})
 			continue
@@ -342,9 +345,10 @@ func (srv *Server) shrink(rs *runningService, workers int) {
 
 // serve hands bound sockets to the event loops, each to the loop after the
 // service's previous one, so that a service's SO_REUSEPORT group spreads
-// over the cores.
+// over the cores; its first socket went to the loop after the previous
+// service's last (loopSet.reserve), so that services spread too.
 func (srv *Server) serve(rs *runningService, lns []boundSocket) {
-	rs.listeners = append(rs.listeners, startAcceptors(loops(), rs.svc, srv.gate, lns, len(rs.listeners), &rs.accepting)...)
+	rs.listeners = append(rs.listeners, startAcceptors(loops(), rs.svc, srv.gate, lns, rs.firstLoop+len(rs.listeners), &rs.accepting)...)
 }
 
 // retire stops a service accepting and drains its connections in the
@@ -500,9 +504,9 @@ func closeBound(lns []boundSocket) {
 	}
 }
 
-// startAcceptors hands lns to the event loops of set for svc, the first
-// to the loop after the first's index, and counts each in running until its
-// loop has closed it.
+// startAcceptors hands lns to the event loops of set for svc, lns[i] to
+// the loop of index first+i (modulo the loop count), and counts each in
+// running until its loop has closed it.
 func startAcceptors(set *loopSet, svc *Service, gate *connGate, lns []boundSocket, first int, running *sync.WaitGroup) []*acceptor {
 	out := make([]*acceptor, 0, len(lns))
 	for i, b := range lns {

@@ -1,9 +1,17 @@
 package l4
 
 import (
+	"context"
+	"fmt"
+	"maps"
+	"net"
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
 
 	"github.com/l4lb/l4lb/config"
 )
@@ -79,4 +87,50 @@ listen = "127.0.0.1:5432"
 	if got := describeChange(old, interval); !strings.Contains(got, "health") {
 		t.Errorf("a new health interval summarised as %q", got)
 	}
+}
+
+// TestServicesSpreadOverLoops starts as many single-worker services as
+// there are event loops: each must accept on a loop of its own, since its
+// connections run on the loop that accepted them. All of them used to
+// start on loop 0, leaving the other cores idle.
+func TestServicesSpreadOverLoops(t *testing.T) {
+	n := len(loops().loops)
+	if n < 2 {
+		t.Skip("one event loop (GOMAXPROCS=1): nothing to spread over")
+	}
+	echo := startEcho(t)
+	var file strings.Builder
+	for i := range n {
+		fmt.Fprintf(&file, "[services.s%d]\nlisten = %q\nworkers = 1\n[[services.s%d.backends]]\naddress = %q\n",
+			i, freeLoopbackPort(t).String(), i, echo.String())
+	}
+	cfg, err := config.Parse([]byte(file.String()), "spread.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	if _, err := srv.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	used := map[*eventLoop][]string{}
+	for _, rs := range srv.running {
+		for _, a := range rs.listeners {
+			used[a.loop] = append(used[a.loop], rs.cfg.Name)
+		}
+	}
+	if len(used) != n {
+		t.Errorf("%d single-worker services accept on %d of %d loops: %v", n, len(used), n, slices.Collect(maps.Values(used)))
+	}
+}
+
+// freeLoopbackPort is a TCP port on 127.0.0.1 that was free a moment ago.
+func freeLoopbackPort(t *testing.T) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
