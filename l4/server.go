@@ -37,6 +37,9 @@ type Server struct {
 	// gate bounds the TCP connections open over all services (limits.go);
 	// nil is no bound. Set before the first Apply.
 	gate *connGate
+	// geteuid is os.Geteuid, a field for tests: Apply compares it with the
+	// user that bound a service's sockets (runningService.uid).
+	geteuid func() int
 
 	// retiring counts the drains of services removed by a reload, so that
 	// Shutdown waits for them too.
@@ -69,6 +72,9 @@ type runningService struct {
 	svc       *Service
 	cfg       *config.Service
 	listeners []*acceptor
+	// uid is the effective user that bound the listening sockets: the
+	// kernel adds a socket to a SO_REUSEPORT group only for that user.
+	uid int
 	// firstLoop is the index of the loop of the first listening socket;
 	// socket i goes to loop firstLoop+i, modulo the loop count.
 	firstLoop int
@@ -111,7 +117,7 @@ func (srv *Server) SetMaxConnections(n int64) {
 // NewServer returns a server with no services.
 func NewServer(log hclog.Logger) *Server {
 	return &Server{log: log, running: make(map[socketKey]*runningService),
-		retiringUDP: make(map[socketKey]*runningService)}
+		retiringUDP: make(map[socketKey]*runningService), geteuid: os.Geteuid}
 }
 
 // Change describes what an Apply did.
@@ -180,6 +186,15 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		need := sc.Workers
 		if old != nil {
 			need = sc.Workers - len(old.listeners)
+			if uid := srv.geteuid(); need > 0 && uid != old.uid {
+				// process.user: the sockets were bound before the switch.
+				// Binding more would fail with EADDRINUSE, which would
+				// not say why.
+				undo()
+				return change, fmt.Errorf("services.%s.workers: %d -> %d: with process.user, workers can be raised only at restart: "+
+					"the service's sockets were bound as uid %d, l4lb now runs as uid %d, and the kernel adds sockets to a SO_REUSEPORT group only for the user that bound it",
+					sc.Name, len(old.listeners), sc.Workers, old.uid, uid)
+			}
 		}
 		if need <= 0 {
 			continue
@@ -233,7 +248,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			continue
 		}
 		if lns, ok := fresh[key]; ok {
-			rs := &runningService{svc: srv.newService(sc), cfg: sc, firstLoop: loops().reserve(len(lns))}
+			rs := &runningService{svc: srv.newService(sc), cfg: sc, uid: srv.geteuid(), firstLoop: loops().reserve(len(lns))}
 			srv.running[key] = rs
 			starting = append(starting, startingService{rs, func() { srv.serve(rs, lns) }})
 			continue

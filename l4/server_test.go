@@ -6,8 +6,10 @@ import (
 	"maps"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -133,4 +135,60 @@ func freeLoopbackPort(t *testing.T) netip.AddrPort {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// TestRaisingWorkersAfterUserSwitchIsRejected reloads a service with more
+// workers after l4lb switched users (process.user): the kernel would
+// refuse the new sockets with "address already in use", so the reload is
+// rejected first, with a message that says why, and the service keeps
+// its sockets. As the same user, raising workers adds sockets. As root
+// the test switches the process's effective uid for real (keeping 0 as
+// the saved uid, to switch back); otherwise it tells the Server another
+// uid.
+func TestRaisingWorkersAfterUserSwitchIsRejected(t *testing.T) {
+	echo, listen := startEcho(t), freeLoopbackPort(t)
+	parse := func(workers int) *config.Config {
+		t.Helper()
+		cfg, err := config.Parse([]byte(fmt.Sprintf("[services.pg]\nlisten = %q\nworkers = %d\n[[services.pg.backends]]\naddress = %q\n",
+			listen.String(), workers, echo.String())), "workers.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	srv := NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	started := os.Geteuid()
+	switchTo := func(uid int) {
+		t.Helper()
+		if err := syscall.Setresuid(-1, uid, -1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if started == 0 {
+		t.Cleanup(func() { switchTo(0) })
+	} else {
+		uid := started
+		srv.geteuid = func() int { return uid }
+		switchTo = func(u int) { uid = u }
+	}
+	if _, err := srv.Apply(context.Background(), parse(1)); err != nil {
+		t.Fatal(err)
+	}
+	switchTo(started + 1) // process.user takes effect after the first Apply
+	_, err := srv.Apply(context.Background(), parse(2))
+	switchTo(started)
+	if err == nil || !strings.Contains(err.Error(), "services.pg.workers: 1 -> 2: with process.user, workers can be raised only at restart") {
+		t.Fatalf("raising workers as another user: %v; want the reload rejected, saying why", err)
+	}
+	if v, _, _ := srv.Version(); v != 1 || len(srv.running[socketKey{config.TCP, listen}].listeners) != 1 {
+		t.Errorf("after the rejected reload: version %d, want 1, and the service's single socket", v)
+	}
+
+	if _, err := srv.Apply(context.Background(), parse(2)); err != nil {
+		t.Fatalf("raising workers as the user that bound the sockets: %v", err)
+	}
+	if n := len(srv.running[socketKey{config.TCP, listen}].listeners); n != 2 {
+		t.Errorf("%d sockets after raising workers to 2", n)
+	}
 }

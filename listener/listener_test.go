@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -131,6 +132,41 @@ func TestListenTCPBusyAddressClosesAll(t *testing.T) {
 	addr := plain.Addr().(*net.TCPAddr).AddrPort()
 	if _, err := ListenTCP(context.Background(), addr, 2); !errors.Is(err, syscall.EADDRINUSE) {
 		t.Fatalf("want EADDRINUSE, got %v", err)
+	}
+}
+
+// TestReusePortGroupBelongsToItsUser shows the kernel rule that l4's
+// Server works around with process.user: a socket joins a port's
+// SO_REUSEPORT group only if the same user bound the group. The group is
+// bound as root, then one thread switches user (a raw setresuid affects
+// that thread alone) and binds again.
+func TestReusePortGroupBelongsToItsUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, to bind as one user and then as another")
+	}
+	lns, err := ListenTCP(context.Background(), netip.MustParseAddrPort("127.0.0.1:0"), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lns[0].Close()
+	addr := lns[0].Addr().(*net.TCPAddr).AddrPort()
+	errc := make(chan error, 1)
+	go func() {
+		// Never unlocked: Go ends the thread with the goroutine, so no
+		// other goroutine runs as that user.
+		runtime.LockOSThread()
+		if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, 65534, 65534, 0); e != 0 {
+			errc <- e
+			return
+		}
+		more, err := ListenTCP(context.Background(), addr, 1)
+		if err == nil {
+			more[0].Close()
+		}
+		errc <- err
+	}()
+	if err := <-errc; !errors.Is(err, syscall.EADDRINUSE) {
+		t.Errorf("binding %s as uid 65534 next to root's socket: %v, want EADDRINUSE", addr, err)
 	}
 }
 
