@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -127,6 +128,67 @@ func testMidDialDrained(t *testing.T, weightZero bool) {
 	}
 	if n := backendOf(svc, other).active.Load(); n != 1 {
 		t.Errorf("the backend that stayed counts %d connections, want 1", n)
+	}
+}
+
+// TestDrainCutsConnectionsReadingTheirProxyHeader drains a service (as a
+// removal or shutdown does) while two clients of a trusted balancer are
+// still sending their PROXY headers: one sends the rest of its header
+// only after the drain's deadline, the other never does. Drain must cut
+// both at its deadline, not wait for proxy_protocol_timeout, and neither
+// may reach the backend.
+func TestDrainCutsConnectionsReadingTheirProxyHeader(t *testing.T) {
+	var backendConns atomic.Int32
+	backend := startBackend(t, func(c net.Conn) { backendConns.Add(1); echo(c) })
+	cfg := &config.Service{Backends: []config.Backend{{Address: backend, Weight: 1}}}
+	cfg.AcceptProxyProtocol = true
+	cfg.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
+	cfg.ProxyProtocolTimeout = 10 * time.Second
+	addr, svc := startProtectedService(t, cfg)
+	late, stuck := dialT(t, addr), dialT(t, addr)
+	late.Write([]byte("PROXY TCP4 192.0.2.1 "))
+	stuck.Write([]byte("PROXY TCP4 "))
+	eventually(t, "both clients accepted", func() bool { return svc.accepted.Load() == 2 })
+
+	start := time.Now()
+	var cut int64
+	drained := make(chan struct{})
+	go func() { cut = svc.Drain(start); close(drained) }() // drain_timeout = 0s
+	time.Sleep(200 * time.Millisecond)
+	late.Write([]byte("192.0.2.2 1 2\r\n")) // the rest of the header, after the deadline
+	<-drained
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("Drain with a deadline of now returned after %v (proxy_protocol_timeout is %v)", d.Round(time.Millisecond), cfg.ProxyProtocolTimeout)
+	}
+	if cut != 2 {
+		t.Errorf("Drain cut %d connections, want the 2 reading their headers", cut)
+	}
+	expectClosed(t, late)
+	expectClosed(t, stuck)
+	if n := backendConns.Load(); n != 0 {
+		t.Errorf("the backend got %d connection(s) after the service's drain deadline", n)
+	}
+}
+
+// TestHeaderAfterDrainDeadlineDialsNothing completes a PROXY header once
+// the service's drain deadline has passed, before the drain's abort
+// reaches the connection (both can come in one round of its loop): the
+// client is closed, and the backend never sees a connection.
+func TestHeaderAfterDrainDeadlineDialsNothing(t *testing.T) {
+	var backendConns atomic.Int32
+	backend := startBackend(t, func(c net.Conn) { backendConns.Add(1); echo(c) })
+	cfg := &config.Service{Backends: []config.Backend{{Address: backend, Weight: 1}}}
+	cfg.AcceptProxyProtocol = true
+	cfg.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
+	cfg.ProxyProtocolTimeout = 10 * time.Second
+	addr, svc := startProtectedService(t, cfg)
+	c := dialT(t, addr)
+	eventually(t, "the client accepted", func() bool { return svc.accepted.Load() == 1 })
+	svc.cut.Store(true) // what Drain does at its deadline, before it aborts
+	c.Write([]byte("PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nhello"))
+	expectClosed(t, c)
+	if n := backendConns.Load(); n != 0 {
+		t.Errorf("the backend got %d connection(s) after the service's drain deadline", n)
 	}
 }
 

@@ -25,7 +25,8 @@ import (
 //	stateClosed     both sockets closed, everything given back
 //
 // Only its loop touches it, except forced (closeConns) and the links in
-// its backend's list (under the backend's mu).
+// its backend's list (under the backend's mu) or, while it reads its
+// PROXY header, in its service's waiting list (under waitingMu).
 type proxyConn struct {
 	loop  *eventLoop
 	svc   *Service
@@ -76,7 +77,9 @@ type proxyConn struct {
 	// shutdown, a backend marked down), for the connection log.
 	forced atomic.Bool
 
-	prev, next *proxyConn // links in target.conns, guarded by target.mu
+	// Links in target.conns, guarded by target.mu; before that, while
+	// peer.headerDue, in svc.waiting, guarded by svc.waitingMu.
+	prev, next *proxyConn
 }
 
 type connState uint8
@@ -121,6 +124,10 @@ func (c *proxyConn) abort() { c.loop.postAbort(c) }
 // begin starts a connection its acceptor admitted, on the same loop.
 func (c *proxyConn) begin() {
 	l := c.loop
+	if c.peer.headerDue {
+		// Before anything can finish it: finish takes it off.
+		c.svc.startWaiting(c)
+	}
 	c.slot = l.takeSlot(c)
 	if err := l.register(c.client, c.slot, 0); err != nil {
 		c.svc.refuse(c.peer.src, "cannot watch the client socket: "+err.Error())
@@ -156,6 +163,13 @@ func (c *proxyConn) startRoute() {
 func (c *proxyConn) dialNext() {
 	s, r := c.svc, c.route
 	c.state = stateConnecting
+	if s.cut.Load() {
+		// The service's drain deadline has passed (a PROXY header that
+		// completed only now, or a retry): open nothing more.
+		c.forced.Store(true)
+		c.finish(errAborted)
+		return
+	}
 	for c.dials < maxDialAttempts && len(c.tried) < len(r.backends) {
 		i := r.balancer.pick(c.key, c.tried)
 		if i < 0 {
@@ -467,6 +481,7 @@ func (c *proxyConn) readHeader() {
 	if !h.local {
 		c.peer.src, c.peer.dst = h.src, h.dst
 	}
+	c.svc.stopWaiting(c)
 	c.peer.headerDue = false
 	l, reason, ok := c.svc.admit(c.svc.route.Load(), c.peer.src.Addr())
 	if !ok {
@@ -542,6 +557,10 @@ func (c *proxyConn) finish(err error) {
 	s, l := c.svc, c.loop
 	opened := c.state == stateOpen
 	c.state = stateClosed
+	if c.peer.headerDue {
+		s.stopWaiting(c)
+		c.peer.headerDue = false
+	}
 	l.unschedule(c)
 	if errors.Is(err, errIdle) && c.halfClosed {
 		// The half-close timeout: the peer still sending is gone or stuck.

@@ -61,6 +61,16 @@ type Service struct {
 
 	handlers sync.WaitGroup // connections handed to event loops and not yet closed
 
+	waitingMu sync.Mutex // guards waiting
+	// waiting links the connections still reading their PROXY header,
+	// which are on no backend's list yet, so that Drain can cut them.
+	// Threaded through proxyConn's links, which a connection takes for
+	// its backend's list only after it has left this one.
+	waiting proxyConnList
+	// cut is set once Drain's deadline has passed: no connection of the
+	// service dials a backend from then on.
+	cut atomic.Bool
+
 	// logConnections, when set and true, logs a line per closed
 	// connection; the Server owns it, so one reload switches every service.
 	logConnections *atomic.Bool
@@ -337,7 +347,11 @@ func (s *Service) Drain(deadline time.Time) (cut int64) {
 		return 0
 	case <-timer.C:
 	}
+	// From here no connection dials (dialNext): one whose PROXY header
+	// completes now is closed instead of opening a backend connection.
+	s.cut.Store(true)
 	cut = s.openConnections()
+	s.abortWaiting()
 	// A handler may still be dialing when the deadline passes and register
 	// its connection after a sweep; sweep again until every handler is gone.
 	// Dials are bounded by connect_timeout, so this ends.
@@ -355,12 +369,43 @@ func (s *Service) Drain(deadline time.Time) (cut int64) {
 	}
 }
 
-// openConnections is how many proxied connections are open now, those to
-// draining backends included.
+// openConnections is how many connections are open now: proxied ones,
+// those to draining backends included, and those still reading their
+// PROXY header.
 func (s *Service) openConnections() int64 {
 	var n int64
 	for _, be := range s.Backends() {
 		n += be.active.Load()
 	}
+	s.waitingMu.Lock()
+	for c := s.waiting.head; c != nil; c = c.next {
+		n++
+	}
+	s.waitingMu.Unlock()
 	return n
+}
+
+// startWaiting and stopWaiting put a connection on the waiting list
+// while it reads its PROXY header, and take it off; on its loop.
+func (s *Service) startWaiting(c *proxyConn) {
+	s.waitingMu.Lock()
+	s.waiting.pushBack(c)
+	s.waitingMu.Unlock()
+}
+
+func (s *Service) stopWaiting(c *proxyConn) {
+	s.waitingMu.Lock()
+	s.waiting.remove(c)
+	s.waitingMu.Unlock()
+}
+
+// abortWaiting has the loops close every connection still reading its
+// PROXY header.
+func (s *Service) abortWaiting() {
+	s.waitingMu.Lock()
+	defer s.waitingMu.Unlock()
+	for c := s.waiting.head; c != nil; c = c.next {
+		c.forced.Store(true)
+		c.abort()
+	}
 }
