@@ -73,6 +73,10 @@ type eventLoop struct {
 	acceptors []*acceptor
 	// acceptRetry is the earliest retryAt of the stopped acceptors.
 	acceptRetry int64
+	// moreAccepts are acceptors that took acceptBatch clients and left
+	// more in their queue: the next round takes their next batch. An
+	// edge-triggered socket gives no new event for clients already queued.
+	moreAccepts, takenMore []*acceptor
 	// peerAddr is what accept4 writes the client's address into.
 	peerAddr unix.RawSockaddrAny
 	// freeSlots can be reused; freedNow were freed in the current batch
@@ -233,6 +237,10 @@ func (l *eventLoop) pollFD(uintptr) bool {
 			panic(fmt.Sprintf("l4lb: epoll_wait: %v", err))
 		}
 		l.now = monotonicNow()
+		// The acceptors that stopped at acceptBatch in the last round take
+		// their next batch after this round's events: the connections
+		// the loop already runs go first.
+		more := l.takeMoreAccepts()
 		for i := range n {
 			ev := &l.events[i]
 			switch {
@@ -241,10 +249,11 @@ func (l *eventLoop) pollFD(uintptr) bool {
 			case ev.Fd < wakeSlot:
 				if a := l.acceptors[acceptorSlot(ev.Fd)]; a != nil {
 					a.readable = true
-					if a.retryAt == 0 {
+					if a.retryAt == 0 && !a.more {
 						// A stopped acceptor waits for its retry time:
 						// each new client must not mean another failing
-						// accept and another log line.
+						// accept and another log line. One with more
+						// to take is resumed below.
 						a.accept()
 					}
 				}
@@ -254,13 +263,14 @@ func (l *eventLoop) pollFD(uintptr) bool {
 				c.onEvent(ev.Events, ev.Pad)
 			}
 		}
+		l.resumeAccepts(more)
 		l.takeInbox()
 		l.flushRound()
 		l.freeSlots = append(l.freeSlots, l.freedNow...)
 		l.freedNow = l.freedNow[:0]
 		l.fireTimers()
 		l.retryAcceptors()
-		if n == len(l.events) {
+		if n == len(l.events) || len(l.moreAccepts) > 0 {
 			continue // more may be waiting
 		}
 		if n > 0 && !yielded && l.ring == nil {
@@ -454,11 +464,22 @@ type acceptor struct {
 	// retryAt is when an acceptor that stopped (a full gate, or an accept
 	// error to back off from) tries again; 0 when it has not stopped.
 	retryAt int64
+	// more: the acceptor took acceptBatch clients and is on its loop's
+	// moreAccepts, for the next round.
+	more    bool
 	backoff listener.Backoff
 
 	// done is closed once the loop has closed the socket.
 	done *sync.WaitGroup
 }
+
+// acceptBatch is how many clients an acceptor takes in one round of its
+// loop, as HAProxy's tune.maxaccept (64) bounds its listeners: each
+// costs an accept, checks and a connect, so a burst of thousands taken in
+// one go would stall the connections the loop already runs, and the
+// other acceptors of the loop, for as long. The rest wait in the kernel's
+// queue for the next round, after the events that came meanwhile.
+const acceptBatch = 64
 
 // gateRecheck is how often an acceptor at a full gate looks for a freed
 // slot: a loop must not block on the gate, and a check costs one atomic
@@ -502,11 +523,35 @@ func (l *eventLoop) stopAcceptor(a *acceptor) {
 	}
 	l.acceptors[a.slot] = nil
 	a.retryAt = 0
+	a.more = false // resumeAccepts skips it: its fd is closed
 	a.done.Done()
 }
 
-// accept takes clients from the socket until it has none, the gate is
-// full or accept fails.
+// takeMoreAccepts returns the acceptors that stopped at acceptBatch, and
+// empties the list for this round's; on the loop.
+func (l *eventLoop) takeMoreAccepts() []*acceptor {
+	if len(l.moreAccepts) == 0 {
+		return nil
+	}
+	more := l.moreAccepts
+	l.moreAccepts, l.takenMore = l.takenMore[:0], more
+	return more
+}
+
+// resumeAccepts has the acceptors of more take their next batch.
+func (l *eventLoop) resumeAccepts(more []*acceptor) {
+	for i, a := range more {
+		more[i] = nil
+		if !a.more || a.fd < 0 {
+			continue
+		}
+		a.more = false
+		a.accept()
+	}
+}
+
+// accept takes clients from the socket until it has none, it has taken
+// acceptBatch, the gate is full or accept fails.
 func (a *acceptor) accept() {
 	a.acceptUntilStopped()
 	if l := a.loop; a.retryAt != 0 && (l.acceptRetry == 0 || a.retryAt < l.acceptRetry) {
@@ -516,8 +561,14 @@ func (a *acceptor) accept() {
 
 func (a *acceptor) acceptUntilStopped() {
 	l := a.loop
-	for a.fd >= 0 && (a.readable || a.held.FD >= 0) {
+	for taken := 0; a.fd >= 0 && (a.readable || a.held.FD >= 0); {
 		if a.held.FD < 0 {
+			if taken == acceptBatch {
+				a.more = true
+				l.moreAccepts = append(l.moreAccepts, a)
+				return
+			}
+			taken++
 			conn, err := listener.Accept(a.fd, &l.peerAddr)
 			switch err {
 			case nil:

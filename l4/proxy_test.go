@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/listener"
 )
 
 // startBackend runs a server on loopback until the test ends: serve gets
@@ -579,6 +580,59 @@ func TestManyConnectionsInterleaved(t *testing.T) {
 		if err := <-errs; err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestAcceptBatchIsBounded queues more clients than an acceptor takes in
+// one round: the readiness of the listening socket must take acceptBatch
+// of them, leaving the loop to handle its other events, and the loop's
+// next rounds the rest, although an edge-triggered socket gives no new
+// event for clients already queued.
+func TestAcceptBatchIsBounded(t *testing.T) {
+	cfg := &config.Service{Name: "batch", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
+		Balance: config.RoundRobin, Workers: 1, ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: time.Second,
+		Backends: []config.Backend{{Address: startEcho(t), Weight: 1}}}
+	svc := NewService(cfg, hclog.NewNullLogger())
+	lns, err := listenTCP(context.Background(), cfg.Listen, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A loop of the test's own that this goroutine drives by hand.
+	l, err := newEventLoop(newPipePool())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const queued = 4*acceptBatch + 10
+	for range queued {
+		// Connected: the client waits in the listening socket's queue.
+		dialT(t, lns[0].addr)
+	}
+	var stopped sync.WaitGroup
+	stopped.Add(1)
+	a := &acceptor{loop: l, fd: lns[0].fd, addr: lns[0].addr, svc: svc, held: listener.Conn{FD: -1}, done: &stopped}
+	t.Cleanup(func() {
+		for _, c := range l.conns {
+			if c != nil {
+				c.finish(errAborted)
+			}
+		}
+		l.stopAcceptor(a)
+		stopped.Wait()
+		l.file.Close()
+		unix.Close(l.wakeFD)
+		if l.ring != nil {
+			l.ring.close()
+		}
+	})
+
+	l.now = monotonicNow()
+	l.startAcceptor(a) // as the socket's first readiness does
+	if n := svc.accepted.Load(); n != acceptBatch {
+		t.Errorf("the socket's readiness took %d of %d queued clients, want %d", n, queued, acceptBatch)
+	}
+	l.pollFD(0) // the loop's next rounds, until it would sleep
+	if n := svc.accepted.Load(); n != queued {
+		t.Errorf("%d of %d queued clients taken when the loop would sleep", n, queued)
 	}
 }
 
