@@ -44,7 +44,7 @@ bench: build
 # time). New crashers land in the package's testdata/fuzz/, where `make
 # test` then replays them with the committed seeds.
 FUZZTIME ?= 30s
-FUZZ_TARGETS = ./config/:FuzzParse ./l4/:FuzzParseProxyHeader
+FUZZ_TARGETS = ./config/:FuzzParse ./l4/:FuzzParseProxyHeader ./l4/:FuzzProxyHeaderPrefixes
 
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -2,6 +2,7 @@ package l4
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -282,6 +283,68 @@ func TestLimitSetByReloadCountsOpenConnections(t *testing.T) {
 			if got := svc.Rejected()[tt.reason]; got != 1 {
 				t.Errorf("rejected %s = %d, want 1", tt.reason, got)
 			}
+		})
+	}
+}
+
+// TestErrorPathsGiveBackEveryCount runs clients of a trusted balancer
+// into each way admission and dialing can fail (a backend that refuses,
+// a reset in the middle of the header, a header timeout, a malformed
+// header) on a service with every limit: once they are gone, the
+// descriptor gate, the service and per-source counts, the backend's count
+// and the list of connections reading their header must all be back at 0,
+// or the limits would shrink with each failure.
+func TestErrorPathsGiveBackEveryCount(t *testing.T) {
+	cfg := &config.Service{Backends: []config.Backend{{Address: closedAddr(t), Weight: 1, MaxConnections: 5}}}
+	cfg.MaxConnections, cfg.MaxConnectionsPerSource = 5, 5
+	cfg.AcceptProxyProtocol = true
+	cfg.TrustedProxies = []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}
+	cfg.ProxyProtocolTimeout = 300 * time.Millisecond
+	cfg.Name, cfg.Protocol, cfg.Workers = "counts", config.TCP, 1
+	cfg.Listen = netip.MustParseAddrPort("127.0.0.1:0")
+	cfg.Balance, cfg.HashKey = config.Maglev, config.SourceIP
+	cfg.ConnectTimeout, cfg.IdleTimeout, cfg.DrainTimeout = time.Second, time.Minute, time.Second
+	svc := NewService(cfg, hclog.NewNullLogger())
+	gate := newConnGate(100)
+	svc.gate = gate // as the Server sets it, for the acceptors and the service alike
+	lns, err := listenTCP(context.Background(), cfg.Listen, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var running sync.WaitGroup
+	acceptors := startAcceptors(loops(), svc, gate, lns, 0, &running)
+	t.Cleanup(func() { closeListeners(acceptors); running.Wait(); svc.Drain(time.Now()) })
+
+	clients := []struct {
+		name, send string
+		reset      bool
+	}{
+		{"backend refuses", "PROXY TCP4 192.0.2.1 192.0.2.2 1 2\r\nhello", false},
+		{"reset mid-header", "PROXY TCP4 192.0.2.1 ", true},
+		{"header timeout", "PROXY TCP4 192.0.2.1 ", false},
+		{"malformed header", "GET / HTTP/1.0\r\n", false},
+	}
+	for _, cl := range clients {
+		c, err := net.Dial("tcp", lns[0].addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write([]byte(cl.send))
+		if cl.reset {
+			eventually(t, cl.name+": accepted", func() bool { return gate.open.Load() > 0 })
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+		} else {
+			// l4lb closes each of the others: wait for it.
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil {
+				t.Errorf("%s: read %d bytes, %v: want the connection closed", cl.name, n, err)
+			}
+			c.Close()
+		}
+		eventually(t, cl.name+": every count back at 0", func() bool {
+			return gate.open.Load() == 0 && svc.open.Load() == 0 && svc.sources.count(netip.MustParseAddr("192.0.2.1")) == 0 &&
+				svc.openConnections() == 0
 		})
 	}
 }

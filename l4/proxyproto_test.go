@@ -225,3 +225,34 @@ func FuzzParseProxyHeader(f *testing.F) {
 		}
 	})
 }
+
+// FuzzProxyHeaderPrefixes checks that a header may arrive in any pieces,
+// as TCP delivers it: every prefix of a header that parses whole is
+// "need more", and no prefix of an input that is not malformed is
+// malformed, so a slow balancer's header is never rejected for being
+// read early.
+func FuzzProxyHeaderPrefixes(f *testing.F) {
+	f.Add([]byte("PROXY TCP4 192.0.2.1 198.51.100.2 12345 443\r\n"))
+	f.Add([]byte("PROXY TCP6 2001:db8::1 2001:db8::2 1 65535\r\n"))
+	f.Add([]byte("PROXY UNKNOWN\r\n"))
+	f.Add(v2Header(0x21, 0x11, []byte{192, 0, 2, 1, 198, 51, 100, 2, 0x30, 0x39, 0x01, 0xbb, 0x05, 0, 1, 'x'}))
+	f.Add(v2Header(0x20, 0x00, nil))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		_, n, err := parseProxyHeader(b)
+		if err == nil {
+			for k := range n {
+				if _, _, perr := parseProxyHeader(b[:k]); !errors.Is(perr, errProxyNeedMore) {
+					t.Fatalf("%q parses whole (%d bytes) but its prefix %q gives %v", b[:n], n, b[:k], perr)
+				}
+			}
+		}
+		if errors.Is(err, errProxyMalformed) {
+			return // a shorter prefix may be malformed already, or need more
+		}
+		for k := range len(b) {
+			if _, _, perr := parseProxyHeader(b[:k]); errors.Is(perr, errProxyMalformed) {
+				t.Fatalf("prefix %q is malformed (%v) but the whole %q gives %v", b[:k], perr, b, err)
+			}
+		}
+	})
+}
