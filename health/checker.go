@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"sync"
 	"time"
@@ -17,6 +18,11 @@ import (
 // first probe comes almost at once; the spread only keeps the backends of
 // a fresh config from being probed all at the same instant.
 const FirstProbeSpread = 100 * time.Millisecond
+
+// shortageWarnEvery is how often at most a Checker warns of probes that
+// decided nothing for this host's shortage: while descriptors or ports run
+// out, every probe of every backend would otherwise log a line.
+const shortageWarnEvery = 10 * time.Second
 
 // Result is the outcome of one probe.
 type Result struct {
@@ -34,7 +40,8 @@ func (r Result) Detail() string {
 }
 
 // Observer receives the results of one target's probes, one call at a
-// time, from the target's prober goroutine. It should return quickly: the
+// time, from the target's prober goroutine; a probe that failed for this
+// host's own shortage is not a result and never reaches it. It should return quickly: the
 // next probe waits for it.
 type Observer interface {
 	Observe(Result)
@@ -58,12 +65,18 @@ type Target struct {
 // when it ends if it took longer), and the targets' schedules are offset
 // from one another by random delays, so a pool of backends is not probed in
 // lockstep. The Checker does not decide anything: it hands each result to
-// the target's Observer.
+// the target's Observer, except a probe that failed for this host's own
+// shortage (out of descriptors, memory or local ports), which says nothing
+// about the backend: it is dropped, with a warning at most every
+// shortageWarnEvery.
 //
 // A Checker starts probing on Set; Close stops it. The owner of the Checker
 // closes it; Observers are never called after Close returns.
 type Checker struct {
 	log hclog.Logger
+	// dial opens the probes' connections; tests replace it before the
+	// first Set.
+	dial dialFunc
 
 	mu sync.Mutex // guards probers and closed
 	// probers is keyed by Target.Key.
@@ -71,6 +84,12 @@ type Checker struct {
 	closed  bool
 
 	running sync.WaitGroup // prober goroutines
+
+	warnMu sync.Mutex // guards lastShortageWarn and shortages
+	// lastShortageWarn is when the last inconclusive probe was logged;
+	// shortages counts the inconclusive probes since.
+	lastShortageWarn time.Time
+	shortages        int
 }
 
 // prober is the goroutine of one target.
@@ -82,7 +101,7 @@ type prober struct {
 
 // NewChecker returns a checker with no targets.
 func NewChecker(log hclog.Logger) *Checker {
-	return &Checker{log: log, probers: make(map[string]*prober)}
+	return &Checker{log: log, dial: (&net.Dialer{}).DialContext, probers: make(map[string]*prober)}
 }
 
 // Set makes targets the checked set: probers start for new keys, stop for
@@ -103,7 +122,7 @@ func (c *Checker) Set(targets []Target) error {
 		if old != nil && old.target == t {
 			continue
 		}
-		p, err := NewProber(t.Spec)
+		p, err := newProber(t.Spec, c.dial)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", t.Key, err))
 			if old != nil {
@@ -172,10 +191,15 @@ func (c *Checker) run(ctx context.Context, pr *prober, p Prober, prev <-chan str
 			return // stopped mid-probe: the result says nothing about the backend
 		}
 		res := Result{Err: err, Took: time.Since(start)}
-		if err != nil && c.log.IsDebug() {
-			c.log.Debug("probe failed", "target", t.Key, "addr", t.Addr, "error", err)
+		if localShortage(err) {
+			// Neither a success nor a failure: the backend's counts stay.
+			c.warnShortage(t, err)
+		} else {
+			if err != nil && c.log.IsDebug() {
+				c.log.Debug("probe failed", "target", t.Key, "addr", t.Addr, "error", err)
+			}
+			t.Observer.Observe(res)
 		}
-		t.Observer.Observe(res)
 		next := t.Spec.Interval
 		if n == 0 {
 			// After the prompt first probe, move this target to a random
@@ -185,6 +209,24 @@ func (c *Checker) run(ctx context.Context, pr *prober, p Prober, prev <-chan str
 		}
 		timer.Reset(max(0, next-time.Since(start)))
 	}
+}
+
+// warnShortage logs a probe of t that failed for this host's shortage, at
+// most once every shortageWarnEvery, with the number of such probes since
+// the last line.
+func (c *Checker) warnShortage(t Target, err error) {
+	c.warnMu.Lock()
+	c.shortages++
+	n := c.shortages
+	now := time.Now()
+	if !c.lastShortageWarn.IsZero() && now.Sub(c.lastShortageWarn) < shortageWarnEvery {
+		c.warnMu.Unlock()
+		return
+	}
+	c.lastShortageWarn, c.shortages = now, 0
+	c.warnMu.Unlock()
+	c.log.Warn("health probe inconclusive: this host is short of descriptors, memory or local ports; the backend's health is left as it was",
+		"target", t.Key, "addr", t.Addr, "error", err, "inconclusive_probes", n)
 }
 
 // jitter is a random duration in [0, d).

@@ -1,12 +1,17 @@
 package health
 
 import (
+	"bytes"
+	"context"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -234,4 +239,53 @@ func listen(t *testing.T) netip.AddrPort {
 		}
 	}()
 	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// TestCheckerLocalShortageIsInconclusive probes a listening backend while
+// every dial fails with EMFILE, as when this host is out of descriptors:
+// those probes must not reach the Observer (which would count them toward
+// fall and mark a healthy backend down), and one warning covers the run of
+// them. Once sockets open again, results flow as before.
+func TestCheckerLocalShortageIsInconclusive(t *testing.T) {
+	up := listen(t)
+	var logs bytes.Buffer // hclog serializes its writes; read after Close
+	c := NewChecker(hclog.New(&hclog.LoggerOptions{Output: &logs}))
+	t.Cleanup(c.Close)
+	var short atomic.Bool
+	short.Store(true)
+	var shortDials atomic.Int32
+	c.dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+		if short.Load() {
+			shortDials.Add(1)
+			return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("socket", syscall.EMFILE)}
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, address)
+	}
+	rec := &recorder{}
+	spec := Spec{Kind: Connect, Network: "tcp", Interval: 10 * time.Millisecond, Timeout: 10 * time.Millisecond, Rise: 1, Fall: 1}
+	if err := c.Set([]Target{{Key: "up", Addr: up, Spec: spec, Observer: rec}}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for shortDials.Load() < 5 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d probes in 5s, want 5", shortDials.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := rec.count(); n != 0 {
+		rec.mu.Lock()
+		t.Errorf("%d probes that failed with EMFILE reached the Observer as results of the backend (first: %v)", n, rec.results[0].Err)
+		rec.mu.Unlock()
+	}
+	short.Store(false)
+	rec.waitCount(t, 1)
+	c.Close()
+	if err := rec.results[len(rec.results)-1].Err; err != nil {
+		t.Errorf("probe once sockets open again: %v", err)
+	}
+	if n := strings.Count(logs.String(), "health probe inconclusive"); n != 1 {
+		t.Errorf("%d warnings for a run of %d inconclusive probes, want 1:\n%s", n, shortDials.Load(), logs.String())
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"regexp"
+	"syscall"
 	"time"
 )
 
@@ -62,17 +63,26 @@ var (
 // only sees its first 4 KiB).
 const maxReply = 4096
 
+// dialFunc opens a probe's connection: net.Dialer.DialContext, or a
+// stand-in in tests.
+type dialFunc func(ctx context.Context, network, address string) (net.Conn, error)
+
 // NewProber returns the prober spec describes. It fails on an unknown kind
 // or network, a send_expect spec without an expectation, or a bad regexp.
 func NewProber(spec Spec) (Prober, error) {
+	return newProber(spec, (&net.Dialer{}).DialContext)
+}
+
+// newProber is NewProber with the dial function its probes use.
+func newProber(spec Spec, dial dialFunc) (Prober, error) {
 	switch spec.Kind {
 	case Connect:
-		return &connectProber{}, nil
+		return &connectProber{dial: dial}, nil
 	case SendExpect:
 		if spec.Network != "tcp" && spec.Network != "udp" {
 			return nil, fmt.Errorf("send_expect over %q: want tcp or udp", spec.Network)
 		}
-		p := &sendExpectProber{network: spec.Network, send: []byte(spec.Send), expect: []byte(spec.Expect)}
+		p := &sendExpectProber{dial: dial, network: spec.Network, send: []byte(spec.Send), expect: []byte(spec.Expect)}
 		switch {
 		case spec.Expect != "" && spec.ExpectRegex != "":
 			return nil, errors.New("send_expect: set expect or expect_regex, not both")
@@ -91,11 +101,12 @@ func NewProber(spec Spec) (Prober, error) {
 }
 
 // connectProber passes when a TCP connection can be opened.
-type connectProber struct{}
+type connectProber struct {
+	dial dialFunc
+}
 
-func (connectProber) Probe(ctx context.Context, addr netip.AddrPort) error {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", addr.String())
+func (p *connectProber) Probe(ctx context.Context, addr netip.AddrPort) error {
+	c, err := p.dial(ctx, "tcp", addr.String())
 	if err != nil {
 		return describe("connect", ctx, err)
 	}
@@ -104,6 +115,7 @@ func (connectProber) Probe(ctx context.Context, addr netip.AddrPort) error {
 
 // sendExpectProber sends a request and checks the reply.
 type sendExpectProber struct {
+	dial    dialFunc
 	network string
 	send    []byte
 	expect  []byte         // the reply must start with it; nil when re is set
@@ -111,8 +123,7 @@ type sendExpectProber struct {
 }
 
 func (p *sendExpectProber) Probe(ctx context.Context, addr netip.AddrPort) error {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, p.network, addr.String())
+	c, err := p.dial(ctx, p.network, addr.String())
 	if err != nil {
 		return describe("connect", ctx, err)
 	}
@@ -202,6 +213,24 @@ func (p *sendExpectProber) want() string {
 		return fmt.Sprintf("expect_regex %q", p.re)
 	}
 	return fmt.Sprintf("expect %q", p.expect)
+}
+
+// localShortage reports a probe error that says this host, not the
+// backend, ran short of something: descriptors (EMFILE, ENFILE), buffers
+// or memory (ENOBUFS, ENOMEM), epoll watches (ENOSPC), or a free local
+// port toward the backend (EADDRNOTAVAIL). Such a probe says nothing about
+// the backend: counting it as a failure would mark healthy backends down,
+// all of them at once when descriptors run out, and one busy backend
+// after another as ports run out toward each. The data path exempts the
+// same errors from passive detection (l4's isLocalShortage and
+// blamesBackend).
+func localShortage(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ENOSPC, syscall.EADDRNOTAVAIL} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
 }
 
 // describe wraps err with the step that failed, and says "timed out" for

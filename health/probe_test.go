@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -233,6 +235,36 @@ func TestNewProberRejects(t *testing.T) {
 	} {
 		if _, err := NewProber(spec); err == nil {
 			t.Errorf("NewProber(%+v) accepted", spec)
+		}
+	}
+}
+
+// TestLocalShortage checks which probe errors are this host's shortage
+// (the probe decides nothing) and which are the backend's failure.
+func TestLocalShortage(t *testing.T) {
+	dial := func(op string, errno syscall.Errno) error {
+		return fmt.Errorf("connect: %w", &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError(op, errno)})
+	}
+	tests := []struct {
+		err   error
+		local bool
+	}{
+		{dial("socket", syscall.EMFILE), true},
+		{dial("socket", syscall.ENFILE), true},
+		{dial("socket", syscall.ENOBUFS), true},
+		{dial("socket", syscall.ENOMEM), true},
+		{dial("epollctl", syscall.ENOSPC), true},
+		{dial("connect", syscall.EADDRNOTAVAIL), true},
+		{dial("connect", syscall.ECONNREFUSED), false},
+		{dial("connect", syscall.EHOSTUNREACH), false},
+		{dial("connect", syscall.ECONNRESET), false},
+		{fmt.Errorf("read reply: timed out: %w", os.ErrDeadlineExceeded), false},
+		{errClosedEarly, false},
+		{nil, false},
+	}
+	for _, tt := range tests {
+		if got := localShortage(tt.err); got != tt.local {
+			t.Errorf("localShortage(%v) = %v, want %v", tt.err, got, tt.local)
 		}
 	}
 }
