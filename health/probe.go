@@ -40,6 +40,12 @@ type Spec struct {
 	Rise, Fall int
 	// Send is written as is once connected; it may be empty (a banner check).
 	Send string
+	// ProxyHeader, when not empty, goes first: on a TCP probe's connection
+	// right after connect (a Connect probe then closes), and at the start of
+	// every UDP probe datagram, before Send. It is the PROXY protocol header
+	// that a backend behind proxy_protocol requires before anything else;
+	// the package sends it as is, without reading it.
+	ProxyHeader string
 	// Exactly one of Expect and ExpectRegex is set for SendExpect.
 	Expect      string
 	ExpectRegex string
@@ -77,12 +83,14 @@ func NewProber(spec Spec) (Prober, error) {
 func newProber(spec Spec, dial dialFunc) (Prober, error) {
 	switch spec.Kind {
 	case Connect:
-		return &connectProber{dial: dial}, nil
+		return &connectProber{dial: dial, header: []byte(spec.ProxyHeader)}, nil
 	case SendExpect:
 		if spec.Network != "tcp" && spec.Network != "udp" {
 			return nil, fmt.Errorf("send_expect over %q: want tcp or udp", spec.Network)
 		}
-		p := &sendExpectProber{dial: dial, network: spec.Network, send: []byte(spec.Send), expect: []byte(spec.Expect)}
+		// One write, so that a UDP probe is one datagram and a TCP one
+		// sends the header and the request in one segment.
+		p := &sendExpectProber{dial: dial, network: spec.Network, send: []byte(spec.ProxyHeader + spec.Send), expect: []byte(spec.Expect)}
 		switch {
 		case spec.Expect != "" && spec.ExpectRegex != "":
 			return nil, errors.New("send_expect: set expect or expect_regex, not both")
@@ -100,9 +108,11 @@ func newProber(spec Spec, dial dialFunc) (Prober, error) {
 	return nil, fmt.Errorf("unknown health check kind %q", spec.Kind)
 }
 
-// connectProber passes when a TCP connection can be opened.
+// connectProber passes when a TCP connection can be opened (and, with a
+// PROXY header to send, the header written).
 type connectProber struct {
-	dial dialFunc
+	dial   dialFunc
+	header []byte // sent once connected, then the connection closes; may be nil
 }
 
 func (p *connectProber) Probe(ctx context.Context, addr netip.AddrPort) error {
@@ -110,14 +120,33 @@ func (p *connectProber) Probe(ctx context.Context, addr netip.AddrPort) error {
 	if err != nil {
 		return describe("connect", ctx, err)
 	}
-	return c.Close()
+	defer c.Close()
+	if len(p.header) > 0 {
+		// A backend that requires the header logs a connection closed
+		// without one as a broken client: send it, as HAProxy's checks do.
+		defer bound(ctx, c)()
+		if _, err := c.Write(p.header); err != nil {
+			return describe("send PROXY header", ctx, err)
+		}
+	}
+	return nil
+}
+
+// bound makes ctx's deadline c's, and cancelling ctx (the checker
+// closing) cut c's reads and writes short; the returned func undoes the
+// latter.
+func bound(ctx context.Context, c net.Conn) (stop func() bool) {
+	if dl, ok := ctx.Deadline(); ok {
+		c.SetDeadline(dl)
+	}
+	return context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
 }
 
 // sendExpectProber sends a request and checks the reply.
 type sendExpectProber struct {
 	dial    dialFunc
 	network string
-	send    []byte
+	send    []byte         // Spec.ProxyHeader and Spec.Send
 	expect  []byte         // the reply must start with it; nil when re is set
 	re      *regexp.Regexp // the reply (its first maxReply bytes) must match
 }
@@ -128,13 +157,7 @@ func (p *sendExpectProber) Probe(ctx context.Context, addr netip.AddrPort) error
 		return describe("connect", ctx, err)
 	}
 	defer c.Close()
-	// The deadline bounds the writes and reads; cancelling ctx (the checker
-	// closing) cuts them short too.
-	if dl, ok := ctx.Deadline(); ok {
-		c.SetDeadline(dl)
-	}
-	stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
+	defer bound(ctx, c)()
 
 	if len(p.send) > 0 {
 		if _, err := c.Write(p.send); err != nil {

@@ -268,3 +268,88 @@ func TestLocalShortage(t *testing.T) {
 		}
 	}
 }
+
+// TestProbeSendsProxyHeader checks that Spec.ProxyHeader goes first: alone
+// on a connect probe's connection, before Send on a TCP send_expect probe
+// (to a backend that answers nothing without it), and at the start of the
+// UDP probe datagram.
+func TestProbeSendsProxyHeader(t *testing.T) {
+	const header = "HEADER\r\n"
+	t.Run("connect", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		got := make(chan string, 1)
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			b, _ := io.ReadAll(c) // until the probe closes
+			got <- string(b)
+		}()
+		spec := Spec{Kind: Connect, Network: "tcp", Timeout: time.Second, ProxyHeader: header}
+		if err := probe(t, spec, ln.Addr().(*net.TCPAddr).AddrPort()); err != nil {
+			t.Fatalf("probe: %v", err)
+		}
+		if b := <-got; b != header {
+			t.Errorf("connect probe sent %q, want the header %q alone", b, header)
+		}
+	})
+	t.Run("send_expect tcp", func(t *testing.T) {
+		needsHeader := startLineServer(t, func(lines []string) string {
+			if len(lines) == 2 && lines[0] == header && lines[1] == "PING\r\n" {
+				return "+PONG\r\n"
+			}
+			return ""
+		})
+		spec := Spec{Kind: SendExpect, Network: "tcp", Timeout: time.Second, Send: "PING\r\n", Expect: "+PONG", ProxyHeader: header}
+		if err := probe(t, spec, needsHeader); err != nil {
+			t.Errorf("probe of a backend that requires the header: %v", err)
+		}
+	})
+	t.Run("send_expect udp", func(t *testing.T) {
+		spec := Spec{Kind: SendExpect, Network: "udp", Timeout: time.Second, Send: "ping", Expect: "echo:" + header + "ping", ProxyHeader: header}
+		if err := probe(t, spec, udpEcho(t, "echo:")); err != nil {
+			t.Errorf("want one datagram holding the header, then send: %v", err)
+		}
+	})
+}
+
+// startLineServer reads two lines from each connection and answers with
+// reply(lines), or closes it at once when reply returns "".
+func startLineServer(t *testing.T, reply func(lines []string) string) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(5 * time.Second))
+				r := bufio.NewReader(c)
+				var lines []string
+				for range 2 {
+					l, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					lines = append(lines, l)
+				}
+				io.WriteString(c, reply(lines))
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}

@@ -181,6 +181,16 @@ func (h *serviceHealth) sync(cfg *config.Service, backends map[netip.AddrPort]*B
 
 // healthSpec translates a service's [health] table for the checker:
 // send_expect goes over the service's own protocol.
+//
+// A probe that reaches the listener the data path does (the service's own
+// protocol, no health.port) carries the PROXY header first when the
+// service sends one, as HAProxy's checks do on a server with send-proxy
+// and no check port: a backend that requires the header would otherwise
+// drop every probe, and be marked down while the data path works. The
+// header is v1 UNKNOWN or v2 LOCAL, which the backend takes as the
+// balancer's own connection. Elsewhere (health.port, or a TCP connect
+// check of a UDP service) the probe reaches another listener, whose
+// needs l4lb does not know: it sends none.
 func healthSpec(cfg *config.Service) health.Spec {
 	hc := cfg.Health
 	spec := health.Spec{
@@ -191,6 +201,9 @@ func healthSpec(cfg *config.Service) health.Spec {
 		spec.Kind = health.SendExpect
 		spec.Network = string(cfg.Protocol)
 		spec.Send, spec.Expect, spec.ExpectRegex = hc.Send, hc.Expect, hc.ExpectRegex
+	}
+	if pp := cfg.Protect.ProxyProtocol; pp != config.ProxyNone && pp != "" && hc.Port == 0 && spec.Network == string(cfg.Protocol) {
+		spec.ProxyHeader = string(appendProxyLocalHeader(nil, pp))
 	}
 	return spec
 }

@@ -1,6 +1,7 @@
 package l4
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -636,4 +637,120 @@ func TestOnDownCloseReachesConnectInFlight(t *testing.T) {
 	eventually(t, "the slow backend out of the route", func() bool { return sameAddrs(routed(s), other) })
 	slow.release(t)
 	roundTrip(t, c, "served by the backend still up")
+}
+
+// TestHealthProbesSendProxyHeader checks TCP services against backends
+// that, like nginx's `listen ... proxy_protocol` or HAProxy's accept-proxy,
+// serve nothing to a connection without a PROXY header: with
+// proxy_protocol set and no health.port, probes send a v1 UNKNOWN or v2
+// LOCAL header first, so send_expect passes, and a connect check does not
+// leave the backend a headerless connection.
+func TestHealthProbesSendProxyHeader(t *testing.T) {
+	tests := []struct {
+		name string
+		pp   config.ProxyProtocol
+		kind config.HealthKind
+	}{
+		{"v1 send_expect", config.ProxyV1, config.HealthSendExpect},
+		{"v2 send_expect", config.ProxyV2, config.HealthSendExpect},
+		{"v1 tcp", config.ProxyV1, config.HealthTCP},
+		{"v2 tcp", config.ProxyV2, config.HealthTCP},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			headers := make(chan proxyHeader, 100)
+			backend := startBackend(t, func(c net.Conn) {
+				defer c.Close()
+				h, err := readProxyHeader(c.(*net.TCPConn), time.Now().Add(5*time.Second))
+				if err != nil {
+					return // no header, no service
+				}
+				select {
+				case headers <- h:
+				default:
+				}
+				c.SetDeadline(time.Now().Add(5 * time.Second))
+				if req, _ := bufio.NewReader(c).ReadString('\n'); req == "PING\r\n" {
+					io.WriteString(c, "+PONG\r\n")
+				}
+			})
+			cfg := checkedConfig(backend)
+			cfg.Protect.ProxyProtocol = tt.pp
+			cfg.Health.Kind = tt.kind
+			if tt.kind == config.HealthSendExpect {
+				cfg.Health.Send, cfg.Health.Expect = "PING\r\n", "+PONG"
+			}
+			s := newCheckedService(t, cfg)
+			select {
+			case h := <-headers:
+				if !h.local {
+					t.Errorf("probe sent header %+v; want v1 UNKNOWN or v2 LOCAL (the balancer's own connection)", h)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatalf("no probe sent a PROXY header in 5s; last failure %q", backendOf(s, backend).Health().LastFailure)
+			}
+			eventually(t, "backend up", func() bool { return len(routed(s)) == 1 })
+		})
+	}
+}
+
+// TestHealthUDPProbeSendsProxyHeader checks a UDP service with
+// proxy_protocol = "v2" against a backend that, like nginx's UDP listeners
+// with proxy_protocol, drops every datagram that does not start with a
+// header: the probe datagram starts with a v2 LOCAL header, then send.
+func TestHealthUDPProbeSendsProxyHeader(t *testing.T) {
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	go func() {
+		buf := make([]byte, udpBufSize)
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			if h, size, err := parseProxyHeader(buf[:n]); err == nil && h.local && string(buf[size:n]) == "ping" {
+				c.WriteToUDPAddrPort([]byte("pong"), from)
+			}
+		}
+	}()
+	backend := c.LocalAddr().(*net.UDPAddr).AddrPort()
+	cfg := udpConfig(backend)
+	cfg.Protect.ProxyProtocol = config.ProxyV2
+	cfg.Health = config.Health{Kind: config.HealthSendExpect, Interval: 50 * time.Millisecond, Timeout: 40 * time.Millisecond,
+		Rise: 2, Fall: 2, Send: "ping", Expect: "pong"}
+	s := newCheckedService(t, cfg)
+	eventually(t, "backend up", func() bool { return len(routed(s)) == 1 })
+}
+
+// TestHealthSpecProxyHeader checks when probes carry a PROXY header: only
+// when they reach the listener the data path does (the service's protocol,
+// the backend's own port), which is when the backend expects one.
+func TestHealthSpecProxyHeader(t *testing.T) {
+	v1Local, v2Local := "PROXY UNKNOWN\r\n", string(proxyV2Sig)+"\x20\x00\x00\x00"
+	tests := []struct {
+		name     string
+		protocol config.Protocol
+		kind     config.HealthKind
+		pp       config.ProxyProtocol
+		port     uint16
+		want     string
+	}{
+		{"tcp, none", config.TCP, config.HealthTCP, config.ProxyNone, 0, ""},
+		{"tcp, v1", config.TCP, config.HealthTCP, config.ProxyV1, 0, v1Local},
+		{"send_expect, v2", config.TCP, config.HealthSendExpect, config.ProxyV2, 0, v2Local},
+		{"check port elsewhere", config.TCP, config.HealthSendExpect, config.ProxyV1, 8080, ""},
+		{"udp send_expect, v2", config.UDP, config.HealthSendExpect, config.ProxyV2, 0, v2Local},
+		{"udp service, tcp connect check", config.UDP, config.HealthTCP, config.ProxyV2, 0, ""},
+		{"udp send_expect, check port elsewhere", config.UDP, config.HealthSendExpect, config.ProxyV2, 8080, ""},
+	}
+	for _, tt := range tests {
+		cfg := &config.Service{Protocol: tt.protocol, Health: config.Health{Kind: tt.kind, Port: tt.port, Expect: "x"}}
+		cfg.Protect.ProxyProtocol = tt.pp
+		if got := healthSpec(cfg).ProxyHeader; got != tt.want {
+			t.Errorf("%s: probe header %q, want %q", tt.name, got, tt.want)
+		}
+	}
 }

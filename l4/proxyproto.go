@@ -296,6 +296,19 @@ func appendProxyHeader(b []byte, v config.ProxyProtocol, src, dst netip.AddrPort
 	return binary.BigEndian.AppendUint16(b, dst.Port())
 }
 
+// appendProxyLocalHeader appends the header of version v that l4lb's own
+// connections carry (health probes): v1 "PROXY UNKNOWN", v2 the LOCAL
+// command with no address. The receiver keeps the connection's own
+// addresses. The same v2 header prefixes a UDP probe datagram: a LOCAL
+// header's family and transport are UNSPEC whatever the socket.
+func appendProxyLocalHeader(b []byte, v config.ProxyProtocol) []byte {
+	if v == config.ProxyV1 {
+		return append(b, "PROXY UNKNOWN\r\n"...)
+	}
+	b = append(b, proxyV2Sig...)
+	return append(b, proxyV2Local, proxyV2Unspec, 0, 0)
+}
+
 // tcpCloseWait is TCP_CLOSE_WAIT in tcp_info's state: the peer has sent
 // its FIN.
 const tcpCloseWait = 8
