@@ -55,8 +55,8 @@ type Health struct {
 	// backend up and down.
 	Rise, Fall int
 	// Send, Expect and ExpectRegex are for HealthSendExpect only. Send may
-	// be empty (a banner check); exactly one of Expect and ExpectRegex is
-	// set, and ExpectRegex compiles.
+	// be empty (a banner check) on a TCP service, not on a UDP one; exactly
+	// one of Expect and ExpectRegex is set, and ExpectRegex compiles.
 	Send        string
 	Expect      string
 	ExpectRegex string
@@ -105,6 +105,15 @@ func (v *validator) serviceHealth(at string, f *fileService, svc *Service) {
 		// The TCP default would probe a port a UDP server need not listen
 		// on, and mark every backend down: make the operator choose.
 		v.add(at+".health.kind", "a UDP service has no default check kind: set \"send_expect\" (a request and reply over UDP) or \"tcp\" (a TCP connect, with port = the backend's TCP port), or \"none\"")
+	}
+	if svc.Protocol == UDP && svc.Health.Kind == HealthSendExpect && svc.Health.Send == "" {
+		// No banner over UDP: a server answers only a datagram it got, so
+		// every probe would time out and every backend go down.
+		if f.Health.Send == nil {
+			v.add(at+".health.send", "missing: a UDP send_expect check must send a request (a UDP server answers only a datagram it receives, so without one every probe would time out)")
+		} else if s, ok := f.Health.Send.(string); ok && s == "" {
+			v.add(at+".health.send", "must not be empty for a UDP service: a UDP server answers only a datagram it receives, so every probe would time out")
+		} // else not a string: reported already
 	}
 	svc.PanicMode = PanicMode(v.enum(at+".panic_mode", f.PanicMode, string(DefaultPanicMode), "none", "all"))
 	svc.OnDown = OnDown(v.enum(at+".on_down", f.OnDown, string(DefaultOnDown), "keep", "close"))

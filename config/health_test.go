@@ -41,6 +41,16 @@ kind = "send_expect"
 expect_regex = '^SSH-2\.0-'
 [[services.ssh.backends]]
 address = "10.0.0.1:22"
+
+[services.dns]
+listen = "127.0.0.1:53"
+protocol = "udp"
+[services.dns.health]
+kind = "send_expect"
+send = "ping"
+expect = "pong"
+[[services.dns.backends]]
+address = "10.0.0.1:53"
 `
 	cfg, err := Parse([]byte(file), "health.toml")
 	if err != nil {
@@ -63,6 +73,9 @@ address = "10.0.0.1:22"
 			Send: "PING\r\n", Expect: "+PONG", Port: 6380}, 0, PanicNone, OnDownKeep},
 		{"ssh", Health{Kind: HealthSendExpect, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise,
 			Fall: DefaultHealthFall, ExpectRegex: `^SSH-2\.0-`}, DefaultPassiveFall, PanicNone, OnDownKeep},
+		// Over UDP, send_expect must send something (see TestParseErrors).
+		{"dns", Health{Kind: HealthSendExpect, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise,
+			Fall: DefaultHealthFall, Send: "ping", Expect: "pong"}, DefaultPassiveFall, PanicNone, OnDownKeep},
 	}
 	for _, tt := range tests {
 		svc := cfg.Service(tt.service)
