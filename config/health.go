@@ -32,7 +32,7 @@ const (
 )
 
 // OnDown says what happens to the open connections of a backend that the
-// health checks mark down.
+// active health checks mark down (passive_fall alone closes nothing).
 type OnDown string
 
 const (

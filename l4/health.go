@@ -21,9 +21,10 @@ import (
 // service's health.Checker, which probes every configured backend and hands
 // the results to a healthObserver, and the data path, which counts failed
 // connects (passive detection) and forces the backend down after
-// passive_fall of them in a row. Either way a state change schedules one
-// route rebuild; the changes of the next rebuildDelay join it, so a rack
-// going dark costs one table build, not one per backend.
+// passive_fall of them in a row (on_down = "close" acts on that only once
+// the checks find the backend failing too). Either way a state change
+// schedules one route rebuild; the changes of the next rebuildDelay join
+// it, so a rack going dark costs one table build, not one per backend.
 //
 // The route holds only backends with weight > 0 that are up (or every
 // backend, when checks are off). With none up, new connections are closed
@@ -40,10 +41,16 @@ type backendHealth struct {
 	// passiveFails counts connects in a row that failed, as seen by every
 	// core's data path; a successful connect or an up transition resets it.
 	passiveFails atomic.Int32
-	// closePending is set when the backend goes down under on_down =
-	// "close": the next rebuild, once the backend is out of the route,
-	// closes its connections.
+	// closePending is set when the checks mark the backend down under
+	// on_down = "close": the next rebuild, once the backend is out of the
+	// route, closes its connections.
 	closePending atomic.Bool
+	// passiveDown is set while the backend is down by passive detection
+	// and the checks have not found it failing; downProbeFails counts the
+	// failed probes in a row since. on_down = "close" waits for fall of
+	// them (see confirmPassiveDown).
+	passiveDown    atomic.Bool
+	downProbeFails atomic.Int32
 	// observer is the backend's health.Observer, made once so that the
 	// checker sees the same target on every Set and keeps its prober
 	// running. Guarded by the owning Service's mu.
@@ -226,19 +233,51 @@ func (o *healthObserver) Observe(res health.Result) {
 		rise = 1
 	}
 	if tr, changed := o.be.health.tracker.Observe(res.Err == nil, rise, cfg.Health.Fall, res.Detail()); changed {
-		o.h.transition(cfg, o.be, tr)
+		o.h.transition(cfg, o.be, tr, true)
+		return
+	}
+	o.confirmPassiveDown(cfg, res.Err == nil)
+}
+
+// confirmPassiveDown counts the probes of a backend that passive detection
+// took down. fall failures in a row are the checks finding it down, as if
+// they had marked it down themselves: on_down = "close" then closes its
+// connections. Without this, a dead backend that the data path noticed
+// first would keep its clients for good.
+func (o *healthObserver) confirmPassiveDown(cfg *config.Service, ok bool) {
+	bh := &o.be.health
+	if !bh.passiveDown.Load() {
+		return
+	}
+	if ok {
+		bh.downProbeFails.Store(0)
+		return
+	}
+	if int(bh.downProbeFails.Add(1)) < max(cfg.Health.Fall, 1) || !bh.passiveDown.CompareAndSwap(true, false) {
+		return
+	}
+	if cfg.OnDown == config.OnDownClose && bh.tracker.State() == health.Down {
+		bh.closePending.Store(true)
+		o.h.schedule(false)
 	}
 }
 
-// transition logs a state change of be and schedules the rebuild.
-func (h *serviceHealth) transition(cfg *config.Service, be *Backend, tr health.Transition) {
+// transition logs a state change of be and schedules the rebuild. byChecks
+// is false for a mark-down by passive detection, which on_down = "close"
+// does not act on until the checks agree (confirmPassiveDown): failed
+// connects say that new connections fail, perhaps only for a moment (a
+// full accept queue), not that the open ones are dead.
+func (h *serviceHealth) transition(cfg *config.Service, be *Backend, tr health.Transition, byChecks bool) {
 	h.logTransition(cfg, be, tr)
 	switch tr.To {
 	case health.Up:
 		be.health.passiveFails.Store(0)
 		be.health.closePending.Store(false)
+		be.health.passiveDown.Store(false)
 	case health.Down:
-		if cfg.OnDown == config.OnDownClose {
+		be.health.downProbeFails.Store(0)
+		be.health.passiveDown.Store(!byChecks)
+		if byChecks && cfg.OnDown == config.OnDownClose {
 			be.health.closePending.Store(true)
 		}
 	}
@@ -314,7 +353,9 @@ func (s *Service) rebuildForHealth() {
 }
 
 // connectFailed counts a failed connect to be: passive_fall of them in a
-// row, on any cores, mark it down until its checks bring it back.
+// row, on any cores, mark it down until its checks bring it back. Its open
+// connections stay, even under on_down = "close", unless the checks find
+// it failing too (confirmPassiveDown).
 func (s *Service) connectFailed(cfg *config.Service, be *Backend, err error) {
 	if cfg.PassiveFall == 0 {
 		return
@@ -325,7 +366,7 @@ func (s *Service) connectFailed(cfg *config.Service, be *Backend, err error) {
 	}
 	reason := fmt.Sprintf("passive: %d connects in a row failed, last: %v", cfg.PassiveFall, err)
 	if tr, changed := be.health.tracker.Force(health.Down, reason); changed {
-		s.health.transition(cfg, be, tr)
+		s.health.transition(cfg, be, tr, false)
 	}
 }
 

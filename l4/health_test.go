@@ -181,7 +181,7 @@ func TestHealthCoalescesRebuilds(t *testing.T) {
 	for _, a := range addrs[:4] {
 		be := backendOf(s, a)
 		tr, _ := be.health.tracker.Force(health.Down, "test")
-		s.health.transition(cfg, be, tr)
+		s.health.transition(cfg, be, tr, true)
 	}
 	eventually(t, "route shrunk to one backend", func() bool { return len(routed(s)) == 1 })
 	time.Sleep(2 * rebuildDelay)
@@ -211,7 +211,7 @@ func TestHealthMaglevKeysStay(t *testing.T) {
 	}
 	be := backendOf(s, addrs[2])
 	tr, _ := be.health.tracker.Force(health.Down, "test")
-	s.health.transition(cfg, be, tr)
+	s.health.transition(cfg, be, tr, true)
 	eventually(t, "3 routed", func() bool { return len(routed(s)) == 3 })
 	// Maglev moves a few slots of other backends too (about 1% of the
 	// table, see TestMaglevDisruption); a rebuild that reshuffled the
@@ -376,6 +376,72 @@ func TestHealthOnDown(t *testing.T) {
 				t.Fatalf("read: %v; want EOF or reset", err)
 			}
 		})
+	}
+}
+
+// A passive mark-down does not apply on_down = "close": three connects in
+// a row that time out (a full accept queue for a moment) say nothing of
+// the connections already open to a backend whose checks pass, and must
+// not cut them.
+func TestHealthPassiveDownKeepsSessions(t *testing.T) {
+	backend := startEcho(t)
+	cfg := checkedConfig(backend)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second // one probe, at the start
+	cfg.OnDown = config.OnDownClose
+	addr, s := startService(t, time.Minute)
+	s.Update(cfg)
+	eventually(t, "backend up", func() bool { return len(routed(s)) == 1 })
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "before")
+	be := backendOf(s, backend)
+	for range cfg.PassiveFall {
+		s.connectFailed(cfg, be, errConnectTimeout)
+	}
+	if st := be.health.tracker.State(); st != health.Down {
+		t.Fatalf("after passive_fall connect timeouts: %v, want down", st)
+	}
+	eventually(t, "backend out of the route", func() bool { return len(routed(s)) == 0 })
+	time.Sleep(2 * rebuildDelay) // a close would have come with the rebuild
+	roundTrip(t, c, "after the passive mark-down")
+}
+
+// Once the checks find a backend that passive detection took down failing
+// too (fall probes in a row), on_down = "close" closes its connections, as
+// if the checks had marked it down: a dead backend the data path noticed
+// first must not keep its clients.
+func TestHealthChecksConfirmPassiveDown(t *testing.T) {
+	backend := startEcho(t)
+	check := newRestartable(t) // the check port, separate from traffic
+	cfg := checkedConfig(backend)
+	cfg.Health.Port = check.addr.Port()
+	cfg.OnDown = config.OnDownClose
+	addr, s := startService(t, time.Minute)
+	s.Update(cfg)
+	eventually(t, "backend up", func() bool { return len(routed(s)) == 1 })
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "before")
+	be := backendOf(s, backend)
+	check.stop() // the next probes fail; fall of them take a while
+	for range cfg.PassiveFall {
+		s.connectFailed(cfg, be, errConnectTimeout)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("read %d bytes on a connection to a backend whose checks fail, with on_down close", n)
+	} else if !isReset(err) && err != io.EOF {
+		t.Fatalf("read: %v; want EOF or reset", err)
+	}
+	snap := be.Health()
+	if r := snap.History[len(snap.History)-1].Reason; !strings.Contains(r, "passive") {
+		t.Errorf("last transition %q: want the passive mark-down (the checks only confirmed it)", r)
 	}
 }
 
@@ -632,7 +698,7 @@ func TestOnDownCloseReachesConnectInFlight(t *testing.T) {
 	be := backendOf(s, slow.addr)
 	eventually(t, "the connect to the slow backend in flight", func() bool { return be.active.Load() == 1 })
 	if tr, changed := be.health.tracker.Force(health.Down, "marked down by the test"); changed {
-		s.health.transition(cfg, be, tr)
+		s.health.transition(cfg, be, tr, true)
 	}
 	eventually(t, "the slow backend out of the route", func() bool { return sameAddrs(routed(s), other) })
 	slow.release(t)

@@ -318,9 +318,11 @@ func (c *proxyConn) connected() {
 // closedWhileConnecting reports whether be went down under on_down =
 // "close" while a connect to it was in flight: the close swept the
 // backend's open connections once, before this one was among them. A
-// panicking route offers down backends on purpose, and keeps them.
+// panicking route offers down backends on purpose, and keeps them; a
+// mark-down by passive detection alone keeps open connections, and so
+// this one.
 func closedWhileConnecting(r *route, be *Backend) bool {
-	return r.cfg.OnDown == config.OnDownClose && !r.panicking && be.health.tracker.State() == health.Down
+	return r.cfg.OnDown == config.OnDownClose && !r.panicking && be.health.tracker.State() == health.Down && !be.health.passiveDown.Load()
 }
 
 // sendProxyHeader writes the PROXY header to the fresh backend socket when
