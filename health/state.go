@@ -70,6 +70,10 @@ type Status struct {
 //     soon as it is seen to answer) and Down after fall consecutive
 //     failures.
 //
+// Counting in a row is Envoy's and nginx's way. HAProxy's counter instead
+// takes back one failure per success, which brings down a backend failing
+// 2 probes of 3; this one stays up (the README says so to operators).
+//
 // rise and fall below 1 count as 1.
 func Next(s Status, ok bool, rise, fall int) Status {
 	rise, fall = max(rise, 1), max(fall, 1)

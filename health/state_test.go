@@ -62,6 +62,9 @@ func TestNextSequences(t *testing.T) {
 		{"new backend never answers", 2, 3, "---+-+", "??DDDD"},
 		{"alternating never moves an up backend", 2, 3, "-+-+-+-+", "UUUUUUUU"},
 		{"two failures in a row are not three", 2, 3, "--+--+", "UUUUUU"},
+		// Unlike HAProxy's counter (one failure taken back per success),
+		// as the README tells operators coming from HAProxy.
+		{"failing 2 probes of every 3 stays up", 2, 3, "--+--+--+--+--+", "UUUUUUUUUUUUUUU"},
 		{"down then up", 2, 3, "---++", "UUDDU"},
 		{"alternating never moves a down backend", 2, 3, "---+-+-+-", "UUDDDDDDD"},
 		{"rise 1 fall 1 follows every result", 1, 1, "-+-+", "DUDU"},
