@@ -360,11 +360,14 @@ func (s *Service) connectFailed(cfg *config.Service, be *Backend, err error) {
 	if cfg.PassiveFall == 0 {
 		return
 	}
-	// Exactly one goroutine sees the count reach passive_fall.
-	if n := be.health.passiveFails.Add(1); int(n) != cfg.PassiveFall {
+	// At or past passive_fall, not only at it: a reload may lower
+	// passive_fall below a run in progress. Force reports the change to
+	// one goroutine only.
+	n := be.health.passiveFails.Add(1)
+	if int(n) < cfg.PassiveFall || be.health.tracker.State() == health.Down {
 		return
 	}
-	reason := fmt.Sprintf("passive: %d connects in a row failed, last: %v", cfg.PassiveFall, err)
+	reason := fmt.Sprintf("passive: %d connects in a row failed, last: %v", n, err)
 	if tr, changed := be.health.tracker.Force(health.Down, reason); changed {
 		s.health.transition(cfg, be, tr, false)
 	}

@@ -274,6 +274,33 @@ func TestHealthPassive(t *testing.T) {
 	}
 }
 
+// A reload that lowers passive_fall below a run of failed connects in
+// progress keeps passive detection working: the next failure, past the new
+// passive_fall, marks the backend down.
+func TestHealthPassiveFallLoweredByReload(t *testing.T) {
+	a, b := startEcho(t), startEcho(t)
+	cfg := checkedConfig(a, b)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second // only the first probe
+	cfg.PassiveFall = 5
+	s := newCheckedService(t, cfg)
+	eventually(t, "both up", func() bool { return len(routed(s)) == 2 })
+	be := backendOf(s, a)
+	for range 4 {
+		s.connectFailed(cfg, be, errConnectTimeout)
+	}
+	lowered := *cfg
+	lowered.PassiveFall = 3
+	s.Update(&lowered)
+	s.connectFailed(&lowered, be, errConnectTimeout)
+	if st := be.health.tracker.State(); st != health.Down {
+		t.Fatalf("5 connects in a row failed, passive_fall lowered to 3: backend %v, want down", st)
+	}
+	snap := be.Health()
+	if r := snap.History[len(snap.History)-1].Reason; !strings.Contains(r, "passive: 5 connects in a row failed") {
+		t.Errorf("reason %q; want the run's real length", r)
+	}
+}
+
 func TestHealthPassiveFromDataPath(t *testing.T) {
 	live := newRestartable(t)
 	other := startEcho(t)
