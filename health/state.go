@@ -118,9 +118,11 @@ type Tracker struct {
 
 	mu     sync.Mutex // guards status, lastFailure and history
 	status Status
-	// lastFailure is the detail of the most recent failed probe: the reason
-	// a Down transition gives is the failure that tipped it, and a status
-	// view shows why a backend stays down.
+	// lastFailure is why the backend last failed: the detail of the most
+	// recent failed probe, or the reason of a forced mark-down (passive
+	// detection) if that came later. The reason a Down transition gives is
+	// the failure that tipped it, and a status view shows why a backend
+	// stays down.
 	lastFailure string
 	history     []Transition // oldest first, at most historySize
 	// wentUp and wentDown count every transition to Up and to Down, for
@@ -160,7 +162,9 @@ func (t *Tracker) Observe(ok bool, rise, fall int, detail string) (Transition, b
 }
 
 // Force sets the state to s, with an empty streak, and returns the
-// transition and true if that changed it.
+// transition and true if that changed it. A change to Down makes reason
+// the last failure, so that status views show it rather than an older
+// probe's.
 func (t *Tracker) Force(s State, reason string) (Transition, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -168,6 +172,9 @@ func (t *Tracker) Force(s State, reason string) (Transition, bool) {
 	t.status = Status{State: s}
 	if from == s {
 		return Transition{}, false
+	}
+	if s == Down {
+		t.lastFailure = reason
 	}
 	return t.record(from, s, reason), true
 }
@@ -200,7 +207,9 @@ func (t *Tracker) Probed() bool {
 
 // Snapshot is a Tracker's state for status views.
 type Snapshot struct {
-	Status      Status
+	Status Status
+	// LastFailure is the last failed probe's detail, or the reason of a
+	// later forced mark-down.
 	LastFailure string
 	// History holds the latest transitions, oldest first.
 	History []Transition

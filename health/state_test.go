@@ -115,9 +115,14 @@ func TestTracker(t *testing.T) {
 	if _, changed := tr.Observe(true, 2, 2, "ok"); changed {
 		t.Error("one success after a forced down went up; rise is 2")
 	}
+	// The forced mark-down is the last failure, not the older probe's.
 	snap := tr.Snapshot()
-	if snap.Status != (Status{Down, 1}) || snap.LastFailure != "connection refused" || len(snap.History) != 3 {
+	if snap.Status != (Status{Down, 1}) || snap.LastFailure != "passive: 3 connect failures" || len(snap.History) != 3 {
 		t.Errorf("snapshot %+v", snap)
+	}
+	tr.Observe(false, 2, 2, "timed out")
+	if got := tr.Snapshot().LastFailure; got != "timed out" {
+		t.Errorf("last failure %q after a failed probe, want that probe's", got)
 	}
 	for range 2 * historySize {
 		tr.Force(Up, "x")

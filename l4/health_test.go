@@ -301,6 +301,29 @@ func TestHealthPassiveFallLoweredByReload(t *testing.T) {
 	}
 }
 
+// A backend passive detection took down shows that as its last failure
+// (what `l4lb status` prints under the table), not an older probe failure.
+func TestHealthPassiveDownIsLastFailure(t *testing.T) {
+	check := newRestartable(t)
+	backend := startEcho(t)
+	cfg := checkedConfig(backend)
+	cfg.Health.Port = check.addr.Port()
+	cfg.Health.Fall = 100 // a few failed probes leave it up
+	s := newCheckedService(t, cfg)
+	eventually(t, "backend up", func() bool { return len(routed(s)) == 1 })
+	be := backendOf(s, backend)
+	check.stop()
+	eventually(t, "a probe failed", func() bool { return be.Health().LastFailure != "" })
+	check.start()
+	eventually(t, "probes pass again", func() bool { return be.Health().Status.Streak == 0 })
+	for range cfg.PassiveFall {
+		s.connectFailed(cfg, be, errConnectTimeout)
+	}
+	if got := be.Health().LastFailure; !strings.HasPrefix(got, "passive: 3 connects in a row failed") {
+		t.Errorf("down by passive detection; last failure %q, want the passive reason", got)
+	}
+}
+
 func TestHealthPassiveFromDataPath(t *testing.T) {
 	live := newRestartable(t)
 	other := startEcho(t)

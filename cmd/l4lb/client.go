@@ -112,7 +112,7 @@ func printStatus(w io.Writer, st statusJSON) {
 }
 
 // printDownReasons says, under the table, why each checked backend that is
-// down failed its last probe.
+// down failed last: its last failed probe, or passive detection.
 func printDownReasons(w io.Writer, services []serviceJSON) {
 	for _, s := range services {
 		for _, b := range s.Backends {
