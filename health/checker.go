@@ -41,8 +41,9 @@ func (r Result) Detail() string {
 
 // Observer receives the results of one target's probes, one call at a
 // time, from the target's prober goroutine; a probe that failed for this
-// host's own shortage is not a result and never reaches it. It should return quickly: the
-// next probe waits for it.
+// host's own shortage is not a result and never reaches it. It should
+// return quickly: the next probe waits for it, and so does a Set that
+// stops its target. It must not call the Checker.
 type Observer interface {
 	Observe(Result)
 }
@@ -108,6 +109,12 @@ func NewChecker(log hclog.Logger) *Checker {
 // keys that are gone, and restart for keys whose target changed. An invalid
 // Spec is reported in the error (joined with the others) and its target is
 // not probed; the valid ones are all applied.
+//
+// Set returns once the probers it stops have returned: probes in flight
+// are cut short and their results dropped, and no Observer of a removed
+// or changed target is called after Set returns. Its owner can then
+// change the state the Observers fed (checks turned off) without a late
+// result undoing it.
 func (c *Checker) Set(targets []Target) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -116,37 +123,51 @@ func (c *Checker) Set(targets []Target) error {
 	}
 	var errs []error
 	wanted := make(map[string]bool, len(targets))
+	type start struct {
+		t Target
+		p Prober
+	}
+	starts := make(map[string]start) // by key; a repeated key's last target wins
+	var stopped []*prober
 	for _, t := range targets {
 		wanted[t.Key] = true
 		old := c.probers[t.Key]
 		if old != nil && old.target == t {
 			continue
 		}
+		if old != nil {
+			stopped = append(stopped, old)
+			delete(c.probers, t.Key)
+		}
+		delete(starts, t.Key)
 		p, err := newProber(t.Spec, c.dial)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", t.Key, err))
-			if old != nil {
-				old.cancel()
-				delete(c.probers, t.Key)
-			}
 			continue
 		}
-		var prev <-chan struct{}
-		if old != nil {
-			old.cancel()
-			prev = old.done
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		pr := &prober{target: t, cancel: cancel, done: make(chan struct{})}
-		c.probers[t.Key] = pr
-		c.running.Add(1)
-		go c.run(ctx, pr, p, prev)
+		starts[t.Key] = start{t, p}
 	}
 	for key, pr := range c.probers {
 		if !wanted[key] {
-			pr.cancel()
+			stopped = append(stopped, pr)
 			delete(c.probers, key)
 		}
+	}
+	// Stop before starting, so that a restarted target never has two
+	// probes in flight. Cancelled probes return at once; the probers do not
+	// take c.mu.
+	for _, pr := range stopped {
+		pr.cancel()
+	}
+	for _, pr := range stopped {
+		<-pr.done
+	}
+	for key, s := range starts {
+		ctx, cancel := context.WithCancel(context.Background())
+		pr := &prober{target: s.t, cancel: cancel, done: make(chan struct{})}
+		c.probers[key] = pr
+		c.running.Add(1)
+		go c.run(ctx, pr, s.p)
 	}
 	return errors.Join(errs...)
 }
@@ -165,15 +186,10 @@ func (c *Checker) Close() {
 	c.running.Wait()
 }
 
-// run probes one target until ctx ends. prev, when not nil, is the done
-// channel of the prober this one replaces: waiting for it keeps the target
-// at one probe in flight across a restart.
-func (c *Checker) run(ctx context.Context, pr *prober, p Prober, prev <-chan struct{}) {
+// run probes one target until ctx ends.
+func (c *Checker) run(ctx context.Context, pr *prober, p Prober) {
 	defer c.running.Done()
 	defer close(pr.done)
-	if prev != nil {
-		<-prev
-	}
 	t := pr.target
 	timer := time.NewTimer(jitter(min(t.Spec.Interval, FirstProbeSpread)))
 	defer timer.Stop()

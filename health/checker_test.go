@@ -289,3 +289,51 @@ func TestCheckerLocalShortageIsInconclusive(t *testing.T) {
 		t.Errorf("%d warnings for a run of %d inconclusive probes, want 1:\n%s", n, shortDials.Load(), logs.String())
 	}
 }
+
+// slowObserver takes 100 ms over each result and says whether a call is
+// under way.
+type slowObserver struct {
+	entered chan struct{} // gets a value as each call starts, while it has room
+	busy    atomic.Bool
+	calls   atomic.Int32
+}
+
+func (o *slowObserver) Observe(Result) {
+	o.busy.Store(true)
+	o.calls.Add(1)
+	select {
+	case o.entered <- struct{}{}:
+	default:
+	}
+	time.Sleep(100 * time.Millisecond)
+	o.busy.Store(false)
+}
+
+// TestCheckerSetWaitsForStoppedProbers stops a target while its Observer
+// is handling a result: Set returns only after that call, and no call
+// comes after it. Its owner relies on this to turn checks off (every
+// backend forced up) without a late result taking a backend down.
+func TestCheckerSetWaitsForStoppedProbers(t *testing.T) {
+	c := newTestChecker(t)
+	obs := &slowObserver{entered: make(chan struct{}, 1)}
+	spec := connectSpec(10 * time.Millisecond)
+	if err := c.Set([]Target{{Key: "up", Addr: listen(t), Spec: spec, Observer: obs}}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-obs.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no probe result in 5s")
+	}
+	if err := c.Set(nil); err != nil {
+		t.Fatal(err)
+	}
+	if obs.busy.Load() {
+		t.Fatal("Set(nil) returned while the removed target's Observer was still running")
+	}
+	n := obs.calls.Load()
+	time.Sleep(5 * spec.Interval)
+	if got := obs.calls.Load(); got != n {
+		t.Errorf("%d Observer calls after Set(nil) returned", got-n)
+	}
+}

@@ -158,13 +158,14 @@ func (h *serviceHealth) sync(cfg *config.Service, backends map[netip.AddrPort]*B
 	if checksOff(cfg) {
 		// No checks: every backend is up, so that turning checks on later
 		// starts from up instead of taking the pool out of service until
-		// the first probes.
+		// the first probes. The probers stop first: once Set returns, no
+		// late result of theirs can take a backend down again.
+		h.checker.Set(nil)
 		for _, be := range backends {
 			if tr, changed := be.health.tracker.Force(health.Up, "health checks turned off"); changed && tr.From != health.Unknown {
 				h.logTransition(cfg, be, tr)
 			}
 		}
-		h.checker.Set(nil)
 		return
 	}
 	spec := healthSpec(cfg)
@@ -225,6 +226,12 @@ var _ health.Observer = (*healthObserver)(nil)
 
 func (o *healthObserver) Observe(res health.Result) {
 	cfg := o.h.cfg.Load()
+	if checksOff(cfg) {
+		// A result of checks since turned off: sync stops the probers
+		// before forcing every backend up, so none should come; judged
+		// with fall 0 it would take the backend down.
+		return
+	}
 	rise := cfg.Health.Rise
 	if o.h.healthy.Load() == 0 {
 		// Nothing serves: the first backend to answer takes traffic at

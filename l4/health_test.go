@@ -870,3 +870,25 @@ func TestHealthSpecProxyHeader(t *testing.T) {
 		}
 	}
 }
+
+// A probe result that arrives after checks were turned off (a probe that
+// was in flight) is dropped: judged with the checks-off config (fall 0) it
+// would take a backend down, and checks turned back on would start it
+// from down.
+func TestHealthLateProbeAfterChecksOff(t *testing.T) {
+	a, b := startEcho(t), startEcho(t)
+	cfg := checkedConfig(a, b)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second // only the first probe
+	s := newCheckedService(t, cfg)
+	eventually(t, "both up", func() bool { return len(routed(s)) == 2 })
+	be := backendOf(s, a)
+	obs := be.health.observer
+	off := *cfg
+	off.Health = config.Health{Kind: config.HealthNone}
+	off.PassiveFall = 0
+	s.Update(&off)
+	obs.Observe(health.Result{Err: errConnectTimeout}) // the late result
+	if st := be.health.tracker.State(); st != health.Up {
+		t.Errorf("one failed probe result after checks were turned off: backend %v, want up", st)
+	}
+}
