@@ -103,7 +103,8 @@ type Service struct {
 	Health Health
 	// PassiveFall is how many consecutive connect failures seen by the
 	// data path mark a backend down until the active check brings it back;
-	// 0 is off, and so is every service with Health.Kind HealthNone.
+	// 0 is off, and so is every service with Health.Kind HealthNone and
+	// every UDP service (no connects to fail).
 	PassiveFall int
 	PanicMode   PanicMode
 	OnDown      OnDown

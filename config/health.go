@@ -117,6 +117,14 @@ func (v *validator) serviceHealth(at string, f *fileService, svc *Service) {
 	}
 	svc.PanicMode = PanicMode(v.enum(at+".panic_mode", f.PanicMode, string(DefaultPanicMode), "none", "all"))
 	svc.OnDown = OnDown(v.enum(at+".on_down", f.OnDown, string(DefaultOnDown), "keep", "close"))
+	if svc.Protocol == UDP {
+		// Passive detection counts failed connects, and a UDP flow has
+		// none: the key would do nothing, and the default is off.
+		if f.PassiveFall != nil {
+			v.add(at+".passive_fall", "applies only to protocol = \"tcp\" (protocol is \"udp\"): it counts failed connects, which UDP has none of; the active checks alone judge UDP backends")
+		}
+		return
+	}
 	svc.PassiveFall = int(v.integer(at+".passive_fall", f.PassiveFall, DefaultPassiveFall, 0, MaxRiseFall))
 	if svc.Health.Kind == HealthNone {
 		// Passive detection marks a backend down until the active check

@@ -73,9 +73,10 @@ address = "10.0.0.1:53"
 			Send: "PING\r\n", Expect: "+PONG", Port: 6380}, 0, PanicNone, OnDownKeep},
 		{"ssh", Health{Kind: HealthSendExpect, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise,
 			Fall: DefaultHealthFall, ExpectRegex: `^SSH-2\.0-`}, DefaultPassiveFall, PanicNone, OnDownKeep},
-		// Over UDP, send_expect must send something (see TestParseErrors).
+		// Over UDP, send_expect must send something (see TestParseErrors),
+		// and passive detection is off: nothing would feed it.
 		{"dns", Health{Kind: HealthSendExpect, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise,
-			Fall: DefaultHealthFall, Send: "ping", Expect: "pong"}, DefaultPassiveFall, PanicNone, OnDownKeep},
+			Fall: DefaultHealthFall, Send: "ping", Expect: "pong"}, 0, PanicNone, OnDownKeep},
 	}
 	for _, tt := range tests {
 		svc := cfg.Service(tt.service)

@@ -230,6 +230,8 @@ func TestParseErrors(t *testing.T) {
 			[]string{"services.pg.health.send: missing: a UDP send_expect check must send a request"}},
 		{"udp send_expect with empty send", svc("protocol = \"udp\"") + "[services.pg.health]\nkind = \"send_expect\"\nsend = \"\"\nexpect = \"pong\"\n",
 			[]string{"services.pg.health.send: must not be empty for a UDP service"}},
+		{"passive_fall on udp", svc("protocol = \"udp\"\npassive_fall = 3") + "[services.pg.health]\nkind = \"send_expect\"\nsend = \"ping\"\nexpect = \"pong\"\n",
+			[]string{"services.pg.passive_fall: applies only to protocol = \"tcp\" (protocol is \"udp\"): it counts failed connects"}},
 		{"passive_fall without checks", svc("passive_fall = 2"), []string{"services.pg.passive_fall: needs an active health check"}},
 		{"passive_fall range", svc("passive_fall = -1") + "[services.pg.health]\n", []string{"services.pg.passive_fall: -1 is out of range [0, 100]"}},
 		{"bad panic_mode", svc("panic_mode = \"some\""), []string{"services.pg.panic_mode: \"some\" is not one of none, all"}},
