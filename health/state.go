@@ -179,6 +179,21 @@ func (t *Tracker) Force(s State, reason string) (Transition, bool) {
 	return t.record(from, s, reason), true
 }
 
+// SetInitial sets a tracker that is still Unknown to s, with an empty
+// streak, without recording a transition, and reports whether it did. A
+// backend of a service without checks is up by assumption: no change was
+// seen, so none is counted or shown.
+func (t *Tracker) SetInitial(s State) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.status.State != Unknown {
+		return false
+	}
+	t.status = Status{State: s}
+	t.state.Store(uint32(s))
+	return true
+}
+
 // record stores a transition; t.mu must be held.
 func (t *Tracker) record(from, to State, reason string) Transition {
 	tr := Transition{From: from, To: to, Reason: reason, At: time.Now()}

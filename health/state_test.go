@@ -153,3 +153,19 @@ func TestTrackerConcurrent(t *testing.T) {
 		t.Errorf("atomic state %v disagrees with status %v", tr.State(), s)
 	}
 }
+
+// TestTrackerSetInitial checks that SetInitial sets only a tracker still
+// unknown, and records no transition.
+func TestTrackerSetInitial(t *testing.T) {
+	var tr Tracker
+	if !tr.SetInitial(Up) || tr.State() != Up {
+		t.Fatalf("SetInitial(Up) on an unknown tracker: %v", tr.State())
+	}
+	if snap := tr.Snapshot(); len(snap.History) != 0 || snap.WentUp != 0 {
+		t.Errorf("SetInitial recorded a transition: %+v", snap)
+	}
+	tr.Force(Down, "passive")
+	if tr.SetInitial(Up) || tr.State() != Down {
+		t.Errorf("SetInitial changed a tracker that had left unknown: %v", tr.State())
+	}
+}

@@ -159,10 +159,15 @@ func (h *serviceHealth) sync(cfg *config.Service, backends map[netip.AddrPort]*B
 		// No checks: every backend is up, so that turning checks on later
 		// starts from up instead of taking the pool out of service until
 		// the first probes. The probers stop first: once Set returns, no
-		// late result of theirs can take a backend down again.
+		// late result of theirs can take a backend down again. A backend
+		// never judged (a service that never had checks) is up by
+		// assumption: no transition is recorded, counted or logged.
 		h.checker.Set(nil)
 		for _, be := range backends {
-			if tr, changed := be.health.tracker.Force(health.Up, "health checks turned off"); changed && tr.From != health.Unknown {
+			if be.health.tracker.SetInitial(health.Up) {
+				continue
+			}
+			if tr, changed := be.health.tracker.Force(health.Up, "health checks turned off"); changed {
 				h.logTransition(cfg, be, tr)
 			}
 		}

@@ -892,3 +892,32 @@ func TestHealthLateProbeAfterChecksOff(t *testing.T) {
 		t.Errorf("one failed probe result after checks were turned off: backend %v, want up", st)
 	}
 }
+
+// A service that never had checks records no health transition for its
+// backends (none in the status history, none in the transition metrics):
+// they are up by assumption. Turning checks off on a backend they had
+// taken down is a transition, and is recorded.
+func TestHealthUncheckedServiceRecordsNoTransition(t *testing.T) {
+	live := startEcho(t)
+	dead := closedAddr(t)
+	cfg := checkedConfig(live, dead)
+	cfg.Health = config.Health{Kind: config.HealthNone}
+	cfg.PassiveFall = 0
+	s := newCheckedService(t, cfg)
+	for _, addr := range []netip.AddrPort{live, dead} {
+		snap := backendOf(s, addr).Health()
+		if snap.Status.State != health.Up || snap.WentUp != 0 || len(snap.History) != 0 {
+			t.Errorf("%v of a service that never had checks: %v, transitions to up %d, history %+v; want up with none",
+				addr, snap.Status.State, snap.WentUp, snap.History)
+		}
+	}
+
+	checked := checkedConfig(live, dead)
+	s.Update(checked)
+	eventually(t, "the dead backend down", func() bool { return backendOf(s, dead).Health().Status.State == health.Down })
+	s.Update(cfg)
+	snap := backendOf(s, dead).Health()
+	if snap.Status.State != health.Up || len(snap.History) != 2 || snap.History[1].Reason != "health checks turned off" {
+		t.Errorf("checks turned off on a backend they took down: %v, history %+v; want up, recorded", snap.Status.State, snap.History)
+	}
+}
