@@ -109,9 +109,9 @@ func (v *validator) serviceHealth(at string, f *fileService, svc *Service) {
 	if svc.Protocol == UDP && svc.Health.Kind == HealthSendExpect && svc.Health.Send == "" {
 		// No banner over UDP: a server answers only a datagram it got, so
 		// every probe would time out and every backend go down.
-		if f.Health.Send == nil {
+		if f.health == nil || f.health.Send == nil {
 			v.add(at+".health.send", "missing: a UDP send_expect check must send a request (a UDP server answers only a datagram it receives, so without one every probe would time out)")
-		} else if s, ok := f.Health.Send.(string); ok && s == "" {
+		} else if s, ok := f.health.Send.(string); ok && s == "" {
 			v.add(at+".health.send", "must not be empty for a UDP service: a UDP server answers only a datagram it receives, so every probe would time out")
 		} // else not a string: reported already
 	}
