@@ -497,7 +497,7 @@ func (v *validator) checkAdminConflict(admin string, byDefault bool, services []
 	}
 	for _, svc := range services {
 		sa := svc.Listen.Addr()
-		if svc.Protocol == TCP && svc.Listen.Port() == ap.Port() && (sa == ap.Addr() || sa.IsUnspecified() || ap.Addr().IsUnspecified()) {
+		if svc.Protocol == TCP && svc.Listen.Port() == ap.Port() && listenOverlap(sa, ap.Addr()) {
 			if byDefault {
 				v.add("admin.listen", "the default admin endpoint %s overlaps services.%s.listen (%s): set [admin] listen to another address, or to \"\" for none", admin, svc.Name, svc.Listen)
 			} else {

@@ -307,6 +307,12 @@ func TestListenOverlap(t *testing.T) {
 			if got := err != nil && strings.Contains(err.Error(), "overlaps"); got != tt.overlap || (err != nil && !got) {
 				t.Errorf("%s:5432 and %s:5432: overlap %v, want %v (error: %v)", pair[0], pair[1], got, tt.overlap, err)
 			}
+			// The admin endpoint binds as a service does.
+			file = fmt.Sprintf("[admin]\nlisten = \"%s:5432\"\n[services.b]\nlisten = \"%s:5432\"\n[[services.b.backends]]\naddress = \"10.9.0.1:5432\"\n", pair[0], pair[1])
+			_, err = Parse([]byte(file), "overlap.toml")
+			if got := err != nil && strings.Contains(err.Error(), "admin.listen") && strings.Contains(err.Error(), "overlaps"); got != tt.overlap || (err != nil && !got) {
+				t.Errorf("admin %s:5432 and service %s:5432: overlap %v, want %v (error: %v)", pair[0], pair[1], got, tt.overlap, err)
+			}
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"syscall"
 	"time"
@@ -84,6 +85,17 @@ type reloadResult struct {
 	Error      string `json:"error,omitempty"`
 }
 
+// listenTCP listens on addr as services do: an IPv4 address, 0.0.0.0
+// included, on IPv4 only, where Go would make 0.0.0.0 a dual-stack socket
+// on [::] and expose the endpoint over IPv6 too.
+func listenTCP(addr string) (net.Listener, error) {
+	network := "tcp"
+	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is4() {
+		network = "tcp4"
+	}
+	return net.Listen(network, addr)
+}
+
 // prepare binds addr if it differs from the address served now, so that a
 // reload can fail before anything changes. It returns nil when there is
 // nothing to bind.
@@ -93,7 +105,7 @@ func (a *admin) prepare(addr string) (net.Listener, error) {
 	if addr == a.addr || addr == "" {
 		return nil, nil
 	}
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listenTCP(addr)
 	if err != nil {
 		if errors.Is(err, syscall.EADDRINUSE) && !a.started {
 			// At start the likeliest holder is an l4lb already running;

@@ -15,7 +15,7 @@ import (
 // cost CPU while taken, so they are not part of the admin endpoint. Like
 // the admin endpoint it has no authentication: keep it on loopback.
 func startPprof(addr string, log hclog.Logger) error {
-	ln, err := net.Listen("tcp", addr)
+	ln, err := listenTCP(addr)
 	if err != nil {
 		return err
 	}

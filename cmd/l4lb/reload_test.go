@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -201,5 +203,28 @@ func TestAdminReloadWhileStopping(t *testing.T) {
 	}
 	if st := rl.stats(); st.failed != 0 {
 		t.Errorf("%d failed reloads counted while stopping (%s), want 0", st.failed, st.lastError)
+	}
+}
+
+// An admin endpoint on 0.0.0.0 is on IPv4 only, as a service there is:
+// it is not reachable over IPv6.
+func TestAdminIPv4WildcardIsIPv4Only(t *testing.T) {
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	a := newAdmin(hclog.NewNullLogger(), srv, &reloader{})
+	ln, err := a.prepare("0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second); err != nil {
+		t.Fatalf("over IPv4: %v", err)
+	} else {
+		c.Close()
+	}
+	if c, err := net.DialTimeout("tcp", fmt.Sprintf("[::1]:%d", port), time.Second); err == nil {
+		c.Close()
+		t.Errorf("admin endpoint on 0.0.0.0:%d accepted a client over IPv6", port)
 	}
 }
