@@ -199,7 +199,7 @@ func TestShutdownWaitsForRemovedServices(t *testing.T) {
 	echo := startEcho(t)
 	// Addresses of this test's own in 127/8, so no other test or
 	// ephemeral port can hold them.
-	const removedListen, keptListen = "127.88.1.1:7000", "127.88.1.2:7000"
+	var removedListen, keptListen = ownAddr("127.88.1.1:7000"), ownAddr("127.88.1.2:7000")
 	parse := func(withRemoved bool) *config.Config {
 		var s string
 		if withRemoved {
@@ -245,7 +245,7 @@ func TestUDPServiceBackWhileDraining(t *testing.T) {
 	echo := startUDPEcho(t, "echo")
 	// Addresses of this test's own in 127/8, so no other test or
 	// ephemeral port can hold them.
-	const udpListen, tcpListen = "127.88.2.1:7777", "127.88.2.2:7777"
+	var udpListen, tcpListen = ownAddr("127.88.2.1:7777"), ownAddr("127.88.2.2:7777")
 	parse := func(withUDP bool) *config.Config {
 		// A TCP service keeps the config valid while the UDP one is out.
 		s := fmt.Sprintf("[services.tcp]\nlisten = %q\n[[services.tcp.backends]]\naddress = %q\n", tcpListen, echo)
@@ -297,7 +297,7 @@ func TestUDPServiceBackWhileDraining(t *testing.T) {
 func TestShutdownSaysWhatItDrains(t *testing.T) {
 	echo := startEcho(t)
 	// An address of this test's own in 127/8: no other test holds it.
-	const listen = "127.88.4.1:7000"
+	var listen = ownAddr("127.88.4.1:7000")
 	srv, logs := loggedServer(t, fmt.Sprintf("[services.db]\nlisten = %q\ndrain_timeout = \"300ms\"\n[[services.db.backends]]\naddress = %q\n", listen, echo))
 	c, err := net.Dial("tcp", listen)
 	if err != nil {
@@ -315,7 +315,7 @@ func TestShutdownSaysWhatItDrains(t *testing.T) {
 func TestShutdownCountsUDPFlowsOnce(t *testing.T) {
 	echo := startUDPEcho(t, "echo")
 	// An address of this test's own in 127/8: no other test holds it.
-	const listen = "127.88.9.3:7000"
+	var listen = ownAddr("127.88.9.3:7000")
 	srv, logs := loggedServer(t, fmt.Sprintf("[services.dns]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\ndrain_timeout = \"200ms\"\n[services.dns.health]\nkind = \"none\"\n[[services.dns.backends]]\naddress = %q\n", listen, echo))
 	newUDPClient(t, netip.MustParseAddrPort(listen)).exchange("one flow")
 	srv.Shutdown()

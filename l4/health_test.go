@@ -532,7 +532,7 @@ func TestFreshServiceWaitsForFirstChecks(t *testing.T) {
 		echo(c)
 	})
 	// An address of this test's own in 127/8: no other test holds it.
-	const listen = "127.88.3.1:7000"
+	var listen = ownAddr("127.88.3.1:7000")
 	cfg, err := config.Parse([]byte(fmt.Sprintf(`[services.db]
 listen = %q
   [services.db.health]
@@ -564,7 +564,7 @@ func TestNewServicesWaitSideBySide(t *testing.T) {
 	})
 	echo := startEcho(t)
 	// Addresses of this test's own in 127/8: no other test holds them.
-	const hangListen, fineListen = "127.88.9.1:7000", "127.88.9.2:7000"
+	var hangListen, fineListen = ownAddr("127.88.9.1:7000"), ownAddr("127.88.9.2:7000")
 	cfg, err := config.Parse([]byte(fmt.Sprintf(`
 [services.a_hangs]
 listen = %q
@@ -640,7 +640,7 @@ func TestReloadSwappingPoolKeepsServing(t *testing.T) {
 		echo(c)
 	})
 	// An address of this test's own in 127/8: no other test holds it.
-	const listen = "127.88.7.1:7000"
+	var listen = ownAddr("127.88.7.1:7000")
 	text := func(backend netip.AddrPort) string {
 		return fmt.Sprintf(`[services.db]
 listen = %q
@@ -682,7 +682,7 @@ listen = %q
 func TestPanicAllStartWaitsForFirstChecks(t *testing.T) {
 	good := startEcho(t)
 	// An address of this test's own in 127/8: no other test holds it.
-	const listen = "127.88.7.2:7000"
+	var listen = ownAddr("127.88.7.2:7000")
 	srv, logs := loggedServer(t, fmt.Sprintf(`[services.db]
 listen = %q
 panic_mode = "all"

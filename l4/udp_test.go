@@ -24,6 +24,18 @@ import (
 
 var loopback = netip.MustParseAddr("127.0.0.1")
 
+// testNet is this test process's own second octet in 127/8, for tests that
+// need a fixed listen address (a service a reload brings back): two test
+// processes on one host, such as two checkouts tested at once, would
+// otherwise bind the same address into one SO_REUSEPORT group and take
+// each other's clients.
+var testNet = 89 + os.Getpid()%160
+
+// ownAddr moves a "127.88.x.y:port" address into testNet.
+func ownAddr(addr string) string {
+	return fmt.Sprintf("127.%d.%s", testNet, strings.TrimPrefix(addr, "127.88."))
+}
+
 // udpEcho is a UDP backend on loopback that answers each datagram with
 // "NAME:" and the datagram, until stop or cleanup. peers gets the address
 // each datagram came from (the flow socket's), while it has room.

@@ -27,7 +27,7 @@ func TestReloadKeepsLogLevelFlag(t *testing.T) {
 		t.Helper()
 		// An address of this test's own in 127/8: no other test holds it.
 		text := "[admin]\nlisten = \"\"\n[log]\nlevel = \"" + level + "\"\n" +
-			"[services.db]\nlisten = \"127.88.11.1:7000\"\n[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\n"
+			"[services.db]\nlisten = \"127." + testNet + ".11.1:7000\"\n[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\n"
 		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
 			t.Fatal(err)
 		}
@@ -117,7 +117,7 @@ func TestReloadWaitsForTheWatchedFile(t *testing.T) {
 	write := func(weight string) {
 		t.Helper()
 		// An address of this test's own in 127/8: no other test holds it.
-		text := "[admin]\nlisten = \"\"\n[services.db]\nlisten = \"127.88.11.2:7000\"\n" +
+		text := "[admin]\nlisten = \"\"\n[services.db]\nlisten = \"127." + testNet + ".11.2:7000\"\n" +
 			"[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\nweight = " + weight + "\n"
 		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
 			t.Fatal(err)
@@ -180,7 +180,7 @@ func TestReloadWaitsForTheWatchedFile(t *testing.T) {
 // and no READY=1 to systemd after STOPPING=1.
 func TestAdminReloadWhileStopping(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "l4lb.toml")
-	text := "[admin]\nlisten = \"\"\n[services.db]\nlisten = \"127.88.11.3:7000\"\n[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\n"
+	text := "[admin]\nlisten = \"\"\n[services.db]\nlisten = \"127." + testNet + ".11.3:7000\"\n[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\n"
 	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -228,3 +228,8 @@ func TestAdminIPv4WildcardIsIPv4Only(t *testing.T) {
 		t.Errorf("admin endpoint on 0.0.0.0:%d accepted a client over IPv6", port)
 	}
 }
+
+// testNet is this test process's own second octet in 127/8 for the fixed
+// listen addresses above: two test processes on one host (two checkouts
+// tested at once) would otherwise share an SO_REUSEPORT group.
+var testNet = fmt.Sprint(89 + os.Getpid()%160)
