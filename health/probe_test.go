@@ -255,6 +255,7 @@ func TestLocalShortage(t *testing.T) {
 		{dial("socket", syscall.ENOMEM), true},
 		{dial("epollctl", syscall.ENOSPC), true},
 		{dial("connect", syscall.EADDRNOTAVAIL), true},
+		{dial("connect", syscall.EAGAIN), true}, // no free UDP port
 		{dial("connect", syscall.ECONNREFUSED), false},
 		{dial("connect", syscall.EHOSTUNREACH), false},
 		{dial("connect", syscall.ECONNRESET), false},

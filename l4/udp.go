@@ -937,7 +937,7 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 		w.c.flowsRefused.Add(1)
 		w.c.drops[DropMaxFlows].Add(1)
 		if p.svc.allowLog(&p.lastRefusalLog) {
-			p.log.Warn("udp flow refused: max_flows reached", "service", r.cfg.Name, "client", client,
+			p.log.Warn("udp flow refused: max_flows reached", "client", client,
 				"max_flows", r.cfg.MaxFlows, "refused_total", w.c.flowsRefused.Load())
 		}
 		return nil
@@ -971,17 +971,19 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 			key, tried = clientKey(client, r.cfg.HashKey), tried[:0]
 			continue
 		}
-		if isLocalShortage(err) {
-			// Out of descriptors or memory here: every backend would
-			// fail alike, and none of them is to blame.
+		if isLocalShortage(err) || errors.Is(err, syscall.EAGAIN) || errors.Is(err, errNotWatched) {
+			// Out of descriptors, memory or local ports here (a UDP
+			// connect finds no free port with EAGAIN, whatever the
+			// destination): every backend would fail alike, and none of
+			// them is to blame.
 			if p.svc.allowLog(&p.lastOpenErrLog) {
-				p.log.Warn("udp flow not opened: this host cannot open a socket", "service", r.cfg.Name, "client", client, "error", err)
+				p.log.Warn("udp flow not opened: this host cannot open a socket", "client", client, "error", err)
 			}
 			break
 		}
 		failures := be.dialFailed.Add(1)
 		if p.svc.allowLog(&p.lastOpenErrLog) {
-			p.log.Warn("udp socket to backend failed, trying the next one", "service", r.cfg.Name, "backend", be.addr,
+			p.log.Warn("udp socket to backend failed, trying the next one", "backend", be.addr,
 				"error", err, "failures_total", failures)
 		}
 	}
@@ -1049,8 +1051,20 @@ func dialUDP(backend netip.AddrPort) (*os.File, error) {
 		rawClose(fd)
 		return nil, &net.OpError{Op: "dial", Net: "udp", Addr: net.UDPAddrFromAddrPort(backend), Err: os.NewSyscallError("connect", err)}
 	}
-	return os.NewFile(uintptr(fd), "udp flow to "+backend.String()), nil
+	f := os.NewFile(uintptr(fd), "udp flow to "+backend.String())
+	// NewFile falls back to a blocking file when the netpoller cannot
+	// watch the socket (epoll_ctl: ENOSPC or ENOMEM), and says nothing: a
+	// deadline, which only a watched file takes, tells.
+	if err := f.SetReadDeadline(time.Time{}); err != nil {
+		f.Close()
+		return nil, &net.OpError{Op: "dial", Net: "udp", Addr: net.UDPAddrFromAddrPort(backend), Err: errNotWatched}
+	}
+	return f, nil
 }
+
+// errNotWatched: the netpoller could not watch a new flow socket, for want
+// of epoll watches or memory: this host's shortage.
+var errNotWatched = errors.New("the netpoller cannot watch the socket (fs.epoll.max_user_watches or memory)")
 
 // remove takes f out of the worker's table and wheel and closes it, once;
 // expired says whether idle_timeout ended it.

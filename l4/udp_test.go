@@ -887,41 +887,49 @@ func TestUDPFragmentationNeededKeepsFlow(t *testing.T) {
 	}
 }
 
-// A host out of descriptors cannot open a flow to any backend: the flow is
-// dropped after one attempt, and no backend is counted as failing for it.
+// A host out of descriptors, or of local UDP ports, cannot open a flow to
+// any backend: the flow is dropped after one attempt, and no backend is
+// counted as failing for it.
 func TestUDPLocalShortageBlamesNoBackend(t *testing.T) {
-	cfg := udpConfig(startUDPEcho(t, "a"), startUDPEcho(t, "b"))
-	cfg.Workers = 1
-	svc, p := newUDPService(t, cfg)
-	var dials atomic.Int32
-	var shortage atomic.Bool
-	shortage.Store(true)
-	p.dial = func(backend netip.AddrPort) (*os.File, error) {
-		dials.Add(1)
-		if shortage.Load() {
-			return nil, &net.OpError{Op: "dial", Net: "udp", Err: os.NewSyscallError("socket", syscall.EMFILE)}
-		}
-		return dialUDP(backend)
-	}
-	p.start()
-	client := newUDPClient(t, cfg.Listen)
-	if _, err := client.tryExchange("x", 200*time.Millisecond); err == nil {
-		t.Fatal("reply while no socket could be opened")
-	}
-	if n := dials.Load(); n != 1 {
-		t.Errorf("%d sockets tried at EMFILE; want 1 (the next backend would fail alike)", n)
-	}
-	for _, be := range cfg.Backends {
-		if n := backendOf(svc, be.Address).dialFailed.Load(); n != 0 {
-			t.Errorf("backend %v: %d connect failures counted for this host's shortage", be.Address, n)
-		}
-	}
-	if st, _ := svc.UDPStats(); st.Drops[DropBackendSocket] != 1 {
-		t.Errorf("drops %v; want 1 backend_socket", st.Drops)
-	}
-	shortage.Store(false)
-	if _, err := client.tryExchange("y", 2*time.Second); err != nil {
-		t.Fatalf("no flow once sockets open again: %v", err)
+	for _, shortageErr := range []error{
+		os.NewSyscallError("socket", syscall.EMFILE),
+		os.NewSyscallError("connect", syscall.EAGAIN), // no free local port
+	} {
+		t.Run(shortageErr.Error(), func(t *testing.T) {
+			cfg := udpConfig(startUDPEcho(t, "a"), startUDPEcho(t, "b"))
+			cfg.Workers = 1
+			svc, p := newUDPService(t, cfg)
+			var dials atomic.Int32
+			var shortage atomic.Bool
+			shortage.Store(true)
+			p.dial = func(backend netip.AddrPort) (*os.File, error) {
+				dials.Add(1)
+				if shortage.Load() {
+					return nil, &net.OpError{Op: "dial", Net: "udp", Err: shortageErr}
+				}
+				return dialUDP(backend)
+			}
+			p.start()
+			client := newUDPClient(t, cfg.Listen)
+			if _, err := client.tryExchange("x", 200*time.Millisecond); err == nil {
+				t.Fatal("reply while no socket could be opened")
+			}
+			if n := dials.Load(); n != 1 {
+				t.Errorf("%d sockets tried; want 1 (the next backend would fail alike)", n)
+			}
+			for _, be := range cfg.Backends {
+				if n := backendOf(svc, be.Address).dialFailed.Load(); n != 0 {
+					t.Errorf("backend %v: %d connect failures counted for this host's shortage", be.Address, n)
+				}
+			}
+			if st, _ := svc.UDPStats(); st.Drops[DropBackendSocket] != 1 {
+				t.Errorf("drops %v; want 1 backend_socket", st.Drops)
+			}
+			shortage.Store(false)
+			if _, err := client.tryExchange("y", 2*time.Second); err != nil {
+				t.Fatalf("no flow once sockets open again: %v", err)
+			}
+		})
 	}
 }
 
