@@ -164,6 +164,11 @@ func (h *serviceHealth) sync(cfg *config.Service, backends map[netip.AddrPort]*B
 		// assumption: no transition is recorded, counted or logged.
 		h.checker.Set(nil)
 		for _, be := range backends {
+			// As for any mark-up: a run of failed connects from before
+			// must not count once checks are back.
+			be.health.passiveFails.Store(0)
+			be.health.passiveDown.Store(false)
+			be.health.closePending.Store(false)
 			if be.health.tracker.SetInitial(health.Up) {
 				continue
 			}

@@ -921,3 +921,34 @@ func TestHealthUncheckedServiceRecordsNoTransition(t *testing.T) {
 		t.Errorf("checks turned off on a backend they took down: %v, history %+v; want up, recorded", snap.Status.State, snap.History)
 	}
 }
+
+// A run of failed connects from before checks were turned off does not
+// count once they are back on: one failed connect is not passive_fall.
+func TestHealthChecksOffResetsPassiveRun(t *testing.T) {
+	a, b := startEcho(t), startEcho(t)
+	cfg := checkedConfig(a, b)
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second
+	s := newCheckedService(t, cfg)
+	eventually(t, "both up", func() bool { return len(routed(s)) == 2 })
+	be := backendOf(s, a)
+	for range cfg.PassiveFall {
+		s.connectFailed(cfg, be, errConnectTimeout)
+	}
+	if be.health.tracker.State() != health.Down {
+		t.Fatal("passive detection did not mark it down")
+	}
+	off := *cfg
+	off.Health = config.Health{Kind: config.HealthNone}
+	off.PassiveFall = 0
+	s.Update(&off)
+	if be.health.tracker.State() != health.Up {
+		t.Fatal("checks off: not forced up")
+	}
+	on := *cfg
+	s.Update(&on)
+	s.connectFailed(&on, be, errConnectTimeout)
+	if st := be.health.tracker.State(); st != health.Up {
+		t.Errorf("one failed connect after checks came back took the backend %v (passive_fall %d); reason %q",
+			st, on.PassiveFall, be.Health().LastFailure)
+	}
+}
