@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -85,7 +86,15 @@ func startPidfileHolder(t *testing.T, path string) *exec.Cmd {
 	t.Helper()
 	holder := exec.Command(os.Args[0])
 	holder.Env = append(os.Environ(), "L4LB_TEST_HOLD_PIDFILE="+path)
-	if err := holder.Start(); err != nil {
+	// The holder must die of SIGHUP, as it does by default, even when the
+	// tests run under nohup: a child inherits an ignored signal, but one
+	// the Go runtime handles goes back to its default action in the child.
+	// So SIGHUP is handled while the holder starts.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	err := holder.Start()
+	signal.Stop(hup)
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
@@ -128,7 +137,11 @@ func TestReloadPidfileSignalsOnlyAHolder(t *testing.T) {
 		t.Errorf("stale pidfile: exit %d, output %q; want exit 1, saying it is stale", code, out.String())
 	}
 
-	// Held: the holder gets the SIGHUP, which ends it (it does not catch it).
+	// Held: the holder gets the SIGHUP, which ends it (it does not catch
+	// it), even when the tests run under nohup, as here from now on: this
+	// process ignores SIGHUP. (os/signal cannot take that back; no other
+	// test minds, as l4lb run handles SIGHUP whatever it inherits.)
+	signal.Ignore(syscall.SIGHUP)
 	held := filepath.Join(dir, "held.pid")
 	holder := startPidfileHolder(t, held)
 	out.Reset()
