@@ -45,6 +45,13 @@ type Server struct {
 	// Shutdown waits for them too.
 	retiring sync.WaitGroup
 
+	// liveMu guards live: every service that may hold connections or
+	// flows, running or draining after a reload removed it. It is held
+	// only briefly, never across an Apply, so that OpenConnections
+	// answers while an Apply waits for first checks.
+	liveMu sync.Mutex
+	live   map[*runningService]struct{}
+
 	mu sync.Mutex // guards everything below; held for a whole Apply
 	// running is keyed by socket identity (protocol and listen address), not
 	// by name: a renamed service keeps its sockets.
@@ -117,7 +124,8 @@ func (srv *Server) SetMaxConnections(n int64) {
 // NewServer returns a server with no services.
 func NewServer(log hclog.Logger) *Server {
 	return &Server{log: log, running: make(map[socketKey]*runningService),
-		retiringUDP: make(map[socketKey]*runningService), geteuid: os.Geteuid}
+		retiringUDP: make(map[socketKey]*runningService), geteuid: os.Geteuid,
+		live: make(map[*runningService]struct{})}
 }
 
 // Change describes what an Apply did.
@@ -244,12 +252,14 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			rs := &runningService{svc: srv.newService(sc), cfg: sc}
 			rs.udp = newUDPProxy(rs.svc, conns, srv.log.With("service", sc.Name))
 			srv.running[key] = rs
+			srv.setLive(rs, true)
 			starting = append(starting, startingService{rs, rs.udp.start})
 			continue
 		}
 		if lns, ok := fresh[key]; ok {
 			rs := &runningService{svc: srv.newService(sc), cfg: sc, uid: srv.geteuid(), firstLoop: loops().reserve(len(lns))}
 			srv.running[key] = rs
+			srv.setLive(rs, true)
 			starting = append(starting, startingService{rs, func() { srv.serve(rs, lns) }})
 			continue
 		}
@@ -397,6 +407,7 @@ func (srv *Server) retire(rs *runningService) {
 			srv.mu.Unlock()
 		}
 		cut := rs.svc.Drain(deadline)
+		srv.setLive(rs, false)
 		srv.log.Info("service stopped", "service", cfg.Name, "listen", cfg.Listen,
 			"closed_at_drain_timeout", cut, "flows_closed_at_drain_timeout", cutFlows)
 	}()
@@ -462,6 +473,42 @@ func (srv *Server) Shutdown() {
 	// Services removed by a reload keep their own drain deadlines, which a
 	// shutdown does not cut short.
 	srv.retiring.Wait()
+}
+
+// setLive adds rs to the services OpenConnections counts, or removes it
+// once it has drained.
+func (srv *Server) setLive(rs *runningService, live bool) {
+	srv.liveMu.Lock()
+	defer srv.liveMu.Unlock()
+	if live {
+		srv.live[rs] = struct{}{}
+	} else {
+		delete(srv.live, rs)
+	}
+}
+
+// OpenConnections counts what a stop that does not wait closes: the TCP
+// connections open over every service, those still reading their PROXY
+// header and those of services a reload removed that still drain
+// included, and the UDP flows. Unlike Status, it does not wait for an
+// Apply in progress (which holds mu while new services wait for their
+// first checks).
+func (srv *Server) OpenConnections() (conns, flows int64) {
+	srv.liveMu.Lock()
+	live := make([]*runningService, 0, len(srv.live))
+	for rs := range srv.live {
+		live = append(live, rs)
+	}
+	srv.liveMu.Unlock()
+	for _, rs := range live {
+		if rs.udp != nil {
+			// A flow counts among its backend's connections too.
+			flows += rs.udp.openFlows()
+		} else {
+			conns += rs.svc.openConnections()
+		}
+	}
+	return conns, flows
 }
 
 // Version returns the running config's version (1 for the first, +1 per

@@ -350,16 +350,11 @@ func cmdRun(args []string, stderr io.Writer) int {
 	return 0
 }
 
-// openConnections counts the connections (and UDP flows) open to the
-// backends of every service.
+// openConnections counts every connection and UDP flow a stop that does
+// not wait closes, without waiting for a reload in progress.
 func openConnections(srv *l4.Server) int64 {
-	var n int64
-	for _, s := range srv.Status().Services {
-		for _, b := range s.Backends {
-			n += b.Active
-		}
-	}
-	return n
+	conns, flows := srv.OpenConnections()
+	return conns + flows
 }
 
 // forwardChanges turns changes of the config file into reload triggers

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/l4"
+)
+
+// tcpEcho is a TCP backend that writes back what it reads.
+func tcpEcho(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// udpEcho is a UDP backend that sends back each datagram.
+func udpEcho(t *testing.T) string {
+	t.Helper()
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := c.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			c.WriteToUDP(buf[:n], from)
+		}
+	}()
+	return c.LocalAddr().String()
+}
+
+// echoes sends msg on c and reads it back.
+func echoes(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+		t.Fatalf("echo of %q: %q, %v", msg, buf, err)
+	}
+}
+
+// The "stopping now" line of a second signal counts every connection the
+// exit closes: clients still sending their PROXY header, connections of a
+// service a reload removed that still drain, and UDP flows, not only the
+// connections of running services to their backends. And it counts them
+// while a reload waits for a new service's first checks, which holds the
+// server's lock: a second signal must not wait for that reload.
+func TestOpenConnectionsCountsWhatAStopCloses(t *testing.T) {
+	tcpBackend, udpBackend := tcpEcho(t), udpEcho(t)
+	ppListen := "127." + testNet + ".12.1:7000"
+	goneListen := "127." + testNet + ".12.2:7000"
+	udpListen := "127." + testNet + ".12.3:7000"
+	slowListen := "127." + testNet + ".12.4:7000"
+	parse := func(gone, slow string) *config.Config {
+		t.Helper()
+		text := fmt.Sprintf(`[admin]
+listen = ""
+[services.pp]
+listen = %q
+accept_proxy_protocol = true
+trusted_proxies = ["127.0.0.1"]
+drain_timeout = "5s"
+[[services.pp.backends]]
+address = %q
+[services.udp]
+listen = %q
+protocol = "udp"
+drain_timeout = "1s"
+[[services.udp.backends]]
+address = %q
+`, ppListen, tcpBackend, udpListen, udpBackend) + gone + slow
+		cfg, err := config.Parse([]byte(text), "l4lb.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	gone := fmt.Sprintf("[services.gone]\nlisten = %q\ndrain_timeout = \"5s\"\n[[services.gone.backends]]\naddress = %q\n", goneListen, tcpBackend)
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown) // after the clients close, so that it does not wait for them
+	if _, err := srv.Apply(context.Background(), parse(gone, "")); err != nil {
+		t.Fatal(err)
+	}
+	dial := func(network, addr string) net.Conn {
+		t.Helper()
+		c, err := net.Dial(network, addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	proxied := dial("tcp", ppListen)
+	proxied.Write([]byte("PROXY TCP4 192.0.2.1 192.0.2.2 1000 2000\r\n"))
+	echoes(t, proxied, "proxied")
+	partial := dial("tcp", ppListen)
+	partial.Write([]byte("PROXY TCP4 192.0.2.3 ")) // the rest never comes
+	draining := dial("tcp", goneListen)
+	echoes(t, draining, "before the reload")
+	echoes(t, dial("udp", udpListen), "a flow")
+	if _, err := srv.Apply(context.Background(), parse("", "")); err != nil {
+		t.Fatal(err)
+	}
+	echoes(t, draining, "while its service drains")
+
+	const want = 4 // proxied, partial, draining and the flow
+	count := func() int64 {
+		t.Helper()
+		got := make(chan int64, 1)
+		go func() { got <- openConnections(srv) }()
+		select {
+		case n := <-got:
+			return n
+		case <-time.After(time.Second):
+			t.Fatal("counting the open connections waited over a second")
+			return 0
+		}
+	}
+	var n int64
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if n = count(); n == want {
+			break
+		}
+	}
+	if n != want {
+		t.Fatalf("openConnections = %d, want %d: a PROXY header in progress, a removed service's drain and a UDP flow count too", n, want)
+	}
+
+	// A reload adding a service whose backend never answers its check
+	// holds the server's lock for up to 2 s while it waits for the first
+	// verdict; the count does not wait for it.
+	silent, probed := silentBackend(t)
+	slow := fmt.Sprintf(`[services.slow]
+listen = %q
+[services.slow.health]
+kind = "send_expect"
+send = "PING\r\n"
+expect = "+PONG"
+interval = "2s"
+timeout = "2s"
+[[services.slow.backends]]
+address = %q
+`, slowListen, silent)
+	applied := make(chan error, 1)
+	go func() {
+		_, err := srv.Apply(context.Background(), parse("", slow))
+		applied <- err
+	}()
+	select {
+	case <-probed: // the reload has published the service and waits
+	case <-time.After(5 * time.Second):
+		t.Fatal("the new service's backend was never probed")
+	}
+	began := time.Now()
+	if n := count(); n != want {
+		t.Errorf("during a reload: openConnections = %d, want %d", n, want)
+	}
+	if err := <-applied; err != nil {
+		t.Fatal(err)
+	}
+	if waited := time.Since(began); waited < 500*time.Millisecond {
+		t.Logf("the reload ended %v after the count; it did not hold the lock long enough to tell", waited)
+	}
+}
