@@ -144,6 +144,11 @@ type Change struct {
 // SO_REUSEPORT socket would reset the connections in its accept queue);
 // the others are bound anew or stopped and drained. A config with the same
 // content hash as the running one is a no-op.
+//
+// New services with health checks wait for their first verdict before
+// they take clients (start). Once ctx is cancelled (the process stops),
+// those not started yet never are: their sockets are closed and they are
+// dropped from the running services, and Apply returns.
 func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error) {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
@@ -253,14 +258,14 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			rs.udp = newUDPProxy(rs.svc, conns, srv.log.With("service", sc.Name))
 			srv.running[key] = rs
 			srv.setLive(rs, true)
-			starting = append(starting, startingService{rs, rs.udp.start})
+			starting = append(starting, startingService{rs, rs.udp.start, rs.udp.Close})
 			continue
 		}
 		if lns, ok := fresh[key]; ok {
 			rs := &runningService{svc: srv.newService(sc), cfg: sc, uid: srv.geteuid(), firstLoop: loops().reserve(len(lns))}
 			srv.running[key] = rs
 			srv.setLive(rs, true)
-			starting = append(starting, startingService{rs, func() { srv.serve(rs, lns) }})
+			starting = append(starting, startingService{rs, func() { srv.serve(rs, lns) }, func() { closeBound(lns) }})
 			continue
 		}
 		rs := srv.running[key]
@@ -286,7 +291,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			delete(srv.running, key)
 		}
 	}
-	srv.start(starting)
+	srv.start(ctx, starting)
 	srv.current = cfg
 	srv.version++
 	srv.loaded = time.Now()
@@ -300,6 +305,8 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 type startingService struct {
 	rs    *runningService
 	start func()
+	// unbind closes the sockets of a service that is not to start.
+	unbind func()
 }
 
 // start has the new services take clients. One with health checks first
@@ -310,10 +317,17 @@ type startingService struct {
 // longer is served. The services wait side by side, each starting as soon
 // as it is ready, so that one whose backends hang does not hold back the
 // others. The wait holds mu, as the whole Apply does: it comes only with
-// new services, and is bounded.
-func (srv *Server) start(starting []startingService) {
+// new services, and is bounded. It ends when ctx does: the services still
+// waiting then are dropped, not started (drop).
+func (srv *Server) start(ctx context.Context, starting []startingService) {
 	began := time.Now()
 	for len(starting) > 0 {
+		if ctx.Err() != nil {
+			for _, ss := range starting {
+				srv.drop(ss)
+			}
+			return
+		}
 		waiting := starting[:0]
 		for _, ss := range starting {
 			if ss.rs.svc.judged() || time.Since(began) >= firstVerdictWait(ss.rs.cfg) {
@@ -347,6 +361,17 @@ func (srv *Server) startNow(ss startingService, began time.Time) {
 			"waited_for_first_checks", time.Since(began).Round(time.Millisecond).String())
 	}
 	srv.log.Info("service started", args...)
+}
+
+// drop closes a service that was to start and must not: the stop began
+// while it waited for its first checks. mu is held.
+func (srv *Server) drop(ss startingService) {
+	sc := ss.rs.cfg
+	ss.unbind()
+	ss.rs.svc.Drain(time.Now()) // ends its health checks; it has no client
+	delete(srv.running, keyOf(sc))
+	srv.setLive(ss.rs, false)
+	srv.log.Info("service not started: stopping", "service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol)
 }
 
 // migrateSysctl is the kernel setting (Linux 5.14+) that moves connections

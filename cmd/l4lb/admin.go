@@ -48,7 +48,7 @@ func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("POST /reload", func(w http.ResponseWriter, r *http.Request) {
-		change, err := rl.reload(r.Context(), "admin POST /reload")
+		change, err := rl.reload(rl.context(), "admin POST /reload")
 		w.Header().Set("Content-Type", "application/json")
 		res := reloadResult{OldVersion: change.OldVersion, Version: change.Version, Changes: change.Summary}
 		switch {

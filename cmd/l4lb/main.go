@@ -254,7 +254,11 @@ func cmdRun(args []string, stderr io.Writer) int {
 		warnFlowDescriptors(log, cfg, nofile, &flowShortfall)
 	}
 	notify := newNotifier()
-	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, logLevel: *levelFlag, applied: func(c *config.Config) {
+	// ctx ends when l4lb begins to stop: the reloads end with it, and one
+	// under way starts no new service.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rl := &reloader{path: *path, srv: srv, log: log, notify: notify, logLevel: *levelFlag, done: ctx, applied: func(c *config.Config) {
 		log.SetLevel(hclog.LevelFromString(c.Log.Level))
 		srv.SetLogConnections(c.Log.Connections)
 		if nofile > 0 {
@@ -292,8 +296,6 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Info("running unprivileged", "uid", os.Getuid(), "gid", os.Getgid(), "groups", groups)
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	triggers := make(chan string, 8)
 	go rl.run(ctx, triggers)
 	if err := notify.ready("serving"); err != nil {
@@ -318,10 +320,11 @@ func cmdRun(args []string, stderr io.Writer) int {
 			continue
 		}
 		log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
+		// STOPPING=1 first: a reload under way sends no READY=1 after it.
 		if err := notify.stopping(); err != nil {
 			log.Warn("cannot notify systemd", "error", err)
 		}
-		cancel()
+		cancel() // a reload under way starts no new service
 		drained := make(chan struct{})
 		go func() {
 			rl.stop() // after a reload in progress: no Apply during the drain

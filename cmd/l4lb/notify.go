@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -13,9 +14,14 @@ import (
 // once the listeners are bound, RELOADING=1 and READY=1 around reloads (for
 // Type=notify-reload), STOPPING=1 at shutdown. The protocol is one datagram
 // per message to the unix socket named by $NOTIFY_SOCKET, so no library is
-// needed. Without $NOTIFY_SOCKET every call does nothing.
+// needed. Without $NOTIFY_SOCKET every call does nothing. Once STOPPING=1
+// is sent, READY=1 and RELOADING=1 are not: a reload that was under way
+// when the stop began must not tell systemd the service is ready again.
 type notifier struct {
 	addr *net.UnixAddr
+
+	mu      sync.Mutex // held while a message is sent: they go in order
+	stopped bool       // STOPPING=1 was sent
 }
 
 func newNotifier() *notifier {
@@ -46,6 +52,11 @@ func (n *notifier) send(lines ...string) error {
 }
 
 func (n *notifier) ready(status string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.stopped {
+		return nil
+	}
 	return n.send("READY=1", "STATUS="+status)
 }
 
@@ -57,9 +68,17 @@ func (n *notifier) reloading() error {
 		return fmt.Errorf("sd_notify: %w", err)
 	}
 	usec := ts.Sec*1_000_000 + ts.Nsec/1000
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.stopped {
+		return nil
+	}
 	return n.send("RELOADING=1", fmt.Sprintf("MONOTONIC_USEC=%d", usec), "STATUS=reloading")
 }
 
 func (n *notifier) stopping() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.stopped = true
 	return n.send("STOPPING=1", "STATUS=draining connections")
 }

@@ -30,6 +30,10 @@ type reloader struct {
 	srv    *l4.Server
 	log    hclog.Logger
 	notify *notifier
+	// done is cancelled when l4lb begins to stop: a reload under way,
+	// whoever asked for it, then starts no new service (l4.Server.Apply).
+	// Nil (never cancelled) in tests.
+	done context.Context
 	// admin is set once the admin endpoint exists; a reload rebinds it
 	// when admin.listen changes.
 	admin *admin
@@ -69,6 +73,15 @@ func (r *reloader) stats() reloadStats {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return reloadStats{r.ok, r.failed, r.lastError, r.lastErrorAt, r.lastOKAt}
+}
+
+// context is the context of reloads: cancelled when l4lb stops, and only
+// then (not when the client of a POST /reload goes away).
+func (r *reloader) context() context.Context {
+	if r.done == nil {
+		return context.Background()
+	}
+	return r.done
 }
 
 // run reloads once per burst of triggers until ctx ends.

@@ -5,6 +5,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -189,5 +195,94 @@ address = %q
 	}
 	if waited := time.Since(began); waited < 500*time.Millisecond {
 		t.Logf("the reload ended %v after the count; it did not hold the lock long enough to tell", waited)
+	}
+}
+
+// notifySocket stands in for systemd: it sets $NOTIFY_SOCKET for the
+// l4lb processes the test starts, and returns what they have sent so far,
+// one message each.
+func notifySocket(t *testing.T) (messages func() []string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	t.Setenv("NOTIFY_SOCKET", path)
+	var mu sync.Mutex
+	var got []string
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			got = append(got, strings.TrimSpace(string(buf[:n])))
+			mu.Unlock()
+		}
+	}()
+	return func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(got)
+	}
+}
+
+// A stop that begins while a reload waits for a new service's first
+// checks ends that wait: the new service does not start after "stopping",
+// and systemd hears no READY=1 after STOPPING=1 (the reload's own READY=1
+// once it ends), which would tell it the service runs again.
+func TestStopDuringAReload(t *testing.T) {
+	messages := notifySocket(t)
+	backend := tcpEcho(t)
+	silent, probed := silentBackend(t)
+	path, _ := stopConfig(t, backend, "", "5s")
+	run := startRun(t, "-config", path)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+
+	text, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	two := fmt.Sprintf(`[services.two]
+listen = "127.0.0.1:%d"
+[services.two.health]
+kind = "send_expect"
+send = "PING\r\n"
+expect = "+PONG"
+interval = "2s"
+timeout = "2s"
+[[services.two.backends]]
+address = %q
+`, testPort(t), silent)
+	if err := os.WriteFile(path, append(text, two...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run.cmd.Process.Signal(syscall.SIGHUP)
+	select {
+	case <-probed: // the reload waits for the check's answer, up to 2 s
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reload's new service never probed its backend")
+	}
+	run.cmd.Process.Signal(syscall.SIGTERM)
+	if err := run.waitExit(t, 10*time.Second); err != nil {
+		t.Errorf("l4lb ended with %v, want exit 0", err)
+	}
+	if log := run.log(); strings.Contains(log, "service started: service=two") ||
+		!strings.Contains(log, "service not started: stopping: service=two") {
+		t.Error("the reload started its new service after the stop began, or did not say it dropped it")
+	}
+	msgs := messages()
+	stopping := slices.IndexFunc(msgs, func(m string) bool { return strings.HasPrefix(m, "STOPPING=1") })
+	if stopping < 0 {
+		t.Fatalf("no STOPPING=1 among %q", msgs)
+	}
+	for _, m := range msgs[stopping+1:] {
+		if strings.Contains(m, "READY=1") || strings.Contains(m, "RELOADING=1") {
+			t.Errorf("systemd was sent %q after STOPPING=1 (all: %q)", m, msgs)
+		}
 	}
 }
