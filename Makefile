@@ -4,7 +4,7 @@
 GO       ?= go
 PKGS_UNIT = $(shell $(GO) list ./... | grep -v /integration)
 # Debian packages the tests and the benchmark use, as "command:package".
-TEST_TOOLS  = ip:iproute2 iperf3:iperf3 ncat:ncat nft:nftables redis-server:redis-server redis-cli:redis-tools nstat:iproute2 ss:iproute2 prlimit:util-linux strace:strace
+TEST_TOOLS  = ip:iproute2 iperf3:iperf3 ncat:ncat nft:nftables redis-server:redis-server redis-cli:redis-tools nstat:iproute2 ss:iproute2 prlimit:util-linux strace:strace useradd:passwd
 BENCH_TOOLS = haproxy:haproxy nginx:nginx redis-benchmark:redis-tools iperf3:iperf3
 
 .PHONY: all build run test test-unit test-integration deps bench splice-proof fuzz clean

@@ -98,7 +98,7 @@ listen = "127.0.0.1:5432"
 func TestServicesSpreadOverLoops(t *testing.T) {
 	n := len(loops().loops)
 	if n < 2 {
-		t.Skip("one event loop (GOMAXPROCS=1): nothing to spread over")
+		t.Fatalf("needs at least 2 event loops, one per core (GOMAXPROCS=%d here)", n)
 	}
 	echo := startEcho(t)
 	var file strings.Builder

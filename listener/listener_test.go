@@ -142,7 +142,7 @@ func TestListenTCPBusyAddressClosesAll(t *testing.T) {
 // that thread alone) and binds again.
 func TestReusePortGroupBelongsToItsUser(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root, to bind as one user and then as another")
+		t.Fatal("needs root (make test runs as root), to bind as one user and then as another")
 	}
 	lns, err := ListenTCP(context.Background(), netip.MustParseAddrPort("127.0.0.1:0"), 1)
 	if err != nil {

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"os/user"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -63,7 +64,7 @@ func dropTo(user string) int {
 // after the drop must still read the file.
 func TestPrivilegeDropKeepsSupplementaryGroups(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to drop it")
+		t.Fatal("needs root (make test runs as root), to drop it")
 	}
 	member, group := supplementaryMember(t)
 	u, err := user.Lookup(member)
@@ -90,25 +91,26 @@ func TestPrivilegeDropKeepsSupplementaryGroups(t *testing.T) {
 	}
 }
 
-// supplementaryMember finds a user of this host that is a member of a
-// group other than its primary one, from /etc/group, or skips the test.
+// supplementaryMember creates a system user whose primary group is
+// nogroup and who is a member of a group of its own, and removes both at
+// cleanup: a fresh host need not have such a user.
 func supplementaryMember(t *testing.T) (string, *user.Group) {
 	t.Helper()
-	data, err := os.ReadFile("/etc/group")
+	suffix := strconv.Itoa(os.Getpid())
+	name, groupName := "l4lbtest"+suffix, "l4lbtestgrp"+suffix
+	run := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	run("groupadd", "--system", groupName)
+	t.Cleanup(func() { exec.Command("groupdel", groupName).Run() })
+	run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--gid", "nogroup", "--groups", groupName, name)
+	t.Cleanup(func() { exec.Command("userdel", name).Run() })
+	group, err := user.LookupGroup(groupName)
 	if err != nil {
-		t.Skip(err)
+		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Split(line, ":")
-		if len(f) != 4 || f[3] == "" {
-			continue
-		}
-		for _, name := range strings.Split(f[3], ",") {
-			if u, err := user.Lookup(name); err == nil && u.Gid != f[2] && u.Uid != "0" {
-				return name, &user.Group{Gid: f[2], Name: f[0]}
-			}
-		}
-	}
-	t.Skip("no user on this host is a member of a group besides its primary one")
-	return "", nil
+	return name, group
 }
