@@ -120,9 +120,7 @@ func (v *validator) serviceHealth(at string, f *fileService, svc *Service) {
 	if svc.Protocol == UDP {
 		// Passive detection counts failed connects, and a UDP flow has
 		// none: the key would do nothing, and the default is off.
-		if f.PassiveFall != nil {
-			v.add(at+".passive_fall", "applies only to protocol = \"tcp\" (protocol is \"udp\"): it counts failed connects, which UDP has none of; the active checks alone judge UDP backends")
-		}
+		v.only(TCP, at+".passive_fall", f.PassiveFall, svc.Protocol, ": it counts failed connects, which UDP has none of; the active checks alone judge UDP backends")
 		return
 	}
 	svc.PassiveFall = int(v.integer(at+".passive_fall", f.PassiveFall, DefaultPassiveFall, 0, MaxRiseFall))

@@ -304,11 +304,14 @@ func (v *validator) table(p toml.Primitive, dst any, key ...string) bool {
 	return true
 }
 
-// udpOnly reports a key set on a service whose protocol is not UDP.
-func (v *validator) udpOnly(key string, raw any, protocol Protocol) {
-	if raw != nil {
-		v.add(key, "applies only to protocol = \"udp\" (protocol is %q)", protocol)
+// only reports a key set (raw not nil) on a service whose protocol is not
+// want, with why appended to the message, and returns false then.
+func (v *validator) only(want Protocol, key string, raw any, protocol Protocol, why string) bool {
+	if raw != nil && protocol != want {
+		v.add(key, "applies only to protocol = %q (protocol is %q)%s", want, protocol, why)
+		return false
 	}
+	return true
 }
 
 func (v *validator) add(key, format string, args ...any) {
@@ -352,8 +355,8 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 		svc.MaxFlows = int(v.integer(at+".max_flows", f.MaxFlows, DefaultMaxFlows, 1, MaxMaxFlows))
 		svc.RepliesPerDatagram = int(v.integer(at+".replies_per_datagram", f.RepliesPerDatagram, 0, 1, MaxRepliesPerDatagram))
 	} else {
-		v.udpOnly(at+".max_flows", f.MaxFlows, svc.Protocol)
-		v.udpOnly(at+".replies_per_datagram", f.RepliesPerDatagram, svc.Protocol)
+		v.only(UDP, at+".max_flows", f.MaxFlows, svc.Protocol, "")
+		v.only(UDP, at+".replies_per_datagram", f.RepliesPerDatagram, svc.Protocol, "")
 	}
 	svc.Balance = Balance(v.enum(at+".balance", f.Balance, string(DefaultBalance), "maglev", "round_robin", "least_conn"))
 	svc.HashKey = HashKey(v.enum(at+".hash_key", f.HashKey, string(DefaultHashKey), "source_ip", "source_ip_port"))

@@ -93,11 +93,7 @@ type fileServiceProtect struct {
 func (v *validator) serviceProtect(at string, f *fileServiceProtect, svc *Service) {
 	p := &svc.Protect
 	tcpOnly := func(key string, raw any, why string) bool {
-		if raw != nil && svc.Protocol != TCP {
-			v.add(at+"."+key, "applies only to protocol = \"tcp\" (protocol is %q)%s", svc.Protocol, why)
-			return false
-		}
-		return true
+		return v.only(TCP, at+"."+key, raw, svc.Protocol, why)
 	}
 	if tcpOnly("max_connections", f.MaxConnections, ": UDP services cap flows with max_flows") {
 		p.MaxConnections = int(v.integer(at+".max_connections", f.MaxConnections, DefaultMaxConnections, 0, MaxConnectionLimit))
