@@ -39,7 +39,7 @@ func ListenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.TCPListe
 	lc := net.ListenConfig{Control: setTCPOptions, KeepAlive: -1}
 	lns := make([]*net.TCPListener, 0, n)
 	for range n {
-		ln, err := lc.Listen(ctx, network("tcp", addr), addr.String())
+		ln, err := lc.Listen(ctx, Network("tcp", addr), addr.String())
 		if err != nil {
 			for _, l := range lns {
 				l.Close()
@@ -51,7 +51,7 @@ func ListenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.TCPListe
 	return lns, nil
 }
 
-// network is the network to bind addr with, for proto "tcp" or "udp". An
+// Network is the network to bind addr with, for proto "tcp" or "udp". An
 // IPv4 address, 0.0.0.0 included, gets an IPv4 socket ("tcp4", "udp4"),
 // which IPv6 clients cannot reach: 0.0.0.0 means every IPv4 address, as in
 // HAProxy and nginx. Go would open "tcp" on 0.0.0.0 as a dual-stack IPv6
@@ -60,7 +60,7 @@ func ListenTCP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.TCPListe
 // as IPv6). An IPv6 address keeps plain "tcp"/"udp", so that [::] stays
 // dual-stack: Go turns IPV6_V6ONLY off on it whatever
 // net.ipv6.bindv6only says.
-func network(proto string, addr netip.AddrPort) string {
+func Network(proto string, addr netip.AddrPort) string {
 	if addr.Addr().Is4() {
 		return proto + "4"
 	}

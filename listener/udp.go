@@ -24,7 +24,7 @@ func ListenUDP(ctx context.Context, addr netip.AddrPort, n int) ([]*net.UDPConn,
 	lc := net.ListenConfig{Control: setReusePort}
 	conns := make([]*net.UDPConn, 0, n)
 	for range n {
-		c, err := lc.ListenPacket(ctx, network("udp", addr), addr.String())
+		c, err := lc.ListenPacket(ctx, Network("udp", addr), addr.String())
 		if err != nil {
 			for _, c := range conns {
 				c.Close()

@@ -19,6 +19,7 @@ import (
 
 	"github.com/l4lb/l4lb/config"
 	"github.com/l4lb/l4lb/l4"
+	"github.com/l4lb/l4lb/listener"
 )
 
 // admin serves the local admin endpoint: GET /status (JSON), GET /metrics
@@ -85,15 +86,14 @@ type reloadResult struct {
 	Error      string `json:"error,omitempty"`
 }
 
-// listenTCP listens on addr as services do: an IPv4 address, 0.0.0.0
-// included, on IPv4 only, where Go would make 0.0.0.0 a dual-stack socket
-// on [::] and expose the endpoint over IPv6 too.
+// listenTCP listens on addr as services do (listener.Network): 0.0.0.0 on
+// IPv4 only, not over IPv6 too. A host name (-pprof localhost:6060) is
+// left to net.Listen.
 func listenTCP(addr string) (net.Listener, error) {
-	network := "tcp"
-	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is4() {
-		network = "tcp4"
+	if ap, err := netip.ParseAddrPort(addr); err == nil {
+		return net.Listen(listener.Network("tcp", ap), addr)
 	}
-	return net.Listen(network, addr)
+	return net.Listen("tcp", addr)
 }
 
 // prepare binds addr if it differs from the address served now, so that a
