@@ -207,7 +207,7 @@ func (c *Checker) run(ctx context.Context, pr *prober, p Prober) {
 			return // stopped mid-probe: the result says nothing about the backend
 		}
 		res := Result{Err: err, Took: time.Since(start)}
-		if localShortage(err) {
+		if LocalShortage(err) {
 			// Neither a success nor a failure: the backend's counts stay.
 			c.warnShortage(t, err)
 		} else {

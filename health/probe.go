@@ -238,17 +238,17 @@ func (p *sendExpectProber) want() string {
 	return fmt.Sprintf("expect %q", p.expect)
 }
 
-// localShortage reports a probe error that says this host, not the
-// backend, ran short of something: descriptors (EMFILE, ENFILE), buffers
-// or memory (ENOBUFS, ENOMEM), epoll watches (ENOSPC), or a free local
-// port (EADDRNOTAVAIL toward a TCP backend; EAGAIN from a UDP socket's
-// connect, which binds a port of its own first). Such a probe says nothing about
-// the backend: counting it as a failure would mark healthy backends down,
-// all of them at once when descriptors run out, and one busy backend
-// after another as ports run out toward each. The data path exempts the
-// same errors from passive detection (l4's isLocalShortage and
-// blamesBackend).
-func localShortage(err error) bool {
+// LocalShortage reports an error of opening a socket to a backend that
+// says this host, not the backend, ran short of something: descriptors
+// (EMFILE, ENFILE), buffers or memory (ENOBUFS, ENOMEM), epoll watches
+// (ENOSPC), or a free local port (EADDRNOTAVAIL toward a TCP backend;
+// EAGAIN from a UDP socket's connect, which binds a port of its own
+// first). A probe that failed so says nothing about the backend: counting
+// it would mark healthy backends down, all of them at once when
+// descriptors run out, and one busy backend after another as ports run
+// out toward each. The data path classifies its connects with it too
+// (l4's isLocalShortage and blamesBackend).
+func LocalShortage(err error) bool {
 	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ENOSPC, syscall.EADDRNOTAVAIL, syscall.EAGAIN} {
 		if errors.Is(err, errno) {
 			return true

@@ -264,8 +264,8 @@ func TestLocalShortage(t *testing.T) {
 		{nil, false},
 	}
 	for _, tt := range tests {
-		if got := localShortage(tt.err); got != tt.local {
-			t.Errorf("localShortage(%v) = %v, want %v", tt.err, got, tt.local)
+		if got := LocalShortage(tt.err); got != tt.local {
+			t.Errorf("LocalShortage(%v) = %v, want %v", tt.err, got, tt.local)
 		}
 	}
 }

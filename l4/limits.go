@@ -10,6 +10,7 @@ import (
 	"syscall"
 
 	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/health"
 )
 
 // RejectReason says why a TCP client was closed before any byte reached a
@@ -266,12 +267,12 @@ func backendLimits(cfg *config.Service, backends []*Backend) []int64 {
 	return limits
 }
 
-// isLocalShortage reports errors that say this host, not the backend, ran
-// out of something: descriptors, buffers, memory, epoll watches
-// (fs.epoll.max_user_watches: ENOSPC).
+// isLocalShortage reports a failed connect that any backend would fail
+// alike: this host's shortage (health.LocalShortage), but for a local
+// port toward one backend (EADDRNOTAVAIL), which another backend may still
+// have (blamesBackend), or a UDP flow socket the netpoller cannot watch.
 func isLocalShortage(err error) bool {
-	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
-		errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ENOSPC)
+	return errors.Is(err, errNotWatched) || health.LocalShortage(err) && blamesBackend(err)
 }
 
 // blamesBackend reports whether a failed connect counts against the

@@ -482,6 +482,13 @@ func TestIsLocalShortage(t *testing.T) {
 	if !blamesBackend(err) {
 		t.Errorf("a refused connect does not count against the backend: %v", err)
 	}
+	// No free local port for a UDP socket, whatever the destination, and
+	// a flow socket the netpoller cannot watch.
+	for _, e := range []error{os.NewSyscallError("connect", syscall.EAGAIN), errNotWatched} {
+		if !isLocalShortage(&net.OpError{Op: "dial", Net: "udp", Err: e}) {
+			t.Errorf("%v not counted as a local shortage", e)
+		}
+	}
 }
 
 // TestHalfCloseTimeout: the client half-closes, the backend reads the EOF

@@ -971,7 +971,7 @@ func (w *udpWorker) open(client netip.AddrPort, now int64) *udpFlow {
 			key, tried = clientKey(client, r.cfg.HashKey), tried[:0]
 			continue
 		}
-		if isLocalShortage(err) || errors.Is(err, syscall.EAGAIN) || errors.Is(err, errNotWatched) {
+		if isLocalShortage(err) {
 			// Out of descriptors, memory or local ports here (a UDP
 			// connect finds no free port with EAGAIN, whatever the
 			// destination): every backend would fail alike, and none of
