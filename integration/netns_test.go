@@ -105,7 +105,40 @@ func newTopology(t *testing.T, clients, addrsPerClient, backends int) *topology 
 		)
 		top.Backends = append(top.Backends, b)
 	}
+	top.resolveNeighbours(t)
 	return top
+}
+
+// resolveNeighbours makes one round trip over every link, both families, so
+// that every neighbour entry a test uses is resolved before it sends. While
+// an entry resolves, the kernel queues the packets sent to it and, on the
+// answer, flushes the queue while new packets from another CPU already go
+// straight out: the first datagrams of a flow would arrive out of order
+// before l4lb ever saw them.
+func (top *topology) resolveNeighbours(t *testing.T) {
+	t.Helper()
+	roundTrip := func(ns string, to netip.Addr) {
+		// Nothing listens on closedPort: the answer is a RST.
+		const closedPort = 9
+		err := inNetns(ns, func() error {
+			c, err := net.DialTimeout("tcp", netip.AddrPortFrom(to, closedPort).String(), dialTimeout)
+			if err == nil {
+				c.Close()
+			}
+			return err
+		})
+		if !errors.Is(err, unix.ECONNREFUSED) {
+			t.Fatalf("%s to %s: want a refused connection as a round trip, got %v", ns, to, err)
+		}
+	}
+	for _, c := range top.Clients {
+		roundTrip(c.NS, vip4)
+		roundTrip(c.NS, vip6)
+	}
+	for _, b := range top.Backends {
+		roundTrip(top.LB, b.Addr4)
+		roundTrip(top.LB, b.Addr6)
+	}
 }
 
 // backendByAddr returns the backend namespace that owns a, or nil.
