@@ -126,6 +126,12 @@ type Backend struct {
 	// service; 0 is no limit. A full backend is skipped for the next one
 	// in the key's order.
 	MaxConnections int
+	// Backup keeps the backend out of the route while any backend that is
+	// not a backup has weight > 0 and is usable (up, or not checked), as
+	// HAProxy's and nginx's `backup` servers: a standby that takes new
+	// connections only when no primary can. Every service has at least
+	// one primary.
+	Backup bool
 }
 
 // Service returns the service called name, or nil.

@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"regexp"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -41,6 +42,7 @@ const (
 	DefaultMaxFlows     = 65536
 	DefaultDrainTimeout = 30 * time.Second
 	DefaultWeight       = 100
+	DefaultBackup       = false
 
 	// Health checks (health.go). Without a [health] table a service does
 	// not probe; with one, kind defaults to a TCP connect.
@@ -168,7 +170,7 @@ type fileService struct {
 	Backends any `toml:"backends"`
 }
 
-var backendKeys = []string{"address", "weight", "max_connections"}
+var backendKeys = []string{"address", "weight", "max_connections", "backup"}
 
 var serviceName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
@@ -415,7 +417,14 @@ func (v *validator) service(name string, f *fileService) (Service, bool) {
 		} else {
 			b.MaxConnections = int(v.integer(bat+".max_connections", raw, DefaultMaxConnections, 0, MaxConnectionLimit))
 		}
+		b.Backup = v.boolean(bat+".backup", fb["backup"], DefaultBackup)
 		svc.Backends = append(svc.Backends, b)
+	}
+	if len(svc.Backends) > 0 && len(svc.Backends) == len(backends) && !slices.ContainsFunc(svc.Backends, func(b Backend) bool { return !b.Backup }) {
+		// Backups stand in for primaries: with none, they would be plain
+		// backends under another name. (An element that is not a table,
+		// reported already, might be the primary.)
+		v.add(at+".backends", "every backend has backup = true: a backup takes connections only when no primary can, so at least one backend must be a primary (backup = false, the default)")
 	}
 	return svc, len(v.problems) == before
 }

@@ -200,6 +200,12 @@ func TestParseErrors(t *testing.T) {
 		{"duplicate backend", svc("") + "[[services.pg.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg.backends[1].address: duplicate backend 10.0.0.1:5432 (also services.pg.backends[0])"}},
 		{"weight range", svc("") + "weight = 1001\n", []string{"services.pg.backends[0].weight: 1001 is out of range [0, 1000]"}},
 		{"negative weight", svc("") + "weight = -1\n", []string{"services.pg.backends[0].weight: -1 is out of range"}},
+		{"backup not a bool", svc("") + "[[services.pg.backends]]\naddress = \"10.0.0.2:5432\"\nbackup = \"yes\"\n",
+			[]string{"services.pg.backends[1].backup: want true or false, got a string"}},
+		{"backup as number", svc("") + "[[services.pg.backends]]\naddress = \"10.0.0.2:5432\"\nbackup = 1\n",
+			[]string{"services.pg.backends[1].backup: want true or false, got an integer"}},
+		{"every backend a backup", svc("") + "backup = true\n[[services.pg.backends]]\naddress = \"10.0.0.2:5432\"\nbackup = true\n",
+			[]string{"services.pg.backends: every backend has backup = true", "at least one backend must be a primary"}},
 		{"same listen", svc("") + "[services.pg2]\nlisten = \"127.0.0.1:5432\"\n[[services.pg2.backends]]\naddress = \"10.0.0.1:5432\"\n", []string{"services.pg2.listen: 127.0.0.1:5432 overlaps services.pg.listen"}},
 		{"backend is the listen address", svc("") + "[[services.pg.backends]]\naddress = \"127.0.0.1:5432\"\n", []string{"services.pg.backends[1].address: 127.0.0.1:5432 is the service's own listen address"}},
 		{"admin on a service", "[admin]\nlisten = \"127.0.0.1:5432\"\n" + svc(""), []string{"admin.listen: 127.0.0.1:5432 overlaps services.pg.listen"}},
@@ -484,5 +490,88 @@ func TestBadProtocolAddsNoOverlap(t *testing.T) {
 	var errs *Errors
 	if !errors.As(err, &errs) || len(errs.Problems) != 1 || errs.Problems[0].Key != "services.dns_udp.protocol" {
 		t.Fatalf("want only the protocol problem, got:\n%v", err)
+	}
+}
+
+// backup = true marks a standby, as HAProxy's and nginx's `backup`; it
+// defaults to false, and is kept per backend with the other settings.
+func TestParseBackup(t *testing.T) {
+	const file = `
+[services.pg]
+listen = "127.0.0.1:5432"
+  [[services.pg.backends]]
+  address = "10.0.0.1:5432"
+  [[services.pg.backends]]
+  address = "10.0.0.2:5432"
+  backup = false
+  [[services.pg.backends]]
+  address = "10.0.0.3:5432"
+  weight = 20
+  backup = true
+
+[services.dns]
+listen = "127.0.0.1:53"
+protocol = "udp"
+backends = [{ address = "10.0.0.1:53" }, { address = "10.0.0.2:53", backup = true }]
+`
+	cfg, err := Parse([]byte(file), "backup.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		service string
+		want    []bool
+	}{
+		{"pg", []bool{false, false, true}},
+		{"dns", []bool{false, true}},
+	} {
+		svc := cfg.Service(tt.service)
+		for i, b := range svc.Backends {
+			if b.Backup != tt.want[i] {
+				t.Errorf("%s backend %d (%s): backup %v, want %v", tt.service, i, b.Address, b.Backup, tt.want[i])
+			}
+		}
+	}
+	if b := cfg.Service("pg").Backends[2]; b.Weight != 20 {
+		t.Errorf("backup's weight %d, want 20", b.Weight)
+	}
+}
+
+// The backup problems are reported with the file's other problems, each
+// under its own key, in one run.
+func TestParseBackupProblemsWithOthers(t *testing.T) {
+	const file = `
+[services.pg]
+listen = "127.0.0.1:5432"
+  [[services.pg.backends]]
+  address = "10.0.0.1:5432"
+  backup = true
+  [[services.pg.backends]]
+  address = "10.0.0.2:5432"
+  backup = true
+  weight = 2000
+
+[services.web]
+listen = "127.0.0.1:80"
+  [[services.web.backends]]
+  address = "10.0.0.1:80"
+  backup = "no"
+`
+	_, err := Parse([]byte(file), "backup.toml")
+	var errs *Errors
+	if !errors.As(err, &errs) {
+		t.Fatalf("want *Errors, got %v", err)
+	}
+	keys := map[string]bool{}
+	for _, p := range errs.Problems {
+		keys[p.Key] = true
+	}
+	for _, k := range []string{"services.pg.backends", "services.pg.backends[1].weight", "services.web.backends[0].backup"} {
+		if !keys[k] {
+			t.Errorf("no problem under %s; got:\n%v", k, err)
+		}
+	}
+	if len(errs.Problems) != 3 {
+		t.Errorf("want 3 problems, got:\n%v", err)
 	}
 }
