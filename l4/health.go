@@ -27,8 +27,10 @@ import (
 // it, so a rack going dark costs one table build, not one per backend.
 //
 // The route holds only backends with weight > 0 that are up (or every
-// backend, when checks are off). With none up, new connections are closed
-// at once, unless panic_mode = "all" routes them to all weighted backends.
+// backend, when checks are off), and of those the primaries, or with no
+// primary up, the backups (backup = true). With none up, new connections
+// are closed at once, unless panic_mode = "all" routes them to all
+// weighted backends, backups included.
 
 // rebuildDelay is how long a health change waits for others to join its
 // rebuild. Short against any probe interval, long against the few
@@ -76,9 +78,11 @@ type serviceHealth struct {
 	// the route last built; 0 means all down (or none checked yet).
 	healthy atomic.Int32
 	// outageLogged: the panic warning is logged and its end is not;
-	// guarded by the owner's lock.
-	outageLogged bool
-	rebuilds     atomic.Uint64 // route rebuilds caused by health changes
+	// backupsLogged: the warning that no primary is usable is logged and
+	// the return to primaries is not. Guarded by the owner's lock.
+	outageLogged  bool
+	backupsLogged bool
+	rebuilds      atomic.Uint64 // route rebuilds caused by health changes
 }
 
 func (h *serviceHealth) init(log hclog.Logger, rebuild func()) {
@@ -118,11 +122,43 @@ type standby struct {
 	m  member
 }
 
-// choose finishes the route's members: the healthy ones, or with none
-// healthy and panic_mode = "all", every weighted backend. The owner's lock
-// is held.
-func (h *serviceHealth) choose(cfg *config.Service, backends []*Backend, members []member, down []standby) (_ []*Backend, _ []member, panicking bool) {
+// tier is the weighted backends of one kind, primaries or backups: the
+// usable ones (backends, and members parallel to it) and those the checks
+// or passive detection keep out (down).
+type tier struct {
+	backends []*Backend
+	members  []member
+	down     []standby
+}
+
+// awaited are the backends whose first checks a reload that leaves no
+// primary usable waits for (keepPreviousRoute): the primaries the checks
+// keep out, and the backups too when none of them is usable either. A
+// reload that brings new primaries must not send new clients to a standby
+// for the moment their first probes take.
+func awaited(primaries, backups tier) []standby {
+	if len(backups.members) > 0 {
+		return primaries.down
+	}
+	return append(slices.Clip(primaries.down), backups.down...)
+}
+
+// choose picks the route's members: the usable primaries; with none, the
+// usable backups (onBackups); with neither and panic_mode = "all", every
+// weighted backend, backups included. A primary at weight 0 is not
+// usable, so a pool whose primaries are all in maintenance routes to its
+// backups. The owner's lock is held.
+func (h *serviceHealth) choose(cfg *config.Service, primaries, backups tier) (_ []*Backend, _ []member, panicking, onBackups bool) {
+	var chosen tier
+	switch {
+	case len(primaries.members) > 0:
+		chosen = primaries
+	case len(backups.members) > 0:
+		chosen, onBackups = backups, true
+	}
+	backends, members := chosen.backends, chosen.members
 	h.healthy.Store(int32(len(members)))
+	down := append(slices.Clip(primaries.down), backups.down...)
 	panicking = len(members) == 0 && len(down) > 0 && cfg.PanicMode == config.PanicAll
 	if panicking {
 		for _, sb := range down {
@@ -142,7 +178,22 @@ func (h *serviceHealth) choose(cfg *config.Service, backends []*Backend, members
 			h.log.Info("panic mode over: routing to healthy backends only", "service", cfg.Name)
 		}
 	}
-	return backends, members, panicking
+	// Likewise the backups: a backup answering its first probe before the
+	// primaries do is no primary failing. A pool with no weighted primary
+	// (all in maintenance) has nothing to wait for.
+	primariesGone := onBackups && (len(primaries.down) == 0 ||
+		slices.ContainsFunc(primaries.down, func(sb standby) bool { return sb.be.health.tracker.Probed() }))
+	if primariesGone && !h.backupsLogged {
+		h.backupsLogged = true
+		h.log.Warn(fmt.Sprintf("no usable primary backend: routing to %d backups", len(members)), "service", cfg.Name,
+			"backups", len(members), "primaries_down", len(primaries.down))
+	} else if h.backupsLogged && len(primaries.members) > 0 {
+		// Told only on the way back to primaries: the backups failing
+		// too is told by their transitions and the refusals (or panic).
+		h.backupsLogged = false
+		h.log.Info("primary backend usable again: routing to primaries", "service", cfg.Name, "primaries", len(primaries.members))
+	}
+	return backends, members, panicking, onBackups
 }
 
 // sync points the checker at cfg's backends. The owner's lock is held, so
@@ -353,9 +404,10 @@ func (s *Service) rebuildForHealth() {
 	s.mu.Unlock()
 
 	n := s.health.rebuilds.Add(1)
+	r := s.route.Load()
 	s.log.Info("routing table rebuilt after health change", "service", cfg.Name,
-		"healthy", s.health.healthy.Load(), "backends", len(cfg.Backends), "panic", s.route.Load().panicking, "rebuilds_total", n)
-	if s.route.Load().panicking {
+		"healthy", s.health.healthy.Load(), "backends", len(cfg.Backends), "panic", r.panicking, "backups", r.backups, "rebuilds_total", n)
+	if r.panicking {
 		return // down backends are routed to: their connections are all there is
 	}
 	for _, be := range backends {
@@ -477,15 +529,19 @@ func (s *Service) stopFirstChecksWait() {
 // judged reports whether the published route can take clients, or every
 // weighted backend has been probed and none is up. A panic_mode = "all"
 // route made before the first checks answer holds backends nobody has
-// probed: it counts only once they are.
+// probed: it counts only once they are. So does a route on the backups,
+// once every weighted primary has been probed and none is up: a start
+// must not send its first clients to a standby only because the standby
+// answered its first probe before the primaries did.
 func (s *Service) judged() bool {
-	if r := s.route.Load(); r.balancer != nil && !r.panicking {
+	r := s.route.Load()
+	if r.balancer != nil && !r.panicking && !r.backups {
 		return true
 	}
 	s.mu.Lock()
 	weighted := make([]*Backend, 0, len(s.cfg.Backends))
 	for _, b := range s.cfg.Backends {
-		if be := s.backends[b.Address]; b.Weight > 0 && be != nil {
+		if be := s.backends[b.Address]; b.Weight > 0 && be != nil && !(r.backups && b.Backup) {
 			weighted = append(weighted, be)
 		}
 	}

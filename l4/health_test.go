@@ -610,6 +610,12 @@ func applyAndDial(t *testing.T, cfg *config.Config, listen string) (net.Conn, <-
 	t.Helper()
 	srv := NewServer(hclog.NewNullLogger())
 	t.Cleanup(srv.Shutdown)
+	return applyAndDialOn(t, srv, cfg, listen)
+}
+
+// applyAndDialOn is applyAndDial on srv.
+func applyAndDialOn(t *testing.T, srv *Server, cfg *config.Config, listen string) (net.Conn, <-chan error) {
+	t.Helper()
 	applied := make(chan error, 1)
 	go func() {
 		_, err := srv.Apply(context.Background(), cfg)

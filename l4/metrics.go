@@ -20,7 +20,7 @@ type Metrics struct {
 	accepted, refused, proxyErrors                   *prometheus.Desc
 	active, total, failed, bytes, connectTime        *prometheus.Desc
 	weight, up, draining, drainingConns, transitions *prometheus.Desc
-	healthRebuilds                                   *prometheus.Desc
+	healthRebuilds, routingToBackups, backup         *prometheus.Desc
 	udpDatagrams, udpBytes, udpFlows, udpFlowEvents  *prometheus.Desc
 	udpDrops                                         *prometheus.Desc
 	rejected, openConns, maxConns                    *prometheus.Desc
@@ -36,31 +36,33 @@ func NewMetrics(srv *Server) *Metrics {
 		return prometheus.NewDesc("l4lb_"+name, help, labels, nil)
 	}
 	return &Metrics{
-		srv:            srv,
-		configVersion:  d("config_version", "Version of the running config: 1 at start, +1 per applied reload."),
-		configLoaded:   d("config_loaded_timestamp_seconds", "When the running config was applied, in Unix seconds."),
-		accepted:       d("connections_accepted_total", "TCP connections accepted.", svc...),
-		refused:        d("connections_refused_total", "Client connections closed at once because no backend could take them (none routable, or every tried backend failed to connect).", svc...),
-		proxyErrors:    d("connections_errors_total", "Proxied connections that ended with an error (reset, broken pipe) rather than a close or the idle timeout.", svc...),
-		active:         d("backend_connections_active", "Open proxied TCP connections (UDP: open flows) per backend.", be...),
-		total:          d("backend_connections_total", "Proxied TCP connections (UDP: flows) opened per backend.", be...),
-		failed:         d("backend_connect_failures_total", "Connect attempts to the backend that failed or timed out.", be...),
-		bytes:          d("backend_bytes_total", "Bytes moved, by direction: to_backend (from clients) or to_client.", append(be, "direction")...),
-		connectTime:    d("backend_connect_duration_seconds", "Time to connect to the backend, for successful connects.", be...),
-		weight:         d("backend_weight", "Configured weight; 0 for a removed backend that is still draining.", be...),
-		up:             d("backend_up", "1 when the backend takes new connections (weighted, healthy and in the routing table), else 0.", be...),
-		draining:       d("backend_draining", "1 while the backend drains (removed or weight 0, with connections open).", be...),
-		drainingConns:  d("draining_connections", "Open connections to draining backends.", svc...),
-		transitions:    d("backend_health_transitions_total", "Health state changes, by the state entered.", append(be, "to")...),
-		healthRebuilds: d("health_table_rebuilds_total", "Routing table rebuilds caused by health changes.", svc...),
-		udpDatagrams:   d("udp_datagrams_total", "UDP datagrams forwarded, by direction.", append(svc, "direction")...),
-		udpBytes:       d("udp_bytes_total", "UDP payload bytes forwarded, by direction.", append(svc, "direction")...),
-		udpFlows:       d("udp_flows_active", "Open UDP flows.", svc...),
-		udpFlowEvents:  d("udp_flows_total", "UDP flow events: created, expired (idle), answered (replies_per_datagram), closed (drain, error), refused (max_flows).", append(svc, "event")...),
-		udpDrops:       d("udp_drops_total", "UDP datagrams dropped, by reason.", append(svc, "reason")...),
-		rejected:       d("connections_rejected_total", "TCP clients closed before reaching a backend by a limit, an access list or the PROXY protocol checks, by reason.", append(svc, "reason")...),
-		openConns:      d("open_connections", "TCP connections open over all services, against max_connections."),
-		maxConns:       d("max_connections", "Bound on open TCP connections over all services, from RLIMIT_NOFILE; at it l4lb stops accepting until one closes."),
+		srv:              srv,
+		configVersion:    d("config_version", "Version of the running config: 1 at start, +1 per applied reload."),
+		configLoaded:     d("config_loaded_timestamp_seconds", "When the running config was applied, in Unix seconds."),
+		accepted:         d("connections_accepted_total", "TCP connections accepted.", svc...),
+		refused:          d("connections_refused_total", "Client connections closed at once because no backend could take them (none routable, or every tried backend failed to connect).", svc...),
+		proxyErrors:      d("connections_errors_total", "Proxied connections that ended with an error (reset, broken pipe) rather than a close or the idle timeout.", svc...),
+		active:           d("backend_connections_active", "Open proxied TCP connections (UDP: open flows) per backend.", be...),
+		total:            d("backend_connections_total", "Proxied TCP connections (UDP: flows) opened per backend.", be...),
+		failed:           d("backend_connect_failures_total", "Connect attempts to the backend that failed or timed out.", be...),
+		bytes:            d("backend_bytes_total", "Bytes moved, by direction: to_backend (from clients) or to_client.", append(be, "direction")...),
+		connectTime:      d("backend_connect_duration_seconds", "Time to connect to the backend, for successful connects.", be...),
+		weight:           d("backend_weight", "Configured weight; 0 for a removed backend that is still draining.", be...),
+		up:               d("backend_up", "1 when the backend takes new connections (weighted, healthy and in the routing table), else 0.", be...),
+		draining:         d("backend_draining", "1 while the backend drains (removed or weight 0, with connections open).", be...),
+		drainingConns:    d("draining_connections", "Open connections to draining backends.", svc...),
+		transitions:      d("backend_health_transitions_total", "Health state changes, by the state entered.", append(be, "to")...),
+		healthRebuilds:   d("health_table_rebuilds_total", "Routing table rebuilds caused by health changes.", svc...),
+		routingToBackups: d("service_routing_to_backups", "1 while no primary backend is usable and new connections go to the backups (backup = true), else 0.", svc...),
+		backup:           d("backend_backup", "1 for a backup backend (backup = true), which takes new connections only while no primary is usable, else 0.", be...),
+		udpDatagrams:     d("udp_datagrams_total", "UDP datagrams forwarded, by direction.", append(svc, "direction")...),
+		udpBytes:         d("udp_bytes_total", "UDP payload bytes forwarded, by direction.", append(svc, "direction")...),
+		udpFlows:         d("udp_flows_active", "Open UDP flows.", svc...),
+		udpFlowEvents:    d("udp_flows_total", "UDP flow events: created, expired (idle), answered (replies_per_datagram), closed (drain, error), refused (max_flows).", append(svc, "event")...),
+		udpDrops:         d("udp_drops_total", "UDP datagrams dropped, by reason.", append(svc, "reason")...),
+		rejected:         d("connections_rejected_total", "TCP clients closed before reaching a backend by a limit, an access list or the PROXY protocol checks, by reason.", append(svc, "reason")...),
+		openConns:        d("open_connections", "TCP connections open over all services, against max_connections."),
+		maxConns:         d("max_connections", "Bound on open TCP connections over all services, from RLIMIT_NOFILE; at it l4lb stops accepting until one closes."),
 	}
 }
 
@@ -69,6 +71,7 @@ func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		m.configVersion, m.configLoaded, m.accepted, m.refused, m.proxyErrors, m.active, m.total, m.failed,
 		m.bytes, m.connectTime, m.weight, m.up, m.draining, m.drainingConns, m.transitions, m.healthRebuilds,
+		m.routingToBackups, m.backup,
 		m.udpDatagrams, m.udpBytes, m.udpFlows, m.udpFlowEvents, m.udpDrops, m.rejected, m.openConns, m.maxConns,
 	} {
 		ch <- d
@@ -103,6 +106,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 		counter(m.refused, s.Refused, name)
 		counter(m.proxyErrors, s.ProxyErrors, name)
 		counter(m.healthRebuilds, s.HealthRebuilds, name)
+		gauge(m.routingToBackups, boolGauge(s.RoutingToBackups), name)
 		var drainingConns int64
 		for _, b := range s.Backends {
 			addr := b.Address.String()
@@ -112,6 +116,7 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 			counter(m.bytes, b.BytesToBack, name, addr, "to_backend")
 			counter(m.bytes, b.BytesToCli, name, addr, "to_client")
 			gauge(m.weight, float64(b.Weight), name, addr)
+			gauge(m.backup, boolGauge(b.Backup), name, addr)
 			gauge(m.up, boolGauge(b.InRoute), name, addr)
 			gauge(m.draining, boolGauge(b.Draining), name, addr)
 			if b.Draining || !b.Configured {

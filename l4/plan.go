@@ -2,13 +2,15 @@ package l4
 
 import (
 	"net/netip"
+	"slices"
 	"sync/atomic"
 
 	"github.com/l4lb/l4lb/config"
 )
 
 // Plan is the choice a service makes from its config alone, with every weighted backend
-// healthy; tests and operators use it to predict where a client lands.
+// healthy; tests and operators use it to predict where a client lands. Backups are
+// then out of the route, unless no primary has weight > 0.
 //
 // A Plan builds the same Maglev table as the data path (same members, keys and
 // size), and Maglev depends only on the set of backends, so its answer is the
@@ -27,9 +29,12 @@ func NewPlan(svc *config.Service) *Plan {
 	if svc.Balance != config.Maglev {
 		return p
 	}
+	// The route's tier with every backend healthy (choose): the weighted
+	// primaries, or the backups when every primary has weight 0.
+	backups := !slices.ContainsFunc(svc.Backends, func(b config.Backend) bool { return b.Weight > 0 && !b.Backup })
 	members := make([]member, 0, len(svc.Backends))
 	for _, b := range svc.Backends {
-		if b.Weight <= 0 {
+		if b.Weight <= 0 || b.Backup != backups {
 			continue
 		}
 		p.addrs = append(p.addrs, b.Address)

@@ -617,6 +617,9 @@ func backendList(sc *config.Service) []string {
 	out := make([]string, len(sc.Backends))
 	for i, b := range sc.Backends {
 		out[i] = fmt.Sprintf("%s(w=%d)", b.Address, b.Weight)
+		if b.Backup {
+			out[i] = fmt.Sprintf("%s(w=%d,backup)", b.Address, b.Weight)
+		}
 	}
 	return out
 }
@@ -697,6 +700,11 @@ func describeServiceChange(prev, sc *config.Service) string {
 		}
 		if ok && was.MaxConnections != b.MaxConnections {
 			parts = append(parts, fmt.Sprintf("~%s max_connections %d→%d", b.Address, was.MaxConnections, b.MaxConnections))
+		}
+		if ok && was.Backup != b.Backup {
+			// Applied at the swap like a weight: Update rebuilds the route
+			// from the whole config on every reload.
+			parts = append(parts, fmt.Sprintf("~%s backup %t→%t", b.Address, was.Backup, b.Backup))
 		}
 		delete(before, b.Address)
 	}

@@ -21,13 +21,17 @@ const maxDialAttempts = 3
 type route struct {
 	cfg *config.Service
 	// backends are the balancer's members, in the order it was built from:
-	// those with weight > 0 that pass their health checks (health.go).
+	// those with weight > 0 that pass their health checks, the primaries
+	// or else the backups (health.go, choose).
 	backends []*Backend
 	// balancer is nil when no backend may take new connections.
 	balancer balancer
 	// panicking: no backend passes its checks, and panic_mode = "all"
 	// routes to every weighted one.
 	panicking bool
+	// backups: no primary is usable, and backends holds the usable
+	// backups.
+	backups bool
 	// acl and trusted are cfg's allow/deny and trusted_proxies (acl.go).
 	acl     accessList
 	trusted []netip.Prefix
@@ -130,8 +134,9 @@ func (s *Service) rebuildLocked() {
 	cfg := s.cfg
 	r := &route{cfg: cfg,
 		acl: accessList{allow: cfg.Allow, deny: cfg.Deny}, trusted: cfg.TrustedProxies}
-	var members []member
-	var down []standby // weighted but not healthy: routed only in panic mode
+	// Weighted backends by tier: a backup serves only while no primary
+	// can (health.go, choose).
+	var primaries, backups tier
 	var unweighted []*Backend
 	kept := make(map[netip.AddrPort]*Backend, len(cfg.Backends))
 	for _, b := range cfg.Backends {
@@ -145,20 +150,27 @@ func (s *Service) rebuildLocked() {
 		}
 		kept[b.Address] = be
 		if b.Weight > 0 {
+			// A backup out of the route is not draining: its open
+			// connections stay, as HAProxy's do, and it takes new ones
+			// again as soon as no primary can.
 			be.setRefuseNew(false) // before the route that offers it
 			s.stopDrainLocked(be)
+			t := &primaries
+			if b.Backup {
+				t = &backups
+			}
 			m := member{key: be.addr.String(), weight: b.Weight, active: &be.active}
 			if !usable(cfg, be) {
-				down = append(down, standby{be, m})
+				t.down = append(t.down, standby{be, m})
 				continue
 			}
-			r.backends = append(r.backends, be)
-			members = append(members, m)
+			t.backends = append(t.backends, be)
+			t.members = append(t.members, m)
 		} else {
 			unweighted = append(unweighted, be)
 		}
 	}
-	if len(members) == 0 && s.keepPreviousRoute(cfg, down) {
+	if len(primaries.members) == 0 && s.keepPreviousRoute(cfg, awaited(primaries, backups)) {
 		// The previous backends stay in s.backends, so that the rebuild
 		// that ends the wait drains them.
 		for addr, be := range s.backends {
@@ -174,7 +186,8 @@ func (s *Service) rebuildLocked() {
 	for _, be := range unweighted {
 		s.startDrainLocked(be, cfg.DrainTimeout)
 	}
-	r.backends, members, r.panicking = s.health.choose(cfg, r.backends, members, down)
+	var members []member
+	r.backends, members, r.panicking, r.backups = s.health.choose(cfg, primaries, backups)
 	r.backendMax = backendLimits(cfg, r.backends)
 	if len(members) > 0 {
 		r.balancer = newBalancer(cfg.Balance, members)

@@ -73,6 +73,9 @@ type ServiceStatus struct {
 	// Checked: the service probes its backends; without checks every
 	// backend counts as up.
 	Checked bool
+	// RoutingToBackups: no primary backend is usable, and new connections
+	// go to the usable backups.
+	RoutingToBackups bool
 	// Accepted counts TCP connections accepted; Refused those closed at
 	// once because no backend could take them.
 	Accepted, Refused uint64
@@ -93,6 +96,9 @@ type BackendStatus struct {
 	// Weight is 0 for a backend removed from the config that still drains.
 	Weight     int
 	Configured bool
+	// Backup: backup = true in the config; it takes new connections only
+	// while no primary is usable.
+	Backup bool
 	// InRoute says the backend takes new connections now.
 	InRoute bool
 	Health  health.Snapshot
@@ -137,13 +143,13 @@ func (s *Service) Status() ServiceStatus {
 	st := ServiceStatus{
 		Name: cfg.Name, Listen: cfg.Listen, Protocol: cfg.Protocol, Balance: cfg.Balance, Checked: !checksOff(cfg),
 		Accepted: s.accepted.Load(), Refused: s.refused.Load(), ProxyErrors: s.proxyErrors.Load(),
-		HealthRebuilds: s.HealthRebuilds(), Rejected: s.Rejected(),
+		HealthRebuilds: s.HealthRebuilds(), Rejected: s.Rejected(), RoutingToBackups: r.backups,
 	}
 	var bes []*Backend // parallel to st.Backends
-	add := func(be *Backend, weight int, configured bool) {
+	add := func(be *Backend, weight int, configured, backup bool) {
 		bes = append(bes, be)
 		bs := BackendStatus{
-			Address: be.addr, Weight: weight, Configured: configured, InRoute: r.balancer != nil && inRoute[be],
+			Address: be.addr, Weight: weight, Configured: configured, Backup: backup, InRoute: r.balancer != nil && inRoute[be],
 			BackendStats: be.Stats(), Draining: be.drainTimer != nil, DrainDeadline: be.drainDeadline,
 			connectTime: &be.connectTime,
 		}
@@ -155,7 +161,7 @@ func (s *Service) Status() ServiceStatus {
 	}
 	for _, b := range cfg.Backends {
 		if be := s.backends[b.Address]; be != nil {
-			add(be, b.Weight, true)
+			add(be, b.Weight, true, b.Backup)
 		}
 	}
 	draining := make([]*Backend, 0, len(s.draining))
@@ -165,7 +171,7 @@ func (s *Service) Status() ServiceStatus {
 	s.mu.Unlock()
 	sort.Slice(draining, func(i, j int) bool { return draining[i].addr.Compare(draining[j].addr) < 0 })
 	for _, be := range draining {
-		add(be, 0, false)
+		add(be, 0, false, false)
 	}
 	// Health snapshots take the tracker's own lock, which health
 	// transitions hold while they take s.mu: read them outside s.mu.

@@ -1,0 +1,514 @@
+package l4
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/health"
+)
+
+// Backup backends (backup = true): they take new connections only while no
+// primary is usable. These tests run real services over loopback backends
+// judged by real health checks.
+
+// namedBackend is a loopback TCP backend that greets each connection with
+// its name and a newline, then echoes, so that a client knows who served
+// it; it can stop listening and listen again on the same port.
+type namedBackend struct {
+	t    *testing.T
+	name string
+	addr netip.AddrPort
+	ln   net.Listener
+}
+
+func newNamedBackend(t *testing.T, name string) *namedBackend {
+	b := &namedBackend{t: t, name: name, addr: closedAddr(t)}
+	b.start()
+	t.Cleanup(b.stop)
+	return b
+}
+
+func (b *namedBackend) start() {
+	ln, err := net.Listen("tcp", b.addr.String())
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	b.ln = ln
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				if _, err := fmt.Fprintf(c, "%s\n", b.name); err != nil {
+					c.Close() // a health probe, gone already
+					return
+				}
+				echo(c)
+			}()
+		}
+	}()
+}
+
+func (b *namedBackend) stop() {
+	if b.ln != nil {
+		b.ln.Close()
+		b.ln = nil
+	}
+}
+
+// dialNamed connects to a service of named backends and returns the name
+// of the one that served, and the connection, open until the test ends.
+func dialNamed(t *testing.T, addr netip.AddrPort) (string, net.Conn) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	// Byte by byte: a bufio.Reader could keep bytes the echo sends later.
+	var name strings.Builder
+	buf := make([]byte, 1)
+	for {
+		if _, err := c.Read(buf); err != nil {
+			t.Fatalf("no greeting from a backend: %v (after %q)", err, name.String())
+		}
+		if buf[0] == '\n' {
+			return name.String(), c
+		}
+		name.WriteByte(buf[0])
+	}
+}
+
+// servedBy dials n clients and counts them by the backend that served.
+func servedBy(t *testing.T, addr netip.AddrPort, n int) map[string]int {
+	t.Helper()
+	got := map[string]int{}
+	for range n {
+		name, c := dialNamed(t, addr)
+		got[name]++
+		c.Close()
+	}
+	return got
+}
+
+// loggedService runs cfg on loopback with a log the test reads.
+func loggedService(t *testing.T, cfg *config.Service) (netip.AddrPort, *Service, *lockedBuffer) {
+	t.Helper()
+	logs := new(lockedBuffer)
+	s := NewService(cfg, hclog.New(&hclog.LoggerOptions{Output: logs}))
+	return serveTest(t, s, cfg.Listen), s, logs
+}
+
+func isUp(s *Service, addr netip.AddrPort) func() bool {
+	return func() bool { return backendOf(s, addr).health.tracker.State() == health.Up }
+}
+
+// statusOf returns the status of the backend at addr.
+func statusOf(t *testing.T, st ServiceStatus, addr netip.AddrPort) BackendStatus {
+	t.Helper()
+	for _, b := range st.Backends {
+		if b.Address == addr {
+			return b
+		}
+	}
+	t.Fatalf("no backend %s in the status", addr)
+	return BackendStatus{}
+}
+
+// The backup takes nothing while a primary is up; with every primary
+// down the backup takes the new connections; a primary back takes them
+// again, and the connection open on the backup goes on, not drained.
+func TestBackupServesOnlyWithoutPrimaries(t *testing.T) {
+	p1, p2 := newNamedBackend(t, "p1"), newNamedBackend(t, "p2")
+	b := newNamedBackend(t, "b")
+	cfg := checkedConfig(p1.addr, p2.addr, b.addr)
+	cfg.Backends[2].Backup = true
+	addr, s, logs := loggedService(t, cfg)
+	eventually(t, "backup up", isUp(s, b.addr))
+	eventually(t, "primaries routed", func() bool { return sameAddrs(routed(s), p1.addr, p2.addr) })
+	if got := servedBy(t, addr, 30); got["b"] != 0 || got["p1"] == 0 || got["p2"] == 0 {
+		t.Errorf("30 clients with both primaries up: %v; want both primaries and not the backup", got)
+	}
+	st := s.Status()
+	if st.RoutingToBackups || !statusOf(t, st, b.addr).Backup || statusOf(t, st, b.addr).InRoute || statusOf(t, st, p1.addr).Backup {
+		t.Errorf("status with primaries up: routing to backups %v, backup %+v", st.RoutingToBackups, statusOf(t, st, b.addr))
+	}
+
+	p1.stop()
+	p2.stop()
+	eventually(t, "the backup routed alone", func() bool { return sameAddrs(routed(s), b.addr) })
+	name, onBackup := dialNamed(t, addr)
+	if name != "b" {
+		t.Fatalf("client with every primary down served by %q, want the backup", name)
+	}
+	roundTrip(t, onBackup, "on the backup")
+	if st := s.Status(); !st.RoutingToBackups || !statusOf(t, st, b.addr).InRoute {
+		t.Errorf("status with every primary down: routing to backups %v, backup %+v", st.RoutingToBackups, statusOf(t, st, b.addr))
+	}
+	wantLog(t, logs, "no usable primary backend: routing to 1 backups")
+
+	p1.start()
+	eventually(t, "the primary back in the route", func() bool { return sameAddrs(routed(s), p1.addr) })
+	if got := servedBy(t, addr, 10); got["p1"] != 10 {
+		t.Errorf("10 clients with a primary back: %v; want all on p1", got)
+	}
+	roundTrip(t, onBackup, "still on the backup")
+	st = s.Status()
+	if be := statusOf(t, st, b.addr); st.RoutingToBackups || be.InRoute || be.Draining || be.Active != 1 {
+		t.Errorf("status with a primary back: routing to backups %v, backup %+v; want out of the route, not draining, its connection open",
+			st.RoutingToBackups, be)
+	}
+	wantLog(t, logs, "primary backend usable again: routing to primaries")
+}
+
+// Every primary at weight 0 (maintenance) sends new connections to the
+// backups at the reload's swap, and backup itself changes at the swap,
+// like a weight.
+func TestBackupReloads(t *testing.T) {
+	p, b := newNamedBackend(t, "p"), newNamedBackend(t, "b")
+	cfg := checkedConfig(p.addr, b.addr)
+	cfg.Backends[1].Backup = true
+	addr, s, logs := loggedService(t, cfg)
+	eventually(t, "backup up", isUp(s, b.addr))
+	eventually(t, "the primary routed", func() bool { return sameAddrs(routed(s), p.addr) })
+	name, onPrimary := dialNamed(t, addr)
+	if name != "p" {
+		t.Fatalf("first client served by %q, want the primary", name)
+	}
+
+	reload := func(edit func(bs []config.Backend)) {
+		next := *cfg
+		next.Backends = append([]config.Backend(nil), cfg.Backends...)
+		edit(next.Backends)
+		s.Update(&next)
+	}
+	reload(func(bs []config.Backend) { bs[0].Weight = 0 })
+	if got := routed(s); !sameAddrs(got, b.addr) || !s.route.Load().backups {
+		t.Fatalf("right after the reload setting the primary to weight 0: route %v (on backups %v), want the backup", got, s.route.Load().backups)
+	}
+	if got := servedBy(t, addr, 10); got["b"] != 10 {
+		t.Errorf("10 clients with the primary at weight 0: %v; want all on the backup", got)
+	}
+	roundTrip(t, onPrimary, "on the primary at weight 0, draining")
+	wantLog(t, logs, "no usable primary backend: routing to 1 backups")
+
+	reload(func(bs []config.Backend) { bs[1].Backup = false })
+	if got := routed(s); !sameAddrs(got, p.addr, b.addr) || s.route.Load().backups {
+		t.Errorf("right after the reload making the backup a primary: route %v, want both", got)
+	}
+	reload(func(bs []config.Backend) { bs[0].Backup, bs[1].Backup = true, false })
+	if got := routed(s); !sameAddrs(got, b.addr) || s.route.Load().backups {
+		t.Errorf("right after the reload swapping the roles: route %v (on backups %v), want b as the primary", got, s.route.Load().backups)
+	}
+	reload(func(bs []config.Backend) {})
+	if got := routed(s); !sameAddrs(got, p.addr) {
+		t.Errorf("right after the reload back to the first config: route %v, want the primary", got)
+	}
+	wantLog(t, logs, "primary backend usable again: routing to primaries")
+}
+
+// panic_mode = "all" applies only when neither a primary nor a backup is
+// usable, and then routes to every weighted backend, backups included.
+func TestBackupPanicMode(t *testing.T) {
+	live := startEcho(t)
+	tests := []struct {
+		name      string
+		mode      config.PanicMode
+		backupUp  bool
+		want      int // routed backends
+		panicking bool
+		backups   bool
+	}{
+		{"all, backup up", config.PanicAll, true, 1, false, true},
+		{"all, everything down", config.PanicAll, false, 3, true, false},
+		{"none, everything down", config.PanicNone, false, 0, false, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			backup := closedAddr(t)
+			if tt.backupUp {
+				backup = live
+			}
+			cfg := checkedConfig(closedAddr(t), closedAddr(t), backup)
+			cfg.Backends[2].Backup = true
+			cfg.PanicMode = tt.mode
+			s := newCheckedService(t, cfg)
+			eventually(t, "primaries down", func() bool {
+				return backendOf(s, cfg.Backends[0].Address).health.tracker.State() == health.Down &&
+					backendOf(s, cfg.Backends[1].Address).health.tracker.State() == health.Down
+			})
+			if tt.backupUp {
+				eventually(t, "backup up", isUp(s, backup))
+			} else {
+				eventually(t, "backup down", func() bool { return backendOf(s, backup).health.tracker.State() == health.Down })
+			}
+			time.Sleep(2 * rebuildDelay) // the rebuild after the last change
+			r := s.route.Load()
+			if len(r.backends) != tt.want || r.panicking != tt.panicking || r.backups != tt.backups {
+				t.Errorf("route %v, panicking %v, on backups %v; want %d backends, panicking %v, on backups %v",
+					routed(s), r.panicking, r.backups, tt.want, tt.panicking, tt.backups)
+			}
+		})
+	}
+}
+
+// A primary that passive detection took down is not usable: with no
+// other primary, new connections go to the backup.
+func TestBackupAfterPassiveMarkDown(t *testing.T) {
+	p, b := newNamedBackend(t, "p"), newNamedBackend(t, "b")
+	cfg := checkedConfig(p.addr, b.addr)
+	cfg.Backends[1].Backup = true
+	cfg.Health.Interval, cfg.Health.Timeout = time.Hour, time.Second // only the first probe
+	addr, s, _ := loggedService(t, cfg)
+	eventually(t, "both up", func() bool { return isUp(s, p.addr)() && isUp(s, b.addr)() })
+	eventually(t, "the primary routed", func() bool { return sameAddrs(routed(s), p.addr) })
+	be := backendOf(s, p.addr)
+	for range cfg.PassiveFall {
+		s.connectFailed(cfg, be, errConnectTimeout)
+	}
+	eventually(t, "the backup routed", func() bool { return sameAddrs(routed(s), b.addr) })
+	if name, _ := dialNamed(t, addr); name != "b" {
+		t.Errorf("client with the primary down by passive detection served by %q, want the backup", name)
+	}
+}
+
+// A reload that swaps the primaries for new ones keeps new clients on the
+// previous primaries until the new ones' first checks answer, as without
+// backups: a healthy backup must not take them meanwhile.
+func TestReloadSwappingPrimariesKeepsBackupOut(t *testing.T) {
+	blue, backup := startEcho(t), startEcho(t)
+	// Green answers every connection, its probe's too, after 150 ms: no
+	// probe can pass before the client below connects.
+	green := startBackend(t, func(c net.Conn) {
+		time.Sleep(150 * time.Millisecond)
+		echo(c)
+	})
+	var listen = ownAddr("127.88.11.1:7000")
+	text := func(primary netip.AddrPort) string {
+		return fmt.Sprintf(`[services.db]
+listen = %q
+  [services.db.health]
+  kind = "tcp"
+  interval = "10s"
+  timeout = "2s"
+  [[services.db.backends]]
+  address = %q
+  [[services.db.backends]]
+  address = %q
+  backup = true
+`, listen, primary, backup)
+	}
+	srv, _ := loggedServer(t, text(blue))
+	t.Cleanup(srv.Shutdown)
+	svc := srv.Services()[0]
+	eventually(t, "backup up", isUp(svc, backup))
+	cfg, err := config.Parse([]byte(text(green)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	roundTrip(t, c, "the first client after the swap")
+	if n := backendOf(svc, backup).total.Load(); n != 0 {
+		t.Errorf("the backup took %d clients while the new primary's first check was due", n)
+	}
+	eventually(t, "green routed alone", func() bool { return sameAddrs(routed(svc), green) })
+}
+
+// A fresh start waits for the primaries' first checks, not only for a
+// backend to be up: a backup that answers first must not take the clients
+// queued at start.
+func TestBackupStartWaitsForPrimaries(t *testing.T) {
+	slow := startBackend(t, func(c net.Conn) {
+		time.Sleep(150 * time.Millisecond)
+		echo(c)
+	})
+	backup := startEcho(t)
+	var listen = ownAddr("127.88.11.2:7000")
+	cfg, err := config.Parse([]byte(fmt.Sprintf(`[services.db]
+listen = %q
+  [services.db.health]
+  kind = "send_expect"
+  send = "ping"
+  expect = "ping"
+  interval = "10s"
+  timeout = "2s"
+  [[services.db.backends]]
+  address = %q
+  [[services.db.backends]]
+  address = %q
+  backup = true
+`, listen, slow, backup)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	c, applied := applyAndDialOn(t, srv, cfg, listen)
+	roundTrip(t, c, "the first client")
+	if err := <-applied; err != nil {
+		t.Fatal(err)
+	}
+	svc := srv.Services()[0]
+	if n := backendOf(svc, backup).total.Load(); n != 0 {
+		t.Errorf("the backup took %d of the clients queued at start; the primary %d", n, backendOf(svc, slow).total.Load())
+	}
+}
+
+// /metrics says which backends are backups and whether a service routes
+// to them; the reload summary names a change of backup.
+func TestBackupMetricsAndReloadSummary(t *testing.T) {
+	primary, backup := startEcho(t), startEcho(t)
+	var listen = ownAddr("127.88.11.3:7000")
+	text := func(primaryWeight int, backupFlag bool) string {
+		return fmt.Sprintf(`[services.db]
+listen = %q
+  [[services.db.backends]]
+  address = %q
+  weight = %d
+  [[services.db.backends]]
+  address = %q
+  backup = %t
+`, listen, primary, primaryWeight, backup, backupFlag)
+	}
+	srv, logs := loggedServer(t, text(0, true))
+	t.Cleanup(srv.Shutdown)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(NewMetrics(srv))
+	gauges := func() map[string]float64 {
+		t.Helper()
+		families, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]float64{}
+		for _, f := range families {
+			for _, m := range f.GetMetric() {
+				key := f.GetName()
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "backend" {
+						key += "{" + l.GetValue() + "}"
+					}
+				}
+				out[key] = m.GetGauge().GetValue()
+			}
+		}
+		return out
+	}
+	want := func(when string, routing, primaryBackup, backupBackup float64) {
+		t.Helper()
+		g := gauges()
+		if g["l4lb_service_routing_to_backups"] != routing || g["l4lb_backend_backup{"+primary.String()+"}"] != primaryBackup ||
+			g["l4lb_backend_backup{"+backup.String()+"}"] != backupBackup {
+			t.Errorf("%s: routing_to_backups %v, backend_backup %v and %v; want %v, %v, %v", when,
+				g["l4lb_service_routing_to_backups"], g["l4lb_backend_backup{"+primary.String()+"}"],
+				g["l4lb_backend_backup{"+backup.String()+"}"], routing, primaryBackup, backupBackup)
+		}
+	}
+	want("primary at weight 0", 1, 0, 1)
+	wantLog(t, logs, "no usable primary backend: routing to 1 backups")
+
+	apply := func(text string) string {
+		t.Helper()
+		cfg, err := config.Parse([]byte(text), "test.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		change, err := srv.Apply(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return change.Summary
+	}
+	apply(text(100, true))
+	want("primary at weight 100", 0, 0, 1)
+	wantLog(t, logs, "primary backend usable again: routing to primaries")
+	if got, w := apply(text(100, false)), "~"+backup.String()+" backup true→false"; !strings.Contains(got, w) {
+		t.Errorf("reload summary %q lacks %q", got, w)
+	}
+	want("no backup", 0, 0, 0)
+}
+
+// A UDP service: new flows go to the primary while it is up, to the
+// backup while it is not (weight 0, or down by its checks), and a flow
+// opened on the backup stays there once the primary is back.
+func TestUDPBackup(t *testing.T) {
+	p, b := newUDPEcho(t, "p"), newUDPEcho(t, "b")
+	cfg := udpConfig(p.addr, b.addr)
+	cfg.Backends[1].Backup = true
+	cfg.Health = config.Health{Kind: config.HealthSendExpect, Interval: 50 * time.Millisecond, Timeout: 40 * time.Millisecond,
+		Rise: 2, Fall: 2, Send: "ping", ExpectRegex: "^[a-z]+:ping$"}
+	svc, _ := startUDPService(t, cfg)
+	eventually(t, "both up", func() bool { return isUp(svc, p.addr)() && isUp(svc, b.addr)() })
+	eventually(t, "the primary routed", func() bool { return sameAddrs(routed(svc), p.addr) })
+	for i := range 10 {
+		if got := newUDPClient(t, cfg.Listen).exchange(fmt.Sprintf("client %d", i)); got != "p" {
+			t.Fatalf("client %d with the primary up served by %q, want p", i, got)
+		}
+	}
+
+	maint := *cfg
+	maint.Backends = append([]config.Backend(nil), cfg.Backends...)
+	maint.Backends[0].Weight = 0
+	svc.Update(&maint)
+	onBackup := newUDPClient(t, cfg.Listen)
+	if got := onBackup.exchange("during maintenance"); got != "b" {
+		t.Fatalf("new flow with the primary at weight 0 served by %q, want the backup", got)
+	}
+	if st := svc.Status(); !st.RoutingToBackups {
+		t.Error("status with the primary at weight 0 does not say the service routes to its backups")
+	}
+	svc.Update(cfg)
+	if got := newUDPClient(t, cfg.Listen).exchange("after maintenance"); got != "p" {
+		t.Errorf("new flow with the primary back served by %q, want p", got)
+	}
+	if got := onBackup.exchange("the same flow"); got != "b" {
+		t.Errorf("the flow opened on the backup answered by %q once the primary was back; want it to stay on b", got)
+	}
+
+	p.stop()
+	eventually(t, "the backup routed once the primary's checks fail", func() bool { return sameAddrs(routed(svc), b.addr) })
+	if got := newUDPClient(t, cfg.Listen).exchange("primary down"); got != "b" {
+		t.Errorf("new flow with the primary down served by %q, want the backup", got)
+	}
+}
+
+// The plan (every weighted backend healthy) never names a backup while a
+// primary has weight > 0, and names the backups when every primary is at
+// weight 0, as the route does.
+func TestPlanLeavesBackupsOut(t *testing.T) {
+	primary, backup := netip.MustParseAddrPort("10.0.0.1:5432"), netip.MustParseAddrPort("10.0.0.2:5432")
+	svc := &config.Service{Balance: config.Maglev, HashKey: config.SourceIPPort, Backends: []config.Backend{
+		{Address: primary, Weight: 1}, {Address: backup, Weight: 1000, Backup: true},
+	}}
+	maint := *svc
+	maint.Backends = []config.Backend{{Address: primary, Weight: 0}, {Address: backup, Weight: 1000, Backup: true}}
+	plan, maintPlan := NewPlan(svc), NewPlan(&maint)
+	for i := range 200 {
+		client := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), uint16(40000+i))
+		if got, _ := plan.First(client); got != primary {
+			t.Fatalf("client %s planned on %s, want the primary", client, got)
+		}
+		if got, _ := maintPlan.First(client); got != backup {
+			t.Fatalf("primary at weight 0: client %s planned on %s, want the backup", client, got)
+		}
+	}
+}
