@@ -173,12 +173,15 @@ type serviceJSON struct {
 	// Unchecked: the service has no health checks (every backend counts
 	// as up). Said this way round so that an older l4lb, which omits it,
 	// reads as checked.
-	Unchecked bool          `json:"unchecked,omitempty"`
-	Accepted  uint64        `json:"accepted"`
-	Refused   uint64        `json:"refused"`
-	Errors    uint64        `json:"errors"`
-	Backends  []backendJSON `json:"backends"`
-	UDP       *udpJSON      `json:"udp,omitempty"`
+	Unchecked bool `json:"unchecked,omitempty"`
+	// RoutingToBackups: no primary backend is usable, and new connections
+	// go to the backups.
+	RoutingToBackups bool          `json:"routing_to_backups"`
+	Accepted         uint64        `json:"accepted"`
+	Refused          uint64        `json:"refused"`
+	Errors           uint64        `json:"errors"`
+	Backends         []backendJSON `json:"backends"`
+	UDP              *udpJSON      `json:"udp,omitempty"`
 
 	// Rejected counts TCP clients closed by limits, access lists and the
 	// PROXY protocol checks, by reason.
@@ -193,6 +196,7 @@ type backendJSON struct {
 	Address         string          `json:"address"`
 	Weight          int             `json:"weight"`
 	Configured      bool            `json:"configured"`
+	Backup          bool            `json:"backup"`
 	InRoute         bool            `json:"in_route"`
 	Health          string          `json:"health"`
 	LastTransition  *transitionJSON `json:"last_transition,omitempty"`
@@ -260,7 +264,7 @@ func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 	for _, s := range st.Services {
 		sj := serviceJSON{
 			Name: s.Name, Listen: s.Listen.String(), Protocol: string(s.Protocol), Balance: string(s.Balance),
-			Unchecked: !s.Checked, Draining: st.Stopping, Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
+			Unchecked: !s.Checked, RoutingToBackups: s.RoutingToBackups, Draining: st.Stopping, Accepted: s.Accepted, Refused: s.Refused, Errors: s.ProxyErrors, UDP: newUDPJSON(s.UDP), Backends: []backendJSON{},
 		}
 		if s.Protocol == config.TCP {
 			sj.Rejected = map[string]uint64{}
@@ -270,7 +274,7 @@ func buildStatus(srv *l4.Server, rl *reloader) statusJSON {
 		}
 		for _, b := range s.Backends {
 			bj := backendJSON{
-				Address: b.Address.String(), Weight: b.Weight, Configured: b.Configured, InRoute: b.InRoute,
+				Address: b.Address.String(), Weight: b.Weight, Configured: b.Configured, Backup: b.Backup, InRoute: b.InRoute,
 				Health: b.Health.Status.State.String(), LastFailure: b.Health.LastFailure,
 				Active: b.Active, Total: b.Total, ConnectFailures: b.DialFailed,
 				BytesToBackend: b.BytesToBack, BytesToClient: b.BytesToCli, Draining: b.Draining,

@@ -83,7 +83,7 @@ func printStatus(w io.Writer, st statusJSON) {
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVICE\tLISTEN\tBACKEND\tWEIGHT\tHEALTH\tROUTED\tACTIVE\tTOTAL\tFAILED\tDRAINING")
+	fmt.Fprintln(tw, "SERVICE\tLISTEN\tBACKEND\tWEIGHT\tBACKUP\tHEALTH\tROUTED\tACTIVE\tTOTAL\tFAILED\tDRAINING")
 	for _, s := range st.Services {
 		for _, b := range s.Backends {
 			draining := "no"
@@ -98,17 +98,33 @@ func printStatus(w io.Writer, st statusJSON) {
 			if b.InRoute {
 				routed = "yes"
 			}
+			backup := "no"
+			if b.Backup {
+				backup = "yes"
+			}
 			healthCell := b.Health
 			if s.Unchecked {
 				healthCell = "no check"
 			}
-			fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%d\t%s\t%s\t%d\t%d\t%d\t%s\n", s.Name, s.Listen, s.Protocol, b.Address,
-				b.Weight, healthCell, routed, b.Active, b.Total, b.ConnectFailures, draining)
+			fmt.Fprintf(tw, "%s\t%s/%s\t%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%s\n", s.Name, s.Listen, s.Protocol, b.Address,
+				b.Weight, backup, healthCell, routed, b.Active, b.Total, b.ConnectFailures, draining)
 		}
 	}
 	tw.Flush()
+	printRoutingToBackups(w, st.Services)
 	printDownReasons(w, st.Services)
 	printTurnedAway(w, st.Services)
+}
+
+// printRoutingToBackups names, under the table, each service that sends
+// its new connections to its backups: the standby serving is the one
+// thing an operator of a primary/standby pair must not miss.
+func printRoutingToBackups(w io.Writer, services []serviceJSON) {
+	for _, s := range services {
+		if s.RoutingToBackups {
+			fmt.Fprintf(w, "%s routes to its backups: no primary backend is usable\n", s.Name)
+		}
+	}
 }
 
 // printDownReasons says, under the table, why each checked backend that is

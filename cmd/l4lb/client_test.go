@@ -87,13 +87,43 @@ func TestPrintStatusHealth(t *testing.T) {
 	]}`
 	text := statusText(t, doc)
 	for _, want := range []string{
-		"10.0.0.12:5432  100     up",
-		"10.0.0.21:80    100     no check",
+		"10.0.0.12:5432  100     no      up",
+		"10.0.0.21:80    100     no      no check",
 		"pg 10.0.0.11:5432 down: dial tcp 10.0.0.11:5432: connect: connection refused\n",
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("status output lacks %q:\n%s", want, text)
 		}
+	}
+}
+
+// A backup backend says so in its row, and a service whose new
+// connections go to its backups says so under the table; one that routes
+// to its primaries does not.
+func TestPrintStatusBackups(t *testing.T) {
+	const doc = `{"version": 1, "hash": "abcdef0123456789", "loaded_at": "2026-11-23T10:00:00Z",
+	"services": [
+	  {"name": "pg", "listen": "10.0.0.1:5432", "protocol": "tcp", "routing_to_backups": true,
+	   "backends": [{"address": "10.0.0.11:5432", "weight": 100, "configured": true, "health": "down"},
+	                {"address": "10.0.0.12:5432", "weight": 100, "configured": true, "backup": true, "in_route": true, "health": "up"}]},
+	  {"name": "web", "listen": "10.0.0.1:80", "protocol": "tcp", "routing_to_backups": false,
+	   "backends": [{"address": "10.0.0.21:80", "weight": 100, "configured": true, "in_route": true, "health": "up"},
+	                {"address": "10.0.0.22:80", "weight": 100, "configured": true, "backup": true, "health": "up"}]}
+	]}`
+	text := statusText(t, doc)
+	for _, want := range []string{
+		"WEIGHT  BACKUP  HEALTH",
+		"10.0.0.11:5432  100     no      down    no",
+		"10.0.0.12:5432  100     yes     up      yes",
+		"10.0.0.22:80    100     yes     up      no",
+		"pg routes to its backups: no primary backend is usable\n",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("status output lacks %q:\n%s", want, text)
+		}
+	}
+	if strings.Contains(text, "web routes to its backups") {
+		t.Errorf("a service routing to its primaries said it routes to its backups:\n%s", text)
 	}
 }
 
@@ -144,7 +174,7 @@ func TestPrintStatusStopping(t *testing.T) {
 	text := statusText(t, doc)
 	for _, want := range []string{
 		"stopping: no service accepts; open connections drain within each drain_timeout\n",
-		"10.0.0.11:5432  100     up      yes     3       0      0       stopping",
+		"10.0.0.11:5432  100     no      up      yes     3       0      0       stopping",
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("status output lacks %q:\n%s", want, text)

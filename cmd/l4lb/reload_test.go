@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/l4lb/l4lb/config"
 	"github.com/l4lb/l4lb/l4"
 )
 
@@ -233,3 +235,67 @@ func TestAdminIPv4WildcardIsIPv4Only(t *testing.T) {
 // listen addresses above: two test processes on one host (two checkouts
 // tested at once) would otherwise share an SO_REUSEPORT group.
 var testNet = fmt.Sprint(89 + os.Getpid()%160)
+
+// /status marks each backup backend and says whether a service routes to
+// its backups, as read from a running server: here a primary at weight 0
+// (maintenance) leaves the backup serving.
+func TestStatusJSONBackups(t *testing.T) {
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := free.Addr().String()
+	free.Close()
+	cfg, err := config.Parse([]byte(fmt.Sprintf(`[admin]
+listen = ""
+[services.db]
+listen = %q
+  [[services.db.backends]]
+  address = "127.0.0.1:1"
+  weight = 0
+  [[services.db.backends]]
+  address = "127.0.0.1:2"
+  backup = true
+`, listen)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	if _, err := srv.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewServer(newAdmin(hclog.NewNullLogger(), srv, &reloader{}).handler)
+	t.Cleanup(ts.Close)
+	resp, err := http.Get(ts.URL + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st struct {
+		Services []struct {
+			RoutingToBackups *bool `json:"routing_to_backups"`
+			Backends         []struct {
+				Address string `json:"address"`
+				Backup  *bool  `json:"backup"`
+				InRoute bool   `json:"in_route"`
+			} `json:"backends"`
+		} `json:"services"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Services) != 1 || len(st.Services[0].Backends) != 2 {
+		t.Fatalf("status %+v; want one service with two backends", st)
+	}
+	s := st.Services[0]
+	if s.RoutingToBackups == nil || !*s.RoutingToBackups {
+		t.Errorf("routing_to_backups %v, want true", s.RoutingToBackups)
+	}
+	for _, b := range s.Backends {
+		wantBackup := b.Address == "127.0.0.1:2"
+		if b.Backup == nil || *b.Backup != wantBackup || b.InRoute != wantBackup {
+			t.Errorf("backend %s: backup %v, in_route %v; want both %v", b.Address, b.Backup, b.InRoute, wantBackup)
+		}
+	}
+}
