@@ -43,13 +43,21 @@ type backend struct {
 // closes the listener and every open connection and waits for the handlers.
 func startBackend(t *testing.T, ns, name string, addr netip.AddrPort, h handler) {
 	t.Helper()
+	serveBackend(t, ns, name, addr, h)
+}
+
+// serveBackend is startBackend for a test that stops the backend itself
+// (a server stopped, then started again on the same address): stop does
+// what the cleanup does, once.
+func serveBackend(t *testing.T, ns, name string, addr netip.AddrPort, h handler) (stop func()) {
+	t.Helper()
 	ln, err := listenIn(ns, addr)
 	if err != nil {
 		t.Fatalf("backend %s: listen on %s in %s: %v", name, addr, ns, err)
 	}
 	b := &backend{name: name, ln: ln, conns: make(map[net.Conn]struct{})}
 	b.wg.Go(func() { b.serve(t, h) })
-	t.Cleanup(func() {
+	stop = sync.OnceFunc(func() {
 		ln.Close()
 		b.mu.Lock()
 		b.closed = true
@@ -59,6 +67,8 @@ func startBackend(t *testing.T, ns, name string, addr netip.AddrPort, h handler)
 		b.mu.Unlock()
 		b.wg.Wait()
 	})
+	t.Cleanup(stop)
+	return stop
 }
 
 func (b *backend) serve(t *testing.T, h handler) {
