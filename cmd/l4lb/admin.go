@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
 
 	"github.com/l4lb/l4lb/config"
 	"github.com/l4lb/l4lb/l4"
@@ -29,9 +30,14 @@ type admin struct {
 	log     hclog.Logger
 	handler http.Handler
 
-	mu     sync.Mutex // guards addr, server and started
+	mu     sync.Mutex // guards addr, server, ln, paused and started
 	addr   string
 	server *http.Server
+	// ln is what server serves on.
+	ln *pausableListener
+	// paused: prepare paused ln to bind an address overlapping it; commit
+	// or abort ends that.
+	paused bool
 	// started: the first commit, at start, is done; reloads come after.
 	started bool
 }
@@ -98,7 +104,17 @@ func listenTCP(addr string) (net.Listener, error) {
 
 // prepare binds addr if it differs from the address served now, so that a
 // reload can fail before anything changes. It returns nil when there is
-// nothing to bind.
+// nothing to bind. The caller then calls commit, or abort if the reload
+// fails.
+//
+// An address on the same port as the one served now may overlap it
+// (127.0.0.1:P and 0.0.0.0:P, or [::]:P): the kernel refuses the new
+// socket because of the old one, while it listens. prepare then pauses
+// the old socket and binds again: a paused socket keeps its address, but
+// one that does not listen lets another with SO_REUSEADDR (which Go sets
+// on every listener) bind beside it. If that fails too, someone else
+// holds the port, and the old socket listens again at once. HAProxy
+// pauses its listeners this way on reload.
 func (a *admin) prepare(addr string) (net.Listener, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -106,6 +122,21 @@ func (a *admin) prepare(addr string) (net.Listener, error) {
 		return nil, nil
 	}
 	ln, err := listenTCP(addr)
+	if errors.Is(err, syscall.EADDRINUSE) && a.ln != nil && samePort(addr, a.addr) {
+		if err := a.ln.pause(); err != nil {
+			return nil, fmt.Errorf("admin.listen: pause the endpoint on %s to move it onto the same port: %w", a.addr, err)
+		}
+		ln, err = listenTCP(addr)
+		if errors.Is(err, syscall.EADDRINUSE) {
+			a.resume()
+			return nil, fmt.Errorf("admin.listen: %w (l4lb's own endpoint on %s gave way for it: another program holds the port)", err, a.addr)
+		}
+		if err != nil {
+			a.resume()
+		} else {
+			a.paused = true
+		}
+	}
 	if err != nil {
 		if errors.Is(err, syscall.EADDRINUSE) && !a.started {
 			// At start the likeliest holder is an l4lb already running;
@@ -117,12 +148,46 @@ func (a *admin) prepare(addr string) (net.Listener, error) {
 	return ln, nil
 }
 
+// samePort reports whether the addresses a and b have the same port, not 0.
+func samePort(a, b string) bool {
+	ap, errA := netip.ParseAddrPort(a)
+	bp, errB := netip.ParseAddrPort(b)
+	return errA == nil && errB == nil && ap.Port() != 0 && ap.Port() == bp.Port()
+}
+
+// abort undoes prepare for a reload that failed: ln (from prepare, or
+// nil) is closed, and the endpoint served now listens again if prepare
+// paused it.
+func (a *admin) abort(ln net.Listener) {
+	if ln != nil {
+		ln.Close()
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.paused {
+		a.resume()
+	}
+}
+
+// resume has the paused listener listen again. Should that fail (another
+// program with SO_REUSEADDR bound the address while it was paused), the
+// endpoint is off until a reload binds it again. mu is held.
+func (a *admin) resume() {
+	a.paused = false
+	if err := a.ln.resume(); err != nil {
+		a.log.Error("admin endpoint lost: it was paused to move it, and cannot listen again; a reload binds it again", "listen", a.addr, "error", err)
+		a.server.Close()
+		a.server, a.ln, a.addr = nil, nil, ""
+	}
+}
+
 // commit serves on ln (from prepare) at addr and stops the old server;
 // with addr "" it only stops the old one.
 func (a *admin) commit(addr string, ln net.Listener) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.started = true
+	a.paused = false
 	if addr == a.addr {
 		return
 	}
@@ -130,16 +195,112 @@ func (a *admin) commit(addr string, ln net.Listener) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		a.server.Shutdown(ctx)
 		cancel()
-		a.server = nil
+		a.server, a.ln = nil, nil
 	}
 	a.addr = addr
 	if ln == nil {
 		a.log.Info("admin endpoint disabled")
 		return
 	}
+	a.ln = &pausableListener{Listener: ln}
 	a.server = &http.Server{Handler: a.handler, ReadHeaderTimeout: 5 * time.Second}
-	go a.server.Serve(ln)
+	go a.server.Serve(a.ln)
 	a.log.Info("admin endpoint listening", "listen", ln.Addr().String())
+}
+
+// pausableListener is a listener that pause stops listening without
+// giving up its address, and resume has listen again; meanwhile its
+// Accept waits instead of failing, which would end http.Server.Serve
+// and close the socket.
+type pausableListener struct {
+	net.Listener
+
+	mu sync.Mutex // guards pauses and resumed
+	// pauses counts the pauses begun: an Accept that fails once one has
+	// begun since it was called failed because of it, even if it sees
+	// the failure only after the pause ended.
+	pauses int
+	// resumed is closed once a pause ends, by resume or Close; nil when
+	// not paused.
+	resumed chan struct{}
+}
+
+func (l *pausableListener) Accept() (net.Conn, error) {
+	for {
+		l.mu.Lock()
+		pauses := l.pauses
+		l.mu.Unlock()
+		c, err := l.Listener.Accept()
+		if err == nil {
+			return c, nil
+		}
+		l.mu.Lock()
+		paused, resumed := l.pauses != pauses, l.resumed
+		l.mu.Unlock()
+		if errors.Is(err, net.ErrClosed) || (!paused && resumed == nil) {
+			return nil, err
+		}
+		if resumed != nil {
+			<-resumed
+		}
+	}
+}
+
+// pause stops listening: shutdown(2) of a listening socket resets the
+// connections in its queue and keeps its address bound (one bound to an
+// explicit port, as the admin endpoint's always is here: samePort).
+func (l *pausableListener) pause() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.pauses++
+	l.resumed = make(chan struct{})
+	err := l.control(func(fd int) error { return unix.Shutdown(fd, unix.SHUT_RD) })
+	if err != nil {
+		close(l.resumed)
+		l.resumed = nil
+	}
+	return err
+}
+
+func (l *pausableListener) resume() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	// The kernel caps the backlog at net.core.somaxconn, which is what
+	// Go's net.Listen asks for.
+	err := l.control(func(fd int) error { return unix.Listen(fd, unix.SOMAXCONN) })
+	if l.resumed != nil {
+		close(l.resumed)
+		l.resumed = nil
+	}
+	return err
+}
+
+func (l *pausableListener) Close() error {
+	err := l.Listener.Close()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.resumed != nil {
+		close(l.resumed)
+		l.resumed = nil
+	}
+	return err
+}
+
+// control runs f on the listener's socket.
+func (l *pausableListener) control(f func(fd int) error) error {
+	sc, ok := l.Listener.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("%T has no socket to control", l.Listener)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ferr error
+	if err := raw.Control(func(fd uintptr) { ferr = f(int(fd)) }); err != nil {
+		return err
+	}
+	return ferr
 }
 
 func (a *admin) close() { a.commit("", nil) }

@@ -3,12 +3,10 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -295,17 +293,7 @@ func TestRunStopsAtOnceOnASecondSignal(t *testing.T) {
 
 	run.cmd.Process.Signal(syscall.SIGTERM)
 	run.waitLog(t, "draining before exit: service=demo connections=1", 5*time.Second)
-	resp, err := http.Get("http://" + adminAddr + "/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st statusJSON
-	err = json.NewDecoder(resp.Body).Decode(&st)
-	resp.Body.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !st.Stopping || len(st.Services) != 1 || st.Services[0].Name != "demo" || !st.Services[0].Draining ||
+	if st := adminStatus(t, adminAddr); !st.Stopping || len(st.Services) != 1 || st.Services[0].Name != "demo" || !st.Services[0].Draining ||
 		len(st.Services[0].Backends) != 1 || st.Services[0].Backends[0].Active != 1 {
 		t.Errorf("/status while draining: %+v; want stopping, and demo draining with its connection", st)
 	}

@@ -204,7 +204,7 @@ func (r *reloader) notWritten() string {
 
 // apply loads the file and applies it whole: the admin endpoint's new
 // socket, if any, is bound before the services change, and released if
-// they cannot.
+// they cannot (the old one, if paused for it, then listens again).
 func (r *reloader) apply(ctx context.Context) (l4.Change, *config.Config, error) {
 	cfg, err := config.Load(r.path)
 	if err != nil {
@@ -221,8 +221,8 @@ func (r *reloader) apply(ctx context.Context) (l4.Change, *config.Config, error)
 	}
 	change, err := r.srv.Apply(ctx, cfg)
 	if err != nil {
-		if adminLn != nil {
-			adminLn.Close()
+		if r.admin != nil {
+			r.admin.abort(adminLn)
 		}
 		return change, nil, err
 	}

@@ -299,3 +299,150 @@ listen = %q
 		}
 	}
 }
+
+// postReload asks the l4lb whose admin endpoint is at admin to reload,
+// on a connection of its own, and returns the answer; code 0 when there
+// is none. Any goroutine may call it.
+func postReload(t *testing.T, admin string) (code int, res reloadResult) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, "http://"+admin+"/reload", nil)
+	if err != nil {
+		t.Error(err)
+		return 0, res
+	}
+	req.Close = true
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Errorf("POST /reload to %s: %v", admin, err)
+		return 0, res
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&res); err != nil {
+		t.Errorf("POST /reload to %s: %s, %v", admin, resp.Status, err)
+		return 0, res
+	}
+	return resp.StatusCode, res
+}
+
+// adminStatus is the /status document of the admin endpoint at admin.
+func adminStatus(t *testing.T, admin string) statusJSON {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, "http://"+admin+"/status", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Close = true
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET /status from %s: %v", admin, err)
+	}
+	defer resp.Body.Close()
+	var st statusJSON
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		t.Fatalf("GET /status from %s: %s, %v", admin, resp.Status, err)
+	}
+	return st
+}
+
+// refuses fails the test unless nothing accepts connections at addr.
+func refuses(t *testing.T, addr, why string) {
+	t.Helper()
+	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+		c.Close()
+		t.Errorf("%s accepts a connection: %s", addr, why)
+	}
+}
+
+// moveAdmin sets admin.listen in a file stopConfig wrote, and extra as
+// the services after its own (replacing those of an earlier call).
+func moveAdmin(t *testing.T, path, admin, extra string) {
+	t.Helper()
+	text, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.SplitN(string(text), "\n", 3)
+	if len(lines) < 3 || lines[0] != "[admin]" || !strings.HasPrefix(lines[1], "listen = ") {
+		t.Fatalf("%s does not begin with [admin] listen:\n%s", path, text)
+	}
+	own, _, _ := strings.Cut(lines[2], "\n[services.")
+	text = fmt.Appendf(nil, "[admin]\nlisten = %q\n%s\n%s", admin, own, extra)
+	if err := os.WriteFile(path, text, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A reload moves the admin endpoint onto an address that overlaps its
+// current one on the same port (127.0.0.1:P to 0.0.0.0:P, to [::]:P, and
+// back), which its own socket would otherwise block. When another program
+// holds the port, or the rest of the reload fails, the whole reload is
+// rejected and the old endpoint keeps serving.
+func TestReloadMovesAdminOntoAnOverlappingAddress(t *testing.T) {
+	port := testPort(t)
+	at := func(host string) string { return net.JoinHostPort(host, fmt.Sprint(port)) }
+	loopback := at("127.0.0.1")
+	path, _ := stopConfig(t, tcpEcho(t), loopback, "1s")
+	run := startRun(t, "-config", path)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+
+	for _, move := range []struct {
+		to string
+		// reachedAt answers only if the endpoint is on to; refusedAt only
+		// if it is still on the address before.
+		reachedAt, refusedAt string
+	}{
+		{to: at("0.0.0.0"), reachedAt: at("127.0.0.2")},
+		{to: at("::"), reachedAt: at("::1")},
+		{to: loopback, refusedAt: at("::1")},
+	} {
+		moveAdmin(t, path, move.to, "")
+		if code, res := postReload(t, loopback); code != http.StatusOK || res.Error != "" {
+			t.Fatalf("reload moving admin.listen to %s: %d %q, want it applied", move.to, code, res.Error)
+		}
+		if move.reachedAt != "" {
+			adminStatus(t, move.reachedAt)
+		}
+		if move.refusedAt != "" {
+			refuses(t, move.refusedAt, "the endpoint left it")
+		}
+	}
+
+	// Another program on 127.0.0.2:P: 0.0.0.0:P cannot be had.
+	other, err := net.Listen("tcp", at("127.0.0.2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	moveAdmin(t, path, at("0.0.0.0"), "")
+	code, res := postReload(t, loopback)
+	other.Close()
+	if code != http.StatusUnprocessableEntity || !strings.Contains(res.Error, "admin.listen") ||
+		!strings.Contains(res.Error, "address already in use") {
+		t.Errorf("a move onto a port another program holds: %d %q; want it rejected with the bind error", code, res.Error)
+	}
+	if st := adminStatus(t, loopback); st.Version != 4 {
+		t.Errorf("config version %d after the rejected move, want 4", st.Version)
+	}
+
+	// The new socket binds, but a new service cannot: the whole reload
+	// is rejected, and the endpoint stays where it was.
+	held, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", testPort(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	unbindable := fmt.Sprintf("[services.taken]\nlisten = %q\n[[services.taken.backends]]\naddress = \"127.0.0.1:5432\"\n", held.Addr())
+	moveAdmin(t, path, at("0.0.0.0"), unbindable)
+	if code, res := postReload(t, loopback); code != http.StatusUnprocessableEntity || !strings.Contains(res.Error, held.Addr().String()) {
+		t.Errorf("a move with a service that cannot bind: %d %q; want it rejected for the service", code, res.Error)
+	}
+	if st := adminStatus(t, loopback); st.Version != 4 {
+		t.Errorf("config version %d after the rejected reload, want 4", st.Version)
+	}
+	refuses(t, at("127.0.0.2"), "the rejected reload left its new admin socket open")
+
+	moveAdmin(t, path, at("0.0.0.0"), "")
+	if code, res := postReload(t, loopback); code != http.StatusOK || res.Error != "" {
+		t.Fatalf("the move once the port is free: %d %q, want it applied", code, res.Error)
+	}
+	adminStatus(t, at("127.0.0.2"))
+}
