@@ -40,6 +40,9 @@ type admin struct {
 	paused bool
 	// started: the first commit, at start, is done; reloads come after.
 	started bool
+
+	// retiring counts the old servers still finishing their requests.
+	retiring sync.WaitGroup
 }
 
 func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
@@ -192,9 +195,13 @@ func (a *admin) commit(addr string, ln net.Listener) {
 		return
 	}
 	if a.server != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		a.server.Shutdown(ctx)
-		cancel()
+		// The old socket closes now, freeing its address; the requests
+		// the old server is handling finish in the background. Waiting
+		// for them here would have a POST /reload that moves the
+		// endpoint wait for itself.
+		a.ln.Close()
+		a.retiring.Add(1)
+		go a.retire(a.server)
 		a.server, a.ln = nil, nil
 	}
 	a.addr = addr
@@ -303,7 +310,29 @@ func (l *pausableListener) control(f func(fd int) error) error {
 	return ferr
 }
 
-func (a *admin) close() { a.commit("", nil) }
+// retire lets server finish the requests it is handling, for up to
+// adminDrainTimeout, then closes their connections.
+func (a *admin) retire(server *http.Server) {
+	defer a.retiring.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), adminDrainTimeout)
+	defer cancel()
+	if server.Shutdown(ctx) != nil {
+		server.Close()
+	}
+}
+
+// adminDrainTimeout bounds how long an admin server that stopped serving
+// lets its requests in progress finish: they are short, and l4lb's exit
+// waits for them.
+const adminDrainTimeout = 2 * time.Second
+
+// close stops the endpoint once its requests in progress, and those of
+// servers that reloads moved away from, have finished (within
+// adminDrainTimeout).
+func (a *admin) close() {
+	a.commit("", nil)
+	a.retiring.Wait()
+}
 
 // statusJSON is the document of GET /status.
 type statusJSON struct {

@@ -446,3 +446,74 @@ func TestReloadMovesAdminOntoAnOverlappingAddress(t *testing.T) {
 	}
 	adminStatus(t, at("127.0.0.2"))
 }
+
+// A POST /reload that moves the admin endpoint arrives on the endpoint
+// it moves: it is answered at once, not once the old server's shutdown
+// gives up waiting for it. Another request the old endpoint is handling
+// meanwhile, here a second POST /reload waiting for the first, is
+// answered too.
+func TestReloadMovingAdminAnswersAtOnce(t *testing.T) {
+	first := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	second := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	third := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	path, _ := stopConfig(t, tcpEcho(t), first, "1s")
+	run := startRun(t, "-config", path)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+
+	moveAdmin(t, path, second, "")
+	began := time.Now()
+	code, res := postReload(t, first)
+	// Before the fix the old server's shutdown waited for this very
+	// request for its 2 s, then gave up; nothing else told the two apart,
+	// so the bound is on time, with room for a slow host.
+	if waited := time.Since(began); waited > time.Second {
+		t.Errorf("the answer to the POST /reload that moved the endpoint took %v", waited)
+	}
+	if code != http.StatusOK || res.Error != "" {
+		t.Fatalf("reload moving admin.listen: %d %q, want it applied", code, res.Error)
+	}
+	adminStatus(t, second)
+	refuses(t, first, "the endpoint moved away from it")
+
+	// A new service whose backend never answers its check holds the
+	// reload for the check's timeout: the second POST /reload is then
+	// handled by the old endpoint while the first one moves it.
+	silent, probed := silentBackend(t)
+	slow := fmt.Sprintf(`[services.slow]
+listen = "127.0.0.1:%d"
+[services.slow.health]
+kind = "send_expect"
+send = "PING\r\n"
+expect = "+PONG"
+interval = "1s"
+timeout = "1s"
+[[services.slow.backends]]
+address = %q
+`, testPort(t), silent)
+	moveAdmin(t, path, third, slow)
+	type answer struct {
+		code int
+		res  reloadResult
+	}
+	moving, waiting := make(chan answer, 1), make(chan answer, 1)
+	go func() {
+		code, res := postReload(t, second)
+		moving <- answer{code, res}
+	}()
+	select {
+	case <-probed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reload's new service never probed its backend")
+	}
+	go func() {
+		code, res := postReload(t, second)
+		waiting <- answer{code, res}
+	}()
+	if a := <-moving; a.code != http.StatusOK || a.res.Error != "" || a.res.Version != 3 {
+		t.Errorf("reload moving admin.listen again: %d %+v, want version 3 applied", a.code, a.res)
+	}
+	if a := <-waiting; a.code != http.StatusOK || a.res.Error != "" || a.res.OldVersion != 3 || a.res.Version != 3 {
+		t.Errorf("the reload that waited on the old endpoint: %d %+v, want version 3 unchanged", a.code, a.res)
+	}
+	adminStatus(t, third)
+}
