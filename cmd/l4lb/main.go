@@ -271,12 +271,62 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Error("cannot start", "error", err)
 		return 1
 	}
-	if _, err := srv.Apply(context.Background(), cfg); err != nil {
+	// The first Apply waits for the services' first health checks, up to
+	// 2 s; a stop signal ends that wait rather than being read after it.
+	startCtx, interruptStart := context.WithCancel(ctx)
+	defer interruptStart()
+	applied := make(chan error, 1)
+	go func() {
+		_, err := srv.Apply(startCtx, cfg)
+		applied <- err
+	}()
+	stopSignal, reloadSignalled, err := awaitStart(applied, signals, interruptStart)
+	if err != nil {
 		log.Error("cannot start", "error", err)
 		return 1
 	}
 	adm.commit(cfg.Admin.Listen, adminLn)
 	rl.admin = adm
+
+	// stop drains and exits; a second stop signal meanwhile exits at once.
+	stop := func(sig os.Signal) int {
+		log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
+		// STOPPING=1 first: a reload under way sends no READY=1 after it.
+		if err := notify.stopping(); err != nil {
+			log.Warn("cannot notify systemd", "error", err)
+		}
+		cancel() // a reload under way starts no new service
+		drained := make(chan struct{})
+		go func() {
+			rl.stop() // after a reload in progress: no Apply during the drain
+			srv.Shutdown()
+			close(drained)
+		}()
+		for {
+			select {
+			case <-drained:
+				adm.close()
+				log.Info("stopped")
+				return 0
+			case sig := <-signals:
+				if sig == syscall.SIGHUP {
+					log.Info("stopping: SIGHUP ignored")
+					continue
+				}
+				// Whoever sends a second one will not wait for the drain:
+				// the exit closes every socket.
+				log.Warn("stopping now: closing every open connection", "signal", sig.String(),
+					"connections", openConnections(srv))
+				return 0
+			}
+		}
+	}
+	if stopSignal != nil {
+		// Stopped while starting: the services that were still waiting
+		// for their first checks were dropped; the rest drain. Neither the
+		// log nor systemd hears that l4lb was ready.
+		return stop(stopSignal)
+	}
 	// The pidfile goes where root may write (/run), so before the drop;
 	// removing it at exit may then fail, as with other daemons that drop
 	// privileges, and a stale file names a dead process.
@@ -311,6 +361,9 @@ func cmdRun(args []string, stderr io.Writer) int {
 		go forwardChanges(watcher, srv, triggers)
 	}
 
+	if reloadSignalled {
+		triggers <- "SIGHUP"
+	}
 	for sig := range signals {
 		if sig == syscall.SIGHUP {
 			select {
@@ -319,38 +372,30 @@ func cmdRun(args []string, stderr io.Writer) int {
 			}
 			continue
 		}
-		log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
-		// STOPPING=1 first: a reload under way sends no READY=1 after it.
-		if err := notify.stopping(); err != nil {
-			log.Warn("cannot notify systemd", "error", err)
-		}
-		cancel() // a reload under way starts no new service
-		drained := make(chan struct{})
-		go func() {
-			rl.stop() // after a reload in progress: no Apply during the drain
-			srv.Shutdown()
-			close(drained)
-		}()
-		for {
-			select {
-			case <-drained:
-				adm.close()
-				log.Info("stopped")
-				return 0
-			case sig := <-signals:
-				if sig == syscall.SIGHUP {
-					log.Info("stopping: SIGHUP ignored")
-					continue
-				}
-				// Whoever sends a second one will not wait for the drain:
-				// the exit closes every socket.
-				log.Warn("stopping now: closing every open connection", "signal", sig.String(),
-					"connections", openConnections(srv))
-				return 0
-			}
-		}
+		return stop(sig)
 	}
 	return 0
+}
+
+// awaitStart waits for the first Apply to end (applied). A stop signal
+// meanwhile interrupts it (its context ends, and the services still
+// waiting for their first checks are dropped) and is returned once it
+// has ended; later signals stay in signals, where the stop reads them. A
+// SIGHUP meanwhile is reported, to reload once l4lb is ready.
+func awaitStart(applied <-chan error, signals <-chan os.Signal, interrupt func()) (stop os.Signal, reload bool, err error) {
+	for {
+		select {
+		case err := <-applied:
+			return nil, reload, err
+		case sig := <-signals:
+			if sig == syscall.SIGHUP {
+				reload = true
+				continue
+			}
+			interrupt()
+			return sig, reload, <-applied
+		}
+	}
 }
 
 // openConnections counts every connection and UDP flow a stop that does

@@ -286,3 +286,98 @@ address = %q
 		}
 	}
 }
+
+// A stop signal that arrives while l4lb starts, waiting for its first
+// health checks, ends that wait: l4lb stops and exits 0 without saying it
+// is ready (no READY=1 to systemd), and leaves nothing listening.
+func TestStopWhileStarting(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT} {
+		t.Run(sig.String(), func(t *testing.T) {
+			messages := notifySocket(t)
+			silent, probed := silentBackend(t)
+			admin := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+			listen := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+			path := filepath.Join(t.TempDir(), "l4lb.toml")
+			text := fmt.Sprintf(`[admin]
+listen = %q
+[services.demo]
+listen = %q
+[services.demo.health]
+kind = "send_expect"
+send = "PING\r\n"
+expect = "+PONG"
+interval = "2s"
+timeout = "2s"
+[[services.demo.backends]]
+address = %q
+`, admin, listen, silent)
+			if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			run := startRun(t, "-config", path)
+			select {
+			case <-probed: // l4lb waits for the probe's answer, up to 2 s
+			case <-time.After(10 * time.Second):
+				t.Fatal("no health probe reached the backend")
+			}
+			run.cmd.Process.Signal(sig)
+			if err := run.waitExit(t, 10*time.Second); err != nil {
+				t.Errorf("l4lb ended with %v, want exit 0", err)
+			}
+			log := run.log()
+			if strings.Contains(log, "l4lb: ready") || strings.Contains(log, "service started: service=demo") ||
+				!strings.Contains(log, "service not started: stopping: service=demo") || !strings.Contains(log, "l4lb: stopped") {
+				t.Error("l4lb finished starting after the stop signal, or did not say it stopped")
+			}
+			for _, m := range messages() {
+				if strings.Contains(m, "READY=1") {
+					t.Errorf("systemd was sent %q: l4lb said it was ready after the stop signal (all: %q)", m, messages())
+				}
+			}
+			refuses(t, listen, "the service l4lb was starting")
+			refuses(t, admin, "l4lb's admin endpoint")
+		})
+	}
+}
+
+// A SIGHUP while l4lb starts, waiting for its first health checks, does
+// not end that wait: it reloads once l4lb is ready.
+func TestReloadSignalledWhileStarting(t *testing.T) {
+	silent, probed := silentBackend(t)
+	path := filepath.Join(t.TempDir(), "l4lb.toml")
+	listen := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	write := func(weight int) {
+		t.Helper()
+		text := fmt.Sprintf(`[admin]
+listen = ""
+[services.demo]
+listen = %q
+[services.demo.health]
+kind = "send_expect"
+send = "PING\r\n"
+expect = "+PONG"
+interval = "1s"
+timeout = "1s"
+[[services.demo.backends]]
+address = %q
+weight = %d
+`, listen, silent, weight)
+		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(100)
+	run := startRun(t, "-config", path)
+	select {
+	case <-probed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no health probe reached the backend")
+	}
+	write(50)
+	run.cmd.Process.Signal(syscall.SIGHUP)
+	run.waitLog(t, "service started: service=demo", 10*time.Second)
+	run.waitLog(t, "l4lb: ready:", 5*time.Second)
+	if line := run.waitLog(t, "reloaded:", 5*time.Second); !strings.Contains(line, "trigger=SIGHUP") || !strings.Contains(line, "weight 100→50") {
+		t.Errorf("the reload says %q; want the SIGHUP's, with the weight change", line)
+	}
+}
