@@ -517,3 +517,40 @@ address = %q
 	}
 	adminStatus(t, third)
 }
+
+// With process.user, the admin endpoint still moves onto an overlapping
+// address: its socket, bound as root, pauses for one the user binds (a
+// service's SO_REUSEPORT socket cannot do so: README, Privileges).
+func TestReloadMovesAdminOntoAnOverlappingAddressUnprivileged(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (make test runs as root), to drop it")
+	}
+	member, _ := supplementaryMember(t)
+	port := testPort(t)
+	at := func(host string) string { return net.JoinHostPort(host, fmt.Sprint(port)) }
+	path, _ := stopConfig(t, tcpEcho(t), at("127.0.0.1"), "1s")
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = fmt.Fprintf(f, "[process]\nuser = %q\n", member)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Reloads read the file as the user: the test's directory and the one
+	// testing made for it are root's only.
+	for _, dir := range []string{filepath.Dir(path), filepath.Dir(filepath.Dir(path))} {
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run := startRun(t, "-config", path)
+	run.waitLog(t, "running unprivileged", 10*time.Second)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	moveAdmin(t, path, at("0.0.0.0"), "")
+	if code, res := postReload(t, at("127.0.0.1")); code != http.StatusOK || res.Error != "" {
+		t.Fatalf("reload moving admin.listen to 0.0.0.0: %d %q, want it applied", code, res.Error)
+	}
+	adminStatus(t, at("127.0.0.2"))
+}
