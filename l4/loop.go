@@ -209,6 +209,10 @@ func (l *eventLoop) run() {
 	}
 }
 
+// testHookBeforeTimers, set by tests only, runs on each loop just before
+// a round's due timers fire: a test makes a loop fall behind there.
+var testHookBeforeTimers atomic.Pointer[func(*eventLoop)]
+
 // postAbort asks the loop to close c, from any goroutine.
 func (l *eventLoop) postAbort(c *proxyConn) {
 	l.mu.Lock()
@@ -268,6 +272,9 @@ func (l *eventLoop) pollFD(uintptr) bool {
 		l.flushRound()
 		l.freeSlots = append(l.freeSlots, l.freedNow...)
 		l.freedNow = l.freedNow[:0]
+		if hook := testHookBeforeTimers.Load(); hook != nil {
+			(*hook)(l)
+		}
 		l.fireTimers()
 		l.retryAcceptors()
 		if n == len(l.events) || len(l.moreAccepts) > 0 {

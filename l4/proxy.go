@@ -448,6 +448,14 @@ func (c *proxyConn) onTimer() {
 	case stateHeader:
 		c.rejectClient(RejectProxyHeaderTimeout, errProxyTimeout)
 	case stateConnecting:
+		// A loop that fell behind (more ready events than one epoll_wait
+		// returns, or a thread starved of CPU) can reach this timer
+		// before the event that says the connect is done: a connect that
+		// is done is no timeout. poll's POLLERR and POLLHUP are epoll's.
+		if done := rawPollNow(c.backend, unix.POLLOUT); done != 0 {
+			c.connectDone(uint32(done))
+			return
+		}
 		c.connectFailed(errConnectTimeout)
 	case stateOpen:
 		timeout := c.idleTimeout

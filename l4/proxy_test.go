@@ -2,6 +2,7 @@ package l4
 
 import (
 	"bytes"
+	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -684,5 +685,46 @@ func TestFullClientTakesEveryByte(t *testing.T) {
 				t.Fatalf("byte %d of message %d is wrong", j, i)
 			}
 		}
+	}
+}
+
+// TestConnectDoneBeforeItsTimerIsNoTimeout: a loop that falls behind
+// (more ready events than one epoll_wait returns, or a thread starved of
+// CPU, as in a heavily loaded TestRoundStress) can reach a connect's
+// timer before the event that says the connect is done. The connect
+// succeeded: the client is served, and nothing counts as a failed dial.
+// The test makes the timer of a connect that is done due in the round
+// that started it, before the loop polls again.
+func TestConnectDoneBeforeItsTimerIsNoTimeout(t *testing.T) {
+	backend := startEcho(t)
+	addr, svc := startService(t, time.Minute, backend)
+	var forced atomic.Int32
+	hook := func(l *eventLoop) {
+		var done []*proxyConn
+		for _, c := range l.timers {
+			if c.svc == svc && c.state == stateConnecting && rawPollNow(c.backend, unix.POLLOUT) != 0 {
+				done = append(done, c)
+			}
+		}
+		for _, c := range done {
+			c.timerAt = l.now
+			heap.Fix(&l.timers, c.timerIndex)
+			forced.Add(1)
+		}
+	}
+	testHookBeforeTimers.Store(&hook)
+	defer testHookBeforeTimers.Store(nil)
+	// A loopback connect is usually done when connect(2) returns; when it
+	// is not, the event comes first and the client tries again.
+	for i := 0; i < 50 && forced.Load() == 0; i++ {
+		c := dialT(t, addr)
+		roundTrip(t, c, "hello "+strconv.Itoa(i))
+		c.Close()
+	}
+	if forced.Load() == 0 {
+		t.Fatal("no connect was done by the end of the round that started it: the case was never made")
+	}
+	if n := backendOf(svc, backend).dialFailed.Load(); n != 0 {
+		t.Errorf("%d failed dials counted for connects that succeeded", n)
 	}
 }

@@ -61,6 +61,18 @@ func rawYield() {
 	unix.RawSyscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
 }
 
+// rawPollNow returns the events among events that fd has ready now:
+// ppoll(2) with a zero timeout, which never waits.
+func rawPollNow(fd int, events int16) int16 {
+	pfd := unix.PollFd{Fd: int32(fd), Events: events}
+	var now unix.Timespec
+	n, _, errno := unix.RawSyscall6(unix.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1, uintptr(unsafe.Pointer(&now)), 0, 0, 0)
+	if errno != 0 || n == 0 {
+		return 0
+	}
+	return pfd.Revents
+}
+
 func rawShutdownWrite(fd int) {
 	unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), unix.SHUT_WR, 0)
 }
