@@ -512,3 +512,58 @@ func TestPlanLeavesBackupsOut(t *testing.T) {
 		}
 	}
 }
+
+// A connect in flight to the only primary when its checks mark it down
+// goes to the backup the route now holds, as nginx's next upstream does,
+// rather than closing the client for want of a next backend in the
+// primaries' route: under on_down = "close" (the connect completes after
+// the mark-down) and when the connect fails once the route has moved (the
+// primary's host gone: it times out).
+func TestConnectInFlightToFailedPrimaryReachesBackup(t *testing.T) {
+	for _, tt := range []struct {
+		name           string
+		onDown         config.OnDown
+		connectTimeout time.Duration
+		release        bool // the primary completes the connect after its mark-down
+	}{
+		{"on_down close, connect completes", config.OnDownClose, 10 * time.Second, true},
+		// Long enough for the route to move first, even on a loaded host.
+		{"connect times out", config.OnDownKeep, time.Second, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			primary := newSlowBackend(t) // its connects hang until released
+			backup := startEcho(t)
+			check := newRestartable(t)
+			cfg := checkedConfig(primary.addr, backup)
+			cfg.Backends[1].Backup = true
+			cfg.Health.Port = check.addr.Port()
+			cfg.Health.Interval = time.Hour // probed once, at the start
+			cfg.OnDown = tt.onDown
+			cfg.ConnectTimeout = tt.connectTimeout
+			addr, s := startService(t, time.Minute)
+			s.Update(cfg)
+			eventually(t, "both up, the primary routed", func() bool {
+				return isUp(s, backup)() && sameAddrs(routed(s), primary.addr)
+			})
+
+			c, err := net.Dial("tcp", addr.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			be := backendOf(s, primary.addr)
+			eventually(t, "the connect to the primary in flight", func() bool { return be.active.Load() == 1 })
+			if tr, changed := be.health.tracker.Force(health.Down, "marked down by the test"); changed {
+				s.health.transition(cfg, be, tr, true)
+			}
+			eventually(t, "the backup routed", func() bool { return sameAddrs(routed(s), backup) })
+			if tt.release {
+				primary.release(t)
+			}
+			roundTrip(t, c, "served by the backup")
+			if n := s.refused.Load(); n != 0 {
+				t.Errorf("%d clients refused", n)
+			}
+		})
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -47,8 +48,9 @@ type proxyConn struct {
 	target *Backend
 	// Dial progress, kept across the connects of one connection: the
 	// hash key, the backends tried, how many were dialed and how many were
-	// skipped for being full, and how many times a chosen backend was
-	// retired mid-dial.
+	// skipped for being full, and how many times the connection started
+	// over on a newer route (a chosen backend retired mid-dial, or every
+	// backend of its route tried: moveToCurrentRoute).
 	key       uint64
 	triedBuf  [8]int
 	tried     []int
@@ -159,7 +161,7 @@ func (c *proxyConn) startRoute() {
 
 // dialNext starts a connect to the key's next choice, skipping backends
 // that have their max_connections open, or ends the connection when no
-// backend is left to try.
+// backend is left to try, on its route or the one published since.
 func (c *proxyConn) dialNext() {
 	s, r := c.svc, c.route
 	c.state = stateConnecting
@@ -170,41 +172,47 @@ func (c *proxyConn) dialNext() {
 		c.finish(errAborted)
 		return
 	}
-	for c.dials < maxDialAttempts && len(c.tried) < len(r.backends) {
-		i := r.balancer.pick(c.key, c.tried)
-		if i < 0 {
-			break
-		}
-		c.tried = append(c.tried, i)
-		be := r.backends[i]
-		// The connection counts as the backend's from before the dial, so
-		// that a reload removing the backend mid-dial sees it and drains it
-		// (and least_conn sees connections still being set up). The same
-		// add reserves a max_connections slot, so that racing connects
-		// cannot overshoot it.
-		if n := be.active.Add(1); r.backendMax != nil && r.backendMax[i] > 0 && n > r.backendMax[i] {
+	for {
+		for c.dials < maxDialAttempts && len(c.tried) < len(r.backends) {
+			i := r.balancer.pick(c.key, c.tried)
+			if i < 0 {
+				break
+			}
+			c.tried = append(c.tried, i)
+			be := r.backends[i]
+			// The connection counts as the backend's from before the dial, so
+			// that a reload removing the backend mid-dial sees it and drains it
+			// (and least_conn sees connections still being set up). The same
+			// add reserves a max_connections slot, so that racing connects
+			// cannot overshoot it.
+			if n := be.active.Add(1); r.backendMax != nil && r.backendMax[i] > 0 && n > r.backendMax[i] {
+				be.active.Add(-1)
+				c.full++
+				continue
+			}
+			c.dials++
+			c.dialStart = monotonicNow()
+			fd, err := startConnect(be.addr)
+			if err == nil {
+				c.backendTag += 2
+				if err = c.loop.register(fd, c.slot, c.backendTag|1); err != nil {
+					rawClose(fd)
+				}
+			}
+			if err == nil {
+				c.backend, c.target = fd, be
+				c.loop.schedule(c, c.loop.now+int64(r.cfg.ConnectTimeout))
+				return
+			}
 			be.active.Add(-1)
-			c.full++
-			continue
-		}
-		c.dials++
-		c.dialStart = monotonicNow()
-		fd, err := startConnect(be.addr)
-		if err == nil {
-			c.backendTag += 2
-			if err = c.loop.register(fd, c.slot, c.backendTag|1); err != nil {
-				rawClose(fd)
+			if !c.dialFailed(be, err) {
+				return
 			}
 		}
-		if err == nil {
-			c.backend, c.target = fd, be
-			c.loop.schedule(c, c.loop.now+int64(r.cfg.ConnectTimeout))
-			return
+		if c.dials >= maxDialAttempts || !c.moveToCurrentRoute() {
+			break
 		}
-		be.active.Add(-1)
-		if !c.dialFailed(be, err) {
-			return
-		}
+		r = c.route
 	}
 	if c.dials == 0 && c.full > 0 {
 		s.countReject(c.peer.src, RejectBackendsFull, nil)
@@ -212,6 +220,32 @@ func (c *proxyConn) dialNext() {
 		s.refuse(c.peer.src, "every backend tried failed to connect")
 	}
 	c.finish(nil)
+}
+
+// moveToCurrentRoute carries a connection that has tried every backend
+// of its route over to the route published since, if there is one, with
+// the backends it tried counted as tried there too, and reports whether
+// it did. A health change may have brought backends that the first route
+// did not hold: the backups, once the only primary failed while the
+// client's connect to it was in flight (on_down = "close", or a connect
+// that timed out). Without this that client would be closed for want of
+// a next backend while the backup takes everyone after it. Bounded, with
+// the restarts after a retirement, by maxDialAttempts.
+func (c *proxyConn) moveToCurrentRoute() bool {
+	r := c.svc.route.Load()
+	if r == c.route || r.balancer == nil || c.restarts >= maxDialAttempts {
+		return false
+	}
+	tried := make([]int, 0, len(c.tried))
+	for _, i := range c.tried {
+		if j := slices.Index(r.backends, c.route.backends[i]); j >= 0 {
+			tried = append(tried, j)
+		}
+	}
+	c.restarts++
+	c.route, c.tried = r, tried
+	c.key = clientKey(c.peer.src, r.cfg.HashKey)
+	return true
 }
 
 // dialFailed accounts for a failed connect to be, whose descriptor and
