@@ -373,27 +373,12 @@ listen = %q
 	}
 }
 
-// /metrics says which backends are backups and whether a service routes
-// to them; the reload summary names a change of backup.
-func TestBackupMetricsAndReloadSummary(t *testing.T) {
-	primary, backup := startEcho(t), startEcho(t)
-	var listen = ownAddr("127.88.11.3:7000")
-	text := func(primaryWeight int, backupFlag bool) string {
-		return fmt.Sprintf(`[services.db]
-listen = %q
-  [[services.db.backends]]
-  address = %q
-  weight = %d
-  [[services.db.backends]]
-  address = %q
-  backup = %t
-`, listen, primary, primaryWeight, backup, backupFlag)
-	}
-	srv, logs := loggedServer(t, text(0, true))
-	t.Cleanup(srv.Shutdown)
+// metricsOf returns a function that gathers srv's gauges, keyed by name
+// and, for a backend's, {address}.
+func metricsOf(srv *Server) func(t *testing.T) map[string]float64 {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewMetrics(srv))
-	gauges := func() map[string]float64 {
+	return func(t *testing.T) map[string]float64 {
 		t.Helper()
 		families, err := reg.Gather()
 		if err != nil {
@@ -413,9 +398,30 @@ listen = %q
 		}
 		return out
 	}
+}
+
+// /metrics says which backends are backups and whether a service routes
+// to them; the reload summary names a change of backup.
+func TestBackupMetricsAndReloadSummary(t *testing.T) {
+	primary, backup := startEcho(t), startEcho(t)
+	var listen = ownAddr("127.88.11.3:7000")
+	text := func(primaryWeight int, backupFlag bool) string {
+		return fmt.Sprintf(`[services.db]
+listen = %q
+  [[services.db.backends]]
+  address = %q
+  weight = %d
+  [[services.db.backends]]
+  address = %q
+  backup = %t
+`, listen, primary, primaryWeight, backup, backupFlag)
+	}
+	srv, logs := loggedServer(t, text(0, true))
+	t.Cleanup(srv.Shutdown)
+	gauges := metricsOf(srv)
 	want := func(when string, routing, primaryBackup, backupBackup float64) {
 		t.Helper()
-		g := gauges()
+		g := gauges(t)
 		if g["l4lb_service_routing_to_backups"] != routing || g["l4lb_backend_backup{"+primary.String()+"}"] != primaryBackup ||
 			g["l4lb_backend_backup{"+backup.String()+"}"] != backupBackup {
 			t.Errorf("%s: routing_to_backups %v, backend_backup %v and %v; want %v, %v, %v", when,
@@ -565,5 +571,48 @@ func TestConnectInFlightToFailedPrimaryReachesBackup(t *testing.T) {
 				t.Errorf("%d clients refused", n)
 			}
 		})
+	}
+}
+
+// /metrics tells a healthy backup from a dead one while the primary
+// serves: backend_up is 0 for both (neither is in the route), so without
+// backend_healthy a standby that has died goes unseen until the failover
+// that needs it.
+func TestBackupHealthInMetrics(t *testing.T) {
+	primary, standby, dead := startEcho(t), startEcho(t), closedAddr(t)
+	var listen = ownAddr("127.88.11.4:7000")
+	srv, _ := loggedServer(t, fmt.Sprintf(`[services.db]
+listen = %q
+  [services.db.health]
+  kind = "tcp"
+  interval = "50ms"
+  timeout = "40ms"
+  fall = 1
+  [[services.db.backends]]
+  address = %q
+  [[services.db.backends]]
+  address = %q
+  backup = true
+  [[services.db.backends]]
+  address = %q
+  backup = true
+`, listen, primary, standby, dead))
+	t.Cleanup(srv.Shutdown)
+	svc := srv.Services()[0]
+	eventually(t, "the primary and the standby up, the dead backup down", func() bool {
+		return isUp(svc, primary)() && isUp(svc, standby)() && backendOf(svc, dead).health.tracker.State() == health.Down
+	})
+	g := metricsOf(srv)(t)
+	for _, tt := range []struct {
+		backend     netip.AddrPort
+		up, healthy float64
+	}{
+		{primary, 1, 1},
+		{standby, 0, 1},
+		{dead, 0, 0},
+	} {
+		if up, healthy := g["l4lb_backend_up{"+tt.backend.String()+"}"], g["l4lb_backend_healthy{"+tt.backend.String()+"}"]; up != tt.up || healthy != tt.healthy {
+			t.Errorf("%s: backend_up %v, backend_healthy %v; want %v, %v", tt.backend, up, healthy, tt.up, tt.healthy)
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/health"
 )
 
 // Metrics exports a Server's counters to Prometheus. It reads the same
@@ -16,14 +17,15 @@ import (
 type Metrics struct {
 	srv *Server
 
-	configVersion, configLoaded                      *prometheus.Desc
-	accepted, refused, proxyErrors                   *prometheus.Desc
-	active, total, failed, bytes, connectTime        *prometheus.Desc
-	weight, up, draining, drainingConns, transitions *prometheus.Desc
-	healthRebuilds, routingToBackups, backup         *prometheus.Desc
-	udpDatagrams, udpBytes, udpFlows, udpFlowEvents  *prometheus.Desc
-	udpDrops                                         *prometheus.Desc
-	rejected, openConns, maxConns                    *prometheus.Desc
+	configVersion, configLoaded                     *prometheus.Desc
+	accepted, refused, proxyErrors                  *prometheus.Desc
+	active, total, failed, bytes, connectTime       *prometheus.Desc
+	weight, up, healthy, draining, drainingConns    *prometheus.Desc
+	transitions, healthRebuilds, routingToBackups   *prometheus.Desc
+	backup                                          *prometheus.Desc
+	udpDatagrams, udpBytes, udpFlows, udpFlowEvents *prometheus.Desc
+	udpDrops                                        *prometheus.Desc
+	rejected, openConns, maxConns                   *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*Metrics)(nil)
@@ -49,6 +51,7 @@ func NewMetrics(srv *Server) *Metrics {
 		connectTime:      d("backend_connect_duration_seconds", "Time to connect to the backend, for successful connects.", be...),
 		weight:           d("backend_weight", "Configured weight; 0 for a removed backend that is still draining.", be...),
 		up:               d("backend_up", "1 when the backend takes new connections (weighted, healthy and in the routing table), else 0.", be...),
+		healthy:          d("backend_healthy", "1 when the backend passes its health checks (every backend, when the service has none), else 0: down, not probed yet, or removed. Unlike backend_up, 1 for a healthy backup that the primaries keep out of the routing table.", be...),
 		draining:         d("backend_draining", "1 while the backend drains (removed or weight 0, with connections open).", be...),
 		drainingConns:    d("draining_connections", "Open connections to draining backends.", svc...),
 		transitions:      d("backend_health_transitions_total", "Health state changes, by the state entered.", append(be, "to")...),
@@ -70,7 +73,7 @@ func NewMetrics(srv *Server) *Metrics {
 func (m *Metrics) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		m.configVersion, m.configLoaded, m.accepted, m.refused, m.proxyErrors, m.active, m.total, m.failed,
-		m.bytes, m.connectTime, m.weight, m.up, m.draining, m.drainingConns, m.transitions, m.healthRebuilds,
+		m.bytes, m.connectTime, m.weight, m.up, m.healthy, m.draining, m.drainingConns, m.transitions, m.healthRebuilds,
 		m.routingToBackups, m.backup,
 		m.udpDatagrams, m.udpBytes, m.udpFlows, m.udpFlowEvents, m.udpDrops, m.rejected, m.openConns, m.maxConns,
 	} {
@@ -118,6 +121,9 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 			gauge(m.weight, float64(b.Weight), name, addr)
 			gauge(m.backup, boolGauge(b.Backup), name, addr)
 			gauge(m.up, boolGauge(b.InRoute), name, addr)
+			// A removed backend is no longer probed: its last state would
+			// go stale.
+			gauge(m.healthy, boolGauge(b.Configured && b.Health.Status.State == health.Up), name, addr)
 			gauge(m.draining, boolGauge(b.Draining), name, addr)
 			if b.Draining || !b.Configured {
 				drainingConns += b.Active
