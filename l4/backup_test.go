@@ -20,51 +20,22 @@ import (
 // primary is usable. These tests run real services over loopback backends
 // judged by real health checks.
 
-// namedBackend is a loopback TCP backend that greets each connection with
-// its name and a newline, then echoes, so that a client knows who served
-// it; it can stop listening and listen again on the same port.
+// namedBackend is a restartable loopback TCP backend that greets each
+// connection with its name and a newline, then echoes, so that a client
+// knows who served it.
 type namedBackend struct {
-	t    *testing.T
+	*restartable
 	name string
-	addr netip.AddrPort
-	ln   net.Listener
 }
 
 func newNamedBackend(t *testing.T, name string) *namedBackend {
-	b := &namedBackend{t: t, name: name, addr: closedAddr(t)}
-	b.start()
-	t.Cleanup(b.stop)
-	return b
-}
-
-func (b *namedBackend) start() {
-	ln, err := net.Listen("tcp", b.addr.String())
-	if err != nil {
-		b.t.Fatal(err)
-	}
-	b.ln = ln
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				if _, err := fmt.Fprintf(c, "%s\n", b.name); err != nil {
-					c.Close() // a health probe, gone already
-					return
-				}
-				echo(c)
-			}()
+	return &namedBackend{name: name, restartable: newRestartableServing(t, func(c net.Conn) {
+		if _, err := fmt.Fprintf(c, "%s\n", name); err != nil {
+			c.Close() // a health probe, gone already
+			return
 		}
-	}()
-}
-
-func (b *namedBackend) stop() {
-	if b.ln != nil {
-		b.ln.Close()
-		b.ln = nil
-	}
+		echo(c)
+	})}
 }
 
 // dialNamed connects to a service of named backends and returns the name
@@ -282,55 +253,6 @@ func TestBackupAfterPassiveMarkDown(t *testing.T) {
 	if name, _ := dialNamed(t, addr); name != "b" {
 		t.Errorf("client with the primary down by passive detection served by %q, want the backup", name)
 	}
-}
-
-// A reload that swaps the primaries for new ones keeps new clients on the
-// previous primaries until the new ones' first checks answer, as without
-// backups: a healthy backup must not take them meanwhile.
-func TestReloadSwappingPrimariesKeepsBackupOut(t *testing.T) {
-	blue, backup := startEcho(t), startEcho(t)
-	// Green answers every connection, its probe's too, after 150 ms: no
-	// probe can pass before the client below connects.
-	green := startBackend(t, func(c net.Conn) {
-		time.Sleep(150 * time.Millisecond)
-		echo(c)
-	})
-	var listen = ownAddr("127.88.11.1:7000")
-	text := func(primary netip.AddrPort) string {
-		return fmt.Sprintf(`[services.db]
-listen = %q
-  [services.db.health]
-  kind = "tcp"
-  interval = "10s"
-  timeout = "2s"
-  [[services.db.backends]]
-  address = %q
-  [[services.db.backends]]
-  address = %q
-  backup = true
-`, listen, primary, backup)
-	}
-	srv, _ := loggedServer(t, text(blue))
-	t.Cleanup(srv.Shutdown)
-	svc := srv.Services()[0]
-	eventually(t, "backup up", isUp(svc, backup))
-	cfg, err := config.Parse([]byte(text(green)), "test.toml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := srv.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
-	c, err := net.Dial("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	roundTrip(t, c, "the first client after the swap")
-	if n := backendOf(svc, backup).total.Load(); n != 0 {
-		t.Errorf("the backup took %d clients while the new primary's first check was due", n)
-	}
-	eventually(t, "green routed alone", func() bool { return sameAddrs(routed(svc), green) })
 }
 
 // A fresh start waits for the primaries' first checks, not only for a

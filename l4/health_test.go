@@ -91,16 +91,25 @@ func closedAddr(t *testing.T) netip.AddrPort {
 	return ap
 }
 
-// restartable is a loopback echo backend that can stop listening and
-// listen again on the same port.
+// restartable is a loopback backend that can stop listening and listen
+// again on the same port; serve runs each connection.
 type restartable struct {
-	t    *testing.T
-	addr netip.AddrPort
-	ln   net.Listener
+	t     *testing.T
+	addr  netip.AddrPort
+	ln    net.Listener
+	serve func(net.Conn)
 }
 
+// newRestartable is a restartable echo backend.
 func newRestartable(t *testing.T) *restartable {
-	r := &restartable{t: t, addr: closedAddr(t)}
+	return newRestartableServing(t, func(c net.Conn) {
+		io.Copy(c, c)
+		c.Close()
+	})
+}
+
+func newRestartableServing(t *testing.T, serve func(net.Conn)) *restartable {
+	r := &restartable{t: t, addr: closedAddr(t), serve: serve}
 	r.start()
 	t.Cleanup(func() { r.stop() })
 	return r
@@ -118,10 +127,7 @@ func (r *restartable) start() {
 			if err != nil {
 				return
 			}
-			go func() {
-				io.Copy(c, c)
-				c.Close()
-			}()
+			go r.serve(c)
 		}
 	}()
 }
@@ -637,18 +643,30 @@ func applyAndDialOn(t *testing.T, srv *Server, cfg *config.Config, listen string
 // A reload that swaps a checked service's whole pool (blue for green)
 // keeps the blue backend taking new clients until green's first check
 // answers, then moves them to green: no client is turned away in between.
+// Swapping the primaries beside a healthy backup goes the same way: the
+// backup takes none of those clients.
 func TestReloadSwappingPoolKeepsServing(t *testing.T) {
-	blue := startEcho(t)
-	// Green answers every connection, its probe's too, after 150 ms: no
-	// probe can pass before the client below connects.
-	green := startBackend(t, func(c net.Conn) {
-		time.Sleep(150 * time.Millisecond)
-		echo(c)
-	})
-	// An address of this test's own in 127/8: no other test holds it.
-	var listen = ownAddr("127.88.7.1:7000")
-	text := func(backend netip.AddrPort) string {
-		return fmt.Sprintf(`[services.db]
+	for _, tt := range []struct {
+		name string
+		// listen is an address of this case's own in 127/8: no other test
+		// holds it.
+		listen     string
+		withBackup bool
+	}{
+		{"primaries only", "127.88.7.1:7000", false},
+		{"beside a backup", "127.88.11.1:7000", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			blue, backup := startEcho(t), startEcho(t)
+			// Green answers every connection, its probe's too, after 150 ms: no
+			// probe can pass before the client below connects.
+			green := startBackend(t, func(c net.Conn) {
+				time.Sleep(150 * time.Millisecond)
+				echo(c)
+			})
+			var listen = ownAddr(tt.listen)
+			text := func(primary netip.AddrPort) string {
+				s := fmt.Sprintf(`[services.db]
 listen = %q
   [services.db.health]
   kind = "tcp"
@@ -656,30 +674,42 @@ listen = %q
   timeout = "2s"
   [[services.db.backends]]
   address = %q
-`, listen, backend)
+`, listen, primary)
+				if tt.withBackup {
+					s += fmt.Sprintf("  [[services.db.backends]]\n  address = %q\n  backup = true\n", backup)
+				}
+				return s
+			}
+			srv, logs := loggedServer(t, text(blue))
+			t.Cleanup(srv.Shutdown)
+			svc := srv.Services()[0]
+			if tt.withBackup {
+				eventually(t, "backup up", isUp(svc, backup))
+			}
+			cfg, err := config.Parse([]byte(text(green)), "test.toml")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := srv.Apply(context.Background(), cfg); err != nil {
+				t.Fatal(err)
+			}
+			c, err := net.Dial("tcp", listen)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			roundTrip(t, c, "the first client after the swap")
+			if n := svc.refused.Load(); n != 0 {
+				t.Errorf("%d clients refused during the swap", n)
+			}
+			if be := backendOf(svc, backup); be != nil && be.total.Load() != 0 {
+				t.Errorf("the backup took %d clients while the new primary's first check was due", be.total.Load())
+			}
+			wantLog(t, logs, "the previous ones take new clients until the first checks answer")
+			eventually(t, "green routed alone", func() bool { return sameAddrs(routed(svc), green) })
+			eventually(t, "blue retired once idle", func() bool { return backendOf(svc, blue) == nil })
+		})
 	}
-	srv, logs := loggedServer(t, text(blue))
-	t.Cleanup(srv.Shutdown)
-	cfg, err := config.Parse([]byte(text(green)), "test.toml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := srv.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
-	c, err := net.Dial("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	roundTrip(t, c, "the first client after the swap")
-	if n := srv.Services()[0].refused.Load(); n != 0 {
-		t.Errorf("%d clients refused during the swap", n)
-	}
-	wantLog(t, logs, "the previous ones take new clients until the first checks answer")
-	svc := srv.Services()[0]
-	eventually(t, "green routed alone", func() bool { return sameAddrs(routed(svc), green) })
-	eventually(t, "blue retired once idle", func() bool { return backendOf(svc, blue) == nil })
 }
 
 // With panic_mode = "all" a fresh start still waits for the first checks,
