@@ -14,7 +14,9 @@ import (
 // primary while it is up; once its server is stopped and its checks mark
 // it down, new clients reach the backup; once it is started again and
 // back up, new clients reach the primary again, and a connection opened
-// on the backup meanwhile still works.
+// on the backup meanwhile still works. /metrics follows: which of them
+// takes new clients (backend_up), that both are healthy while the backup
+// waits, and whether the service routes to its backups.
 func TestBackupTakesOverFromPrimary(t *testing.T) {
 	const interval, timeout, rise, fall = 300 * time.Millisecond, 200 * time.Millisecond, 2, 3
 	top := newTopology(t, 1, 4, 2)
@@ -42,7 +44,7 @@ backup = true
 `, listen, tcpCheck(interval, timeout, rise, fall), primary, backup)
 	stopPrimary := serveBackend(t, primaryNS.NS, primaryNS.Name, primary, echo)
 	startBackend(t, backupNS.NS, backupNS.Name, backup, echo)
-	l := startLB(t, top.LB, conf)
+	l := startLB(t, top.LB, withAdmin(conf))
 	for _, a := range []netip.AddrPort{primary, backup} {
 		if _, _, err := waitLog(l.process, 0, 5*time.Second, transitionTo(a, "up")...); err != nil {
 			t.Fatal(err)
@@ -60,7 +62,27 @@ backup = true
 			}
 		}
 	}
+	// wantMetrics fails unless /metrics gives routing_to_backups and, for
+	// the primary and the backup, backend_up and backend_healthy.
+	wantMetrics := func(when string, routing float64, primaryUp, primaryHealthy, backupUp, backupHealthy float64) {
+		t.Helper()
+		families := parseMetrics(t, adminGet(t, top.LB, "/metrics"))
+		if got := metricValue(t, families, "l4lb_service_routing_to_backups", map[string]string{"service": "db"}); got != routing {
+			t.Errorf("%s: l4lb_service_routing_to_backups = %v, want %v", when, got, routing)
+		}
+		for _, b := range []struct {
+			addr        netip.AddrPort
+			up, healthy float64
+		}{{primary, primaryUp, primaryHealthy}, {backup, backupUp, backupHealthy}} {
+			labels := map[string]string{"service": "db", "backend": b.addr.String()}
+			up, healthy := metricValue(t, families, "l4lb_backend_up", labels), metricValue(t, families, "l4lb_backend_healthy", labels)
+			if up != b.up || healthy != b.healthy {
+				t.Errorf("%s: %s backend_up %v, backend_healthy %v; want %v, %v", when, b.addr, up, healthy, b.up, b.healthy)
+			}
+		}
+	}
 	everyClientReaches("primary up", primaryNS.Name)
+	wantMetrics("primary up", 0, 1, 1, 0, 1)
 
 	// A health change reaches the route within rebuildDelay (100 ms) of
 	// the transition; the route is published before the rebuild's line.
@@ -74,6 +96,7 @@ backup = true
 		t.Fatalf("primary stopped: %v", err)
 	}
 	everyClientReaches("primary stopped", backupNS.Name)
+	wantMetrics("primary stopped", 1, 0, 0, 1, 1)
 	onBackup, err := dialFrom(client.NS, client.Addrs4[0], listen)
 	if err != nil {
 		t.Fatal(err)
@@ -94,6 +117,7 @@ backup = true
 		t.Fatalf("primary started again: %v", err)
 	}
 	everyClientReaches("primary started again", primaryNS.Name)
+	wantMetrics("primary started again", 0, 1, 1, 0, 1)
 
 	const msg = "still served by the backup\n"
 	if _, err := io.WriteString(onBackup, msg); err != nil {
