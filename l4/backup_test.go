@@ -538,3 +538,34 @@ listen = %q
 		}
 	}
 }
+
+// A start whose primary's first probe times out (its host gone) after
+// the backup has answered serves from the backup at once, the primary
+// still unknown (fall > 1), and warns so then, not only once fall probes
+// have failed.
+func TestBackupStartOnBackupsWarns(t *testing.T) {
+	primary := newSlowBackend(t) // its connects hang: the probe times out
+	backup := startEcho(t)
+	var listen = ownAddr("127.88.11.5:7000")
+	srv, logs := loggedServer(t, fmt.Sprintf(`[services.db]
+listen = %q
+  [services.db.health]
+  kind = "tcp"
+  interval = "10s"
+  timeout = "300ms"
+  fall = 3
+  [[services.db.backends]]
+  address = %q
+  [[services.db.backends]]
+  address = %q
+  backup = true
+`, listen, primary.addr, backup))
+	t.Cleanup(srv.Shutdown)
+	if r := srv.Services()[0].route.Load(); !r.backups {
+		t.Fatalf("started on %v, want the backup", routed(srv.Services()[0]))
+	}
+	wantLog(t, logs, "no usable primary backend: routing to 1 backups")
+	if n := strings.Count(logs.String(), "no usable primary backend"); n != 1 {
+		t.Errorf("warned %d times, want once:\n%s", n, logs.String())
+	}
+}

@@ -183,10 +183,8 @@ func (h *serviceHealth) choose(cfg *config.Service, primaries, backups tier) (_ 
 	// (all in maintenance) has nothing to wait for.
 	primariesGone := onBackups && (len(primaries.down) == 0 ||
 		slices.ContainsFunc(primaries.down, func(sb standby) bool { return sb.be.health.tracker.Probed() }))
-	if primariesGone && !h.backupsLogged {
-		h.backupsLogged = true
-		h.log.Warn(fmt.Sprintf("no usable primary backend: routing to %d backups", len(members)), "service", cfg.Name,
-			"backups", len(members), "primaries_down", len(primaries.down))
+	if primariesGone {
+		h.warnOnBackups(cfg, len(members), len(primaries.down))
 	} else if h.backupsLogged && len(primaries.members) > 0 {
 		// Told only on the way back to primaries: the backups failing
 		// too is told by their transitions and the refusals (or panic).
@@ -194,6 +192,17 @@ func (h *serviceHealth) choose(cfg *config.Service, primaries, backups tier) (_ 
 		h.log.Info("primary backend usable again: routing to primaries", "service", cfg.Name, "primaries", len(primaries.members))
 	}
 	return backends, members, panicking, onBackups
+}
+
+// warnOnBackups warns that new connections go to the backups, once per
+// stay on them. The owner's lock is held.
+func (h *serviceHealth) warnOnBackups(cfg *config.Service, backups, primariesDown int) {
+	if h.backupsLogged {
+		return
+	}
+	h.backupsLogged = true
+	h.log.Warn(fmt.Sprintf("no usable primary backend: routing to %d backups", backups), "service", cfg.Name,
+		"backups", backups, "primaries_down", primariesDown)
 }
 
 // sync points the checker at cfg's backends. The owner's lock is held, so
@@ -524,6 +533,28 @@ func (s *Service) stopFirstChecksWait() {
 		s.firstChecksTimer = nil
 	}
 	s.firstChecksDue = time.Time{}
+}
+
+// startedOnBackups warns, as the service starts taking clients, that they
+// go to its backups, if choose held the warning back while a primary was
+// not probed yet: the start ends once every primary has answered, but a
+// first probe that fails (fall > 1) leaves its primary unknown and
+// rebuilds nothing, so no later choose would warn until fall probes
+// had failed.
+func (s *Service) startedOnBackups() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r := s.route.Load()
+	if !r.backups {
+		return
+	}
+	primariesDown := 0
+	for _, b := range s.cfg.Backends {
+		if !b.Backup && b.Weight > 0 {
+			primariesDown++
+		}
+	}
+	s.health.warnOnBackups(s.cfg, len(r.backends), primariesDown)
 }
 
 // judged reports whether the published route can take clients, or every

@@ -347,6 +347,7 @@ func (srv *Server) start(ctx context.Context, starting []startingService) {
 func (srv *Server) startNow(ss startingService, began time.Time) {
 	sc := ss.rs.cfg
 	ss.start()
+	ss.rs.svc.startedOnBackups()
 	args := []any{"service", sc.Name, "listen", sc.Listen, "protocol", sc.Protocol,
 		"balance", sc.Balance, "workers", sc.Workers}
 	if sc.Protocol == config.UDP {
