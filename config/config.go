@@ -108,6 +108,9 @@ type Service struct {
 	PassiveFall int
 	PanicMode   PanicMode
 	OnDown      OnDown
+	// OnFailback applies when the route moves from the backups back to
+	// the primaries (backup = true; l4/health.go).
+	OnFailback OnFailback
 	// Protect holds connection limits, access lists, half_close_timeout
 	// and the PROXY protocol settings (protect.go).
 	Protect

@@ -43,6 +43,19 @@ const (
 	OnDownClose OnDown = "close"
 )
 
+// OnFailback says what happens to the connections open on a service's
+// backups when its route moves from them back to its primaries.
+type OnFailback string
+
+const (
+	// OnFailbackKeep leaves them open, as HAProxy does by default.
+	OnFailbackKeep OnFailback = "keep"
+	// OnFailbackClose closes them, as HAProxy's on-marked-up
+	// shutdown-backup-sessions: clients of a database standby reconnect
+	// to the primary instead of writing to both.
+	OnFailbackClose OnFailback = "close"
+)
+
 // Health is the [services.NAME.health] table.
 type Health struct {
 	// Kind is HealthNone when the service has no health table.
@@ -79,6 +92,7 @@ type fileServiceHealth struct {
 	PassiveFall any            `toml:"passive_fall"`
 	PanicMode   any            `toml:"panic_mode"`
 	OnDown      any            `toml:"on_down"`
+	OnFailback  any            `toml:"on_failback"`
 	// health is Health decoded (validator.service), nil without a
 	// [health] table or with something other than a table there.
 	health *fileHealth
@@ -98,7 +112,7 @@ type fileHealth struct {
 }
 
 // serviceHealth fills the health settings of svc: its [health] table and
-// the passive_fall, panic_mode and on_down keys.
+// the passive_fall, panic_mode, on_down and on_failback keys.
 func (v *validator) serviceHealth(at string, f *fileService, svc *Service) {
 	svc.Health = v.health(at+".health", f.health)
 	if svc.Protocol == UDP && f.health != nil && f.health.Kind == nil {
@@ -117,6 +131,7 @@ func (v *validator) serviceHealth(at string, f *fileService, svc *Service) {
 	}
 	svc.PanicMode = PanicMode(v.enum(at+".panic_mode", f.PanicMode, string(DefaultPanicMode), "none", "all"))
 	svc.OnDown = OnDown(v.enum(at+".on_down", f.OnDown, string(DefaultOnDown), "keep", "close"))
+	svc.OnFailback = OnFailback(v.enum(at+".on_failback", f.OnFailback, string(DefaultOnFailback), "keep", "close"))
 	if svc.Protocol == UDP {
 		// Passive detection counts failed connects, and a UDP flow has
 		// none: the key would do nothing, and the default is off.

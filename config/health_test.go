@@ -15,6 +15,7 @@ address = "10.0.0.1:1000"
 [services.tcp]
 listen = "127.0.0.1:1001"
 on_down = "close"
+on_failback = "close"
 panic_mode = "all"
 [services.tcp.health]
 [[services.tcp.backends]]
@@ -62,30 +63,31 @@ address = "10.0.0.1:53"
 		passiveFall int
 		panicMode   PanicMode
 		onDown      OnDown
+		onFailback  OnFailback
 	}{
 		// No [health] table: no probes, and so no passive detection.
-		{"none", Health{Kind: HealthNone}, 0, PanicNone, OnDownKeep},
+		{"none", Health{Kind: HealthNone}, 0, PanicNone, OnDownKeep, OnFailbackKeep},
 		// An empty [health] table: a TCP connect with every default.
 		{"tcp", Health{Kind: HealthTCP, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise, Fall: DefaultHealthFall},
-			DefaultPassiveFall, PanicAll, OnDownClose},
+			DefaultPassiveFall, PanicAll, OnDownClose, OnFailbackClose},
 		// The timeout defaults to the interval when that is shorter.
 		{"redis", Health{Kind: HealthSendExpect, Interval: 500 * time.Millisecond, Timeout: 500 * time.Millisecond, Rise: 1, Fall: 5,
-			Send: "PING\r\n", Expect: "+PONG", Port: 6380}, 0, PanicNone, OnDownKeep},
+			Send: "PING\r\n", Expect: "+PONG", Port: 6380}, 0, PanicNone, OnDownKeep, OnFailbackKeep},
 		{"ssh", Health{Kind: HealthSendExpect, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise,
-			Fall: DefaultHealthFall, ExpectRegex: `^SSH-2\.0-`}, DefaultPassiveFall, PanicNone, OnDownKeep},
+			Fall: DefaultHealthFall, ExpectRegex: `^SSH-2\.0-`}, DefaultPassiveFall, PanicNone, OnDownKeep, OnFailbackKeep},
 		// Over UDP, send_expect must send something (see TestParseErrors),
 		// and passive detection is off: nothing would feed it.
 		{"dns", Health{Kind: HealthSendExpect, Interval: DefaultHealthInterval, Timeout: DefaultHealthTimeout, Rise: DefaultHealthRise,
-			Fall: DefaultHealthFall, Send: "ping", Expect: "pong"}, 0, PanicNone, OnDownKeep},
+			Fall: DefaultHealthFall, Send: "ping", Expect: "pong"}, 0, PanicNone, OnDownKeep, OnFailbackKeep},
 	}
 	for _, tt := range tests {
 		svc := cfg.Service(tt.service)
 		if svc.Health != tt.health {
 			t.Errorf("%s: health\n%+v\nwant\n%+v", tt.service, svc.Health, tt.health)
 		}
-		if svc.PassiveFall != tt.passiveFall || svc.PanicMode != tt.panicMode || svc.OnDown != tt.onDown {
-			t.Errorf("%s: passive_fall %d panic_mode %q on_down %q; want %d %q %q", tt.service,
-				svc.PassiveFall, svc.PanicMode, svc.OnDown, tt.passiveFall, tt.panicMode, tt.onDown)
+		if svc.PassiveFall != tt.passiveFall || svc.PanicMode != tt.panicMode || svc.OnDown != tt.onDown || svc.OnFailback != tt.onFailback {
+			t.Errorf("%s: passive_fall %d panic_mode %q on_down %q on_failback %q; want %d %q %q %q", tt.service,
+				svc.PassiveFall, svc.PanicMode, svc.OnDown, svc.OnFailback, tt.passiveFall, tt.panicMode, tt.onDown, tt.onFailback)
 		}
 	}
 }

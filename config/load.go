@@ -54,6 +54,7 @@ const (
 	DefaultPassiveFall    = 3
 	DefaultPanicMode      = PanicNone
 	DefaultOnDown         = OnDownKeep
+	DefaultOnFailback     = OnFailbackKeep
 
 	// MaxWeight bounds weights so that round-robin sequences and Maglev
 	// credit arithmetic stay small; 0..1000 gives operators three digits of

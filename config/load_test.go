@@ -242,6 +242,8 @@ func TestParseErrors(t *testing.T) {
 		{"passive_fall range", svc("passive_fall = -1") + "[services.pg.health]\n", []string{"services.pg.passive_fall: -1 is out of range [0, 100]"}},
 		{"bad panic_mode", svc("panic_mode = \"some\""), []string{"services.pg.panic_mode: \"some\" is not one of none, all"}},
 		{"bad on_down", svc("on_down = \"drain\""), []string{"services.pg.on_down: \"drain\" is not one of keep, close"}},
+		{"bad on_failback", svc("on_failback = \"shutdown-backup-sessions\""), []string{"services.pg.on_failback: \"shutdown-backup-sessions\" is not one of keep, close"}},
+		{"on_failback type", svc("on_failback = true"), []string{"services.pg.on_failback: want a string, got a boolean"}},
 		// Protection (protect.go).
 		{"max_connections range", svc("max_connections = -1"), []string{"services.pg.max_connections: -1 is out of range [0, 16777216]"}},
 		{"max_connections type", svc("max_connections = \"100\""), []string{"services.pg.max_connections: want an integer, got a string"}},
@@ -537,12 +539,13 @@ backends = [{ address = "10.0.0.1:53" }, { address = "10.0.0.2:53", backup = tru
 	}
 }
 
-// The backup problems are reported with the file's other problems, each
-// under its own key, in one run.
+// The backup and on_failback problems are reported with the file's other
+// problems, each under its own key, in one run.
 func TestParseBackupProblemsWithOthers(t *testing.T) {
 	const file = `
 [services.pg]
 listen = "127.0.0.1:5432"
+on_failback = "drain"
   [[services.pg.backends]]
   address = "10.0.0.1:5432"
   backup = true
@@ -566,12 +569,12 @@ listen = "127.0.0.1:80"
 	for _, p := range errs.Problems {
 		keys[p.Key] = true
 	}
-	for _, k := range []string{"services.pg.backends", "services.pg.backends[1].weight", "services.web.backends[0].backup"} {
+	for _, k := range []string{"services.pg.backends", "services.pg.backends[1].weight", "services.pg.on_failback", "services.web.backends[0].backup"} {
 		if !keys[k] {
 			t.Errorf("no problem under %s; got:\n%v", k, err)
 		}
 	}
-	if len(errs.Problems) != 3 {
-		t.Errorf("want 3 problems, got:\n%v", err)
+	if len(errs.Problems) != 4 {
+		t.Errorf("want 4 problems, got:\n%v", err)
 	}
 }

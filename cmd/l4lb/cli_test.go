@@ -29,12 +29,17 @@ func TestSubcommandArguments(t *testing.T) {
 	if err := os.WriteFile(nobody, []byte("[process]\nuser = \"no-such-user-l4lb\"\n[services.db]\nlisten = \"127.0.0.1:5432\"\n[[services.db.backends]]\naddress = \"10.0.0.1:5432\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	badFailback := filepath.Join(t.TempDir(), "failback.toml")
+	if err := os.WriteFile(badFailback, []byte("[services.db]\nlisten = \"127.0.0.1:5432\"\non_failback = \"always\"\n[[services.db.backends]]\naddress = \"10.0.0.1:5432\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for _, c := range []struct {
 		args     []string
 		code     int
 		inOutput string
 	}{
 		{[]string{"check", good}, 0, "ok (1 services)"},
+		{[]string{"check", badFailback}, 1, `services.db.on_failback: "always" is not one of keep, close`},
 		{[]string{"check", "-config", good}, 0, "ok (1 services)"},
 		{[]string{"check", "-config", good, good}, 2, "give the file once"},
 		{[]string{"check", good, "extra"}, 2, `unexpected argument "extra"`},
