@@ -194,6 +194,48 @@ func (h *serviceHealth) choose(cfg *config.Service, primaries, backups tier) (_ 
 	return backends, members, panicking, onBackups
 }
 
+// failedBack reports whether next moves new connections from the backups
+// back to the primaries: prev, or the last route with a balancer before
+// it, was on the backups. A route out of panic mode is no failback, even
+// when the panic routed to backups too: they served then as every other
+// backend did, not as the standby of a failed primary.
+func failedBack(prev, next *route) bool {
+	return prev != nil && prev.backupsLast && next.balancer != nil && !next.backups && !next.panicking
+}
+
+// closeBackupsLocked closes, under on_failback = "close", the connections
+// open on the backups once next routes to the primaries again: clients of
+// a database standby must reconnect to the primary rather than go on
+// writing to the standby beside them. The backups are cfg's weighted
+// ones, and those prev routed to that next does not (removed or set to
+// weight 0 by the reload that brought the primaries back; their drain
+// would leave them writing for drain_timeout). A backup at weight 0
+// before the failback drains as it was. Called after next is published,
+// as rebuildForHealth closes a backend marked down: no new connection
+// reaches the backups meanwhile. s.mu is held.
+func (s *Service) closeBackupsLocked(cfg *config.Service, prev, next *route) {
+	var backups []*Backend
+	for _, b := range cfg.Backends {
+		if b.Backup && b.Weight > 0 {
+			backups = append(backups, s.backends[b.Address])
+		}
+	}
+	for _, be := range prev.backends {
+		if !slices.Contains(next.backends, be) && !slices.Contains(backups, be) {
+			backups = append(backups, be)
+		}
+	}
+	var open int64
+	for _, be := range backups {
+		open += be.active.Load()
+		be.closeConns()
+	}
+	if open > 0 {
+		s.log.Info(fmt.Sprintf("failback: closing %d connections on backups", open), "service", cfg.Name,
+			"connections", open, "on_failback", string(cfg.OnFailback))
+	}
+}
+
 // warnOnBackups warns that new connections go to the backups, once per
 // stay on them. The owner's lock is held.
 func (h *serviceHealth) warnOnBackups(cfg *config.Service, backups, primariesDown int) {

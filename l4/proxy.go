@@ -76,7 +76,7 @@ type proxyConn struct {
 	timerIndex int
 
 	// forced is set when l4lb itself cut the connection (a drain deadline,
-	// shutdown, a backend marked down), for the connection log.
+	// shutdown, a backend marked down, a failback), for the connection log.
 	forced atomic.Bool
 
 	// Links in target.conns, guarded by target.mu; before that, while
@@ -326,18 +326,16 @@ func (c *proxyConn) connected() {
 		c.dialNext()
 		return
 	}
+	if cur := c.svc.route.Load(); cur.cfg.OnFailback == config.OnFailbackClose && failedBack(r, cur) {
+		// The route moved from the backups back to the primaries while
+		// this connect to a backup was in flight: the failback closed
+		// the backups' connections before this one was among them.
+		c.startOver("every backend chosen was a backup left by a failback while connecting")
+		return
+	}
 	if !be.track(c) {
-		// A reload retired the backend while its connect was in flight;
-		// the client has sent nothing through yet, so the connection
-		// starts over on the current route rather than being cut.
-		c.dropBackend()
-		c.restarts++
-		if c.restarts > maxDialAttempts {
-			c.svc.refuse(c.peer.src, "every backend chosen was removed while connecting")
-			c.finish(nil)
-			return
-		}
-		c.startRoute()
+		// A reload retired the backend while its connect was in flight.
+		c.startOver("every backend chosen was removed while connecting")
 		return
 	}
 	c.state = stateOpen
@@ -347,6 +345,21 @@ func (c *proxyConn) connected() {
 	c.up.moved, c.down.moved = &be.bytesToBack, &be.bytesToCli
 	c.loop.schedule(c, c.loop.now+int64(c.idleTimeout))
 	c.pump()
+}
+
+// startOver drops the backend a connect has just reached and starts the
+// connection over on the current route rather than cutting it: the client
+// has sent nothing through yet. reason is for the refusal once it has
+// started over maxDialAttempts times.
+func (c *proxyConn) startOver(reason string) {
+	c.dropBackend()
+	c.restarts++
+	if c.restarts > maxDialAttempts {
+		c.svc.refuse(c.peer.src, reason)
+		c.finish(nil)
+		return
+	}
+	c.startRoute()
 }
 
 // closedWhileConnecting reports whether be went down under on_down =
@@ -652,7 +665,7 @@ func (c *proxyConn) logClose(err error) {
 func closeReason(c *proxyConn, err error) string {
 	switch {
 	case c.forced.Load():
-		return "closed by l4lb (drain, shutdown or backend down)"
+		return "closed by l4lb (drain, shutdown, backend down or failback)"
 	case errors.Is(err, errIdle) && c.halfClosed:
 		return "half-close timeout"
 	case errors.Is(err, errIdle):

@@ -728,7 +728,7 @@ func describeServiceChange(prev, sc *config.Service) string {
 		parts = append(parts, "settings")
 	}
 	if prev.Health != sc.Health || prev.PassiveFall != sc.PassiveFall ||
-		prev.PanicMode != sc.PanicMode || prev.OnDown != sc.OnDown {
+		prev.PanicMode != sc.PanicMode || prev.OnDown != sc.OnDown || prev.OnFailback != sc.OnFailback {
 		parts = append(parts, "health")
 	}
 	if prev.MaxFlows != sc.MaxFlows {

@@ -78,6 +78,7 @@ listen = "127.0.0.1:5432"
 	for _, tc := range []struct{ settings, backend, want string }{
 		{settings: `panic_mode = "all"`, want: "health"},
 		{settings: `on_down = "close"`, want: "health"},
+		{settings: `on_failback = "close"`, want: "health"},
 		{backend: "  max_connections = 10\n", want: "~10.0.0.1:5432 max_connections 0→10"},
 	} {
 		if got := describeChange(old, parse(tc.settings, tc.backend)); !strings.Contains(got, tc.want) {

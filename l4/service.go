@@ -32,6 +32,12 @@ type route struct {
 	// backups: no primary is usable, and backends holds the usable
 	// backups.
 	backups bool
+	// backupsLast: the last route that had a balancer was on the backups:
+	// this one, or the ones since had none (every backend down, no
+	// panic). The primaries coming back after it is a failback
+	// (on_failback), even when the backups went down in between: under
+	// on_down = "keep" their clients are still there.
+	backupsLast bool
 	// acl and trusted are cfg's allow/deny and trusted_proxies (acl.go).
 	acl     accessList
 	trusted []netip.Prefix
@@ -132,6 +138,7 @@ func (s *Service) Update(cfg *config.Service) {
 // stops drains to match. s.mu must be held.
 func (s *Service) rebuildLocked() {
 	cfg := s.cfg
+	prev := s.route.Load()
 	r := &route{cfg: cfg,
 		acl: accessList{allow: cfg.Allow, deny: cfg.Deny}, trusted: cfg.TrustedProxies}
 	// Weighted backends by tier: a backup serves only while no primary
@@ -192,9 +199,13 @@ func (s *Service) rebuildLocked() {
 	if len(members) > 0 {
 		r.balancer = newBalancer(cfg.Balance, members)
 	}
+	r.backupsLast = r.backups || (r.balancer == nil && prev != nil && prev.backupsLast)
 	removed := s.backends
 	s.backends = kept
 	s.route.Store(r)
+	if cfg.OnFailback == config.OnFailbackClose && failedBack(prev, r) {
+		s.closeBackupsLocked(cfg, prev, r)
+	}
 	for _, be := range unweighted {
 		if be.drainTimer == nil {
 			// Nothing to drain: refuse now, after the swap, so that a
