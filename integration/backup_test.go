@@ -2,9 +2,11 @@ package integration
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 )
@@ -16,8 +18,16 @@ import (
 // back up, new clients reach the primary again, and a connection opened
 // on the backup meanwhile still works. /metrics follows: which of them
 // takes new clients (backend_up), that both are healthy while the backup
-// waits, and whether the service routes to its backups.
+// waits, and whether the service routes to its backups. With
+// on_failback = "close" that connection is closed instead once the
+// primary is back.
 func TestBackupTakesOverFromPrimary(t *testing.T) {
+	for _, onFailback := range []string{"keep", "close"} {
+		t.Run(onFailback, func(t *testing.T) { backupTakesOverFromPrimary(t, onFailback) })
+	}
+}
+
+func backupTakesOverFromPrimary(t *testing.T, onFailback string) {
 	const interval, timeout, rise, fall = 300 * time.Millisecond, 200 * time.Millisecond, 2, 3
 	top := newTopology(t, 1, 4, 2)
 	primaryNS, backupNS := top.Backends[0], top.Backends[1]
@@ -34,6 +44,7 @@ workers = 2
 connect_timeout = "1s"
 idle_timeout = "1m"
 drain_timeout = "2s"
+on_failback = %q
 [services.db.health]
 %s
 [[services.db.backends]]
@@ -41,7 +52,7 @@ address = %q
 [[services.db.backends]]
 address = %q
 backup = true
-`, listen, tcpCheck(interval, timeout, rise, fall), primary, backup)
+`, listen, onFailback, tcpCheck(interval, timeout, rise, fall), primary, backup)
 	stopPrimary := serveBackend(t, primaryNS.NS, primaryNS.Name, primary, echo)
 	startBackend(t, backupNS.NS, backupNS.Name, backup, echo)
 	l := startLB(t, top.LB, withAdmin(conf))
@@ -119,6 +130,15 @@ backup = true
 	everyClientReaches("primary started again", primaryNS.Name)
 	wantMetrics("primary started again", 0, 1, 1, 0, 1)
 
+	if onFailback == "close" {
+		if _, _, err := waitLog(l.process, mark, healthSlack, "failback: closing 1 connections on backups", "service=db"); err != nil {
+			t.Fatalf("primary started again: %v", err)
+		}
+		if line, err := br.ReadString('\n'); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("the connection to the backup read %q, %v once the primary was back; want it closed (on_failback = \"close\")", line, err)
+		}
+		return
+	}
 	const msg = "still served by the backup\n"
 	if _, err := io.WriteString(onBackup, msg); err != nil {
 		t.Fatalf("write on the connection to the backup once the primary was back: %v", err)
