@@ -107,6 +107,11 @@ type eventLoop struct {
 	touched      []*proxyConn
 	arena        []byte
 	arenaUsed    int
+	// resetting are sockets of ended connections that wait for their
+	// peers to take what l4lb passed on before the reset that follows
+	// (closeWithReset); resetCheck is when they are looked at next.
+	resetting  []pendingReset
+	resetCheck int64
 	// header is the buffer PROXY headers are peeked into.
 	header [proxyHeaderMax]byte
 	poll   func(fd uintptr) bool
@@ -276,6 +281,7 @@ func (l *eventLoop) pollFD(uintptr) bool {
 			(*hook)(l)
 		}
 		l.fireTimers()
+		l.resetSent()
 		l.retryAcceptors()
 		if n == len(l.events) || len(l.moreAccepts) > 0 {
 			continue // more may be waiting
@@ -414,6 +420,9 @@ func (l *eventLoop) armTimer() {
 	if len(l.timers) > 0 && (next == 0 || l.timers[0].timerAt < next) {
 		next = l.timers[0].timerAt
 	}
+	if len(l.resetting) > 0 && (next == 0 || l.resetCheck < next) {
+		next = l.resetCheck
+	}
 	if next == l.armed {
 		return
 	}
@@ -423,6 +432,67 @@ func (l *eventLoop) armTimer() {
 		return
 	}
 	l.file.SetReadDeadline(clockStart.Add(time.Duration(next)))
+}
+
+// pendingReset is a socket that closeWithReset keeps open until its peer
+// has taken what the socket still has to send.
+type pendingReset struct {
+	fd int
+	// queued is what the send queue held when last looked at, progress
+	// when it last shrank; giveUp is how long it may stay the same.
+	queued, progress, giveUp int64
+}
+
+// resetRecheck is how often a socket waiting to be reset looks at its
+// send queue: the kernel says nothing when it empties (EPOLLOUT comes
+// only after a full buffer), and only connections that ended in an error
+// with bytes still on their way wait at all.
+const resetRecheck = 10 * time.Millisecond
+
+// closeWithReset closes fd with a reset. A reset discards what the
+// socket has still to send: the end of what l4lb passed on before the
+// failure, which the peer would lose although its sender saw it taken. So
+// with afterSent, a socket whose send queue is not empty leaves the epoll
+// set (its connection's slot will serve another) and stays open until the
+// queue empties, or has not shrunk for giveUp, and is reset then.
+func (l *eventLoop) closeWithReset(fd int, afterSent bool, giveUp time.Duration) {
+	if afterSent {
+		if queued := sendQueued(fd); queued > 0 {
+			var ev unix.EpollEvent
+			rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, &ev)
+			if len(l.resetting) == 0 {
+				l.resetCheck = l.now + int64(resetRecheck)
+			}
+			l.resetting = append(l.resetting, pendingReset{fd: fd, queued: queued, progress: l.now, giveUp: int64(giveUp)})
+			return
+		}
+	}
+	rawResetOnClose(fd)
+	rawClose(fd)
+}
+
+// resetSent resets the waiting sockets whose peers took everything, or
+// stopped taking anything; on the loop.
+func (l *eventLoop) resetSent() {
+	if len(l.resetting) == 0 || l.resetCheck > l.now {
+		return
+	}
+	kept := l.resetting[:0]
+	for _, r := range l.resetting {
+		if queued := sendQueued(r.fd); queued > 0 {
+			if queued < r.queued {
+				r.queued, r.progress = queued, l.now
+			}
+			if l.now-r.progress < r.giveUp {
+				kept = append(kept, r)
+				continue
+			}
+		}
+		rawResetOnClose(r.fd)
+		rawClose(r.fd)
+	}
+	l.resetting = kept
+	l.resetCheck = l.now + int64(resetRecheck)
 }
 
 // timerHeap is a min-heap of connections by timerAt.

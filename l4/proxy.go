@@ -619,21 +619,26 @@ func (c *proxyConn) finish(err error) {
 		c.peer.headerDue = false
 	}
 	l.unschedule(c)
-	if errors.Is(err, errIdle) && c.halfClosed {
-		// The half-close timeout: the peer still sending is gone or stuck.
-		// A reset frees both sockets at once; a FIN would leave ours in
-		// FIN_WAIT2 for tcp_fin_timeout waiting on that same peer.
-		rawResetOnClose(c.client)
-		rawResetOnClose(c.backend)
-	}
 	c.up.release(l.pipes)
 	c.down.release(l.pipes)
-	rawClose(c.client)
-	if opened {
+	switch {
+	case !opened:
+		rawClose(c.client)
+		if c.backend >= 0 {
+			c.dropBackend()
+		}
+	case closesWithReset(err, c.halfClosed):
+		// At the half-close timeout the peer still sending is gone or
+		// stuck: nothing is worth waiting for.
+		afterSent := !errors.Is(err, errIdle)
+		l.closeWithReset(c.client, afterSent, c.idleTimeout)
+		l.closeWithReset(c.backend, afterSent, c.idleTimeout)
+	default:
+		rawClose(c.client)
 		rawClose(c.backend)
+	}
+	if opened {
 		c.target.untrack(c)
-	} else if c.backend >= 0 {
-		c.dropBackend()
 	}
 	l.releaseSlot(c.slot)
 	s.releaseLease(c.peer.lease)
@@ -642,6 +647,29 @@ func (c *proxyConn) finish(err error) {
 		c.logClose(err)
 	}
 	s.handlers.Done()
+}
+
+// closesWithReset reports whether an open connection that ends with err
+// closes both sockets with a reset instead of a FIN:
+//   - after a failed read or write (a peer reset, a broken ring): the
+//     stream was cut, and a FIN would tell the other peer it ended whole,
+//     so that a client takes a truncated reply, or a backend a truncated
+//     upload, for all of it. Envoy's tcp_proxy passes an upstream reset on
+//     the same way.
+//   - at the half-close timeout: the peer still sending is gone or stuck,
+//     and a FIN would leave our socket in FIN_WAIT2 for tcp_fin_timeout
+//     waiting on that same peer.
+//
+// Peers that closed (nil), a plain idle timeout and l4lb's own cuts
+// (errAborted) get a FIN, as before.
+func closesWithReset(err error, halfClosed bool) bool {
+	switch {
+	case err == nil, errors.Is(err, errAborted):
+		return false
+	case errors.Is(err, errIdle):
+		return halfClosed
+	}
+	return true
 }
 
 func (c *proxyConn) logClose(err error) {

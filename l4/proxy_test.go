@@ -728,3 +728,108 @@ func TestConnectDoneBeforeItsTimerIsNoTimeout(t *testing.T) {
 		t.Errorf("%d failed dials counted for connects that succeeded", n)
 	}
 }
+
+// TestResetPassesThrough: a peer that resets its connection mid-stream
+// (SO_LINGER 0) must reach the other peer as a reset, in read/write mode
+// (a short message) and once the direction splices (bulk). Passed on as a
+// FIN, the cut stream looks complete: a client would take a truncated
+// reply, a backend a truncated upload, for the whole of it.
+func TestResetPassesThrough(t *testing.T) {
+	for _, size := range []int{100, 300_000} {
+		t.Run("backend resets after "+strconv.Itoa(size), func(t *testing.T) {
+			delivered := make(chan struct{})
+			backend := startBackend(t, func(c net.Conn) {
+				c.Write(bytes.Repeat([]byte("b"), size))
+				<-delivered
+				c.(*net.TCPConn).SetLinger(0)
+				c.Close()
+			})
+			addr, _ := startService(t, time.Minute, backend)
+			c := dialT(t, addr)
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(c, make([]byte, size)); err != nil {
+				t.Fatal(err)
+			}
+			close(delivered)
+			n, err := c.Read(make([]byte, 1))
+			if !errors.Is(err, unix.ECONNRESET) {
+				t.Fatalf("after the backend's reset the client read %d bytes, then %v; want a reset", n, err)
+			}
+		})
+		t.Run("client resets after "+strconv.Itoa(size), func(t *testing.T) {
+			delivered := make(chan struct{})
+			backendRead := make(chan error, 1)
+			backend := startBackend(t, func(c net.Conn) {
+				defer c.Close()
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if _, err := io.ReadFull(c, make([]byte, size)); err != nil {
+					backendRead <- err
+					return
+				}
+				close(delivered)
+				_, err := c.Read(make([]byte, 1))
+				backendRead <- err
+			})
+			addr, _ := startService(t, time.Minute, backend)
+			c := dialT(t, addr)
+			if _, err := c.Write(bytes.Repeat([]byte("c"), size)); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-delivered:
+			case err := <-backendRead:
+				t.Fatalf("backend reading the upload: %v", err)
+			}
+			c.(*net.TCPConn).SetLinger(0)
+			c.Close()
+			if err := <-backendRead; !errors.Is(err, unix.ECONNRESET) {
+				t.Fatalf("after the client's reset the backend read %v; want a reset", err)
+			}
+		})
+	}
+}
+
+// TestResetComesAfterTheBytesBeforeIt: a backend resets once l4lb has
+// taken everything it sent, while the client has not read it yet. A reset
+// discards what a socket still has to send, so passed on at once it would
+// cut off the end of those bytes; the client must read every one, then the
+// reset.
+func TestResetComesAfterTheBytesBeforeIt(t *testing.T) {
+	const size = 1 << 20
+	reset := make(chan error, 1)
+	backend := startBackend(t, func(c net.Conn) {
+		if _, err := c.Write(bytes.Repeat([]byte("b"), size)); err != nil {
+			reset <- err
+			return
+		}
+		rc, err := c.(*net.TCPConn).SyscallConn()
+		if err != nil {
+			reset <- err
+			return
+		}
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+			queued := -1
+			rc.Control(func(fd uintptr) { queued = int(sendQueued(int(fd))) })
+			if queued == 0 {
+				break // l4lb's kernel acknowledged every byte
+			}
+			if time.Now().After(deadline) {
+				reset <- fmt.Errorf("l4lb took all but %d of %d bytes in 5 s", queued, size)
+				return
+			}
+		}
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+		reset <- nil
+	})
+	addr, _ := startService(t, time.Minute, backend)
+	c := dialT(t, addr)
+	if err := <-reset; err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(c)
+	if len(got) != size || !errors.Is(err, unix.ECONNRESET) {
+		t.Fatalf("the client read %d of the %d bytes the backend sent before its reset, then %v; want all of them, then the reset", len(got), size, err)
+	}
+}
