@@ -80,21 +80,68 @@ func (d *direction) release(pipes *pipePool) {
 // pump moves what the sockets' readiness allows, both ways, and closes the
 // connection when both directions are done or one fails.
 func (c *proxyConn) pump() {
-	err := c.move(&c.up, &c.down, c.client, c.backend, &c.cl, &c.be)
-	if err == nil {
-		err = c.move(&c.down, &c.up, c.backend, c.client, &c.be, &c.cl)
+	for {
+		failed := c.writeErr
+		err := c.move(&c.up, &c.down, c.client, c.backend, &c.cl, &c.be)
+		if err == nil {
+			err = c.move(&c.down, &c.up, c.backend, c.client, &c.be, &c.cl)
+		}
+		if err != nil {
+			c.finish(err)
+			return
+		}
+		if c.writeErr == failed {
+			break
+		}
+		// A write failed in this pass: the other direction has a socket
+		// to read to its end now (writeFailed), and if it had its turn
+		// before, the events that said so may be spent.
 	}
-	switch {
-	case err != nil:
-		c.finish(err)
-	case c.up.shut && c.down.shut:
-		c.finish(nil)
+	if c.up.shut && c.down.shut {
+		c.finish(c.writeErr)
 	}
 }
 
 // move runs direction d from src to dst until it has to wait for one of
 // them (a flag in sf or df turns false), reaches EOF, or fails.
 func (c *proxyConn) move(d, other *direction, src, dst int, sf, df *sockFlags) error {
+	err := c.moveUntilWait(d, other, src, dst, sf, df)
+	if failed := (*writeError)(nil); errors.As(err, &failed) {
+		return c.writeFailed(d, df, failed.err)
+	}
+	return err
+}
+
+// writeError is a failed write of a direction to its destination, as
+// opposed to a failed read of its source: see writeFailed.
+type writeError struct{ err error }
+
+func (e *writeError) Error() string { return e.err.Error() }
+func (e *writeError) Unwrap() error { return e.err }
+
+// writeFailed goes on from a write of direction d that failed with err.
+// When the destination's peer is gone (it reset, or its socket is closed
+// since), what it sent before may still wait in its socket, ahead of the
+// reset, for the other direction to read: a server that answers a
+// request too large and closes with the upload unread. So d drops what it
+// holds and reads no more, the other direction passes on the rest of that
+// socket (reading a dead socket never waits: its bytes, then EOF or the
+// error), and pump then ends the connection with err, with a reset
+// (closesWithReset). Any other error ends the connection now.
+func (c *proxyConn) writeFailed(d *direction, df *sockFlags, err error) error {
+	if !errors.Is(err, unix.ECONNRESET) && !errors.Is(err, unix.EPIPE) {
+		return err
+	}
+	if c.writeErr == nil {
+		c.writeErr = err
+	}
+	d.release(c.loop.pipes)
+	d.eof, d.shut = true, true
+	df.readable, df.readUntilEAGAIN = true, true
+	return nil
+}
+
+func (c *proxyConn) moveUntilWait(d, other *direction, src, dst int, sf, df *sockFlags) error {
 	for {
 		if d.busy {
 			return nil // flushRound goes on from here
@@ -251,7 +298,7 @@ func writeAll(fd int, p []byte, df *sockFlags) (int, error) {
 			df.writable = false
 			return done, nil
 		case err != nil:
-			return done, &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", err)}
+			return done, &writeError{&net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", err)}}
 		}
 		done += n
 	}

@@ -75,6 +75,11 @@ type proxyConn struct {
 	timerAt    int64
 	timerIndex int
 
+	// writeErr is the first write that found its peer gone (writeFailed):
+	// the connection ends with it once the other way has passed on what
+	// that peer sent before.
+	writeErr error
+
 	// forced is set when l4lb itself cut the connection (a drain deadline,
 	// shutdown, a backend marked down, a failback), for the connection log.
 	forced atomic.Bool

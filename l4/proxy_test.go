@@ -789,6 +789,104 @@ func TestResetPassesThrough(t *testing.T) {
 	}
 }
 
+// TestWriteFailureStillDeliversTheOtherWay: a backend answers early and
+// closes with the client's upload unread (a reset, as a server does with a
+// request too large). Its reply is in l4lb's backend socket, ahead of the
+// reset, when l4lb's next write to the backend fails: the reply must still
+// reach the client, as it would on a direct connection, and the
+// connection then end with a reset. The test drives a loop of its own, so
+// that the client's next bytes and the backend's reply and reset are in
+// one batch of events, the client's first.
+func TestWriteFailureStillDeliversTheOtherWay(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	l, err := newEventLoop(newPipePool())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := &config.Service{
+		Name: "early-reply", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
+		Balance: config.RoundRobin, Workers: 1, ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: time.Second,
+		Backends: []config.Backend{{Address: ln.Addr().(*net.TCPAddr).AddrPort(), Weight: 1}},
+	}
+	svc := NewService(cfg, hclog.NewNullLogger())
+	addr := serveTestOn(t, &loopSet{loops: []*eventLoop{l}}, svc, cfg.Listen)
+	// serveTestOn's cleanup needs the loop to close the listening socket;
+	// it runs on its own from then on, like the package's loops.
+	t.Cleanup(func() { go l.run() })
+
+	l.pollFD(0) // takes the listening socket
+	client := dialT(t, addr)
+	l.pollFD(0) // accepts and dials
+	backend, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer backend.Close()
+	var c *proxyConn
+	eventually(t, "the connection open", func() bool {
+		l.pollFD(0)
+		for _, conn := range l.conns {
+			if conn != nil && conn.state == stateOpen {
+				c = conn
+			}
+		}
+		return c != nil
+	})
+
+	const request, more, reply = "PUT /upload", "next part", "413 request too large"
+	if _, err := client.Write([]byte(request)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the request at the backend", func() bool {
+		l.pollFD(0)
+		return bytesToRead(t, backend) == len(request)
+	})
+	if _, err := client.Write([]byte(more)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the client's next bytes at l4lb", func() bool {
+		n, err := unix.IoctlGetInt(c.client, unix.SIOCINQ)
+		return err == nil && n == len(more)
+	})
+	if _, err := backend.Write([]byte(reply)); err != nil {
+		t.Fatal(err)
+	}
+	backend.Close() // the request unread: a reset, behind the reply
+	eventually(t, "the backend's reset at l4lb", func() bool {
+		info, err := unix.GetsockoptTCPInfo(c.backend, unix.IPPROTO_TCP, unix.TCP_INFO)
+		return err == nil && info.State == tcpClose
+	})
+	l.pollFD(0)
+
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(client)
+	if string(got) != reply {
+		t.Fatalf("the client got %q, then %v; want the backend's reply %q, sent before its reset", got, err, reply)
+	}
+	if !errors.Is(err, unix.ECONNRESET) {
+		t.Fatalf("after the reply the client read %v; want the backend's reset passed on", err)
+	}
+}
+
+// bytesToRead is how many bytes c's socket holds unread.
+func bytesToRead(t *testing.T, c net.Conn) int {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	rc.Control(func(fd uintptr) { n, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 // TestResetComesAfterTheBytesBeforeIt: a backend resets once l4lb has
 // taken everything it sent, while the client has not read it yet. A reset
 // discards what a socket still has to send, so passed on at once it would

@@ -129,10 +129,14 @@ func (l *eventLoop) recvDone(op *pendingOp) {
 	}
 }
 
-// sendDone holds what a write of the round left, or ends its connection.
+// sendDone holds what a write of the round left, or goes on from its
+// failure (writeFailed).
 func (l *eventLoop) sendDone(op *pendingOp) {
 	if op.res < 0 && op.res != -int32(unix.EAGAIN) && op.res != -int32(unix.EINTR) {
-		op.c.finish(&net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.Errno(-op.res))})
+		err := &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.Errno(-op.res))}
+		if end := op.c.writeFailed(op.d, op.df, err); end != nil {
+			op.c.finish(end)
+		}
 		return
 	}
 	if op.res == -int32(unix.EAGAIN) {

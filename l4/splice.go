@@ -144,7 +144,7 @@ func (c *proxyConn) drainPipe(d *direction, dst int, df *sockFlags) error {
 			df.writable = false
 			return nil
 		case err != nil:
-			return &net.OpError{Op: "splice", Net: "tcp", Err: os.NewSyscallError("splice", err)}
+			return &writeError{&net.OpError{Op: "splice", Net: "tcp", Err: os.NewSyscallError("splice", err)}}
 		}
 		d.pipe.buffered -= n
 		// A slow reader draining a full pipe is not idle.
