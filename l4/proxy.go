@@ -632,9 +632,11 @@ func (c *proxyConn) finish(err error) {
 		if c.backend >= 0 {
 			c.dropBackend()
 		}
-	case closesWithReset(err, c.halfClosed):
-		// At the half-close timeout the peer still sending is gone or
-		// stuck: nothing is worth waiting for.
+	case closesWithReset(err, c.halfClosed) || c.writeErr != nil:
+		// A write that found its peer gone cut the stream, whatever ends
+		// the connection after it (writeFailed). At an idle or half-close
+		// timeout the peer still to take bytes is gone or stuck: nothing
+		// is worth waiting for.
 		afterSent := !errors.Is(err, errIdle)
 		l.closeWithReset(c.client, afterSent, c.idleTimeout)
 		l.closeWithReset(c.backend, afterSent, c.idleTimeout)

@@ -931,3 +931,47 @@ func TestResetComesAfterTheBytesBeforeIt(t *testing.T) {
 		t.Fatalf("the client read %d of the %d bytes the backend sent before its reset, then %v; want all of them, then the reset", len(got), size, err)
 	}
 }
+
+// TestCutConnectionEndsWithResetAtIdleTimeout: l4lb's write to the
+// backend found it reset while the client, reading nothing, still had
+// bytes coming. The idle timeout that ends the connection then must not
+// close the client with a FIN, as though the backend had ended its
+// stream: the stream was cut, and the client must see a reset.
+func TestCutConnectionEndsWithResetAtIdleTimeout(t *testing.T) {
+	backendReset := make(chan struct{})
+	backend := startBackend(t, func(c net.Conn) {
+		// More than the client and l4lb buffer between them: l4lb holds
+		// the rest and reads no more from this socket.
+		c.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+		c.Write(bytes.Repeat([]byte("b"), 64<<20))
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+		close(backendReset)
+	})
+	const idle = time.Second
+	addr, svc := startService(t, idle, backend)
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
+		})
+	}}
+	c, err := d.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	<-backendReset
+	// The client's bytes make l4lb write to the reset backend.
+	if _, err := c.Write([]byte("more")); err != nil {
+		if errors.Is(err, unix.ECONNRESET) {
+			return // l4lb read the backend's reset before it and passed it on
+		}
+		t.Fatal(err)
+	}
+	eventually(t, "the connection ended by the idle timeout", func() bool { return svc.openConnections() == 0 })
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(c)
+	if !errors.Is(err, unix.ECONNRESET) {
+		t.Fatalf("the client read %d bytes, then %v; want a reset: the backend's stream was cut (%+v)", len(got), err, svc.Backends()[0].Stats())
+	}
+}
