@@ -127,7 +127,7 @@ func (e *writeError) Unwrap() error { return e.err }
 // holds and reads no more, the other direction passes on the rest of that
 // socket (reading a dead socket never waits: its bytes, then EOF or the
 // error), and pump then ends the connection with err, with a reset
-// (closesWithReset). Any other error ends the connection now.
+// (endsWithReset). Any other error ends the connection now.
 func (c *proxyConn) writeFailed(d *direction, df *sockFlags, err error) error {
 	if !errors.Is(err, unix.ECONNRESET) && !errors.Is(err, unix.EPIPE) {
 		return err

@@ -624,6 +624,7 @@ func (c *proxyConn) finish(err error) {
 		c.peer.headerDue = false
 	}
 	l.unschedule(c)
+	reset := opened && c.endsWithReset(err)
 	c.up.release(l.pipes)
 	c.down.release(l.pipes)
 	switch {
@@ -632,12 +633,10 @@ func (c *proxyConn) finish(err error) {
 		if c.backend >= 0 {
 			c.dropBackend()
 		}
-	case closesWithReset(err, c.halfClosed) || c.writeErr != nil:
-		// A write that found its peer gone cut the stream, whatever ends
-		// the connection after it (writeFailed). At an idle or half-close
-		// timeout the peer still to take bytes is gone or stuck: nothing
-		// is worth waiting for.
-		afterSent := !errors.Is(err, errIdle)
+	case reset:
+		// After a timeout the peer still to take bytes is gone or stuck,
+		// and after l4lb's own cut nothing is worth waiting for.
+		afterSent := !errors.Is(err, errIdle) && !errors.Is(err, errAborted)
 		l.closeWithReset(c.client, afterSent, c.idleTimeout)
 		l.closeWithReset(c.backend, afterSent, c.idleTimeout)
 	default:
@@ -656,25 +655,29 @@ func (c *proxyConn) finish(err error) {
 	s.handlers.Done()
 }
 
-// closesWithReset reports whether an open connection that ends with err
+// endsWithReset reports whether the open connection, ending with err,
 // closes both sockets with a reset instead of a FIN:
-//   - after a failed read or write (a peer reset, a broken ring): the
-//     stream was cut, and a FIN would tell the other peer it ended whole,
-//     so that a client takes a truncated reply, or a backend a truncated
-//     upload, for all of it. Envoy's tcp_proxy passes an upstream reset on
-//     the same way.
+//   - when the stream was cut: a read or write failed (a peer reset, a
+//     broken ring), now or before (writeFailed), or l4lb drops bytes it
+//     holds (a timeout or a drain with a peer not reading). A FIN would
+//     tell the other peer the stream ended whole, so that a client takes
+//     a truncated reply, or a backend a truncated upload, for all of it.
+//     Envoy's tcp_proxy passes an upstream reset on the same way.
 //   - at the half-close timeout: the peer still sending is gone or stuck,
 //     and a FIN would leave our socket in FIN_WAIT2 for tcp_fin_timeout
 //     waiting on that same peer.
 //
-// Peers that closed (nil), a plain idle timeout and l4lb's own cuts
-// (errAborted) get a FIN, as before.
-func closesWithReset(err error, halfClosed bool) bool {
+// Peers that closed (nil), and an idle timeout or l4lb's own cut
+// (errAborted) of a connection holding no bytes, get a FIN. It must run
+// before the directions release what they hold.
+func (c *proxyConn) endsWithReset(err error) bool {
 	switch {
+	case c.writeErr != nil, c.up.pending(), c.down.pending():
+		return true
 	case err == nil, errors.Is(err, errAborted):
 		return false
 	case errors.Is(err, errIdle):
-		return halfClosed
+		return c.halfClosed
 	}
 	return true
 }

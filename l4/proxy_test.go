@@ -975,3 +975,34 @@ func TestCutConnectionEndsWithResetAtIdleTimeout(t *testing.T) {
 		t.Fatalf("the client read %d bytes, then %v; want a reset: the backend's stream was cut (%+v)", len(got), err, svc.Backends()[0].Stats())
 	}
 }
+
+// TestIdleTimeoutWithBytesHeldResets: a client that stops reading while
+// l4lb still holds bytes for it is cut by the idle timeout, and those
+// bytes are dropped. A FIN behind what the client did get would tell it
+// the stream ended there; it must see a reset.
+func TestIdleTimeoutWithBytesHeldResets(t *testing.T) {
+	backend := startBackend(t, func(c net.Conn) {
+		defer c.Close()
+		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		c.Write(bytes.Repeat([]byte("b"), 64<<20)) // more than the sockets and l4lb hold
+	})
+	addr, svc := startService(t, 300*time.Millisecond, backend)
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
+		})
+	}}
+	c, err := d.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	eventually(t, "the connection ended by the idle timeout", func() bool {
+		return svc.Backends()[0].Stats().Total == 1 && svc.openConnections() == 0
+	})
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(c)
+	if !errors.Is(err, unix.ECONNRESET) {
+		t.Fatalf("the client read %d bytes, then %v; want a reset: l4lb dropped the bytes it held (%+v)", len(got), err, svc.Backends()[0].Stats())
+	}
+}
