@@ -598,8 +598,6 @@ func TestProtectionChangedInReloadSummary(t *testing.T) {
 // client reads the greeting and the EOF, then lingers. half_close_timeout
 // cuts it with a reset, which leaves no socket behind: the client's socket
 // goes to CLOSE, not CLOSE_WAIT.
-// tcpClose is TCP_CLOSE in tcp_info's state.
-const tcpClose = 7
 
 func TestHalfCloseTimeoutResets(t *testing.T) {
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})

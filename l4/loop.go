@@ -457,7 +457,7 @@ const resetRecheck = 10 * time.Millisecond
 // queue empties, or has not shrunk for giveUp, and is reset then.
 func (l *eventLoop) closeWithReset(fd int, afterSent bool, giveUp time.Duration) {
 	if afterSent {
-		if queued := sendQueued(fd); queued > 0 {
+		if queued := unsentTo(fd); queued > 0 {
 			var ev unix.EpollEvent
 			rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, &ev)
 			if len(l.resetting) == 0 {
@@ -471,6 +471,17 @@ func (l *eventLoop) closeWithReset(fd int, afterSent bool, giveUp time.Duration)
 	rawClose(fd)
 }
 
+// unsentTo is how many bytes the socket fd has still to get to its peer:
+// its send queue, or 0 once the connection is gone (reset), for which
+// SIOCOUTQ goes on counting what the reset dropped.
+func unsentTo(fd int) int64 {
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil || info.State == tcpClose {
+		return 0
+	}
+	return sendQueued(fd)
+}
+
 // resetSent resets the waiting sockets whose peers took everything, or
 // stopped taking anything; on the loop.
 func (l *eventLoop) resetSent() {
@@ -479,7 +490,7 @@ func (l *eventLoop) resetSent() {
 	}
 	kept := l.resetting[:0]
 	for _, r := range l.resetting {
-		if queued := sendQueued(r.fd); queued > 0 {
+		if queued := unsentTo(r.fd); queued > 0 {
 			if queued < r.queued {
 				r.queued, r.progress = queued, l.now
 			}

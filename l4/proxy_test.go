@@ -1006,3 +1006,49 @@ func TestIdleTimeoutWithBytesHeldResets(t *testing.T) {
 		t.Fatalf("the client read %d bytes, then %v; want a reset: l4lb dropped the bytes it held (%+v)", len(got), err, svc.Backends()[0].Stats())
 	}
 }
+
+// TestResetSocketIsClosedAtOnce: a client resets with bytes still on
+// their way to it. Its socket has nobody left to take them (SIOCOUTQ still
+// counts them after the reset), so l4lb must close it at once, not hold
+// its descriptor until idle_timeout waiting for the bytes to be taken.
+func TestResetSocketIsClosedAtOnce(t *testing.T) {
+	backend := startBackend(t, func(c net.Conn) {
+		defer c.Close()
+		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		c.Write(bytes.Repeat([]byte("b"), 64<<20))
+	})
+	addr, svc := startService(t, time.Minute, backend)
+	before := countSockets(t)
+	c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "bytes on their way to the client", func() bool { return svc.Backends()[0].Stats().BytesToCli > 0 })
+	c.SetLinger(0)
+	c.Close()
+	eventually(t, "the connection closed", func() bool { return svc.openConnections() == 0 })
+	deadline := time.Now().Add(2 * time.Second)
+	for countSockets(t) > before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := countSockets(t); n > before {
+		t.Fatalf("2 s after the client's reset l4lb holds %d more sockets than before the connection", n-before)
+	}
+}
+
+// countSockets counts the process's socket descriptors (pooled pipes
+// come and go with the pool).
+func countSockets(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range entries {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "socket:") {
+			n++
+		}
+	}
+	return n
+}

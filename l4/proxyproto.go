@@ -310,8 +310,12 @@ func appendProxyLocalHeader(b []byte, v config.ProxyProtocol) []byte {
 }
 
 // tcpCloseWait is TCP_CLOSE_WAIT in tcp_info's state: the peer has sent
-// its FIN.
-const tcpCloseWait = 8
+// its FIN; tcpClose is TCP_CLOSE: the connection is gone (reset), or
+// never was.
+const (
+	tcpCloseWait = 8
+	tcpClose     = 7
+)
 
 // errProxyTimeout: the header did not arrive whole within its deadline.
 var errProxyTimeout = errors.New("no complete PROXY header in time")
