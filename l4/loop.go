@@ -441,13 +441,22 @@ type pendingReset struct {
 	// queued is what the send queue held when last looked at, progress
 	// when it last shrank; giveUp is how long it may stay the same.
 	queued, progress, giveUp int64
+	// next is when the queue is looked at again, wait the pause before
+	// that: resetRecheck while the peer takes bytes, doubling up to
+	// resetRecheckMax while it takes none.
+	next, wait int64
 }
 
 // resetRecheck is how often a socket waiting to be reset looks at its
-// send queue: the kernel says nothing when it empties (EPOLLOUT comes
-// only after a full buffer), and only connections that ended in an error
-// with bytes still on their way wait at all.
+// send queue while its peer takes bytes: the kernel says nothing when it
+// empties (EPOLLOUT comes only after a full buffer), and only connections
+// that ended in an error with bytes still on their way wait at all.
 const resetRecheck = 10 * time.Millisecond
+
+// resetRecheckMax bounds the pause of a socket whose peer takes nothing:
+// it may wait for idle_timeout, and a peer that stopped reading must not
+// cost two system calls every resetRecheck for that long.
+const resetRecheckMax = time.Second
 
 // closeWithReset closes fd with a reset. A reset discards what the
 // socket has still to send: the end of what l4lb passed on before the
@@ -460,10 +469,12 @@ func (l *eventLoop) closeWithReset(fd int, afterSent bool, giveUp time.Duration)
 		if queued := unsentTo(fd); queued > 0 {
 			var ev unix.EpollEvent
 			rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, &ev)
-			if len(l.resetting) == 0 {
-				l.resetCheck = l.now + int64(resetRecheck)
+			next := l.now + int64(resetRecheck)
+			if len(l.resetting) == 0 || next < l.resetCheck {
+				l.resetCheck = next
 			}
-			l.resetting = append(l.resetting, pendingReset{fd: fd, queued: queued, progress: l.now, giveUp: int64(giveUp)})
+			l.resetting = append(l.resetting, pendingReset{fd: fd, queued: queued, progress: l.now, giveUp: int64(giveUp),
+				next: next, wait: int64(resetRecheck)})
 			return
 		}
 	}
@@ -489,13 +500,23 @@ func (l *eventLoop) resetSent() {
 		return
 	}
 	kept := l.resetting[:0]
+	l.resetCheck = 0
 	for _, r := range l.resetting {
+		if r.next > l.now {
+			kept = append(kept, r)
+			l.resetCheck = earliest(l.resetCheck, r.next)
+			continue
+		}
 		if queued := unsentTo(r.fd); queued > 0 {
 			if queued < r.queued {
-				r.queued, r.progress = queued, l.now
+				r.queued, r.progress, r.wait = queued, l.now, int64(resetRecheck)
+			} else {
+				r.wait = min(2*r.wait, int64(resetRecheckMax))
 			}
 			if l.now-r.progress < r.giveUp {
+				r.next = l.now + r.wait
 				kept = append(kept, r)
+				l.resetCheck = earliest(l.resetCheck, r.next)
 				continue
 			}
 		}
@@ -503,7 +524,14 @@ func (l *eventLoop) resetSent() {
 		rawClose(r.fd)
 	}
 	l.resetting = kept
-	l.resetCheck = l.now + int64(resetRecheck)
+}
+
+// earliest is the earlier of two times, 0 standing for none.
+func earliest(a, b int64) int64 {
+	if a == 0 || b < a {
+		return b
+	}
+	return a
 }
 
 // timerHeap is a min-heap of connections by timerAt.

@@ -1052,3 +1052,54 @@ func countSockets(t *testing.T) int {
 	}
 	return n
 }
+
+// TestStuckResetIsLookedAtRarely: a socket waiting to be reset after its
+// peer takes what it still has to send (closeWithReset) may wait for
+// idle_timeout when that peer reads nothing. Each look at its send queue
+// costs two system calls, so the looks must thin out while nothing moves,
+// not come every resetRecheck (10 ms: 150 of them in the 1.5 s watched).
+func TestStuckResetIsLookedAtRarely(t *testing.T) {
+	backend := startBackend(t, func(c net.Conn) {
+		c.Write(bytes.Repeat([]byte("b"), 256<<10))
+		time.Sleep(100 * time.Millisecond) // l4lb takes it all meanwhile
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	})
+	addr, _ := startService(t, time.Minute, backend)
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) })
+	}}
+	client, err := d.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	clientAddr := client.LocalAddr().(*net.TCPAddr).AddrPort()
+
+	var waiting, looks atomic.Int32
+	hook := func(l *eventLoop) {
+		for _, r := range l.resetting {
+			sa, err := unix.Getpeername(r.fd)
+			if in4, ok := sa.(*unix.SockaddrInet4); !ok || err != nil ||
+				netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)) != clientAddr {
+				continue
+			}
+			waiting.Store(1)
+			if r.next <= l.now {
+				looks.Add(1) // resetSent looks at it in this round
+			}
+		}
+	}
+	testHookBeforeTimers.Store(&hook)
+	defer testHookBeforeTimers.Store(nil)
+	for deadline := time.Now().Add(5 * time.Second); waiting.Load() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the client's socket never waited to be reset: the backend's reset did not end the connection with bytes queued for the client")
+		}
+	}
+	looks.Store(0)
+	time.Sleep(1500 * time.Millisecond)
+	if n := looks.Load(); n < 2 || n > 15 {
+		t.Errorf("a socket whose peer reads nothing was looked at %d times in 1.5 s; want a few (the pause doubling from 10 ms to 1 s)", n)
+	}
+}
