@@ -235,7 +235,15 @@ func TestSlowReaderIsNotIdle(t *testing.T) {
 	}
 }
 
-func countPipes(t *testing.T) int {
+func countPipes(t *testing.T) int { return countDescriptors(t, "pipe:") }
+
+// countSockets counts the process's socket descriptors (pooled pipes
+// come and go with the pool).
+func countSockets(t *testing.T) int { return countDescriptors(t, "socket:") }
+
+// countDescriptors counts the process's descriptors of one kind, by the
+// prefix of their /proc/self/fd link.
+func countDescriptors(t *testing.T, kind string) int {
 	t.Helper()
 	entries, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
@@ -243,7 +251,7 @@ func countPipes(t *testing.T) int {
 	}
 	n := 0
 	for _, e := range entries {
-		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "pipe:") {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, kind) {
 			n++
 		}
 	}
@@ -1034,23 +1042,6 @@ func TestResetSocketIsClosedAtOnce(t *testing.T) {
 	if n := countSockets(t); n > before {
 		t.Fatalf("2 s after the client's reset l4lb holds %d more sockets than before the connection", n-before)
 	}
-}
-
-// countSockets counts the process's socket descriptors (pooled pipes
-// come and go with the pool).
-func countSockets(t *testing.T) int {
-	t.Helper()
-	entries, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, e := range entries {
-		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "socket:") {
-			n++
-		}
-	}
-	return n
 }
 
 // TestStuckResetIsLookedAtRarely: a socket waiting to be reset after its
