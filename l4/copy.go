@@ -106,7 +106,13 @@ func (c *proxyConn) pump() {
 // them (a flag in sf or df turns false), reaches EOF, or fails.
 func (c *proxyConn) move(d, other *direction, src, dst int, sf, df *sockFlags) error {
 	err := c.moveUntilWait(d, other, src, dst, sf, df)
-	if failed := (*writeError)(nil); errors.As(err, &failed) {
+	if err == nil {
+		// Before errors.As: its target escapes, and would cost an
+		// allocation on every call.
+		return nil
+	}
+	var failed *writeError
+	if errors.As(err, &failed) {
 		return c.writeFailed(d, df, failed.err)
 	}
 	return err
