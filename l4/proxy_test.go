@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -1131,28 +1132,69 @@ func TestStuckResetIsLookedAtRarely(t *testing.T) {
 }
 
 // TestMessagesAllocateNothing: a message through an open connection, both
-// ways, allocates nothing in l4lb's event loop (nor in this test's client
-// and echo backend, whose reads and writes on Go's netpoller do not
-// allocate either): the data path's garbage would be collected on the
-// loops' cores, between messages.
+// ways, allocates nothing in l4lb's event loop: the data path's garbage
+// would be collected on the loops' cores, between messages. The count is
+// of allocations made under the loop's and the connection's methods, from
+// the heap profile: a count of the whole process's (testing.AllocsPerRun)
+// also takes in what earlier tests left running, health checkers among
+// them, and on a busy machine that came to one allocation per message.
 func TestMessagesAllocateNothing(t *testing.T) {
+	defer func(rate int) { runtime.MemProfileRate = rate }(runtime.MemProfileRate)
+	runtime.MemProfileRate = 1
 	addr, _ := startService(t, time.Minute, startEcho(t))
 	c := dialT(t, addr)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	msg, echoed := []byte("ping"), make([]byte, 4)
 	roundTrip(t, c, "warm up")
-	allocs := testing.AllocsPerRun(2000, func() {
+	const messages = 2000
+	before := dataPathAllocs()
+	for range messages {
 		if _, err := c.Write(msg); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := io.ReadFull(c, echoed); err != nil {
 			t.Fatal(err)
 		}
-	})
-	// Below one: a timer or a runtime background allocation may land in
-	// the count now and then, a cost per message does not.
-	if allocs >= 0.5 {
-		t.Errorf("%.2f allocations per message round trip, want none", allocs)
 	}
+	// A few may come with the machine's load: a write the client's
+	// socket does not take whole holds the rest in a pooled buffer, which
+	// a collection may have emptied. One per message, or per hundred,
+	// is a cost of the data path.
+	if n := dataPathAllocs() - before; n >= messages/100 {
+		t.Errorf("%d allocations in the event loop for %d message round trips, want next to none", n, messages)
+	}
+}
+
+// dataPathAllocs counts the objects allocated so far with an event loop's
+// or a proxied connection's method on the stack, as the heap profile
+// (MemProfileRate 1) has them once a collection has run.
+func dataPathAllocs() int64 {
+	runtime.GC()
+	runtime.GC() // the profile is as of the last completed cycle
+	records := make([]runtime.MemProfileRecord, 1024)
+	for {
+		n, ok := runtime.MemProfile(records, true)
+		if ok {
+			records = records[:n]
+			break
+		}
+		records = make([]runtime.MemProfileRecord, n+256)
+	}
+	var total int64
+	for _, r := range records {
+		frames := runtime.CallersFrames(r.Stack())
+		for {
+			f, more := frames.Next()
+			if strings.HasPrefix(f.Function, "github.com/l4lb/l4lb/l4.(*eventLoop).") ||
+				strings.HasPrefix(f.Function, "github.com/l4lb/l4lb/l4.(*proxyConn).") {
+				total += r.AllocObjects
+				break
+			}
+			if !more {
+				break
+			}
+		}
+	}
+	return total
 }
