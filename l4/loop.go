@@ -109,7 +109,8 @@ type eventLoop struct {
 	arenaUsed    int
 	// resetting are sockets of ended connections that wait for their
 	// peers to take what l4lb passed on before the reset that follows
-	// (closeWithReset); resetCheck is when they are looked at next.
+	// (closeWithReset); resetCheck is when they are looked at next, 0
+	// while none waits.
 	resetting  []pendingReset
 	resetCheck int64
 	// header is the buffer PROXY headers are peeked into.
@@ -416,12 +417,9 @@ func (l *eventLoop) fireTimers() {
 // armTimer sets the read deadline of the loop's descriptor to its next
 // timer, when that changed.
 func (l *eventLoop) armTimer() {
-	next := l.acceptRetry
-	if len(l.timers) > 0 && (next == 0 || l.timers[0].timerAt < next) {
-		next = l.timers[0].timerAt
-	}
-	if len(l.resetting) > 0 && (next == 0 || l.resetCheck < next) {
-		next = l.resetCheck
+	next := earliest(l.acceptRetry, l.resetCheck)
+	if len(l.timers) > 0 {
+		next = earliest(next, l.timers[0].timerAt)
 	}
 	if next == l.armed {
 		return
@@ -470,9 +468,7 @@ func (l *eventLoop) closeWithReset(fd int, afterSent bool, giveUp time.Duration)
 			var ev unix.EpollEvent
 			rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, &ev)
 			next := l.now + int64(resetRecheck)
-			if len(l.resetting) == 0 || next < l.resetCheck {
-				l.resetCheck = next
-			}
+			l.resetCheck = earliest(l.resetCheck, next)
 			l.resetting = append(l.resetting, pendingReset{fd: fd, queued: queued, progress: l.now, giveUp: int64(giveUp),
 				next: next, wait: int64(resetRecheck)})
 			return
@@ -526,9 +522,9 @@ func (l *eventLoop) resetSent() {
 	l.resetting = kept
 }
 
-// earliest is the earlier of two times, 0 standing for none.
+// earliest is the earlier of two loop times, 0 standing for none.
 func earliest(a, b int64) int64 {
-	if a == 0 || b < a {
+	if a == 0 || b != 0 && b < a {
 		return b
 	}
 	return a
@@ -670,9 +666,7 @@ func (l *eventLoop) resumeAccepts(more []*acceptor) {
 // acceptBatch, the gate is full or accept fails.
 func (a *acceptor) accept() {
 	a.acceptUntilStopped()
-	if l := a.loop; a.retryAt != 0 && (l.acceptRetry == 0 || a.retryAt < l.acceptRetry) {
-		l.acceptRetry = a.retryAt
-	}
+	a.loop.acceptRetry = earliest(a.loop.acceptRetry, a.retryAt)
 }
 
 func (a *acceptor) acceptUntilStopped() {
@@ -732,8 +726,6 @@ func (l *eventLoop) retryAcceptors() {
 			a.retryAt = 0
 			a.accept()
 		}
-		if a.retryAt != 0 && (l.acceptRetry == 0 || a.retryAt < l.acceptRetry) {
-			l.acceptRetry = a.retryAt
-		}
+		l.acceptRetry = earliest(l.acceptRetry, a.retryAt)
 	}
 }
