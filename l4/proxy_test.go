@@ -242,6 +242,22 @@ func countPipes(t *testing.T) int { return countDescriptors(t, "pipe:") }
 // come and go with the pool).
 func countSockets(t *testing.T) int { return countDescriptors(t, "socket:") }
 
+// dialSlowReader connects to addr with a 4 KiB receive buffer, so that
+// what the client does not read soon backs up into l4lb.
+func dialSlowReader(t *testing.T, addr netip.AddrPort) net.Conn {
+	t.Helper()
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
+		})
+	}}
+	c, err := d.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // countDescriptors counts the process's descriptors of one kind, by the
 // prefix of their /proc/self/fd link.
 func countDescriptors(t *testing.T, kind string) int {
@@ -669,15 +685,7 @@ func TestFullClientTakesEveryByte(t *testing.T) {
 		}
 	})
 	addr, _ := startService(t, time.Minute, backend)
-	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		return rc.Control(func(fd uintptr) {
-			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
-		})
-	}}
-	c, err := d.Dial("tcp", addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := dialSlowReader(t, addr)
 	defer c.Close()
 	time.Sleep(time.Second) // the backend writes all it can meanwhile
 	c.SetReadDeadline(time.Now().Add(30 * time.Second))
@@ -979,15 +987,7 @@ func cutConnectionEndsWithReset(t *testing.T) (made bool) {
 	})
 	const idle = time.Second
 	addr, svc := startService(t, idle, backend)
-	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		return rc.Control(func(fd uintptr) {
-			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
-		})
-	}}
-	c, err := d.Dial("tcp", addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := dialSlowReader(t, addr)
 	defer c.Close()
 	<-backendReset
 	// The client's bytes make l4lb write to the reset backend.
@@ -1027,15 +1027,7 @@ func idleTimeoutWithBytesHeldResets(t *testing.T) (made bool) {
 		c.Write(stream)
 	})
 	addr, svc := startService(t, 300*time.Millisecond, backend)
-	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		return rc.Control(func(fd uintptr) {
-			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096)
-		})
-	}}
-	c, err := d.Dial("tcp", addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := dialSlowReader(t, addr)
 	defer c.Close()
 	eventually(t, "the connection ended by the idle timeout", func() bool {
 		return svc.Backends()[0].Stats().Total == 1 && svc.openConnections() == 0
@@ -1093,13 +1085,7 @@ func TestStuckResetIsLookedAtRarely(t *testing.T) {
 		c.Close()
 	})
 	addr, _ := startService(t, time.Minute, backend)
-	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		return rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, 4096) })
-	}}
-	client, err := d.Dial("tcp", addr.String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	client := dialSlowReader(t, addr)
 	defer client.Close()
 	clientAddr := client.LocalAddr().(*net.TCPAddr).AddrPort()
 
