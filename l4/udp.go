@@ -44,7 +44,14 @@ import (
 // recvmmsg and sends them to the client with one sendmmsg. Under the load
 // of scripts/bench-udp.sh that is about 1.2 system calls per round trip
 // instead of 4.3 (recvfrom, write, read, sendto, and reads that found
-// nothing), and 5-8 µs of l4lb CPU per round trip instead of 20. An idle
+// nothing), and 5-8 µs of l4lb CPU per round trip instead of 20. Within
+// such a send, each run of equal-sized datagrams (a flow's share of a
+// batch, or its replies) goes as one UDP GSO send (mmsg.Batch.Segment):
+// the kernel routes and passes down one packet per run and cuts it into
+// the datagrams at the device, or on loopback at the receiving socket.
+// Under the same load a flow's share was about four datagrams, and this
+// took l4lb from 10.6 to 6.8 µs of CPU per round trip and from 82k to
+// 112k round trips/s (medians of 3, 64-byte datagrams). An idle
 // socket still answers a lone datagram at once: a batch is what is
 // waiting, never a wait for more. Sends never block: a datagram the kernel
 // refuses (socket buffer full) is dropped and counted, as a UDP proxy must
@@ -453,7 +460,8 @@ func (f *udpFlow) readReplies(fd uintptr) bool {
 	}
 }
 
-// udpSend sends a batch's slots [0, n) with sendmmsg and keeps the result;
+// udpSend sends a batch's slots [0, n), all to one destination, with
+// sendmmsg, runs of equal-sized datagrams segmented, and keeps the result;
 // fn, its send method as a func value made once, is the RawConn.Control
 // callback, so that sending allocates nothing.
 type udpSend struct {
@@ -468,6 +476,7 @@ type udpSend struct {
 }
 
 func newUDPSend(b *mmsg.Batch, noAddr bool) *udpSend {
+	b.Segment()
 	s := &udpSend{b: b, noAddr: noAddr}
 	s.fn = s.send
 	return s
@@ -479,7 +488,7 @@ func newUDPSend(b *mmsg.Batch, noAddr bool) *udpSend {
 func (s *udpSend) send(fd uintptr) {
 	s.sent, s.bytes, s.refused = 0, 0, false
 	for i := 0; i < s.n; {
-		k, err := s.b.Send(int(fd), i, s.n, s.noAddr)
+		k, err := s.b.SendOne(int(fd), i, s.n, s.noAddr)
 		for j := i; j < i+k; j++ {
 			s.bytes += len(s.b.Bufs[j])
 		}

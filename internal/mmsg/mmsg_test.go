@@ -4,9 +4,12 @@ package mmsg
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -211,5 +214,182 @@ func TestBatchLinkLocalZone(t *testing.T) {
 	b.SetAddr(1, got)
 	if sa := b.addrs[1]; sa.Scope_id != 7 || sa.Addr != got.Addr().As16() || ntohs(sa.Port) != 5353 {
 		t.Errorf("SetAddr(%v) wrote scope %d, port %d", got, sa.Scope_id, ntohs(sa.Port))
+	}
+}
+
+// groReceiver is a socket that takes segmented sends whole (UDP_GRO): each
+// read is one send of the sender, with the segment size it was cut by, which
+// shows how the datagrams travelled.
+func groReceiver(t *testing.T) (netip.AddrPort, func() (n, segment int)) {
+	t.Helper()
+	c, rc := listen(t, "127.0.0.1:0")
+	var err error
+	rc.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_UDP, unix.UDP_GRO, 1) })
+	if err != nil {
+		t.Fatalf("UDP_GRO: %v", err)
+	}
+	buf, oob := make([]byte, 1<<16), make([]byte, 64)
+	return c.LocalAddr().(*net.UDPAddr).AddrPort(), func() (n, segment int) {
+		var oobn int
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		n, oobn, _, _, err := c.ReadMsgUDPAddrPort(buf, oob)
+		if err != nil {
+			t.Fatalf("read: %v", err)
+		}
+		msgs, _ := unix.ParseSocketControlMessage(oob[:oobn])
+		for _, m := range msgs {
+			if m.Header.Level == unix.SOL_UDP && m.Header.Type == unix.UDP_GRO {
+				segment = int(binary.NativeEndian.Uint32(m.Data))
+			}
+		}
+		return n, segment
+	}
+}
+
+// segmentSizes are datagrams that make runs: three of 100 and a shorter one
+// that ends their run, 100 then 7 (a shorter last again), 7 alone (200 is
+// longer), 200 alone (an empty datagram never joins a run), the empty one,
+// and 3.
+var segmentSizes = []int{100, 100, 100, 50, 100, 7, 7, 200, 0, 3}
+
+func fillSegmentSlots(b *Batch) {
+	for i, size := range segmentSizes {
+		b.Bufs[i] = bytes.Repeat([]byte{byte('a' + i)}, size)
+	}
+}
+
+// SendOne sends runs of equal-sized datagrams as one segmented send each,
+// and every receiver still gets each datagram as it was sent, in order:
+// a plain socket datagram by datagram, over a connected socket and to an
+// address, IPv4 and from a dual-stack socket to an IPv4-mapped peer.
+func TestSendOneSegmentsRuns(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		from      string
+		inet6     bool
+		connected bool
+	}{
+		{name: "connected", from: "127.0.0.1:0", connected: true},
+		{name: "addressed", from: "127.0.0.1:0"},
+		{name: "dual-stack", from: "[::]:0", inet6: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			srv, src := listen(t, "127.0.0.1:0")
+			to := srv.LocalAddr().(*net.UDPAddr).AddrPort()
+			b := NewBatch(len(segmentSizes), 0, tc.inet6)
+			if !b.Segment() {
+				t.Fatal("the kernel has no UDP_SEGMENT (Linux 4.18)")
+			}
+			fillSegmentSlots(b)
+			var rc syscall.RawConn
+			if tc.connected {
+				c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				rc, _ = c.SyscallConn()
+			} else {
+				_, rc = listen(t, tc.from)
+				b.SetAddr(0, to)
+			}
+			var sent int
+			var err error
+			rc.Control(func(fd uintptr) { sent, err = b.SendOne(int(fd), 0, len(segmentSizes), tc.connected) })
+			if sent != len(segmentSizes) || err != nil {
+				t.Fatalf("sent %d of %d: %v", sent, len(segmentSizes), err)
+			}
+			got, _ := recvAll(t, src, NewBatch(4, 2048, false), len(segmentSizes))
+			var want []string
+			for i, size := range segmentSizes {
+				want = append(want, strings.Repeat(string(rune('a'+i)), size))
+			}
+			if !slices.Equal(got, want) {
+				t.Fatalf("received %q\nwant     %q", got, want)
+			}
+		})
+	}
+}
+
+// The runs travel as one packet each: a receiver that takes them whole
+// (UDP_GRO) reads 6 sends for the 10 datagrams, cut as SendOne grouped them.
+func TestSendOneSendsARunAsOnePacket(t *testing.T) {
+	to, read := groReceiver(t)
+	_, rc := listen(t, "127.0.0.1:0")
+	b := NewBatch(len(segmentSizes), 0, false)
+	if !b.Segment() {
+		t.Fatal("the kernel has no UDP_SEGMENT (Linux 4.18)")
+	}
+	fillSegmentSlots(b)
+	b.SetAddr(0, to)
+	rc.Control(func(fd uintptr) { b.SendOne(int(fd), 0, len(segmentSizes), false) })
+	var got []string
+	for range 6 {
+		n, segment := read()
+		got = append(got, fmt.Sprintf("%d/%d", n, segment))
+	}
+	// A datagram sent alone has no segment size.
+	if want := []string{"350/100", "107/100", "7/0", "200/0", "0/0", "3/0"}; !slices.Equal(got, want) {
+		t.Errorf("sends (bytes/segment size) %v, want %v", got, want)
+	}
+}
+
+// A run the kernel will not segment (here: a socket without UDP checksums,
+// for which it refuses, as for a segment size above the route's MTU) goes
+// out datagram by datagram, and so do later runs of that size or larger.
+func TestSendOneFallsBackWhenRefused(t *testing.T) {
+	srv, src := listen(t, "127.0.0.1:0")
+	_, rc := listen(t, "127.0.0.1:0")
+	var err error
+	rc.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_NO_CHECK, 1) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := NewBatch(len(segmentSizes), 0, false)
+	if !b.Segment() {
+		t.Fatal("the kernel has no UDP_SEGMENT (Linux 4.18)")
+	}
+	for round := range 2 {
+		fillSegmentSlots(b)
+		b.SetAddr(0, srv.LocalAddr().(*net.UDPAddr).AddrPort())
+		var sent int
+		rc.Control(func(fd uintptr) { sent, err = b.SendOne(int(fd), 0, len(segmentSizes), false) })
+		if sent != len(segmentSizes) || err != nil {
+			t.Fatalf("round %d: sent %d of %d: %v", round, sent, len(segmentSizes), err)
+		}
+		if got, _ := recvAll(t, src, NewBatch(4, 2048, false), len(segmentSizes)); len(got) != len(segmentSizes) {
+			t.Fatalf("round %d: received %d datagrams, want %d", round, len(got), len(segmentSizes))
+		}
+	}
+	// 100 was refused, then 7 (its run came after): nothing above 6 is
+	// grouped any more.
+	if b.segmentBelow != 7 {
+		t.Errorf("segmentBelow = %d, want 7", b.segmentBelow)
+	}
+}
+
+// More equal datagrams than one send may carry make several runs.
+func TestSendOneSplitsLongRuns(t *testing.T) {
+	to, read := groReceiver(t)
+	_, rc := listen(t, "127.0.0.1:0")
+	const n = maxSegments + 10
+	b := NewBatch(n, 0, false)
+	if !b.Segment() {
+		t.Fatal("the kernel has no UDP_SEGMENT (Linux 4.18)")
+	}
+	for i := range n {
+		b.Bufs[i] = []byte("0123456789")
+	}
+	b.SetAddr(0, to)
+	var sent int
+	rc.Control(func(fd uintptr) { sent, _ = b.SendOne(int(fd), 0, n, false) })
+	first, _ := read()
+	second, _ := read()
+	if sent != n || first != maxSegments*10 || second != 100 {
+		t.Errorf("sent %d; read sends of %d and %d bytes, want %d and 100", sent, first, second, maxSegments*10)
+	}
+	send := func(fd uintptr) { b.SendOne(int(fd), 0, n, false) }
+	if allocs := testing.AllocsPerRun(50, func() { rc.Control(send) }); allocs != 0 {
+		t.Errorf("SendOne allocates %v times", allocs)
 	}
 }
