@@ -475,8 +475,10 @@ type udpSend struct {
 	fn      func(fd uintptr)
 }
 
-func newUDPSend(b *mmsg.Batch, noAddr bool) *udpSend {
-	b.Segment()
+func newUDPSend(b *mmsg.Batch, noAddr, segment bool) *udpSend {
+	if segment {
+		b.Segment()
+	}
 	s := &udpSend{b: b, noAddr: noAddr}
 	s.fn = s.send
 	return s
@@ -632,13 +634,21 @@ type udpProxy struct {
 	lastOpenErrLog atomic.Int64
 }
 
+// udpSegmentation says whether UDP services send runs of datagrams as one
+// segmented send: yes, unless the environment has L4LB_UDP_GSO=off. The
+// kernel falls back to plain sends by itself where a path cannot segment;
+// the switch is for a network driver that segments wrongly, a bug seen in
+// the wild for UDP segmentation offload, until it is fixed.
+func udpSegmentation() bool { return os.Getenv("L4LB_UDP_GSO") != "off" }
+
 // newUDPProxy returns the proxy of svc over conns, a SO_REUSEPORT group,
 // and makes it svc's UDP side (Service.UDPStats). Call start to serve.
 func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy {
 	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1), dial: dialUDP}
 	// The sockets of a group share their family; replies are addressed in it.
 	inet6 := len(conns) > 0 && isInet6(conns[0])
-	p.replyBatches.New = func() any { return newUDPSend(mmsg.NewBatch(udpReplyBatch, udpBufSize, inet6), false) }
+	segment := udpSegmentation()
+	p.replyBatches.New = func() any { return newUDPSend(mmsg.NewBatch(udpReplyBatch, udpBufSize, inet6), false, segment) }
 	for _, c := range conns {
 		// SyscallConn fails only for a nil conn.
 		rc, _ := c.SyscallConn()
@@ -649,7 +659,7 @@ func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy
 			in:      mmsg.NewBatch(udpBatch, udpBufSize, inet6),
 			inFlows: make([]*udpFlow, udpBatch),
 			// Its slots point into in's buffers (or forward's argument).
-			out:   newUDPSend(mmsg.NewBatch(udpBatch, 0, false), true),
+			out:   newUDPSend(mmsg.NewBatch(udpBatch, 0, false), true, segment),
 			flows: make(map[netip.AddrPort]*udpFlow),
 		}
 		w.readFn = w.readBatches
