@@ -569,3 +569,45 @@ listen = %q
 		t.Errorf("warned %d times, want once:\n%s", n, logs.String())
 	}
 }
+
+// A reload that swaps in a primary whose first probe outlasts the wait for
+// it (a timeout above the wait's 2 s) moves new clients to the backup when
+// the wait ends, and warns then: the primary stays unknown until fall
+// probes have failed, and no other route rebuild would tell.
+func TestBackupReloadPastTheFirstChecksWaitWarns(t *testing.T) {
+	primary, backup := startEcho(t), startEcho(t)
+	unanswering := newSlowBackend(t) // its connects hang: the probe times out
+	listen := ownAddr("127.88.11.6:7000")
+	configFor := func(primary netip.AddrPort) *config.Config {
+		cfg, err := config.Parse([]byte(fmt.Sprintf(`[services.db]
+listen = %q
+  [services.db.health]
+  kind = "tcp"
+  interval = "10s"
+  timeout = "3s"
+  fall = 3
+  [[services.db.backends]]
+  address = %q
+  [[services.db.backends]]
+  address = %q
+  backup = true
+`, listen, primary, backup)), "test.toml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	logs := new(lockedBuffer)
+	srv := NewServer(hclog.New(&hclog.LoggerOptions{Output: logs}))
+	t.Cleanup(srv.Shutdown)
+	if _, err := srv.Apply(context.Background(), configFor(primary)); err != nil {
+		t.Fatal(err)
+	}
+	s := srv.Services()[0]
+	eventually(t, "the primary routed", func() bool { return sameAddrs(routed(s), primary) })
+	if _, err := srv.Apply(context.Background(), configFor(unanswering.addr)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the backup routed once the wait is over", func() bool { return s.route.Load().backups })
+	wantLog(t, logs, "no usable primary backend: routing to 1 backups")
+}

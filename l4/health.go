@@ -557,6 +557,10 @@ func (s *Service) keepPreviousRoute(cfg *config.Service, down []standby) bool {
 			defer s.mu.Unlock()
 			if s.firstChecksTimer != nil {
 				s.rebuildLocked()
+				// A new primary whose first probe is still out (a timeout
+				// above the wait's 2 s) left the new route on the
+				// backups, and only its failing fall probes would tell.
+				s.warnIfOnBackupsLocked()
 			}
 		})
 		s.firstChecksTimer = timer
@@ -586,6 +590,12 @@ func (s *Service) stopFirstChecksWait() {
 func (s *Service) startedOnBackups() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.warnIfOnBackupsLocked()
+}
+
+// warnIfOnBackupsLocked warns, once per stay, when the published route is on
+// the backups. s.mu is held.
+func (s *Service) warnIfOnBackupsLocked() {
 	r := s.route.Load()
 	if !r.backups {
 		return
