@@ -64,8 +64,8 @@ type Batch struct {
 	control []byte
 	runEnd  []int
 	// segmentBelow: runs of datagrams this size or larger go unsegmented,
-	// after the kernel refused to segment that size (EINVAL: larger than
-	// the route's MTU allows); 0 for no bound.
+	// after the kernel refused to segment that size (EMSGSIZE, EINVAL on
+	// older kernels: larger than the route's MTU allows); 0 for no bound.
 	segmentBelow int
 }
 
@@ -344,9 +344,11 @@ func (b *Batch) SendOne(fd, from, to int, noAddr bool) (int, error) {
 		}
 		if e != 0 {
 			start := slotsBefore(sentRuns)
-			if b.runEnd[sentRuns]-start > 1 && (e == unix.EINVAL || e == unix.EIO) {
-				// EINVAL: the run's size does not fit the route's MTU
-				// unfragmented; EIO: the path cannot segment at all.
+			if b.runEnd[sentRuns]-start > 1 && (e == unix.EMSGSIZE || e == unix.EINVAL || e == unix.EIO) {
+				// EMSGSIZE (EINVAL on older kernels): the run's size does
+				// not fit the route's MTU unfragmented; EINVAL: the socket
+				// cannot segment (no UDP checksums); EIO: the path cannot
+				// segment at all (IPsec, UDP-Lite).
 				if e == unix.EIO {
 					b.segment = false
 				} else {

@@ -220,9 +220,9 @@ func TestBatchLinkLocalZone(t *testing.T) {
 // groReceiver is a socket that takes segmented sends whole (UDP_GRO): each
 // read is one send of the sender, with the segment size it was cut by, which
 // shows how the datagrams travelled.
-func groReceiver(t *testing.T) (netip.AddrPort, func() (n, segment int)) {
+func groReceiver(t *testing.T, addr string) (netip.AddrPort, func() (n, segment int)) {
 	t.Helper()
-	c, rc := listen(t, "127.0.0.1:0")
+	c, rc := listen(t, addr)
 	var err error
 	rc.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_UDP, unix.UDP_GRO, 1) })
 	if err != nil {
@@ -314,7 +314,7 @@ func TestSendOneSegmentsRuns(t *testing.T) {
 // The runs travel as one packet each: a receiver that takes them whole
 // (UDP_GRO) reads 6 sends for the 10 datagrams, cut as SendOne grouped them.
 func TestSendOneSendsARunAsOnePacket(t *testing.T) {
-	to, read := groReceiver(t)
+	to, read := groReceiver(t, "127.0.0.1:0")
 	_, rc := listen(t, "127.0.0.1:0")
 	b := NewBatch(len(segmentSizes), 0, false)
 	if !b.Segment() {
@@ -370,7 +370,7 @@ func TestSendOneFallsBackWhenRefused(t *testing.T) {
 
 // More equal datagrams than one send may carry make several runs.
 func TestSendOneSplitsLongRuns(t *testing.T) {
-	to, read := groReceiver(t)
+	to, read := groReceiver(t, "127.0.0.1:0")
 	_, rc := listen(t, "127.0.0.1:0")
 	const n = maxSegments + 10
 	b := NewBatch(n, 0, false)
@@ -391,5 +391,93 @@ func TestSendOneSplitsLongRuns(t *testing.T) {
 	send := func(fd uintptr) { b.SendOne(int(fd), 0, n, false) }
 	if allocs := testing.AllocsPerRun(50, func() { rc.Control(send) }); allocs != 0 {
 		t.Errorf("SendOne allocates %v times", allocs)
+	}
+}
+
+// pathMTUAddr is a loopback address of these tests' own, for which they
+// make the kernel learn a path MTU of pathMTU: it keeps a learned MTU for
+// 10 minutes (net.ipv4.route.mtu_expires), which on 127.0.0.1 would make
+// every later test's and benchmark's large datagrams fragment.
+const (
+	pathMTUAddr = "127.0.0.94"
+	pathMTU     = 1200
+)
+
+// fragmentationNeeded sends, over loopback, the ICMP fragmentation needed
+// (next-hop MTU pathMTU) a router would send about a datagram of c, a
+// socket connected to pathMTUAddr, and returns once c has it as a pending
+// error (EMSGSIZE) and the kernel has learned the MTU. Needs CAP_NET_RAW.
+func fragmentationNeeded(t *testing.T, c *net.UDPConn) {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP)
+	if err != nil {
+		t.Fatalf("raw socket (needs CAP_NET_RAW): %v", err)
+	}
+	defer unix.Close(fd)
+	src, dst := c.LocalAddr().(*net.UDPAddr).AddrPort(), c.RemoteAddr().(*net.UDPAddr).AddrPort()
+	s4, d4 := src.Addr().As4(), dst.Addr().As4()
+	msg := []byte{3, 4, 0, 0, 0, 0, pathMTU >> 8, pathMTU & 0xff, // type, code, checksum, unused, MTU
+		0x45, 0, 0, 128, 0, 0, 0x40, 0, 64, 17, 0, 0, // the datagram's IPv4 header
+		s4[0], s4[1], s4[2], s4[3], d4[0], d4[1], d4[2], d4[3],
+		byte(src.Port() >> 8), byte(src.Port()), byte(dst.Port() >> 8), byte(dst.Port()), 0, 108, 0, 0}
+	var sum uint32
+	for i := 0; i < len(msg); i += 2 {
+		sum += uint32(msg[i])<<8 | uint32(msg[i+1])
+	}
+	sum = sum&0xffff + sum>>16
+	sum += sum >> 16
+	binary.BigEndian.PutUint16(msg[2:], ^uint16(sum))
+	if err := unix.Sendto(fd, msg, 0, &unix.SockaddrInet4{Addr: s4}); err != nil {
+		t.Fatal(err)
+	}
+	rc, _ := c.SyscallConn()
+	pending := []unix.PollFd{{}}
+	rc.Control(func(fd uintptr) {
+		// Any poll reports a pending error as POLLERR.
+		pending[0].Fd = int32(fd)
+		_, err = unix.Poll(pending, 1000)
+	})
+	if err != nil || pending[0].Revents&unix.POLLERR == 0 {
+		t.Fatalf("no error pending a second after the ICMP: %v", err)
+	}
+}
+
+// A run whose size the route's MTU does not allow unfragmented, which the
+// kernel refuses to segment (EMSGSIZE; EINVAL on older kernels), goes
+// out datagram by datagram, fragmented, as Send would send it; a later run
+// of a smaller size is still segmented.
+func TestSendOneFallsBackAboveThePathMTU(t *testing.T) {
+	to, read := groReceiver(t, pathMTUAddr+":0")
+	probe, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	fragmentationNeeded(t, probe)
+	_, rc := listen(t, "127.0.0.1:0")
+	b := NewBatch(7, 0, false)
+	if !b.Segment() {
+		t.Fatal("the kernel has no UDP_SEGMENT (Linux 4.18)")
+	}
+	for i := range 7 {
+		b.Bufs[i] = make([]byte, pathMTU+100)
+		if i >= 4 {
+			b.Bufs[i] = make([]byte, pathMTU-100)
+		}
+	}
+	b.SetAddr(0, to)
+	var sent int
+	rc.Control(func(fd uintptr) { sent, err = b.SendOne(int(fd), 0, 7, false) })
+	if sent != 7 || err != nil {
+		t.Fatalf("sent %d of 7: %v", sent, err)
+	}
+	var got []string
+	for range 5 {
+		n, segment := read()
+		got = append(got, fmt.Sprintf("%d/%d", n, segment))
+	}
+	want := []string{"1300/0", "1300/0", "1300/0", "1300/0", "3300/1100"}
+	if !slices.Equal(got, want) {
+		t.Errorf("sends (bytes/segment size) %v, want %v", got, want)
 	}
 }
