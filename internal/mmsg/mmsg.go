@@ -333,6 +333,7 @@ func (b *Batch) SendOne(fd, from, to int, noAddr bool) (int, error) {
 		}
 		return b.runEnd[run-1]
 	}
+	retried := false
 	for sentRuns < runs {
 		r, _, e := unix.RawSyscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&b.hdrs[from+sentRuns])),
 			uintptr(runs-sentRuns), unix.MSG_DONTWAIT, 0, 0)
@@ -344,7 +345,15 @@ func (b *Batch) SendOne(fd, from, to int, noAddr bool) (int, error) {
 		}
 		if e != 0 {
 			start := slotsBefore(sentRuns)
-			if b.runEnd[sentRuns]-start > 1 && (e == unix.EMSGSIZE || e == unix.EINVAL || e == unix.EIO) {
+			segmented := b.runEnd[sentRuns]-start > 1
+			if segmented && e == unix.EMSGSIZE && !retried {
+				// A connected socket reports an ICMP fragmentation needed
+				// once, on its next send, whatever that send's size: only
+				// a second EMSGSIZE is the kernel refusing this run.
+				retried = true
+				continue
+			}
+			if segmented && (e == unix.EMSGSIZE || e == unix.EINVAL || e == unix.EIO) {
 				// EMSGSIZE (EINVAL on older kernels): the run's size does
 				// not fit the route's MTU unfragmented; EINVAL: the socket
 				// cannot segment (no UDP checksums); EIO: the path cannot

@@ -481,3 +481,36 @@ func TestSendOneFallsBackAboveThePathMTU(t *testing.T) {
 		t.Errorf("sends (bytes/segment size) %v, want %v", got, want)
 	}
 }
+
+// A connected socket reports an ICMP error once, on its next send, whatever
+// that send is: the fragmentation needed that a larger datagram earlier met
+// is no refusal to segment a run of small ones, which still goes as one
+// packet.
+func TestSendOneSegmentsAfterAPendingError(t *testing.T) {
+	to, read := groReceiver(t, pathMTUAddr+":0")
+	c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fragmentationNeeded(t, c)
+	b := NewBatch(4, 0, false)
+	if !b.Segment() {
+		t.Fatal("the kernel has no UDP_SEGMENT (Linux 4.18)")
+	}
+	for i := range 4 {
+		b.Bufs[i] = make([]byte, 100)
+	}
+	rc, _ := c.SyscallConn()
+	var sent int
+	rc.Control(func(fd uintptr) { sent, err = b.SendOne(int(fd), 0, 4, true) })
+	if sent != 4 || err != nil {
+		t.Fatalf("sent %d of 4: %v", sent, err)
+	}
+	if n, segment := read(); n != 400 || segment != 100 {
+		t.Errorf("read a send of %d bytes in segments of %d, want 400 in segments of 100", n, segment)
+	}
+	if b.segmentBelow != 0 {
+		t.Errorf("segmentBelow = %d after a pending error, want 0 (no bound)", b.segmentBelow)
+	}
+}
