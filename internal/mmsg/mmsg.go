@@ -275,6 +275,12 @@ var segmentationSupported = sync.OnceValue(func() bool {
 // unsegmented from then on.
 func (b *Batch) SendOne(fd, from, to int, noAddr bool) (int, error) {
 	if !b.segment {
+		if !noAddr {
+			// Send reads each slot's address.
+			for i := from + 1; i < to; i++ {
+				b.addrs[i] = b.addrs[from]
+			}
+		}
 		return b.Send(fd, from, to, noAddr)
 	}
 	// Run g's header is hdrs[from+g]: a run starts at a slot at or after

@@ -514,3 +514,59 @@ func TestSendOneSegmentsAfterAPendingError(t *testing.T) {
 		t.Errorf("segmentBelow = %d after a pending error, want 0 (no bound)", b.segmentBelow)
 	}
 }
+
+// SendOne sends every slot to slot from's address also where it does not
+// segment: after the path refused to segment at all (EIO, here for a
+// UDP-Lite socket), and in a batch that was never told to (Segment).
+func TestSendOneAddressesAllAsSlotFrom(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		proto   int
+		segment bool
+	}{
+		{name: "refused", proto: unix.IPPROTO_UDPLITE, segment: true},
+		{name: "unsegmented", proto: unix.IPPROTO_UDP},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			socket := func() int {
+				fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, tc.proto)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { unix.Close(fd) })
+				if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+					t.Fatal(err)
+				}
+				return fd
+			}
+			srv, cli := socket(), socket()
+			sa, err := unix.Getsockname(srv)
+			if err != nil {
+				t.Fatal(err)
+			}
+			to := netip.AddrPortFrom(netip.AddrFrom4(sa.(*unix.SockaddrInet4).Addr), uint16(sa.(*unix.SockaddrInet4).Port))
+			b := NewBatch(4, 0, false)
+			if tc.segment && !b.Segment() {
+				t.Fatal("the kernel has no UDP_SEGMENT (Linux 4.18)")
+			}
+			for i := range 4 {
+				b.Bufs[i] = []byte("same size")
+			}
+			b.SetAddr(0, to)
+			if sent, err := b.SendOne(cli, 0, 4, false); sent != 4 || err != nil {
+				t.Errorf("sent %d of 4: %v", sent, err)
+			}
+			unix.SetsockoptTimeval(srv, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 1})
+			buf := make([]byte, 64)
+			for i := range 4 {
+				n, _, err := unix.Recvfrom(srv, buf, 0)
+				if err != nil {
+					t.Fatalf("datagram %d: %v", i, err)
+				}
+				if string(buf[:n]) != "same size" {
+					t.Fatalf("datagram %d: %q", i, buf[:n])
+				}
+			}
+		})
+	}
+}
