@@ -238,7 +238,8 @@ func (b *Batch) Segment() bool {
 
 const (
 	// maxSegments is how many datagrams one segmented send may carry
-	// (UDP_MAX_SEGMENTS: 64 on every kernel with UDP_SEGMENT).
+	// (UDP_MAX_SEGMENTS: 64, raised to 128 by later kernels, 6.18 among
+	// them; the smaller holds on all).
 	maxSegments = 64
 	// maxSegmentedBytes bounds a run's bytes: before segmentation it is
 	// one IP packet, so its payload is at most 65507 bytes (IPv4, no
