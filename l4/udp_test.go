@@ -925,6 +925,46 @@ func firstBackendRead(t *testing.T) string {
 	return fmt.Sprintf("%d bytes in segments of %d", n, segment)
 }
 
+// A batch of a client's datagrams larger than the path MTU to the backend
+// (learned from an ICMP fragmentation needed) reaches the backend whole,
+// fragmented as single datagrams are: the kernel refuses to segment them
+// (EMSGSIZE), and SendOne took that for each datagram's error, so that
+// udpSend dropped all but the last of the run.
+func TestUDPFlowSendsABatchAboveThePathMTU(t *testing.T) {
+	// The kernel keeps the MTU it learns for 10 minutes: an address of this
+	// test's own, as in TestUDPFragmentationNeededKeepsFlow.
+	echo := newUDPEchoOn(t, "a", netip.MustParseAddr("127.0.0.94"))
+	probe, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(echo.addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	sendICMPUnreach(t, 4, 1200, probe.LocalAddr().(*net.UDPAddr).AddrPort(), echo.addr)
+	probe.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := probe.Read(make([]byte, 1)); !errors.Is(err, syscall.EMSGSIZE) {
+		t.Fatalf("the probe's pending error is %v, want EMSGSIZE: no MTU learned", err)
+	}
+	cfg := udpConfig(echo.addr)
+	cfg.Workers = 1
+	svc, p := newUDPService(t, cfg)
+	// Queued before the worker runs, so that its first read takes all four.
+	client := newUDPClient(t, cfg.Listen)
+	for range 4 {
+		if _, err := client.conn.WriteToUDPAddrPort(bytes.Repeat([]byte("x"), 1300), cfg.Listen); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.start()
+	for i := range 4 {
+		select {
+		case <-echo.peers:
+		case <-time.After(2 * time.Second):
+			st, _ := svc.UDPStats()
+			t.Fatalf("the backend got %d of 4 datagrams; stats %+v", i, st)
+		}
+	}
+}
+
 // ICMP fragmentation needed (a router on a lower-MTU path to the backend)
 // reaches the flow's socket as EMSGSIZE (IP_PMTUDISC_WANT is the default):
 // the kernel has learned the path MTU and fragments from then on, so the
