@@ -3,11 +3,12 @@
 
 GO       ?= go
 PKGS_UNIT = $(shell $(GO) list ./... | grep -v /integration)
-# Debian packages the tests and the benchmark use, as "command:package".
+# Debian packages the tests, the benchmark and the soak use, as "command:package".
 TEST_TOOLS  = ip:iproute2 iperf3:iperf3 ncat:ncat nft:nftables redis-server:redis-server redis-cli:redis-tools nstat:iproute2 ss:iproute2 prlimit:util-linux strace:strace useradd:passwd
 BENCH_TOOLS = haproxy:haproxy nginx:nginx redis-benchmark:redis-tools iperf3:iperf3
+SOAK_TOOLS  = redis-server:redis-server redis-benchmark:redis-tools iperf3:iperf3 jq:jq curl:curl ss:iproute2
 
-.PHONY: all build run test test-unit test-integration deps bench splice-proof fuzz clean
+.PHONY: all build run test test-unit test-integration deps bench soak splice-proof fuzz clean
 
 all: build
 
@@ -39,6 +40,13 @@ bench: build
 	@./scripts/install-deps.sh $(BENCH_TOOLS)
 	./scripts/bench.sh
 	./scripts/bench-udp.sh
+
+# A leak check under SOAK_MINUTES (default 10) of mixed load with reloads and
+# backend kills; not part of `make test`. Exits 1 naming what l4lb did not
+# give back.
+soak: build
+	@./scripts/install-deps.sh $(SOAK_TOOLS)
+	./scripts/soak.sh
 
 # Fuzzes each target for FUZZTIME (go test -fuzz runs one target at a
 # time). New crashers land in the package's testdata/fuzz/, where `make
