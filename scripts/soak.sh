@@ -134,6 +134,9 @@ loop_idle() {
 	while ((EPOCHSECONDS < LOAD_END)); do
 		n=$((100 + RANDOM % 300))
 		started=$SECONDS
+		# Emptied here, not by the redirection below: that happens in the
+		# child, and the wait could read the last hold's "ready" first.
+		: >"$SOAK_TMP/idle.out"
 		"$SOAK_BIN/idleconns" hold -connect "$LOCALHOST:$P_IDLE" -n "$n" -timeout 20s >"$SOAK_TMP/idle.out" 2>&1 &
 		pid=$!
 		# Until ready, or until hold gives up (-timeout) and says why.
