@@ -546,20 +546,7 @@ listen = %q
 func TestBackupStartOnBackupsWarns(t *testing.T) {
 	primary := newSlowBackend(t) // its connects hang: the probe times out
 	backup := startEcho(t)
-	var listen = ownAddr("127.88.11.5:7000")
-	srv, logs := loggedServer(t, fmt.Sprintf(`[services.db]
-listen = %q
-  [services.db.health]
-  kind = "tcp"
-  interval = "10s"
-  timeout = "300ms"
-  fall = 3
-  [[services.db.backends]]
-  address = %q
-  [[services.db.backends]]
-  address = %q
-  backup = true
-`, listen, primary.addr, backup))
+	srv, logs := loggedServer(t, primaryAndBackup(ownAddr("127.88.11.5:7000"), "300ms", primary.addr, backup))
 	t.Cleanup(srv.Shutdown)
 	if r := srv.Services()[0].route.Load(); !r.backups {
 		t.Fatalf("started on %v, want the backup", routed(srv.Services()[0]))
@@ -578,36 +565,36 @@ func TestBackupReloadPastTheFirstChecksWaitWarns(t *testing.T) {
 	primary, backup := startEcho(t), startEcho(t)
 	unanswering := newSlowBackend(t) // its connects hang: the probe times out
 	listen := ownAddr("127.88.11.6:7000")
-	configFor := func(primary netip.AddrPort) *config.Config {
-		cfg, err := config.Parse([]byte(fmt.Sprintf(`[services.db]
+	srv, logs := loggedServer(t, primaryAndBackup(listen, "3s", primary, backup))
+	t.Cleanup(srv.Shutdown)
+	s := srv.Services()[0]
+	eventually(t, "the primary routed", func() bool { return sameAddrs(routed(s), primary) })
+	next, err := config.Parse([]byte(primaryAndBackup(listen, "3s", unanswering.addr, backup)), "test.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Apply(context.Background(), next); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the backup routed once the wait is over", func() bool { return s.route.Load().backups })
+	wantLog(t, logs, "no usable primary backend: routing to 1 backups")
+}
+
+// primaryAndBackup is the config of a service db on listen with one
+// primary and one backup, probed by TCP connects every 10 s with timeout,
+// down after 3 failures.
+func primaryAndBackup(listen, timeout string, primary, backup netip.AddrPort) string {
+	return fmt.Sprintf(`[services.db]
 listen = %q
   [services.db.health]
   kind = "tcp"
   interval = "10s"
-  timeout = "3s"
+  timeout = %q
   fall = 3
   [[services.db.backends]]
   address = %q
   [[services.db.backends]]
   address = %q
   backup = true
-`, listen, primary, backup)), "test.toml")
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cfg
-	}
-	logs := new(lockedBuffer)
-	srv := NewServer(hclog.New(&hclog.LoggerOptions{Output: logs}))
-	t.Cleanup(srv.Shutdown)
-	if _, err := srv.Apply(context.Background(), configFor(primary)); err != nil {
-		t.Fatal(err)
-	}
-	s := srv.Services()[0]
-	eventually(t, "the primary routed", func() bool { return sameAddrs(routed(s), primary) })
-	if _, err := srv.Apply(context.Background(), configFor(unanswering.addr)); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "the backup routed once the wait is over", func() bool { return s.route.Load().backups })
-	wantLog(t, logs, "no usable primary backend: routing to 1 backups")
+`, listen, timeout, primary, backup)
 }
