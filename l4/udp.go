@@ -634,12 +634,21 @@ type udpProxy struct {
 	lastOpenErrLog atomic.Int64
 }
 
-// udpSegmentation says whether UDP services send runs of datagrams as one
-// segmented send: yes, unless the environment has L4LB_UDP_GSO=off. The
-// kernel falls back to plain sends by itself where a path cannot segment;
-// the switch is for a network driver that segments wrongly, a bug seen in
-// the wild for UDP segmentation offload, until it is fixed.
-func udpSegmentation() bool { return os.Getenv("L4LB_UDP_GSO") != "off" }
+// UDPSegmentation says whether UDP services send runs of datagrams as one
+// segmented send, and if not, why: the environment has L4LB_UDP_GSO=off,
+// or the kernel is older than 4.18. The kernel falls back to plain sends by
+// itself where a path cannot segment; the switch is for a network driver
+// that segments wrongly, a bug seen in the wild for UDP segmentation
+// offload, until it is fixed.
+func UDPSegmentation() (on bool, why string) {
+	if os.Getenv("L4LB_UDP_GSO") == "off" {
+		return false, "L4LB_UDP_GSO=off"
+	}
+	if !mmsg.SegmentationSupported() {
+		return false, "the kernel has no UDP_SEGMENT (Linux 4.18)"
+	}
+	return true, ""
+}
 
 // newUDPProxy returns the proxy of svc over conns, a SO_REUSEPORT group,
 // and makes it svc's UDP side (Service.UDPStats). Call start to serve.
@@ -647,7 +656,7 @@ func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy
 	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1), dial: dialUDP}
 	// The sockets of a group share their family; replies are addressed in it.
 	inet6 := len(conns) > 0 && isInet6(conns[0])
-	segment := udpSegmentation()
+	segment, _ := UDPSegmentation()
 	p.replyBatches.New = func() any { return newUDPSend(mmsg.NewBatch(udpReplyBatch, udpBufSize, inet6), false, segment) }
 	for _, c := range conns {
 		// SyscallConn fails only for a nil conn.

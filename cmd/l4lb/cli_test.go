@@ -330,3 +330,35 @@ func TestRunStopsGracefullyOnSIGQUIT(t *testing.T) {
 	run.waitLog(t, "stopping: no new connections; open ones may finish within drain_timeout: signal=quit", time.Second)
 	run.waitLog(t, "l4lb: stopped", time.Second)
 }
+
+// At start l4lb says whether its UDP services send runs of datagrams as one
+// segmented send: yes, unless L4LB_UDP_GSO=off; a config without a UDP
+// service says nothing of it.
+func TestRunSaysWhetherUDPSegments(t *testing.T) {
+	for _, tc := range []struct {
+		name, gso, protocol, health, want string
+	}{
+		{"udp", "", "udp", "\n[services.demo.health]\nkind = \"none\"", "as one segmented send (UDP GSO)"},
+		{"udp, L4LB_UDP_GSO=off", "off", "udp", "\n[services.demo.health]\nkind = \"none\"", "no segmentation: reason=L4LB_UDP_GSO=off"},
+		{"tcp only", "", "tcp", "", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("L4LB_UDP_GSO", tc.gso)
+			path := filepath.Join(t.TempDir(), "l4lb.toml")
+			text := fmt.Sprintf("[admin]\nlisten = \"\"\n[services.demo]\nlisten = \"127.0.0.1:%d\"\nprotocol = %q%s\n[[services.demo.backends]]\naddress = \"127.0.0.1:9\"\n",
+				testPort(t), tc.protocol, tc.health)
+			if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			run := startRun(t, "-config", path)
+			if tc.want != "" {
+				run.waitLog(t, tc.want, 10*time.Second)
+				return
+			}
+			run.waitLog(t, "l4lb: ready:", 10*time.Second)
+			if strings.Contains(run.log(), "UDP datagrams") {
+				t.Errorf("a config without UDP services logged of UDP segmentation:\n%s", run.log())
+			}
+		})
+	}
+}

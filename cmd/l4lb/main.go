@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
@@ -241,6 +242,13 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Warn("io_uring is unavailable: TCP reads and writes go one system call each, which costs CPU per message", "error", err)
 	} else {
 		log.Info("TCP reads and writes go one system call each (-no-io-uring)")
+	}
+	if slices.ContainsFunc(cfg.Services, func(sc config.Service) bool { return sc.Protocol == config.UDP }) {
+		if on, why := l4.UDPSegmentation(); on {
+			log.Info("UDP datagrams of a batch to one destination go as one segmented send (UDP GSO)")
+		} else {
+			log.Info("UDP datagrams go one by one: no segmentation", "reason", why)
+		}
 	}
 	srv := l4.NewServer(log)
 	// The shortfall last warned of: start and each reload share it (reloads

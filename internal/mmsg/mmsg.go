@@ -251,6 +251,10 @@ const (
 // cmsghdr and the uint16 segment size, aligned.
 var segmentControlSpace = unix.CmsgSpace(2)
 
+// SegmentationSupported says whether the kernel knows UDP_SEGMENT, which
+// Segment needs.
+func SegmentationSupported() bool { return segmentationSupported() }
+
 // segmentationSupported says whether the kernel knows UDP_SEGMENT. An older
 // kernel ignores control messages of a level it does not know, and would
 // send a whole run as one datagram, so the option is asked for first.
