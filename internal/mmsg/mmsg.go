@@ -288,8 +288,8 @@ func (b *Batch) SendOne(fd, from, to int, noAddr bool) (int, error) {
 		}
 		return b.Send(fd, from, to, noAddr)
 	}
-	// Run g's header is hdrs[from+g]: a run starts at a slot at or after
-	// from+g, so a header never overwrites a slot's address in use.
+	// Run g's header is hdrs[from+g]: there are no more runs than slots, so
+	// the headers stay within [from, to), as Send's do.
 	b.runEnd = b.runEnd[:0]
 	for i := from; i < to; {
 		size := len(b.Bufs[i])
