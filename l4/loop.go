@@ -562,8 +562,11 @@ func (h *timerHeap) Pop() any {
 type acceptor struct {
 	loop *eventLoop
 	fd   int
-	addr netip.AddrPort
-	svc  *Service
+	// listenFD is fd as it was given, never changed: the control side
+	// reads it (ListenSockets) while the loop owns fd.
+	listenFD int
+	addr     netip.AddrPort
+	svc      *Service
 	// gate bounds the connections open over all services (limits.go).
 	gate *connGate
 	slot int32
@@ -626,7 +629,12 @@ func (l *eventLoop) startAcceptor(a *acceptor) {
 // stopAcceptor closes a's socket; on the loop.
 func (l *eventLoop) stopAcceptor(a *acceptor) {
 	if a.fd >= 0 {
-		unix.Close(a.fd) // which takes it out of the epoll set
+		// Closing fd alone would leave it in the epoll set while another
+		// descriptor of the socket is open: the one an upgrade passed to
+		// the next l4lb, which keeps accepting from it.
+		var ev unix.EpollEvent
+		rawEpollCtl(l.epfd, unix.EPOLL_CTL_DEL, a.fd, &ev)
+		unix.Close(a.fd)
 		a.fd = -1
 	}
 	if a.held.FD >= 0 {

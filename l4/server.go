@@ -62,10 +62,13 @@ type Server struct {
 	// would join the same SO_REUSEPORT group, and the clients the kernel
 	// hashed to the draining ones would be refused.
 	retiringUDP map[socketKey]*runningService
-	current     *config.Config
-	version     uint64
-	loaded      time.Time
-	closed      bool
+	// inherited holds the listening sockets passed by the l4lb this one
+	// took over from (Adopt), until the first Apply takes or closes them.
+	inherited map[socketKey][]int
+	current   *config.Config
+	version   uint64
+	loaded    time.Time
+	closed    bool
 }
 
 type socketKey struct {
@@ -166,6 +169,9 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 	fresh := make(map[socketKey][]boundSocket)
 	extra := make(map[socketKey][]boundSocket)
 	freshUDP := make(map[socketKey][]*net.UDPConn)
+	// freshUID is the user that bound fresh sockets inherited from the
+	// l4lb this one took over from; the others are bound now, as geteuid.
+	freshUID := make(map[socketKey]int)
 	undo := func() {
 		for _, lns := range fresh {
 			closeBound(lns)
@@ -187,7 +193,16 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			// A running UDP service keeps its socket group as it is: see
 			// the workers note in phase 2.
 			if old == nil && srv.retiringUDP[key] == nil {
-				conns, err := listener.ListenUDP(ctx, sc.Listen, sc.Workers)
+				// Inherited sockets are the whole group, as a running
+				// service's are: the l4lb that passed them reads them no
+				// more, so one left out would lose what reaches it.
+				conns, err := srv.adoptUDP(key)
+				if err == nil && len(conns) == 0 {
+					conns, err = listener.ListenUDP(ctx, sc.Listen, sc.Workers)
+				} else if err == nil && len(conns) != sc.Workers {
+					srv.log.Info("workers of a udp service change at a restart that is not an upgrade: the inherited sockets are kept as they are",
+						"service", sc.Name, "sockets", len(conns), "workers", sc.Workers)
+				}
 				if err != nil {
 					undo()
 					return change, fmt.Errorf("services.%s.listen: %w", sc.Name, err)
@@ -197,7 +212,25 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			continue
 		}
 		need := sc.Workers
-		if old != nil {
+		if old == nil && len(srv.inherited[key]) > 0 {
+			// All of them: the l4lb that passed them stops accepting
+			// once this one is ready, and a socket left out would strand
+			// the clients queued on it.
+			adopted, uid := srv.adoptTCP(key)
+			fresh[key] = adopted
+			freshUID[key] = uid
+			need -= len(adopted)
+			if euid := srv.geteuid(); need > 0 && uid != euid {
+				undo()
+				return change, fmt.Errorf("services.%s.workers: %d inherited sockets, %d workers: with process.user, workers can be raised only at a restart that is not an upgrade: "+
+					"the service's sockets were bound as uid %d, l4lb now runs as uid %d, and the kernel adds sockets to a SO_REUSEPORT group only for the user that bound it",
+					sc.Name, len(adopted), sc.Workers, uid, euid)
+			}
+			if len(adopted) > sc.Workers {
+				srv.log.Info("workers lowered: keeping the inherited sockets until a restart that is not an upgrade",
+					"service", sc.Name, "sockets", len(adopted), "workers", sc.Workers)
+			}
+		} else if old != nil {
 			need = sc.Workers - len(old.listeners)
 			if uid := srv.geteuid(); need > 0 && uid != old.uid {
 				// process.user: the sockets were bound before the switch.
@@ -220,9 +253,10 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		if old != nil {
 			extra[key] = lns
 		} else {
-			fresh[key] = lns
+			fresh[key] = append(fresh[key], lns...)
 		}
 	}
+	srv.closeInherited()
 
 	// Phase 2: publish. Only in-memory swaps from here on: nothing fails.
 	summary := describeChange(srv.current, cfg)
@@ -262,7 +296,11 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 			continue
 		}
 		if lns, ok := fresh[key]; ok {
-			rs := &runningService{svc: srv.newService(sc), cfg: sc, uid: srv.geteuid(), firstLoop: loops().reserve(len(lns))}
+			uid, ok := freshUID[key]
+			if !ok {
+				uid = srv.geteuid()
+			}
+			rs := &runningService{svc: srv.newService(sc), cfg: sc, uid: uid, firstLoop: loops().reserve(len(lns))}
 			srv.running[key] = rs
 			srv.setLive(rs, true)
 			starting = append(starting, startingService{rs, func() { srv.serve(rs, lns) }, func() { closeBound(lns) }})
@@ -599,7 +637,7 @@ func startAcceptors(set *loopSet, svc *Service, gate *connGate, lns []boundSocke
 	out := make([]*acceptor, 0, len(lns))
 	for i, b := range lns {
 		l := set.loops[(first+i)%len(set.loops)]
-		a := &acceptor{loop: l, fd: b.fd, addr: b.addr, svc: svc, gate: gate, held: listener.Conn{FD: -1}, done: running}
+		a := &acceptor{loop: l, fd: b.fd, listenFD: b.fd, addr: b.addr, svc: svc, gate: gate, held: listener.Conn{FD: -1}, done: running}
 		running.Add(1)
 		l.postAcceptor(a, false)
 		out = append(out, a)

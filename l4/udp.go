@@ -609,6 +609,11 @@ type udpProxy struct {
 	// active counts open flows over all workers, for max_flows.
 	active   atomic.Int64
 	draining atomic.Bool
+	// handedOver: another l4lb serves the listening sockets now (HandOver);
+	// the workers read them no more and only expire their flows, until
+	// stopped is closed.
+	handedOver atomic.Bool
+	stopped    chan struct{}
 	// drainWake wakes Drain when active reaches 0 while draining, or when
 	// revive takes the proxy back; capacity 1, sends never block.
 	drainWake chan struct{}
@@ -653,7 +658,7 @@ func UDPSegmentation() (on bool, why string) {
 // newUDPProxy returns the proxy of svc over conns, a SO_REUSEPORT group,
 // and makes it svc's UDP side (Service.UDPStats). Call start to serve.
 func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy {
-	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1), dial: dialUDP}
+	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1), stopped: make(chan struct{}), dial: dialUDP}
 	// The sockets of a group share their family; replies are addressed in it.
 	inet6 := len(conns) > 0 && isInet6(conns[0])
 	segment, _ := UDPSegmentation()
@@ -726,9 +731,13 @@ wait:
 		p.drainMu.Unlock()
 		return 0, false
 	}
+	closedBefore := p.closing
 	p.closing = true
 	p.drainMu.Unlock()
 	cut = p.active.Load()
+	if !closedBefore {
+		close(p.stopped)
+	}
 	for _, w := range p.workers {
 		w.conn.Close()
 	}
@@ -767,6 +776,20 @@ func (p *udpProxy) wakeDrain() {
 // goroutines have ended.
 func (p *udpProxy) Close() { p.Drain(time.Now()) }
 
+// handOver has the workers stop reading the listening sockets, which the
+// l4lb that took over reads now (Server.HandOver). A worker asleep in
+// its read is woken by the past deadline; one that sets its own deadline
+// again meanwhile reads nothing more either: readBatches checks first.
+func (p *udpProxy) handOver() {
+	p.handedOver.Store(true)
+	for _, w := range p.workers {
+		w.conn.SetReadDeadline(time.Unix(1, 0))
+	}
+}
+
+// errHandedOver ends a worker's read after handOver.
+var errHandedOver = errors.New("listening socket handed over")
+
 // openFlows is how many flows are open now.
 func (p *udpProxy) openFlows() int64 { return p.active.Load() }
 
@@ -797,6 +820,10 @@ func (s *Service) UDPStats() (UDPStats, bool) {
 func (w *udpWorker) run() {
 	defer w.p.running.Done()
 	for {
+		if w.p.handedOver.Load() {
+			w.expireHandedOver()
+			return
+		}
 		// readBatches forwards datagrams until the socket is drained, then
 		// waits in the netpoller for more (or the sweep's deadline).
 		err := w.rc.Read(w.readFn)
@@ -805,8 +832,8 @@ func (w *udpWorker) run() {
 			err = w.recvErr
 		}
 		switch {
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			// The wake-up for the sweep below.
+		case errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, errHandedOver):
+			// The wake-up for the sweep below, or for the loop's check.
 		case errors.Is(err, net.ErrClosed):
 			w.closeAll()
 			return
@@ -823,6 +850,26 @@ func (w *udpWorker) run() {
 	}
 }
 
+// expireHandedOver runs a worker whose listening socket another l4lb
+// reads now: its flows still pass replies to their clients, and it
+// removes them as they idle out, until the drain ends (stopped).
+func (w *udpWorker) expireHandedOver() {
+	for {
+		now := monotonicNow()
+		if now >= w.nextSweep {
+			w.sweep(now)
+		}
+		timer := time.NewTimer(time.Duration(w.nextSweep - now))
+		select {
+		case <-w.p.stopped:
+			timer.Stop()
+			w.closeAll()
+			return
+		case <-timer.C:
+		}
+	}
+}
+
 // readBatches is the RawConn.Read callback of the listen socket: it reads
 // up to udpBatch datagrams per recvmmsg and forwards them, until the socket
 // is drained (false: wait for more) or a receive fails (true, with
@@ -831,6 +878,10 @@ func (w *udpWorker) run() {
 // read that returns EAGAIN.
 func (w *udpWorker) readBatches(fd uintptr) bool {
 	for {
+		if w.p.handedOver.Load() {
+			w.recvErr = errHandedOver
+			return true
+		}
 		n, err := w.in.Recv(int(fd))
 		if err == unix.EAGAIN {
 			return false

@@ -1,0 +1,250 @@
+package l4
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/l4lb/l4lb/config"
+)
+
+// listeningSockets counts the TCP sockets in LISTEN on port, whatever
+// process or descriptor holds them.
+func listeningSockets(t *testing.T, port uint16) int {
+	t.Helper()
+	n := 0
+	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		f, err := os.Open(table)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fields := strings.Fields(sc.Text())
+			if len(fields) < 4 || fields[3] != "0A" {
+				continue
+			}
+			_, hexPort, _ := strings.Cut(fields[1], ":")
+			if p, err := strconv.ParseUint(hexPort, 16, 16); err == nil && uint16(p) == port {
+				n++
+			}
+		}
+		f.Close()
+	}
+	return n
+}
+
+func parseConfig(t *testing.T, text string) *config.Config {
+	t.Helper()
+	cfg, err := config.Parse([]byte(text), "handover.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// TestUpgradeTakesOverTCPSockets passes a running server's listening
+// sockets to a second server, as an upgrade passes them to the new
+// process: the second serves from the same sockets (no new socket
+// listens), the first drains its open connection while clients keep
+// connecting, and its stop leaves the sockets listening.
+func TestUpgradeTakesOverTCPSockets(t *testing.T) {
+	echo, listen := startEcho(t), freeLoopbackPort(t)
+	cfg := parseConfig(t, fmt.Sprintf(`
+[services.pg]
+listen = %q
+workers = 2
+drain_timeout = "10s"
+[[services.pg.backends]]
+address = %q
+`, listen, echo))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	open, err := net.Dial("tcp", listen.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	roundTrip(t, open, "before the upgrade")
+
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(socks) != 2 {
+		t.Fatalf("%d listening sockets passed on, want the service's 2: %v", len(socks), socks)
+	}
+	for _, s := range socks {
+		got, err := InheritedSocket(s.FD)
+		if err != nil || got.Protocol != config.TCP || got.Listen != listen {
+			t.Fatalf("InheritedSocket(%d) = %+v, %v; want tcp %s", s.FD, got, err, listen)
+		}
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	if n := listeningSockets(t, listen.Port()); n != 2 {
+		t.Fatalf("%d sockets listen on port %d after the successor started, want the same 2", n, listen.Port())
+	}
+
+	stopped := make(chan struct{})
+	go func() {
+		old.HandOver()
+		old.Shutdown()
+		close(stopped)
+	}()
+	for i := range 50 {
+		c, err := net.Dial("tcp", listen.String())
+		if err != nil {
+			t.Fatalf("connection %d during the old server's drain: %v", i, err)
+		}
+		roundTrip(t, c, fmt.Sprintf("during the drain %d", i))
+		c.Close()
+	}
+	roundTrip(t, open, "its connection still served by the old server")
+	select {
+	case <-stopped:
+		t.Fatal("the old server stopped while its connection was open")
+	default:
+	}
+	open.Close()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the old server did not stop once its last connection closed")
+	}
+	if n := listeningSockets(t, listen.Port()); n != 2 {
+		t.Fatalf("%d sockets listen on port %d after the old server stopped, want 2", n, listen.Port())
+	}
+	for i := range 50 {
+		c, err := net.Dial("tcp", listen.String())
+		if err != nil {
+			t.Fatalf("connection %d after the old server stopped: %v", i, err)
+		}
+		roundTrip(t, c, fmt.Sprintf("after %d", i))
+		c.Close()
+	}
+}
+
+// TestUpgradeTakesOverUDPSockets passes a UDP service's sockets to a
+// second server: after HandOver the first reads no more datagrams (the
+// second answers every one), but a reply its flow still owed reaches the
+// client; its flows then idle out and it stops, leaving the sockets to
+// the second.
+func TestUpgradeTakesOverUDPSockets(t *testing.T) {
+	backend, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { backend.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := backend.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			reply := append([]byte("b:"), buf[:n]...)
+			if strings.HasPrefix(string(buf[:n]), "slow") {
+				go func() {
+					time.Sleep(300 * time.Millisecond)
+					backend.WriteToUDPAddrPort(reply, from)
+				}()
+				continue
+			}
+			backend.WriteToUDPAddrPort(reply, from)
+		}
+	}()
+	probe, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := probe.LocalAddr().(*net.UDPAddr).AddrPort()
+	probe.Close()
+	cfg := parseConfig(t, fmt.Sprintf(`
+[services.game]
+listen = %q
+protocol = "udp"
+workers = 2
+idle_timeout = "1s"
+drain_timeout = "10s"
+  [services.game.health]
+  kind = "none"
+  [[services.game.backends]]
+  address = %q
+`, listen, backend.LocalAddr()))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	client := newUDPClient(t, listen)
+	client.exchange("before the upgrade")
+
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(socks) != 2 || socks[0].Protocol != config.UDP || socks[0].Listen != listen {
+		t.Fatalf("listening sockets passed on: %+v; want the service's 2 UDP sockets on %s", socks, listen)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+
+	// The backend answers this one after the hand-over, to the old
+	// server's flow.
+	if _, err := client.conn.WriteToUDPAddrPort([]byte("slow reply"), listen); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the old server forwards it first
+	oldStats, _ := old.Services()[0].UDPStats()
+	old.HandOver()
+	stopped := make(chan struct{})
+	go func() {
+		old.Shutdown()
+		close(stopped)
+	}()
+	buf := make([]byte, 2048)
+	client.conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	n, from, err := client.conn.ReadFromUDPAddrPort(buf)
+	if err != nil || from != listen || string(buf[:n]) != "b:slow reply" {
+		t.Fatalf("the reply owed by the old server's flow: %q from %s, %v", buf[:n], from, err)
+	}
+	for i := range 20 {
+		c := client
+		if i%2 == 1 {
+			c = newUDPClient(t, listen) // a client the old server never saw
+		}
+		c.exchange(fmt.Sprintf("after the hand-over %d", i))
+	}
+	if s, _ := old.Services()[0].UDPStats(); s.DatagramsToBackend != oldStats.DatagramsToBackend {
+		t.Errorf("the old server forwarded %d datagrams after the hand-over, want 0", s.DatagramsToBackend-oldStats.DatagramsToBackend)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the old server did not stop once its flows idled out (idle_timeout 1s)")
+	}
+	for i := range 10 {
+		newUDPClient(t, listen).exchange(fmt.Sprintf("after the old server stopped %d", i))
+	}
+}
