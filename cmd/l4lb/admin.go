@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -149,6 +150,26 @@ func (a *admin) prepare(addr string) (net.Listener, error) {
 		return nil, errors.New("admin.listen: " + err.Error())
 	}
 	return ln, nil
+}
+
+// socketFile returns a duplicate of the endpoint's listening socket and
+// the admin.listen it serves, for an upgrade to pass on; nil when the
+// endpoint is off.
+func (a *admin) socketFile() (*os.File, string, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.ln == nil {
+		return nil, "", nil
+	}
+	ln, ok := a.ln.Listener.(interface{ File() (*os.File, error) })
+	if !ok {
+		return nil, "", fmt.Errorf("admin endpoint: a %T cannot be passed on", a.ln.Listener)
+	}
+	f, err := ln.File()
+	if err != nil {
+		return nil, "", fmt.Errorf("admin endpoint: %w", err)
+	}
+	return f, a.addr, nil
 }
 
 // samePort reports whether the addresses a and b have the same port, not 0.

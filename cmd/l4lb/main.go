@@ -180,6 +180,14 @@ func cmdRun(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "l4lb run: unknown -log-level %q\n", *levelFlag)
 		return 2
 	}
+	// First, before anything else takes a descriptor: the ones an upgrade
+	// passed are marked close-on-exec here.
+	inherited, err := inheritedFromEnv()
+	if err != nil {
+		fmt.Fprintf(stderr, "l4lb run: upgrade: %v\n", err)
+		return 1
+	}
+	binaryPath, binaryPathErr := ownPath()
 	// The file is watched before it is read: a change made while l4lb
 	// starts (the first health checks alone may take 2 s) is then pending
 	// once the reloads begin, rather than lost. The watch runs whatever
@@ -201,7 +209,10 @@ func cmdRun(args []string, stderr io.Writer) int {
 	}
 	var pidLock *os.File
 	if *pidfile != "" {
-		if pidLock, err = lockPidfile(*pidfile); err != nil {
+		if pidLock, err = inherited.takePidfile(); err == nil && pidLock == nil {
+			pidLock, err = lockPidfile(*pidfile)
+		}
+		if err != nil {
 			fmt.Fprintf(stderr, "l4lb run: -pidfile: %v\n", err)
 			return 1
 		}
@@ -215,7 +226,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 		Level: hclog.LevelFromString(cfg.Log.Level),
 	})
 	if *pprofAddr != "" {
-		if err := startPprof(*pprofAddr, log); err != nil {
+		if err := startPprof(*pprofAddr, log); err != nil && inherited != nil {
+			// The process that started this one holds the address until
+			// it exits; its drain may be long, and profiles are not worth
+			// failing the upgrade for.
+			log.Warn("profiles are not served: the process this one upgraded holds the address", "error", fmt.Errorf("pprof listen %s: %w", *pprofAddr, err))
+		} else if err != nil {
 			log.Error("cannot start", "error", fmt.Errorf("pprof listen %s: %w", *pprofAddr, err))
 			return 1
 		}
@@ -231,7 +247,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	// SIGQUIT stops as SIGTERM does, as it stops nginx gracefully, rather
 	// than Go's default of a goroutine dump and an exit that cuts every
 	// connection.
-	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGUSR2)
 
 	if *noIOURing {
 		l4.DisableIOURing()
@@ -251,6 +267,9 @@ func cmdRun(args []string, stderr io.Writer) int {
 		}
 	}
 	srv := l4.NewServer(log)
+	if inherited != nil {
+		srv.Adopt(inherited.sockets)
+	}
 	// The shortfall last warned of: start and each reload share it (reloads
 	// run one at a time, after start).
 	var flowShortfall int64
@@ -274,7 +293,10 @@ func cmdRun(args []string, stderr io.Writer) int {
 		}
 	}}
 	adm := newAdmin(log, srv, rl)
-	adminLn, err := adm.prepare(cfg.Admin.Listen)
+	adminLn := inherited.takeAdmin(cfg.Admin.Listen)
+	if adminLn == nil {
+		adminLn, err = adm.prepare(cfg.Admin.Listen)
+	}
 	if err != nil {
 		log.Error("cannot start", "error", err)
 		return 1
@@ -288,7 +310,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		_, err := srv.Apply(startCtx, cfg)
 		applied <- err
 	}()
-	stopSignal, reloadSignalled, err := awaitStart(applied, signals, interruptStart)
+	stopSignal, pending, err := awaitStart(applied, signals, interruptStart)
 	if err != nil {
 		log.Error("cannot start", "error", err)
 		return 1
@@ -296,12 +318,24 @@ func cmdRun(args []string, stderr io.Writer) int {
 	adm.commit(cfg.Admin.Listen, adminLn)
 	rl.admin = adm
 
+	// handedOver: an upgrade's new process serves now; this one drains.
+	handedOver := false
 	// stop drains and exits; a second stop signal meanwhile exits at once.
 	stop := func(sig os.Signal) int {
-		log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
-		// STOPPING=1 first: a reload under way sends no READY=1 after it.
-		if err := notify.stopping(); err != nil {
-			log.Warn("cannot notify systemd", "error", err)
+		if handedOver {
+			log.Info("upgraded: the new process serves; this one no longer accepts, and its open connections may finish within drain_timeout")
+			// The endpoint is the new process's alone from now on.
+			adm.close()
+			notify.quiet()
+			srv.HandOver()
+		} else {
+			log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
+			// STOPPING=1 first: a reload under way sends no READY=1 after
+			// it. Not after an upgrade: the new process is systemd's
+			// main process now.
+			if err := notify.stopping(); err != nil {
+				log.Warn("cannot notify systemd", "error", err)
+			}
 		}
 		cancel() // a reload under way starts no new service
 		drained := make(chan struct{})
@@ -317,8 +351,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 				log.Info("stopped")
 				return 0
 			case sig := <-signals:
-				if sig == syscall.SIGHUP {
-					log.Info("stopping: SIGHUP ignored")
+				if sig == syscall.SIGHUP || sig == syscall.SIGUSR2 {
+					log.Info("stopping: signal ignored", "signal", sig.String())
 					continue
 				}
 				// Whoever sends a second one will not wait for the drain:
@@ -343,7 +377,11 @@ func cmdRun(args []string, stderr io.Writer) int {
 			log.Error("cannot write pidfile", "error", err)
 			return 1
 		}
-		defer os.Remove(*pidfile)
+		defer func() {
+			if !handedOver { // the new process's pid is in it now
+				os.Remove(*pidfile)
+			}
+		}()
 	}
 	if err := dropPrivileges(cfg.Process); err != nil {
 		log.Error("cannot start", "error", err)
@@ -356,8 +394,18 @@ func cmdRun(args []string, stderr io.Writer) int {
 
 	triggers := make(chan string, 8)
 	go rl.run(ctx, triggers)
-	if err := notify.ready("serving"); err != nil {
+	if inherited != nil {
+		err = notify.readyAsMain("serving")
+	} else {
+		err = notify.ready("serving")
+	}
+	if err != nil {
 		log.Warn("cannot notify systemd", "error", err)
+	}
+	if err := inherited.sayReady(); err != nil {
+		// It hears of it when it waits no more, and keeps serving: both
+		// then serve from the same sockets.
+		log.Error("upgrade: cannot tell the process that started this one that it is ready", "error", err)
 	}
 	log.Info("ready", "version", buildVersion(), "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
 	// After READY=1: a change made during start-up then reloads after it.
@@ -369,39 +417,81 @@ func cmdRun(args []string, stderr io.Writer) int {
 		go forwardChanges(watcher, srv, triggers)
 	}
 
-	if reloadSignalled {
-		triggers <- "SIGHUP"
+	up := &upgrader{log: log, srv: srv, adm: adm, path: binaryPath, args: os.Args[1:], pidfile: pidLock}
+	if binaryPathErr != nil {
+		up.path = ""
 	}
-	for sig := range signals {
-		if sig == syscall.SIGHUP {
+	var upgrading *upgrade
+	var upgradeDone <-chan error
+	handle := func(sig os.Signal) (stopping bool) {
+		switch sig {
+		case syscall.SIGHUP:
 			select {
 			case triggers <- "SIGHUP":
 			default: // plenty of reloads already pending
 			}
-			continue
+		case syscall.SIGUSR2:
+			if upgrading != nil {
+				log.Info("upgrade: already under way", "pid", upgrading.process.Pid)
+				return false
+			}
+			var err error
+			if upgrading, err = up.start(); err != nil {
+				log.Error("upgrade failed: still serving", "error", err)
+				return false
+			}
+			upgradeDone = upgrading.done
+		default:
+			return true
 		}
-		return stop(sig)
+		return false
 	}
-	return 0
+	for _, sig := range pending {
+		handle(sig)
+	}
+	for {
+		select {
+		case sig := <-signals:
+			if handle(sig) {
+				if upgrading != nil {
+					upgrading.cancel()
+				}
+				return stop(sig)
+			}
+		case err := <-upgradeDone:
+			pid := upgrading.process.Pid
+			upgrading, upgradeDone = nil, nil
+			if err != nil {
+				log.Error("upgrade failed: still serving", "error", err)
+				continue
+			}
+			log.Info("upgrade: the new process is ready", "pid", pid)
+			handedOver = true
+			return stop(syscall.SIGUSR2)
+		}
+	}
 }
 
 // awaitStart waits for the first Apply to end (applied). A stop signal
 // meanwhile interrupts it (its context ends, and the services still
 // waiting for their first checks are dropped) and is returned once it
 // has ended; later signals stay in signals, where the stop reads them. A
-// SIGHUP meanwhile is reported, to reload once l4lb is ready.
-func awaitStart(applied <-chan error, signals <-chan os.Signal, interrupt func()) (stop os.Signal, reload bool, err error) {
+// SIGHUP or SIGUSR2 meanwhile is returned in pending, to reload or
+// upgrade once l4lb is ready.
+func awaitStart(applied <-chan error, signals <-chan os.Signal, interrupt func()) (stop os.Signal, pending []os.Signal, err error) {
 	for {
 		select {
 		case err := <-applied:
-			return nil, reload, err
+			return nil, pending, err
 		case sig := <-signals:
-			if sig == syscall.SIGHUP {
-				reload = true
+			if sig == syscall.SIGHUP || sig == syscall.SIGUSR2 {
+				if !slices.Contains(pending, sig) {
+					pending = append(pending, sig)
+				}
 				continue
 			}
 			interrupt()
-			return sig, reload, <-applied
+			return sig, pending, <-applied
 		}
 	}
 }

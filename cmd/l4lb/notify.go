@@ -60,6 +60,23 @@ func (n *notifier) ready(status string) error {
 	return n.send("READY=1", "STATUS="+status)
 }
 
+// readyAsMain is ready from the process an upgrade started: systemd
+// takes it as the service's main process (the unit needs NotifyAccess=all
+// to hear it), before the one that started it exits.
+func (n *notifier) readyAsMain(status string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.send(fmt.Sprintf("MAINPID=%d", os.Getpid()), "READY=1", "STATUS="+status)
+}
+
+// quiet sends nothing more, as after stopping: an upgrade's new process
+// is systemd's main process now, and speaks for the service.
+func (n *notifier) quiet() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.stopped = true
+}
+
 // reloading must carry CLOCK_MONOTONIC in microseconds: systemd uses it
 // to tell this reload from an earlier one.
 func (n *notifier) reloading() error {

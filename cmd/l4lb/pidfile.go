@@ -40,8 +40,12 @@ func lockPidfile(path string) (*os.File, error) {
 	return f, nil
 }
 
-// writePid writes this process's id into the locked pidfile f.
+// writePid writes this process's id into the locked pidfile f, in place
+// of what is there: an upgrade passes on the file with the old id in it.
 func writePid(f *os.File) error {
+	if err := f.Truncate(0); err != nil {
+		return err
+	}
 	_, err := f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	return err
 }

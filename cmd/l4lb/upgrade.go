@@ -1,0 +1,260 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/l4lb/l4lb/l4"
+)
+
+// A binary upgrade, as nginx's SIGUSR2 and HAProxy's seamless reload do
+// it: on SIGUSR2 the running l4lb starts the binary at its own path anew,
+// with the same arguments, and passes it its listening sockets, its admin
+// socket and its locked pidfile. The new process reads the config, serves
+// from those same sockets (so that no client queued on them is reset, and
+// none is refused in between), and says when it is ready. Then the old one
+// stops accepting and drains its connections as a stop does, and exits.
+// If the new one fails (a bad config, a binary that does not start) or is
+// not ready within upgradeTimeout, the old one says why and keeps serving.
+
+// upgradeEnv tells a process started by an upgrade what its descriptors
+// from 3 on are: a comma-separated role for each, in order: "listen" (a
+// service's listening socket, which describes itself), "admin=ADDR" (the
+// admin endpoint's socket, for admin.listen = ADDR), "pidfile" (the
+// pidfile, locked) and "ready" (a pipe to write one byte to once ready).
+const upgradeEnv = "L4LB_UPGRADE_FDS"
+
+// upgradeTimeout bounds the wait for the new process: it reads the config
+// and waits for its services' first health checks (at most about 2 s
+// each, side by side), so anything near this is a process that hangs.
+const upgradeTimeout = 30 * time.Second
+
+// inheritance is what an upgrade passed to this process.
+type inheritance struct {
+	sockets []l4.ListenSocket
+	// admin serves adminAddr, the admin.listen of the process that passed it.
+	admin     net.Listener
+	adminAddr string
+	pidfile   *os.File
+	ready     *os.File
+}
+
+// inheritedFromEnv reads what an upgrade passed (nil when this process
+// was not started by one) and takes upgradeEnv out of the environment.
+func inheritedFromEnv() (*inheritance, error) {
+	roles, ok := os.LookupEnv(upgradeEnv)
+	if !ok {
+		return nil, nil
+	}
+	os.Unsetenv(upgradeEnv)
+	inh := &inheritance{}
+	for i, role := range strings.Split(roles, ",") {
+		fd := 3 + i
+		// A later upgrade passes duplicates: these must not leak into it.
+		unix.CloseOnExec(fd)
+		var err error
+		switch kind, arg, _ := strings.Cut(role, "="); kind {
+		case "listen":
+			var s l4.ListenSocket
+			if s, err = l4.InheritedSocket(fd); err == nil {
+				inh.sockets = append(inh.sockets, s)
+			}
+		case "admin":
+			f := os.NewFile(uintptr(fd), "admin")
+			inh.admin, err = net.FileListener(f)
+			f.Close()
+			inh.adminAddr = arg
+		case "pidfile":
+			inh.pidfile = os.NewFile(uintptr(fd), "pidfile")
+		case "ready":
+			inh.ready = os.NewFile(uintptr(fd), "upgrade ready")
+		default:
+			err = fmt.Errorf("unknown role %q", role)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: descriptor %d: %w", upgradeEnv, fd, err)
+		}
+	}
+	return inh, nil
+}
+
+// takeAdmin returns the inherited admin socket if it serves addr, and
+// closes it otherwise.
+func (inh *inheritance) takeAdmin(addr string) net.Listener {
+	if inh == nil || inh.admin == nil {
+		return nil
+	}
+	ln := inh.admin
+	inh.admin = nil
+	if addr != inh.adminAddr {
+		ln.Close()
+		return nil
+	}
+	return ln
+}
+
+// takePidfile returns the inherited pidfile, locked by this process too
+// (the lock belongs to the open file, which the upgrade shared), or nil.
+func (inh *inheritance) takePidfile() (*os.File, error) {
+	if inh == nil || inh.pidfile == nil {
+		return nil, nil
+	}
+	f := inh.pidfile
+	inh.pidfile = nil
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("the pidfile passed by the upgrade is not locked by it: %w", err)
+	}
+	return f, nil
+}
+
+// sayReady tells the process that started this one that it serves.
+func (inh *inheritance) sayReady() error {
+	if inh == nil || inh.ready == nil {
+		return nil
+	}
+	_, err := inh.ready.Write([]byte{1})
+	inh.ready.Close()
+	inh.ready = nil
+	return err
+}
+
+// ownPath is how this process was started, as a path to start it again:
+// argv[0], so that a symlink to the binary, swapped to a new version,
+// starts the new version.
+func ownPath() (string, error) {
+	path := os.Args[0]
+	if !strings.Contains(path, "/") {
+		var err error
+		if path, err = exec.LookPath(path); err != nil {
+			return os.Executable()
+		}
+	}
+	return filepath.Abs(path)
+}
+
+// upgrader starts the new process of a binary upgrade.
+type upgrader struct {
+	log     hclog.Logger
+	srv     *l4.Server
+	adm     *admin
+	path    string // ownPath at start; "" if unknown
+	args    []string
+	pidfile *os.File // locked; nil without -pidfile
+}
+
+// upgrade is one upgrade under way: done yields nil once the new process
+// serves, or why it does not.
+type upgrade struct {
+	done    <-chan error
+	process *os.Process
+}
+
+// start starts the new process and waits for it in the background.
+func (u *upgrader) start() (*upgrade, error) {
+	if u.path == "" {
+		return nil, errors.New("this process's binary path is unknown")
+	}
+	socks, err := u.srv.ListenSockets()
+	if err != nil {
+		return nil, err
+	}
+	defer l4.CloseListenSockets(socks)
+	var roles []string
+	var files []*os.File
+	defer func() {
+		for _, f := range files {
+			if f != u.pidfile {
+				f.Close()
+			}
+		}
+	}()
+	for _, s := range socks {
+		roles = append(roles, "listen")
+		files = append(files, os.NewFile(uintptr(s.FD), "listen"))
+	}
+	// os.NewFile took the descriptors: closing files closes them.
+	socks = nil
+	if f, addr, err := u.adm.socketFile(); err != nil {
+		return nil, err
+	} else if f != nil {
+		roles = append(roles, "admin="+addr)
+		files = append(files, f)
+	}
+	if u.pidfile != nil {
+		roles = append(roles, "pidfile")
+		files = append(files, u.pidfile)
+	}
+	readyR, readyW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	roles = append(roles, "ready")
+	files = append(files, readyW)
+
+	cmd := exec.Command(u.path, u.args...)
+	cmd.Env = append(withoutEnv(os.Environ(), upgradeEnv), upgradeEnv+"="+strings.Join(roles, ","))
+	cmd.ExtraFiles = files
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		readyR.Close()
+		return nil, err
+	}
+	u.log.Info("upgrade: new process started; this one serves until it is ready", "pid", cmd.Process.Pid, "binary", u.path,
+		"listening_sockets", len(roles)-1)
+	done := make(chan error, 1)
+	go func() { done <- awaitReady(cmd, readyR) }()
+	return &upgrade{done: done, process: cmd.Process}, nil
+}
+
+// awaitReady waits for the new process to say it is ready, to exit, or
+// for upgradeTimeout, and reaps it unless it serves.
+func awaitReady(cmd *exec.Cmd, ready *os.File) error {
+	defer ready.Close()
+	ready.SetReadDeadline(time.Now().Add(upgradeTimeout))
+	var b [1]byte
+	_, err := ready.Read(b[:])
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		return fmt.Errorf("the new process (pid %d) was not ready within %s; stopped it", cmd.Process.Pid, upgradeTimeout)
+	}
+	if err != io.EOF {
+		err = fmt.Errorf("reading its readiness: %w", err)
+	}
+	// EOF: it closed the pipe without a word, which it does by exiting.
+	if werr := cmd.Wait(); werr != nil {
+		return fmt.Errorf("the new process (pid %d) failed: %v (its log above says why)", cmd.Process.Pid, werr)
+	}
+	return fmt.Errorf("the new process (pid %d) exited before it was ready", cmd.Process.Pid)
+}
+
+// cancel stops the new process of an upgrade still waiting: this one is
+// stopping. Its wait then ends.
+func (up *upgrade) cancel() {
+	up.process.Signal(syscall.SIGTERM)
+}
+
+func withoutEnv(env []string, name string) []string {
+	out := env[:0:0]
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, name+"=") {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
