@@ -170,7 +170,9 @@ func (u *upgrader) start() (*upgrade, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer l4.CloseListenSockets(socks)
+	// In a closure: socks is emptied below once files own the
+	// descriptors, and a second close would hit whatever reused them.
+	defer func() { l4.CloseListenSockets(socks) }()
 	var roles []string
 	var files []*os.File
 	defer func() {

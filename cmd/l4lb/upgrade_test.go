@@ -1,0 +1,96 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+
+	"github.com/l4lb/l4lb/config"
+	"github.com/l4lb/l4lb/l4"
+)
+
+// tcpServer runs a TCP service with workers listening sockets, for the
+// upgrader to pass on.
+func tcpServer(t *testing.T, workers int) *l4.Server {
+	t.Helper()
+	cfg, err := config.Parse([]byte(fmt.Sprintf(`[admin]
+listen = ""
+[services.up]
+listen = "127.0.0.1:%d"
+workers = %d
+[services.up.health]
+kind = "none"
+[[services.up.backends]]
+address = %q
+`, testPort(t), workers, tcpEcho(t))), "l4lb.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	if _, err := srv.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	return srv
+}
+
+// An upgrade closes each duplicate it made of a listening socket once: a
+// second close, after the number was freed, closes whatever the process
+// opened under it meanwhile (a client's connection, accepted by an event
+// loop that takes the lowest free number). Here another goroutine keeps
+// opening /dev/null while upgrades that cannot start run.
+func TestUpgradeStartClosesEachDescriptorOnce(t *testing.T) {
+	srv := tcpServer(t, 8)
+	up := &upgrader{log: hclog.NewNullLogger(), srv: srv, adm: &admin{}, path: "/nonexistent/l4lb"}
+	var devNull unix.Stat_t
+	if err := unix.Stat("/dev/null", &devNull); err != nil {
+		t.Fatal(err)
+	}
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	var lost atomic.Int64
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				continue
+			}
+			ours := true
+			for range 50 {
+				var st unix.Stat_t
+				if unix.Fstat(fd, &st) != nil || st.Rdev != devNull.Rdev || st.Ino != devNull.Ino {
+					ours = false
+					break
+				}
+			}
+			if !ours {
+				// Closed under us, maybe reopened as something else:
+				// not ours to close.
+				lost.Add(1)
+				continue
+			}
+			if unix.Close(fd) != nil {
+				lost.Add(1)
+			}
+		}
+	}()
+	for range 300 {
+		if _, err := up.start(); err == nil {
+			t.Fatal("an upgrade to a binary that does not exist started")
+		}
+	}
+	close(stop)
+	<-stopped
+	if n := lost.Load(); n > 0 {
+		t.Errorf("%d descriptors of another goroutine were closed by upgrades", n)
+	}
+}
