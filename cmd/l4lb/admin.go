@@ -161,15 +161,20 @@ func (a *admin) socketFile() (*os.File, string, error) {
 	if a.ln == nil {
 		return nil, "", nil
 	}
-	ln, ok := a.ln.Listener.(interface{ File() (*os.File, error) })
-	if !ok {
-		return nil, "", fmt.Errorf("admin endpoint: a %T cannot be passed on", a.ln.Listener)
-	}
-	f, err := ln.File()
+	// Not net's File(): exec hands on a descriptor from it by Fd, which
+	// clears O_NONBLOCK, and the flag belongs to the socket this process
+	// still accepts from: its accept would then wait in the kernel, and
+	// closing the endpoint with it. os.NewFile's Fd leaves the flag alone.
+	dup := -1
+	err := a.ln.control(func(fd int) error {
+		var err error
+		dup, err = unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		return err
+	})
 	if err != nil {
 		return nil, "", fmt.Errorf("admin endpoint: %w", err)
 	}
-	return f, a.addr, nil
+	return os.NewFile(uintptr(dup), "admin"), a.addr, nil
 }
 
 // samePort reports whether the addresses a and b have the same port, not 0.

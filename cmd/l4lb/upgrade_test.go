@@ -2,9 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
@@ -92,5 +96,56 @@ func TestUpgradeStartClosesEachDescriptorOnce(t *testing.T) {
 	<-stopped
 	if n := lost.Load(); n > 0 {
 		t.Errorf("%d descriptors of another goroutine were closed by upgrades", n)
+	}
+}
+
+// The admin endpoint's socket, passed to an upgrade that fails, stays
+// non-blocking: it is one socket with the one passed, and exec puts a
+// net.Listener's File() into blocking mode. An accept on a blocking socket
+// waits in the kernel for the next client, and closing the endpoint
+// (a reload that moves it, the stop) waits for that accept.
+func TestFailedUpgradeKeepsAdminSocketNonBlocking(t *testing.T) {
+	adminAddr := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	adm := &admin{log: hclog.NewNullLogger(), handler: http.NotFoundHandler()}
+	ln, err := adm.prepare(adminAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	adm.commit(adminAddr, ln)
+	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: adm, path: "/nonexistent/l4lb"}
+	if _, err := up.start(); err == nil {
+		t.Fatal("an upgrade to a binary that does not exist started")
+	}
+	err = adm.ln.control(func(fd int) error {
+		flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+		if err == nil && flags&unix.O_NONBLOCK == 0 {
+			err = errors.New("blocking")
+		}
+		return err
+	})
+	if err != nil {
+		t.Errorf("the admin socket after a failed upgrade: %v", err)
+	}
+
+	// A request, after which the endpoint's accept loop waits for the next.
+	res, err := http.Get("http://" + adminAddr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	time.Sleep(100 * time.Millisecond)
+	closed := make(chan struct{})
+	go func() {
+		adm.close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Error("closing the admin endpoint waits for a client")
+		if c, err := net.Dial("tcp", adminAddr); err == nil { // the one it waits for
+			c.Close()
+		}
+		<-closed
 	}
 }
