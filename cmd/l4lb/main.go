@@ -326,6 +326,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 			log.Info("upgraded: the new process serves; this one no longer accepts, and its open connections may finish within drain_timeout")
 			// The endpoint is the new process's alone from now on.
 			adm.close()
+			// And the pidfile's lock: this one accepts no more, and an
+			// l4lb started should the new one die must not wait for
+			// this drain.
+			if pidLock != nil {
+				pidLock.Close()
+			}
 			notify.quiet()
 			srv.HandOver()
 		} else {

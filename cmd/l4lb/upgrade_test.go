@@ -6,7 +6,13 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -148,4 +154,99 @@ func TestFailedUpgradeKeepsAdminSocketNonBlocking(t *testing.T) {
 		}
 		<-closed
 	}
+}
+
+// upgrade sends SIGUSR2 to the l4lb p runs and returns the pid of the new
+// process once the old one has handed over to it. The new process is
+// killed at the end of the test, before p (whose log pipe it holds).
+func (p *runProc) upgrade(t *testing.T) int {
+	t.Helper()
+	seen := len(p.entries("upgrade: the new process is ready"))
+	p.cmd.Process.Signal(syscall.SIGUSR2)
+	line := p.waitLog(t, "upgrade: new process started", 10*time.Second)
+	m := regexp.MustCompile(` pid=(\d+)`).FindStringSubmatch(line)
+	if m == nil {
+		t.Fatalf("no pid in %q", line)
+	}
+	pid, _ := strconv.Atoi(m[1])
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	for end := time.Now().Add(15 * time.Second); len(p.entries("upgrade: the new process is ready")) == seen; {
+		if time.Now().After(end) {
+			t.Fatalf("the new process (pid %d) was not ready within 15 s", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return pid
+}
+
+// entries returns the log lines so far that contain text.
+func (p *runProc) entries(text string) []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for _, l := range p.lines {
+		if strings.Contains(l, text) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// waitGone waits for pid to exit (a zombie counts: it holds nothing).
+func waitGone(t *testing.T, pid int, within time.Duration) {
+	t.Helper()
+	for end := time.Now().Add(within); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return
+		}
+		s := string(b)
+		if strings.HasPrefix(strings.TrimSpace(s[strings.LastIndexByte(s, ')')+1:]), "Z") {
+			return
+		}
+	}
+	t.Fatalf("pid %d still runs %s later", pid, within)
+}
+
+// Once it has handed over, the old process leaves the pidfile's lock to
+// the new one: it no longer accepts, so a later l4lb splits no clients
+// with it. Should the new one die without removing the file (a crash, the
+// OOM killer), a lock the old one kept would refuse the l4lb started in
+// its place for as long as the drain lasts, naming the dead process.
+func TestUpgradedProcessReleasesPidfileLock(t *testing.T) {
+	backend, accepted := silentBackend(t)
+	path, listen := stopConfig(t, backend, "", "1m")
+	pidfile := filepath.Join(t.TempDir(), "l4lb.pid")
+	run := startRun(t, "-config", path, "-pidfile", pidfile)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	client, err := net.Dial("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	select {
+	case <-accepted:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the client's connection never reached the backend")
+	}
+	pid := run.upgrade(t)
+	run.waitLog(t, "draining before exit: service=demo connections=1", 5*time.Second)
+
+	syscall.Kill(pid, syscall.SIGKILL)
+	waitGone(t, pid, 10*time.Second)
+	select {
+	case <-run.exited:
+		t.Fatal("the old process exited while its connection was open")
+	default:
+	}
+	// The kernel may release a killed process's files a moment after it
+	// shows as a zombie.
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		var f *os.File
+		if f, err = lockPidfile(pidfile); err == nil {
+			f.Close()
+			return
+		}
+	}
+	t.Errorf("the pidfile once the new process has died, the old one still draining: %v", err)
 }
