@@ -320,6 +320,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 
 	// handedOver: an upgrade's new process serves now; this one drains.
 	handedOver := false
+	// speaksForService: systemd takes this process's word for the unit's.
+	// One an upgrade started does not until it has named itself the main
+	// process: with NotifyAccess=all, a STOPPING=1 from it before that
+	// (the old one stops it at upgradeTimeout, say) would stop the unit,
+	// and with it the old process that serves on.
+	speaksForService := inherited == nil
 	// stop drains and exits; a second stop signal meanwhile exits at once.
 	stop := func(sig os.Signal) int {
 		if handedOver {
@@ -339,7 +345,9 @@ func cmdRun(args []string, stderr io.Writer) int {
 			// STOPPING=1 first: a reload under way sends no READY=1 after
 			// it. Not after an upgrade: the new process is systemd's
 			// main process now.
-			if err := notify.stopping(); err != nil {
+			if !speaksForService {
+				notify.quiet()
+			} else if err := notify.stopping(); err != nil {
 				log.Warn("cannot notify systemd", "error", err)
 			}
 		}
@@ -402,6 +410,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	go rl.run(ctx, triggers)
 	if inherited != nil {
 		err = notify.readyAsMain("serving")
+		speaksForService = true
 	} else {
 		err = notify.ready("serving")
 	}

@@ -250,3 +250,67 @@ func TestUpgradedProcessReleasesPidfileLock(t *testing.T) {
 	}
 	t.Errorf("the pidfile once the new process has died, the old one still draining: %v", err)
 }
+
+// A process an upgrade started that stops before it is ready (the old one
+// stops it at upgradeTimeout, or anyone signals it) says nothing to
+// systemd: it is not the service's main process, and with NotifyAccess=all
+// a STOPPING=1 from it would put the whole unit into its stop, which
+// kills the old process, serving on, once TimeoutStopSec passes.
+func TestUpgradeStoppedWhileStartingTellsSystemdNothing(t *testing.T) {
+	messages := notifySocket(t)
+	silent, probed := silentBackend(t)
+	listen := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	path := filepath.Join(t.TempDir(), "l4lb.toml")
+	text := fmt.Sprintf(`[admin]
+listen = ""
+[services.demo]
+listen = %q
+[services.demo.health]
+kind = "send_expect"
+send = "PING\r\n"
+expect = "+PONG"
+interval = "2s"
+timeout = "2s"
+[[services.demo.backends]]
+address = %q
+`, listen, silent)
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run := startRun(t, "-config", path)
+	select {
+	case <-probed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no health probe reached the backend")
+	}
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	for end := time.Now().Add(5 * time.Second); len(messages()) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("systemd heard no READY=1 from the running l4lb")
+		}
+	}
+	before := len(messages())
+
+	run.cmd.Process.Signal(syscall.SIGUSR2)
+	line := run.waitLog(t, "upgrade: new process started", 10*time.Second)
+	pid, _ := strconv.Atoi(regexp.MustCompile(` pid=(\d+)`).FindStringSubmatch(line)[1])
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	// Its second line comes after it subscribed to signals; then it waits
+	// for its first checks, up to 2 s.
+	for end := time.Now().Add(10 * time.Second); len(run.entries("descriptor limit")) < 2; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("the new process did not start")
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	syscall.Kill(pid, syscall.SIGTERM)
+	run.waitLog(t, "upgrade failed: still serving", 10*time.Second)
+	for _, m := range messages()[before:] {
+		t.Errorf("systemd was sent %q by the upgrade that failed", m)
+	}
+	c, err := net.Dial("tcp", listen)
+	if err != nil {
+		t.Fatalf("the old process after the failed upgrade: %v", err)
+	}
+	c.Close()
+}
