@@ -295,11 +295,11 @@ func cmdRun(args []string, stderr io.Writer) int {
 	adm := newAdmin(log, srv, rl)
 	adminLn := inherited.takeAdmin(cfg.Admin.Listen)
 	if adminLn == nil {
-		adminLn, err = adm.prepare(cfg.Admin.Listen)
-	}
-	if err != nil {
-		log.Error("cannot start", "error", err)
-		return 1
+		// Within: err may still hold raiseNofile's, only a warning.
+		if adminLn, err = adm.prepare(cfg.Admin.Listen); err != nil {
+			log.Error("cannot start", "error", err)
+			return 1
+		}
 	}
 	// The first Apply waits for the services' first health checks, up to
 	// 2 s; a stop signal ends that wait rather than being read after it.

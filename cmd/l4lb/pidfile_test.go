@@ -18,10 +18,17 @@ import (
 // L4LB_TEST_HOLD_PIDFILE set, it locks that pidfile as run does, writes
 // its pid and sleeps. With L4LB_TEST_DROP_TO, it drops root for that user
 // (dropTo). With L4LB_TEST_RUN, it is l4lb, given the arguments in it, one
-// a line (startRun).
+// a line (startRun); L4LB_TEST_DENY_SETRLIMIT has the kernel refuse it any
+// change of its resource limits (denyRlimitChanges).
 func TestMain(m *testing.M) {
 	if name := os.Getenv("L4LB_TEST_DROP_TO"); name != "" {
 		os.Exit(dropTo(name))
+	}
+	if os.Getenv("L4LB_TEST_DENY_SETRLIMIT") != "" {
+		if err := denyRlimitChanges(); err != nil {
+			os.Stderr.WriteString("L4LB_TEST_DENY_SETRLIMIT: " + err.Error() + "\n")
+			os.Exit(3)
+		}
 	}
 	if args := os.Getenv("L4LB_TEST_RUN"); args != "" {
 		os.Exit(runMain(strings.Split(args, "\n"), os.Stdout, os.Stderr))
