@@ -78,7 +78,13 @@ type runProc struct {
 // its signals and exit are real. It is killed at the end of the test.
 func startRun(t *testing.T, args ...string) *runProc {
 	t.Helper()
-	cmd := exec.Command(os.Args[0])
+	return startRunBinary(t, os.Args[0], args...)
+}
+
+// startRunBinary is startRun with bin, a copy of the test binary.
+func startRunBinary(t *testing.T, bin string, args ...string) *runProc {
+	t.Helper()
+	cmd := exec.Command(bin)
 	cmd.Env = append(os.Environ(), "L4LB_TEST_RUN="+strings.Join(append([]string{"run"}, args...), "\n"))
 	stderr, err := cmd.StderrPipe()
 	if err != nil {

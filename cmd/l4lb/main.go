@@ -202,7 +202,15 @@ func cmdRun(args []string, stderr io.Writer) int {
 		return 1
 	}
 	if cfg.Process.User != "" {
-		if _, err := processIDs(cfg.Process); err != nil {
+		// Whether l4lb can become the user too: a process an upgrade
+		// started runs as the one the old process dropped root for, and
+		// failing only at dropPrivileges, after its first Apply, would
+		// cut the clients it had accepted from the shared sockets.
+		acct, err := processIDs(cfg.Process)
+		if err == nil {
+			err = canBecome(cfg.Process, acct)
+		}
+		if err != nil {
 			fmt.Fprintf(stderr, "l4lb run: %s: %v\n", *path, err)
 			return 1
 		}

@@ -133,11 +133,11 @@ func dropPrivileges(p config.Process) error {
 	if err != nil {
 		return err
 	}
+	if err := canBecome(p, acct); err != nil {
+		return err
+	}
 	if os.Geteuid() != 0 {
-		if os.Geteuid() == acct.uid {
-			return nil // already that user
-		}
-		return fmt.Errorf("process.user %q: l4lb runs as uid %d, not root: it cannot change user", p.User, os.Geteuid())
+		return nil // already that user
 	}
 	// Supplementary groups first, then the group, then the user: after
 	// setuid nothing else may be changed.
@@ -149,6 +149,15 @@ func dropPrivileges(p config.Process) error {
 	}
 	if err := syscall.Setuid(acct.uid); err != nil {
 		return fmt.Errorf("setuid %d: %w", acct.uid, err)
+	}
+	return nil
+}
+
+// canBecome says whether this process can run as acct (p's user): as
+// root, or as that user already.
+func canBecome(p config.Process, acct account) error {
+	if euid := os.Geteuid(); euid != 0 && euid != acct.uid {
+		return fmt.Errorf("process.user %q: l4lb runs as uid %d, not root: it cannot change user", p.User, euid)
 	}
 	return nil
 }

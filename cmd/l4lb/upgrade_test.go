@@ -382,3 +382,61 @@ func TestUpgradeWhereTheDescriptorLimitIsFixed(t *testing.T) {
 		t.Errorf("/status after the upgrade: %+v; want the new process's", st)
 	}
 }
+
+// An upgrade whose new process cannot run as process.user (the config
+// now names another user than the one the running l4lb dropped root
+// for) fails before the new process serves a client, which its exit
+// would cut, or writes its pid into the pidfile, which the old one keeps.
+func TestUpgradeToAnotherUserFailsBeforeServing(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (make test runs as root), to drop it")
+	}
+	// Everything the processes read once they run as nobody.
+	dir, err := os.MkdirTemp("", "l4lb-upgrade-user")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "l4lb")
+	exe, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, exe, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	listen := fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	path, pidfile := filepath.Join(dir, "l4lb.toml"), filepath.Join(dir, "l4lb.pid")
+	write := func(user string) {
+		t.Helper()
+		text := fmt.Sprintf("[process]\nuser = %q\n[admin]\nlisten = \"\"\n[services.demo]\nlisten = %q\n[services.demo.health]\nkind = \"none\"\n[[services.demo.backends]]\naddress = %q\n",
+			user, listen, tcpEcho(t))
+		if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("nobody")
+	run := startRunBinary(t, bin, "-config", path, "-pidfile", pidfile)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+
+	write("daemon")
+	run.cmd.Process.Signal(syscall.SIGUSR2)
+	line := run.waitLog(t, "upgrade: new process started", 10*time.Second)
+	pid, _ := strconv.Atoi(regexp.MustCompile(` pid=(\d+)`).FindStringSubmatch(line)[1])
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	run.waitLog(t, "upgrade failed: still serving", 10*time.Second)
+	if n := len(run.entries("service started")); n != 1 {
+		t.Errorf("%d \"service started\" lines: the new process served before it failed", n)
+	}
+	if b, err := os.ReadFile(pidfile); err != nil || strings.TrimSpace(string(b)) != strconv.Itoa(run.cmd.Process.Pid) {
+		t.Errorf("the pidfile after the failed upgrade: %q, %v; want the running l4lb's pid %d", b, err, run.cmd.Process.Pid)
+	}
+	if c, err := net.Dial("tcp", listen); err != nil {
+		t.Errorf("the old process after the failed upgrade: %v", err)
+	} else {
+		c.Close()
+	}
+}
