@@ -2,6 +2,7 @@ package integration
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -43,6 +44,23 @@ func processGone(pid int) bool {
 	s := string(b)
 	rest := s[strings.LastIndexByte(s, ')')+1:]
 	return strings.HasPrefix(strings.TrimSpace(rest), "Z")
+}
+
+// l4lbIn runs the binary in namespace ns and returns its exit code and
+// output.
+func l4lbIn(t *testing.T, ns string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errOut strings.Builder
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, l4lbBin}, args...)...)
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	timer := time.AfterFunc(time.Minute, func() { cmd.Process.Kill() })
+	defer timer.Stop()
+	err := cmd.Run()
+	var exitErr *exec.ExitError
+	if err != nil && !errors.As(err, &exitErr) {
+		t.Fatalf("l4lb %s: %v", strings.Join(args, " "), err)
+	}
+	return cmd.ProcessState.ExitCode(), out.String(), errOut.String()
 }
 
 func waitGone(pid int, timeout time.Duration) bool {
@@ -108,7 +126,13 @@ func TestUpgrade(t *testing.T) {
 		if got := readPidfile(t, pidfile); got != old {
 			t.Fatalf("before upgrade %d the pidfile names %d, want %d", i+1, got, old)
 		}
-		if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
+		if i == 1 {
+			// The command, which waits for the result.
+			code, stdout, stderr := l4lbIn(t, top.LB, "upgrade", "-admin", adminAddr)
+			if code != 0 || !strings.Contains(stdout, fmt.Sprintf("pid %d drains", old)) {
+				t.Fatalf("l4lb upgrade -admin: exit %d\n%s%s", code, stdout, stderr)
+			}
+		} else if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
 			t.Fatal(err)
 		}
 		next := 0
@@ -188,14 +212,16 @@ func TestUpgrade(t *testing.T) {
 }
 
 // TestUpgradeFailureKeepsServing makes an upgrade's new process fail (the
-// config file has become invalid): the running l4lb says why and keeps
-// serving, with its pidfile, and a later upgrade with the file fixed
-// succeeds.
+// config file has become invalid): `l4lb upgrade` and the running l4lb
+// say why, and it keeps serving, with its pidfile; a later upgrade with
+// the file fixed succeeds.
 func TestUpgradeFailureKeepsServing(t *testing.T) {
 	top := newTopology(t, 1, 1, 1)
 	c := top.Clients[0]
 	b := backendAddrs(t, top, echoPort, nil)
-	conf := rconf{Services: []rsvc{{Name: "echo", Port: echoPort, Backends: weighted(b...)}}}.String()
+	const adminAddr = "127.0.0.1:9901"
+	conf := strings.Replace(rconf{Services: []rsvc{{Name: "echo", Port: echoPort, Backends: weighted(b...)}}}.String(),
+		`listen = ""`, fmt.Sprintf("listen = %q", adminAddr), 1)
 	pidfile := filepath.Join(t.TempDir(), "l4lb.pid")
 	l := startLB(t, top.LB, conf, "-pidfile", pidfile)
 	t.Cleanup(func() {
@@ -210,8 +236,11 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 	dst := netip.AddrPortFrom(vip4, echoPort)
 	payload := makePayloads(1, 1<<10)[0]
 
-	replaceFile(t, l.Path, []byte(conf+"\nbogus = 1\n"))
-	l.Signal(t, syscall.SIGUSR2)
+	replaceFile(t, l.Path, []byte("bogus = 1\n"+conf))
+	code, _, stderr := l4lbIn(t, top.LB, "upgrade", "-admin", adminAddr)
+	if code != 1 || !strings.Contains(stderr, fmt.Sprintf("upgrade failed, pid %d still serving", l.cmd.Process.Pid)) {
+		t.Errorf("l4lb upgrade to a process that fails: exit %d, stderr %q", code, stderr)
+	}
 	failed, err := l.waitEntries("upgrade failed: still serving", 1, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -229,7 +258,10 @@ func TestUpgradeFailureKeepsServing(t *testing.T) {
 	}
 
 	replaceFile(t, l.Path, []byte(conf))
-	l.Signal(t, syscall.SIGUSR2)
+	code, stdout, stderr := l4lbIn(t, top.LB, "upgrade", "-pidfile", pidfile)
+	if code != 0 || !strings.Contains(stdout, "upgraded: pid") {
+		t.Fatalf("l4lb upgrade -pidfile: exit %d\n%s%s", code, stdout, stderr)
+	}
 	if _, err := l.waitEntries("upgrade: the new process is ready", 1, 10*time.Second); err != nil {
 		t.Fatal(err)
 	}

@@ -107,7 +107,14 @@ func InheritedSocket(fd int) (ListenSocket, error) {
 	case *unix.SockaddrInet4:
 		addr = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
 	case *unix.SockaddrInet6:
-		addr = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
+		ip := netip.AddrFrom16(sa.Addr)
+		if sa.ZoneId != 0 {
+			// The config names the zone (fe80::1%eth0): so must the key.
+			if ifi, err := net.InterfaceByIndex(int(sa.ZoneId)); err == nil {
+				ip = ip.WithZone(ifi.Name)
+			}
+		}
+		addr = netip.AddrPortFrom(ip, uint16(sa.Port))
 	default:
 		return ListenSocket{}, fmt.Errorf("descriptor %d: not an IP socket", fd)
 	}

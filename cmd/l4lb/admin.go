@@ -44,6 +44,10 @@ type admin struct {
 
 	// retiring counts the old servers still finishing their requests.
 	retiring sync.WaitGroup
+
+	// upgrades carries each POST /upgrade to run's loop, which answers on
+	// the channel sent once the upgrade has ended.
+	upgrades chan chan<- upgradeResult
 }
 
 func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
@@ -63,7 +67,7 @@ func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
 		w.Header().Set("Content-Type", "application/json")
 		res := reloadResult{OldVersion: change.OldVersion, Version: change.Version, Changes: change.Summary}
 		switch {
-		case errors.Is(err, errStopping):
+		case errors.Is(err, errStopping), errors.Is(err, errUpgraded):
 			res.Error = err.Error()
 			w.WriteHeader(http.StatusServiceUnavailable)
 		case err != nil:
@@ -72,21 +76,59 @@ func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
 		}
 		json.NewEncoder(w).Encode(res)
 	})
-	mux.HandleFunc("/reload", func(w http.ResponseWriter, r *http.Request) {
-		// Any other method than POST: without this, "/" below would
-		// answer, offering GET.
-		w.Header().Set("Allow", http.MethodPost)
-		http.Error(w, "reload with POST /reload", http.StatusMethodNotAllowed)
+	upgrades := make(chan chan<- upgradeResult)
+	mux.HandleFunc("POST /upgrade", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		reply := make(chan upgradeResult, 1)
+		select {
+		case upgrades <- reply:
+		case <-time.After(upgradeAskTimeout):
+			w.WriteHeader(http.StatusServiceUnavailable)
+			json.NewEncoder(w).Encode(upgradeJSON{OldPid: os.Getpid(), Error: "l4lb takes no upgrade now: it is stopping"})
+			return
+		}
+		res := <-reply // every request taken is answered
+		out := upgradeJSON{OldPid: os.Getpid(), Pid: res.pid}
+		switch {
+		case errors.Is(res.err, errStopping):
+			out.Error = res.err.Error()
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case res.err != nil:
+			out.Error = res.err.Error()
+			w.WriteHeader(http.StatusUnprocessableEntity)
+		}
+		json.NewEncoder(w).Encode(out)
 	})
+	for _, path := range []string{"/reload", "/upgrade"} {
+		mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			// Any other method than POST: without this, "/" below would
+			// answer, offering GET.
+			w.Header().Set("Allow", http.MethodPost)
+			http.Error(w, path[1:]+" with POST "+path, http.StatusMethodNotAllowed)
+		})
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet && r.Method != http.MethodHead {
 			w.Header().Set("Allow", "GET, HEAD")
-			http.Error(w, "the admin endpoint is read-only, except POST /reload", http.StatusMethodNotAllowed)
+			http.Error(w, "the admin endpoint is read-only, except POST /reload and POST /upgrade", http.StatusMethodNotAllowed)
 			return
 		}
 		http.NotFound(w, r)
 	})
-	return &admin{log: log, handler: mux}
+	return &admin{log: log, handler: mux, upgrades: upgrades}
+}
+
+// upgradeAskTimeout bounds how long POST /upgrade waits for l4lb to take
+// it: l4lb takes it at once unless it is stopping.
+const upgradeAskTimeout = 5 * time.Second
+
+// upgradeJSON is the answer to POST /upgrade: 200 once the new process
+// (Pid) serves, 422 with Error when it failed and OldPid serves on, 503
+// when l4lb is stopping.
+type upgradeJSON struct {
+	OldPid int    `json:"old_pid"`
+	Pid    int    `json:"pid,omitempty"`
+	Error  string `json:"error,omitempty"`
 }
 
 type reloadResult struct {

@@ -190,7 +190,7 @@ func cmdReload(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if *pidfile != "" {
-		if err := signalPidfile(*pidfile); err != nil {
+		if _, err := signalPidfile(*pidfile, syscall.SIGHUP); err != nil {
 			fmt.Fprintf(stderr, "l4lb reload: %v\n", err)
 			return 1
 		}
@@ -237,19 +237,20 @@ func cmdReload(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// signalPidfile sends SIGHUP to the l4lb whose pidfile is path. A pidfile
+// signalPidfile sends sig to the l4lb whose pidfile is path, and returns
+// its pid. A pidfile
 // no l4lb holds the lock of is stale, left by an l4lb that crashed, was
 // killed or could not remove it after dropping privileges: its number may
 // now be another program's, so nothing is sent.
-func signalPidfile(path string) error {
+func signalPidfile(path string, sig syscall.Signal) (pid int, err error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer f.Close()
 	content, err := io.ReadAll(io.LimitReader(f, 32))
 	if err != nil {
-		return err
+		return 0, err
 	}
 	text := strings.TrimSpace(string(content))
 	// l4lb run holds an exclusive lock on its pidfile for its life
@@ -262,16 +263,80 @@ func signalPidfile(path string) error {
 		if text == "" {
 			text = "no process id"
 		}
-		return fmt.Errorf("%s is stale: no l4lb holds it (it says %q, which may now be another program's process id); nothing was signalled", path, text)
+		return 0, fmt.Errorf("%s is stale: no l4lb holds it (it says %q, which may now be another program's process id); nothing was signalled", path, text)
 	case !errors.Is(err, unix.EWOULDBLOCK):
-		return fmt.Errorf("lock %s: %w", path, err)
+		return 0, fmt.Errorf("lock %s: %w", path, err)
 	}
-	pid, err := strconv.Atoi(text)
+	pid, err = strconv.Atoi(text)
 	if err != nil || pid <= 0 {
-		return errors.New(path + ": no process id in it (is l4lb still starting?)")
+		return 0, errors.New(path + ": no process id in it (is l4lb still starting?)")
 	}
-	if err := syscall.Kill(pid, syscall.SIGHUP); err != nil {
-		return fmt.Errorf("signal process %d: %w", pid, err)
+	if err := syscall.Kill(pid, sig); err != nil {
+		return 0, fmt.Errorf("signal process %d: %w", pid, err)
 	}
-	return nil
+	return pid, nil
+}
+
+// cmdUpgrade has a running l4lb hand over to the binary at its path
+// (see "Upgrading the binary" in the README) and says how it ended.
+func cmdUpgrade(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("upgrade", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("admin", config.DefaultAdminListen, "admin endpoint of the running l4lb")
+	pidfile := fs.String("pidfile", "", "send SIGUSR2 to the process in this file, and watch the file, instead of using the admin endpoint")
+	if _, code, ok := parseArgs(fs, args, stderr, 0); !ok {
+		return code
+	}
+	adminSet := false
+	fs.Visit(func(f *flag.Flag) { adminSet = adminSet || f.Name == "admin" })
+	if adminSet && *pidfile != "" {
+		fmt.Fprintln(stderr, "l4lb upgrade: give -admin or -pidfile, not both")
+		return 2
+	}
+	if *pidfile != "" {
+		old, err := signalPidfile(*pidfile, syscall.SIGUSR2)
+		if err != nil {
+			fmt.Fprintf(stderr, "l4lb upgrade: %v\n", err)
+			return 1
+		}
+		// The new process writes its pid there once it serves; a failed
+		// one leaves the old pid.
+		for end := time.Now().Add(upgradeTimeout + 5*time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+			b, err := os.ReadFile(*pidfile)
+			if pid, _ := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 && pid != old {
+				fmt.Fprintf(stdout, "upgraded: pid %d serves; pid %d drains its connections and exits\n", pid, old)
+				return 0
+			}
+		}
+		fmt.Fprintf(stderr, "l4lb upgrade: %s still names pid %d after %v: the upgrade failed, and pid %d serves on; its log says why\n",
+			*pidfile, old, upgradeTimeout+5*time.Second, old)
+		return 1
+	}
+	client := &http.Client{Timeout: upgradeTimeout + 15*time.Second}
+	resp, err := client.Post(adminURL(*addr, "/upgrade"), "", nil)
+	if err != nil {
+		fmt.Fprintf(stderr, "l4lb upgrade: %v\n", err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		fmt.Fprintf(stderr, "l4lb upgrade: %s: %v\n", *addr, err)
+		return 1
+	}
+	var res upgradeJSON
+	jsonErr := json.Unmarshal(body, &res)
+	switch {
+	case jsonErr != nil || res.OldPid == 0:
+		fmt.Fprintf(stderr, "l4lb upgrade: %s answered %s: not an l4lb admin endpoint, or it failed (%.200q)\n", *addr, resp.Status, body)
+		return 1
+	case resp.StatusCode == http.StatusOK && res.Error == "" && res.Pid > 0:
+		fmt.Fprintf(stdout, "upgraded: pid %d serves; pid %d drains its connections and exits\n", res.Pid, res.OldPid)
+		return 0
+	case resp.StatusCode == http.StatusUnprocessableEntity && res.Error != "":
+		fmt.Fprintf(stderr, "upgrade failed, pid %d still serving: %s\n", res.OldPid, res.Error)
+		return 1
+	}
+	fmt.Fprintf(stderr, "l4lb upgrade: %s answered %s: %s\n", *addr, resp.Status, res.Error)
+	return 1
 }

@@ -34,6 +34,7 @@ commands:
   check   FILE | -config FILE               validate a config file; exit 1 listing every problem
   status  [-admin ADDR] [-json]             show services and backends of a running l4lb
   reload  [-admin ADDR | -pidfile FILE]     reload a running l4lb's config (POST /reload, or SIGHUP)
+  upgrade [-admin ADDR | -pidfile FILE]     have the binary at a running l4lb's path take over from it (POST /upgrade, or SIGUSR2)
   version                                   print the version
 `
 
@@ -55,6 +56,8 @@ func runMain(args []string, stdout, stderr io.Writer) int {
 		return cmdStatus(args[1:], stdout, stderr)
 	case "reload":
 		return cmdReload(args[1:], stdout, stderr)
+	case "upgrade":
+		return cmdUpgrade(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintf(stdout, "l4lb %s %s %s/%s\n", buildVersion(), runtime.Version(), runtime.GOOS, runtime.GOARCH)
 		return 0
@@ -188,6 +191,15 @@ func cmdRun(args []string, stderr io.Writer) int {
 		return 1
 	}
 	binaryPath, binaryPathErr := ownPath()
+	// Signals are subscribed this early so that none of them kills l4lb
+	// with Go's default action: a SIGUSR2 meant for the process this one
+	// upgrades from, say, or a SIGHUP or SIGTERM arriving during start-up,
+	// which are handled once the listeners are bound.
+	signals := make(chan os.Signal, 4)
+	// SIGQUIT stops as SIGTERM does, as it stops nginx gracefully, rather
+	// than Go's default of a goroutine dump and an exit that cuts every
+	// connection.
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGUSR2)
 	// The file is watched before it is read: a change made while l4lb
 	// starts (the first health checks alone may take 2 s) is then pending
 	// once the reloads begin, rather than lost. The watch runs whatever
@@ -248,14 +260,6 @@ func cmdRun(args []string, stderr io.Writer) int {
 	if err != nil {
 		log.Warn("cannot raise the soft RLIMIT_NOFILE to the hard limit", "error", err)
 	}
-
-	// Signals are subscribed before listeners bind, so that a SIGHUP or
-	// SIGTERM arriving during start-up is handled, not fatal.
-	signals := make(chan os.Signal, 4)
-	// SIGQUIT stops as SIGTERM does, as it stops nginx gracefully, rather
-	// than Go's default of a goroutine dump and an exit that cuts every
-	// connection.
-	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGQUIT, syscall.SIGHUP, syscall.SIGUSR2)
 
 	if *noIOURing {
 		l4.DisableIOURing()
@@ -440,30 +444,38 @@ func cmdRun(args []string, stderr io.Writer) int {
 		go forwardChanges(watcher, srv, triggers)
 	}
 
-	up := &upgrader{log: log, srv: srv, adm: adm, path: binaryPath, args: os.Args[1:], pidfile: pidLock}
+	up := &upgrader{log: log, srv: srv, adm: adm, rl: rl, path: binaryPath, args: os.Args[1:], pidfile: pidLock}
 	if binaryPathErr != nil {
 		up.path = ""
 	}
 	var upgrading *upgrade
-	var upgradeDone <-chan error
+	var upgradeDone <-chan upgradeResult
+	// upgradeWaiters are the POST /upgrade requests of the upgrade under
+	// way; hupDuringUpgrade: a SIGHUP came meanwhile, for the new
+	// process to reload should the upgrade succeed (the reload it asked
+	// for here waits for the upgrade, and is refused after one).
+	var upgradeWaiters []chan<- upgradeResult
+	hupDuringUpgrade := false
+	startUpgrade := func() {
+		if upgrading == nil {
+			upgrading = up.start()
+			upgradeDone = upgrading.done
+		} else {
+			log.Info("upgrade: one is already under way")
+		}
+	}
 	handle := func(sig os.Signal) (stopping bool) {
 		switch sig {
 		case syscall.SIGHUP:
+			if upgrading != nil {
+				hupDuringUpgrade = true
+			}
 			select {
 			case triggers <- "SIGHUP":
 			default: // plenty of reloads already pending
 			}
 		case syscall.SIGUSR2:
-			if upgrading != nil {
-				log.Info("upgrade: already under way", "pid", upgrading.process.Pid)
-				return false
-			}
-			var err error
-			if upgrading, err = up.start(); err != nil {
-				log.Error("upgrade failed: still serving", "error", err)
-				return false
-			}
-			upgradeDone = upgrading.done
+			startUpgrade()
 		default:
 			return true
 		}
@@ -478,17 +490,31 @@ func cmdRun(args []string, stderr io.Writer) int {
 			if handle(sig) {
 				if upgrading != nil {
 					upgrading.cancel()
+					for _, w := range upgradeWaiters {
+						w <- upgradeResult{err: errStopping}
+					}
 				}
 				return stop(sig)
 			}
-		case err := <-upgradeDone:
-			pid := upgrading.process.Pid
+		case reply := <-adm.upgrades:
+			startUpgrade()
+			upgradeWaiters = append(upgradeWaiters, reply)
+		case res := <-upgradeDone:
 			upgrading, upgradeDone = nil, nil
-			if err != nil {
-				log.Error("upgrade failed: still serving", "error", err)
+			for _, w := range upgradeWaiters {
+				w <- res
+			}
+			upgradeWaiters = nil
+			if res.err != nil {
+				log.Error("upgrade failed: still serving", "error", res.err)
+				hupDuringUpgrade = false
 				continue
 			}
-			log.Info("upgrade: the new process is ready", "pid", pid)
+			log.Info("upgrade: the new process is ready", "pid", res.pid)
+			if hupDuringUpgrade {
+				log.Info("upgrade: passing on the SIGHUP that came during it", "pid", res.pid)
+				syscall.Kill(res.pid, syscall.SIGHUP)
+			}
 			handedOver = true
 			return stop(syscall.SIGUSR2)
 		}

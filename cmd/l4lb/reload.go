@@ -52,6 +52,8 @@ type reloader struct {
 	// stopped: l4lb is stopping, and reloads are refused (stop). Guarded
 	// by reloading.
 	stopped bool
+	// upgraded: stopped because an upgrade's new process serves now.
+	upgraded bool
 
 	mu          sync.Mutex // guards the fields below
 	ok, failed  uint64
@@ -120,6 +122,9 @@ func (r *reloader) reload(ctx context.Context, reason string) (l4.Change, error)
 	if r.stopped {
 		// Neither a failed reload nor READY=1 after STOPPING=1.
 		version, _, _ := r.srv.Version()
+		if r.upgraded {
+			return l4.Change{OldVersion: version, Version: version}, errUpgraded
+		}
 		return l4.Change{OldVersion: version, Version: version}, errStopping
 	}
 	if reason == triggerFile {
@@ -179,6 +184,25 @@ func (r *reloader) reload(ctx context.Context, reason string) (l4.Change, error)
 
 // errStopping is the answer to a reload asked for while l4lb stops.
 var errStopping = errors.New("l4lb is stopping: nothing to reload")
+
+// errUpgraded is the answer to a reload asked of a process an upgrade
+// replaced while the reload waited.
+var errUpgraded = errors.New("l4lb was upgraded: the new process serves now, from the config file as it read it at its start; ask it again")
+
+// handOver runs upgrade while no reload runs, and refuses every reload
+// from then on if it succeeds: the new process serves the config file.
+func (r *reloader) handOver(upgrade func() error) error {
+	r.reloading.Lock()
+	defer r.reloading.Unlock()
+	if r.stopped {
+		return errStopping
+	}
+	err := upgrade()
+	if err == nil {
+		r.stopped, r.upgraded = true, true
+	}
+	return err
+}
 
 // stop refuses every reload from now on, once the one running, if any,
 // has finished: l4lb is stopping.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -553,4 +554,48 @@ func TestReloadMovesAdminOntoAnOverlappingAddressUnprivileged(t *testing.T) {
 		t.Fatalf("reload moving admin.listen to 0.0.0.0: %d %q, want it applied", code, res.Error)
 	}
 	adminStatus(t, at("127.0.0.2"))
+}
+
+// An upgrade holds reloads off while it runs (a service a reload added
+// would be bound by the old process alone), lets them run again after it
+// failed, and has them refused, saying why, once it succeeded.
+func TestReloadsWaitForAnUpgrade(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "l4lb.toml")
+	text := "[admin]\nlisten = \"\"\n[services.db]\nlisten = \"127." + testNet + ".11.2:7000\"\n[[services.db.backends]]\naddress = \"127.0.0.1:5432\"\n"
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	srv := l4.NewServer(hclog.NewNullLogger())
+	t.Cleanup(srv.Shutdown)
+	rl := &reloader{path: path, srv: srv, log: hclog.NewNullLogger(), notify: newNotifier()}
+
+	reloaded := make(chan error, 1)
+	err := rl.handOver(func() error {
+		go func() {
+			_, err := rl.reload(context.Background(), "SIGHUP")
+			reloaded <- err
+		}()
+		select {
+		case err := <-reloaded:
+			t.Errorf("a reload ran during the upgrade (%v)", err)
+		case <-time.After(200 * time.Millisecond):
+		}
+		return errors.New("the new process failed")
+	})
+	if err == nil || err.Error() != "the new process failed" {
+		t.Fatalf("handOver returned %v, want the upgrade's error", err)
+	}
+	if err := <-reloaded; err != nil {
+		t.Fatalf("the reload held off by a failed upgrade: %v", err)
+	}
+	if v, _, _ := srv.Version(); v != 1 {
+		t.Fatalf("version %d after the reload that waited, want 1", v)
+	}
+
+	if err := rl.handOver(func() error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rl.reload(context.Background(), "SIGHUP"); !errors.Is(err, errUpgraded) {
+		t.Errorf("a reload after a successful upgrade: %v, want %v", err, errUpgraded)
+	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -149,26 +150,52 @@ type upgrader struct {
 	log     hclog.Logger
 	srv     *l4.Server
 	adm     *admin
+	rl      *reloader
 	path    string // ownPath at start; "" if unknown
 	args    []string
 	pidfile *os.File // locked; nil without -pidfile
 }
 
-// upgrade is one upgrade under way: done yields nil once the new process
-// serves, or why it does not.
-type upgrade struct {
-	done    <-chan error
-	process *os.Process
+// upgradeResult is how an upgrade ended: the new process's pid, and nil
+// once it serves, or why it does not (pid 0 if it never started).
+type upgradeResult struct {
+	pid int
+	err error
 }
 
-// start starts the new process and waits for it in the background.
-func (u *upgrader) start() (*upgrade, error) {
+// upgrade is one upgrade under way.
+type upgrade struct {
+	done   <-chan upgradeResult
+	cancel context.CancelFunc
+}
+
+// start runs an upgrade in the background. Reloads wait meanwhile, and
+// after one that succeeded this process reloads no more: a service a
+// reload added here would be bound by this process alone, and its
+// sockets closed with it.
+func (u *upgrader) start() *upgrade {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan upgradeResult, 1)
+	go func() {
+		var res upgradeResult
+		res.err = u.rl.handOver(func() error {
+			res.pid, res.err = u.run(ctx)
+			return res.err
+		})
+		done <- res
+	}()
+	return &upgrade{done: done, cancel: cancel}
+}
+
+// run starts the new process and waits until it serves, fails, or ctx
+// ends (this process stops).
+func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 	if u.path == "" {
-		return nil, errors.New("this process's binary path is unknown")
+		return 0, errors.New("this process's binary path is unknown")
 	}
 	socks, err := u.srv.ListenSockets()
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
 	// In a closure: socks is emptied below once files own the
 	// descriptors, and a second close would hit whatever reused them.
@@ -187,9 +214,10 @@ func (u *upgrader) start() (*upgrade, error) {
 		files = append(files, os.NewFile(uintptr(s.FD), "listen"))
 	}
 	// os.NewFile took the descriptors: closing files closes them.
+	passed := len(socks)
 	socks = nil
 	if f, addr, err := u.adm.socketFile(); err != nil {
-		return nil, err
+		return 0, err
 	} else if f != nil {
 		roles = append(roles, "admin="+addr)
 		files = append(files, f)
@@ -200,8 +228,9 @@ func (u *upgrader) start() (*upgrade, error) {
 	}
 	readyR, readyW, err := os.Pipe()
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
+	defer readyR.Close()
 	roles = append(roles, "ready")
 	files = append(files, readyW)
 
@@ -210,45 +239,45 @@ func (u *upgrader) start() (*upgrade, error) {
 	cmd.ExtraFiles = files
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
-		readyR.Close()
-		return nil, err
+		return 0, err
 	}
 	u.log.Info("upgrade: new process started; this one serves until it is ready", "pid", cmd.Process.Pid, "binary", u.path,
-		"listening_sockets", len(roles)-1)
-	done := make(chan error, 1)
-	go func() { done <- awaitReady(cmd, readyR) }()
-	return &upgrade{done: done, process: cmd.Process}, nil
+		"listening_sockets", passed)
+	readyW.Close() // its end only: EOF then says that it exited
+	return cmd.Process.Pid, awaitReady(ctx, cmd, readyR)
 }
 
-// awaitReady waits for the new process to say it is ready, to exit, or
-// for upgradeTimeout, and reaps it unless it serves.
-func awaitReady(cmd *exec.Cmd, ready *os.File) error {
-	defer ready.Close()
+// awaitReady waits for the new process to say it is ready, to exit, for
+// upgradeTimeout or for ctx to end, and stops it unless it serves.
+func awaitReady(ctx context.Context, cmd *exec.Cmd, ready *os.File) error {
 	ready.SetReadDeadline(time.Now().Add(upgradeTimeout))
+	stopRead := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Now()) })
+	defer stopRead()
 	var b [1]byte
 	_, err := ready.Read(b[:])
 	if err == nil {
 		return nil
 	}
+	pid := cmd.Process.Pid
 	if errors.Is(err, os.ErrDeadlineExceeded) {
+		// It may have taken clients from the shared sockets: SIGTERM
+		// lets it finish them. Its exit is awaited in the background, so
+		// that a new SIGUSR2 need not wait for its drain.
 		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-		return fmt.Errorf("the new process (pid %d) was not ready within %s; stopped it", cmd.Process.Pid, upgradeTimeout)
-	}
-	if err != io.EOF {
-		err = fmt.Errorf("reading its readiness: %w", err)
+		go cmd.Wait()
+		if ctx.Err() != nil {
+			return fmt.Errorf("stopped the new process (pid %d): this one stops", pid)
+		}
+		return fmt.Errorf("the new process (pid %d) was not ready within %s; stopped it", pid, upgradeTimeout)
 	}
 	// EOF: it closed the pipe without a word, which it does by exiting.
 	if werr := cmd.Wait(); werr != nil {
-		return fmt.Errorf("the new process (pid %d) failed: %v (its log above says why)", cmd.Process.Pid, werr)
+		return fmt.Errorf("the new process (pid %d) failed: %v (its log above says why)", pid, werr)
 	}
-	return fmt.Errorf("the new process (pid %d) exited before it was ready", cmd.Process.Pid)
-}
-
-// cancel stops the new process of an upgrade still waiting: this one is
-// stopping. Its wait then ends.
-func (up *upgrade) cancel() {
-	up.process.Signal(syscall.SIGTERM)
+	if err != io.EOF {
+		return fmt.Errorf("the new process (pid %d): reading its readiness: %w", pid, err)
+	}
+	return fmt.Errorf("the new process (pid %d) exited before it was ready", pid)
 }
 
 func withoutEnv(env []string, name string) []string {

@@ -96,7 +96,7 @@ func TestUpgradeStartClosesEachDescriptorOnce(t *testing.T) {
 		}
 	}()
 	for range 300 {
-		if _, err := up.start(); err == nil {
+		if _, err := up.run(context.Background()); err == nil {
 			t.Fatal("an upgrade to a binary that does not exist started")
 		}
 	}
@@ -121,7 +121,7 @@ func TestFailedUpgradeKeepsAdminSocketNonBlocking(t *testing.T) {
 	}
 	adm.commit(adminAddr, ln)
 	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: adm, path: "/nonexistent/l4lb"}
-	if _, err := up.start(); err == nil {
+	if _, err := up.run(context.Background()); err == nil {
 		t.Fatal("an upgrade to a binary that does not exist started")
 	}
 	err = adm.ln.control(func(fd int) error {
