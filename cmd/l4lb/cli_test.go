@@ -291,16 +291,8 @@ func TestRunStopsAtOnceOnASecondSignal(t *testing.T) {
 	path, listen := stopConfig(t, backend, adminAddr, "1m")
 	run := startRun(t, "-config", path)
 	run.waitLog(t, "l4lb: ready:", 10*time.Second)
-	client, err := net.Dial("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
+	client := dialThrough(t, listen, accepted)
 	defer client.Close()
-	select {
-	case <-accepted:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the client's connection never reached the backend")
-	}
 
 	run.cmd.Process.Signal(syscall.SIGTERM)
 	run.waitLog(t, "draining before exit: service=demo connections=1", 5*time.Second)
@@ -367,4 +359,21 @@ func TestRunSaysWhetherUDPSegments(t *testing.T) {
 			}
 		})
 	}
+}
+
+// dialThrough connects to listen and waits until the connection reaches
+// the silentBackend whose accepted it is.
+func dialThrough(t *testing.T, listen string, accepted <-chan net.Conn) net.Conn {
+	t.Helper()
+	client, err := net.Dial("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-accepted:
+	case <-time.After(5 * time.Second):
+		client.Close()
+		t.Fatal("the client's connection never reached the backend")
+	}
+	return client
 }

@@ -296,30 +296,9 @@ func TestStopWhileStarting(t *testing.T) {
 			messages := notifySocket(t)
 			silent, probed := silentBackend(t)
 			admin := fmt.Sprintf("127.0.0.1:%d", testPort(t))
-			listen := fmt.Sprintf("127.0.0.1:%d", testPort(t))
-			path := filepath.Join(t.TempDir(), "l4lb.toml")
-			text := fmt.Sprintf(`[admin]
-listen = %q
-[services.demo]
-listen = %q
-[services.demo.health]
-kind = "send_expect"
-send = "PING\r\n"
-expect = "+PONG"
-interval = "2s"
-timeout = "2s"
-[[services.demo.backends]]
-address = %q
-`, admin, listen, silent)
-			if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
-				t.Fatal(err)
-			}
+			path, listen := awaitedCheckConfig(t, admin, silent)
 			run := startRun(t, "-config", path)
-			select {
-			case <-probed: // l4lb waits for the probe's answer, up to 2 s
-			case <-time.After(10 * time.Second):
-				t.Fatal("no health probe reached the backend")
-			}
+			awaitProbe(t, probed) // l4lb waits for the probe's answer, up to 2 s
 			run.cmd.Process.Signal(sig)
 			if err := run.waitExit(t, 10*time.Second); err != nil {
 				t.Errorf("l4lb ended with %v, want exit 0", err)
@@ -379,5 +358,42 @@ weight = %d
 	run.waitLog(t, "l4lb: ready:", 5*time.Second)
 	if line := run.waitLog(t, "reloaded:", 5*time.Second); !strings.Contains(line, "trigger=SIGHUP") || !strings.Contains(line, "weight 100→50") {
 		t.Errorf("the reload says %q; want the SIGHUP's, with the weight change", line)
+	}
+}
+
+// awaitedCheckConfig writes a config with the admin endpoint on admin
+// (off with "") and one service, on a port of its own, whose health
+// check of backend waits up to 2 s for an answer: with a backend that
+// never answers, l4lb waits that long at start for the first check.
+func awaitedCheckConfig(t *testing.T, admin, backend string) (path, listen string) {
+	t.Helper()
+	listen = fmt.Sprintf("127.0.0.1:%d", testPort(t))
+	path = filepath.Join(t.TempDir(), "l4lb.toml")
+	text := fmt.Sprintf(`[admin]
+listen = %q
+[services.demo]
+listen = %q
+[services.demo.health]
+kind = "send_expect"
+send = "PING\r\n"
+expect = "+PONG"
+interval = "2s"
+timeout = "2s"
+[[services.demo.backends]]
+address = %q
+`, admin, listen, backend)
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path, listen
+}
+
+// awaitProbe waits for the first health probe to reach a silentBackend.
+func awaitProbe(t *testing.T, probed <-chan net.Conn) {
+	t.Helper()
+	select {
+	case <-probed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no health probe reached the backend")
 	}
 }

@@ -225,16 +225,8 @@ func TestUpgradedProcessReleasesPidfileLock(t *testing.T) {
 	pidfile := filepath.Join(t.TempDir(), "l4lb.pid")
 	run := startRun(t, "-config", path, "-pidfile", pidfile)
 	run.waitLog(t, "l4lb: ready:", 10*time.Second)
-	client, err := net.Dial("tcp", listen)
-	if err != nil {
-		t.Fatal(err)
-	}
+	client := dialThrough(t, listen, accepted)
 	defer client.Close()
-	select {
-	case <-accepted:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the client's connection never reached the backend")
-	}
 	pid := run.upgrade(t)
 	run.waitLog(t, "draining before exit: service=demo connections=1", 5*time.Second)
 
@@ -247,6 +239,7 @@ func TestUpgradedProcessReleasesPidfileLock(t *testing.T) {
 	}
 	// The kernel may release a killed process's files a moment after it
 	// shows as a zombie.
+	var err error
 	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		var f *os.File
 		if f, err = lockPidfile(pidfile); err == nil {
@@ -265,30 +258,9 @@ func TestUpgradedProcessReleasesPidfileLock(t *testing.T) {
 func TestUpgradeStoppedWhileStartingTellsSystemdNothing(t *testing.T) {
 	messages := notifySocket(t)
 	silent, probed := silentBackend(t)
-	listen := fmt.Sprintf("127.0.0.1:%d", testPort(t))
-	path := filepath.Join(t.TempDir(), "l4lb.toml")
-	text := fmt.Sprintf(`[admin]
-listen = ""
-[services.demo]
-listen = %q
-[services.demo.health]
-kind = "send_expect"
-send = "PING\r\n"
-expect = "+PONG"
-interval = "2s"
-timeout = "2s"
-[[services.demo.backends]]
-address = %q
-`, listen, silent)
-	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	path, listen := awaitedCheckConfig(t, "", silent)
 	run := startRun(t, "-config", path)
-	select {
-	case <-probed:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no health probe reached the backend")
-	}
+	awaitProbe(t, probed)
 	run.waitLog(t, "l4lb: ready:", 10*time.Second)
 	for end := time.Now().Add(5 * time.Second); len(messages()) == 0; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(end) {
