@@ -412,3 +412,51 @@ func TestUpgradeToAnotherUserFailsBeforeServing(t *testing.T) {
 		c.Close()
 	}
 }
+
+// A SIGHUP that reaches the old process during an upgrade waits for it
+// (a reload then could bind a service the new process never sees), and
+// once the new process serves it is passed on to it: the new process
+// applies the changed file, the old one applies nothing.
+func TestSIGHUPDuringUpgradeReloadsTheNewProcess(t *testing.T) {
+	silent, probed := silentBackend(t)
+	path, _ := awaitedCheckConfig(t, "", silent)
+	run := startRun(t, "-config", path)
+	awaitProbe(t, probed)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+
+	run.cmd.Process.Signal(syscall.SIGUSR2)
+	line := run.waitLog(t, "upgrade: new process started", 10*time.Second)
+	m := regexp.MustCompile(` pid=(\d+)`).FindStringSubmatch(line)
+	if m == nil {
+		t.Fatalf("no pid in %q", line)
+	}
+	pid, _ := strconv.Atoi(m[1])
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	// Once the new process has read the file (it logs its limits after),
+	// it waits up to 2 s for its first check.
+	for end := time.Now().Add(10 * time.Second); len(run.entries("descriptor limit")) < 2; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("the new process did not start")
+		}
+	}
+	text, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := strings.Replace(string(text), "[[services.demo.backends]]\n", "[[services.demo.backends]]\nweight = 50\n", 1)
+	if err := os.WriteFile(path, []byte(changed), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run.cmd.Process.Signal(syscall.SIGHUP)
+	if len(run.entries("upgrade: the new process is ready")) > 0 {
+		t.Fatal("the new process was ready before the SIGHUP: the test did not send it during the upgrade")
+	}
+	run.waitLog(t, "upgrade: passing on the SIGHUP that came during it", 10*time.Second)
+	run.waitLog(t, "reloaded: trigger=SIGHUP version=1 new_version=2", 10*time.Second)
+	if n := len(run.entries("reloaded:")); n != 1 {
+		t.Errorf("%d reloads logged, want only the new process's: %q", n, run.entries("reloaded:"))
+	}
+	// Its exit: the new process holds the log pipe, so its end is not
+	// the log's.
+	waitGone(t, run.cmd.Process.Pid, 10*time.Second)
+}
