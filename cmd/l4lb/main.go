@@ -448,6 +448,19 @@ func cmdRun(args []string, stderr io.Writer) int {
 	if binaryPathErr != nil {
 		up.path = ""
 	}
+	handOver := func() int {
+		handedOver = true
+		return stop(syscall.SIGUSR2)
+	}
+	return serveUntilStop(log, signals, pending, triggers, adm.upgrades, up, stop, handOver)
+}
+
+// serveUntilStop handles the signals and upgrade requests of a running
+// l4lb: SIGHUP asks triggers for a reload, SIGUSR2 and each request of
+// upgrades run an upgrade, any other signal stops l4lb. It returns
+// stop's exit code, or handOver's once an upgrade's new process serves.
+func serveUntilStop(log hclog.Logger, signals <-chan os.Signal, pending []os.Signal, triggers chan<- string,
+	upgrades <-chan chan<- upgradeResult, up *upgrader, stop func(os.Signal) int, handOver func() int) int {
 	var upgrading *upgrade
 	var upgradeDone <-chan upgradeResult
 	// upgradeWaiters are the POST /upgrade requests of the upgrade under
@@ -496,7 +509,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 				}
 				return stop(sig)
 			}
-		case reply := <-adm.upgrades:
+		case reply := <-upgrades:
 			startUpgrade()
 			upgradeWaiters = append(upgradeWaiters, reply)
 		case res := <-upgradeDone:
@@ -515,8 +528,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 				log.Info("upgrade: passing on the SIGHUP that came during it", "pid", res.pid)
 				syscall.Kill(res.pid, syscall.SIGHUP)
 			}
-			handedOver = true
-			return stop(syscall.SIGUSR2)
+			return handOver()
 		}
 	}
 }
