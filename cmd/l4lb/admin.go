@@ -84,7 +84,7 @@ func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
 		case upgrades <- reply:
 		case <-time.After(upgradeAskTimeout):
 			w.WriteHeader(http.StatusServiceUnavailable)
-			json.NewEncoder(w).Encode(upgradeJSON{OldPid: os.Getpid(), Error: "l4lb takes no upgrade now: it is stopping"})
+			json.NewEncoder(w).Encode(upgradeJSON{OldPid: os.Getpid(), Error: "l4lb takes no upgrade now: it is starting or stopping"})
 			return
 		}
 		res := <-reply // every request taken is answered
@@ -119,7 +119,7 @@ func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
 }
 
 // upgradeAskTimeout bounds how long POST /upgrade waits for l4lb to take
-// it: l4lb takes it at once unless it is stopping.
+// it: l4lb takes it at once unless it is starting or stopping.
 const upgradeAskTimeout = 5 * time.Second
 
 // upgradeJSON is the answer to POST /upgrade: 200 once the new process
