@@ -248,3 +248,52 @@ drain_timeout = "10s"
 		newUDPClient(t, listen).exchange(fmt.Sprintf("after the old server stopped %d", i))
 	}
 }
+
+// TestUpgradeAdoptsWhatTheConfigWants gives a successor a config that
+// differs from its predecessor's: a TCP service with more workers than
+// sockets passed gets the difference bound beside them, one with fewer
+// keeps every socket passed (each may hold queued clients), and the
+// sockets of a service the config dropped close once the predecessor
+// has stopped.
+func TestUpgradeAdoptsWhatTheConfigWants(t *testing.T) {
+	echo := startEcho(t)
+	grow, shrink, dropped := freeLoopbackPort(t), freeLoopbackPort(t), freeLoopbackPort(t)
+	service := func(name string, listen netip.AddrPort, workers int) string {
+		return fmt.Sprintf("[services.%s]\nlisten = %q\nworkers = %d\n[[services.%s.backends]]\naddress = %q\n", name, listen, workers, name, echo)
+	}
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), parseConfig(t, service("grow", grow, 1)+service("shrink", shrink, 3)+service("dropped", dropped, 2))); err != nil {
+		t.Fatal(err)
+	}
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	if _, err := successor.Apply(context.Background(), parseConfig(t, service("grow", grow, 2)+service("shrink", shrink, 1))); err != nil {
+		t.Fatal(err)
+	}
+	old.HandOver()
+	old.Shutdown()
+	for _, c := range []struct {
+		listen netip.AddrPort
+		want   int
+	}{{grow, 2}, {shrink, 3}, {dropped, 0}} {
+		if n := listeningSockets(t, c.listen.Port()); n != c.want {
+			t.Errorf("%d sockets listen on %s after the hand-over, want %d", n, c.listen, c.want)
+		}
+	}
+	for _, listen := range []netip.AddrPort{grow, shrink} {
+		for i := range 20 {
+			c, err := net.Dial("tcp", listen.String())
+			if err != nil {
+				t.Fatalf("connection %d to %s: %v", i, listen, err)
+			}
+			roundTrip(t, c, "served")
+			c.Close()
+		}
+	}
+}
