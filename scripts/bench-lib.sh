@@ -8,7 +8,8 @@
 #                    before sourcing
 #   ROOT             the repository root (the scripts cd there)
 #   ALL_TARGETS      every column, in table order; TARGET_LIST (set by
-#                    parse_targets) the selected ones
+#                    parse_targets) the selected ones; TARGET_LABEL, optional,
+#                    a column's header where it is not the target's name
 #   STATUS, SAMPLES, FAILED, NOTE   per-target state (declared by bench_setup)
 #   ROWS, ROW_LABEL, ROW_FMT, ROW_COST   the table rows (see print_table_body)
 #   hooks            measure_workload TARGET WORKLOAD (run_rounds),
@@ -69,6 +70,7 @@ bench_setup() {
 	declare -gA SAMPLES=() # "target,metric" -> space separated values
 	declare -gA FAILED=()  # "target,workload" -> failed run count
 	declare -gA NOTE=()    # target -> details printed under the table
+	declare -gA TARGET_LABEL # target -> column header, where not its name (kept if set)
 	RESULT=$TMP/result
 	CLIENT_OUT=$TMP/client.out
 	CLIENT_ERR=$TMP/client.err
@@ -407,7 +409,7 @@ print_table_body() {
 	local t row wl med dmed cell fmt fails median_fn=sample_median
 	if declare -F row_median >/dev/null; then median_fn=row_median; fi
 	printf '| workload |'
-	for t in "${ALL_TARGETS[@]}"; do printf ' %s |' "$t"; done
+	for t in "${ALL_TARGETS[@]}"; do printf ' %s |' "${TARGET_LABEL[$t]:-$t}"; done
 	printf '\n|---|'
 	for t in "${ALL_TARGETS[@]}"; do printf -- '---:|'; done
 	printf '\n'
