@@ -8,7 +8,7 @@ TEST_TOOLS  = ip:iproute2 iperf3:iperf3 ncat:ncat nft:nftables redis-server:redi
 BENCH_TOOLS = haproxy:haproxy nginx:nginx redis-benchmark:redis-tools iperf3:iperf3
 SOAK_TOOLS  = redis-server:redis-server redis-benchmark:redis-tools iperf3:iperf3 jq:jq curl:curl ss:iproute2
 
-.PHONY: all build run test test-unit test-integration deps bench soak splice-proof fuzz clean
+.PHONY: all build run test test-unit test-integration deps bench bench-reload soak splice-proof fuzz clean
 
 all: build
 
@@ -40,6 +40,13 @@ bench: build
 	@./scripts/install-deps.sh $(BENCH_TOOLS)
 	./scripts/bench.sh
 	./scripts/bench-udp.sh
+
+# What each proxy loses on reload: l4lb's reload and upgrade, HAProxy's and
+# nginx's reloads, side by side under the same load (about 2 minutes). The
+# script builds l4lb and its load tool into its temp dir, and installs
+# HAProxy and nginx with apt-get (as root) where missing.
+bench-reload:
+	./scripts/bench-reload.sh
 
 # A leak check under SOAK_MINUTES (default 10) of mixed load with reloads and
 # backend kills; not part of `make test`. Exits 1 naming what l4lb did not
