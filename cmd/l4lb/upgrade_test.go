@@ -165,14 +165,7 @@ func (p *runProc) upgrade(t *testing.T) int {
 	t.Helper()
 	seen := len(p.entries("upgrade: the new process is ready"))
 	failed := len(p.entries("upgrade failed"))
-	p.cmd.Process.Signal(syscall.SIGUSR2)
-	line := p.waitLog(t, "upgrade: new process started", 10*time.Second)
-	m := regexp.MustCompile(` pid=(\d+)`).FindStringSubmatch(line)
-	if m == nil {
-		t.Fatalf("no pid in %q", line)
-	}
-	pid, _ := strconv.Atoi(m[1])
-	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	pid := p.startUpgrade(t)
 	for end := time.Now().Add(15 * time.Second); len(p.entries("upgrade: the new process is ready")) == seen; {
 		if lines := p.entries("upgrade failed"); len(lines) > failed {
 			t.Fatal(lines[failed])
@@ -182,6 +175,27 @@ func (p *runProc) upgrade(t *testing.T) int {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	return pid
+}
+
+// startUpgrade sends SIGUSR2 to the l4lb p runs and returns the pid of
+// the new process once started, to be killed at the end of the test.
+func (p *runProc) startUpgrade(t *testing.T) int {
+	t.Helper()
+	seen := len(p.entries("upgrade: new process started"))
+	p.cmd.Process.Signal(syscall.SIGUSR2)
+	for end := time.Now().Add(10 * time.Second); len(p.entries("upgrade: new process started")) == seen; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("no new process started within 10 s of SIGUSR2")
+		}
+	}
+	line := p.entries("upgrade: new process started")[seen]
+	m := regexp.MustCompile(` pid=(\d+)`).FindStringSubmatch(line)
+	if m == nil {
+		t.Fatalf("no pid in %q", line)
+	}
+	pid, _ := strconv.Atoi(m[1])
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
 	return pid
 }
 
@@ -424,14 +438,7 @@ func TestSIGHUPDuringUpgradeReloadsTheNewProcess(t *testing.T) {
 	awaitProbe(t, probed)
 	run.waitLog(t, "l4lb: ready:", 10*time.Second)
 
-	run.cmd.Process.Signal(syscall.SIGUSR2)
-	line := run.waitLog(t, "upgrade: new process started", 10*time.Second)
-	m := regexp.MustCompile(` pid=(\d+)`).FindStringSubmatch(line)
-	if m == nil {
-		t.Fatalf("no pid in %q", line)
-	}
-	pid, _ := strconv.Atoi(m[1])
-	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	run.startUpgrade(t)
 	// Once the new process has read the file (it logs its limits after),
 	// it waits up to 2 s for its first check.
 	for end := time.Now().Add(10 * time.Second); len(run.entries("descriptor limit")) < 2; time.Sleep(5 * time.Millisecond) {
