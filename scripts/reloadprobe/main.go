@@ -62,6 +62,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/l4lb/l4lb/internal/loopback"
 )
 
 func main() {
@@ -95,24 +97,11 @@ func usage() {
 	os.Exit(2)
 }
 
-// loopback parses an IP:port that must be on the loopback range: this tool
-// makes load, and load goes nowhere but this machine.
-func loopback(s string) (netip.AddrPort, error) {
-	ap, err := netip.ParseAddrPort(s)
-	if err != nil {
-		return ap, err
-	}
-	if !ap.Addr().Unmap().IsLoopback() {
-		return ap, fmt.Errorf("%s: only loopback addresses (127.0.0.0/8, ::1) are allowed", s)
-	}
-	return ap, nil
-}
-
 // loopbacks parses a comma-separated list of loopback IP:ports.
 func loopbacks(s string) ([]netip.AddrPort, error) {
 	var out []netip.AddrPort
 	for _, f := range strings.Split(s, ",") {
-		ap, err := loopback(strings.TrimSpace(f))
+		ap, err := loopback.ParseAddrPort(strings.TrimSpace(f))
 		if err != nil {
 			return nil, err
 		}
@@ -249,7 +238,7 @@ func runChurn(args []string) error {
 	timeout := fs.Duration("timeout", 3*time.Second, "bound on each connect and on each echo")
 	maxRun := fs.Duration("max", 10*time.Minute, "stop after this long if no signal came")
 	fs.Parse(args)
-	ap, err := loopback(*target)
+	ap, err := loopback.ParseAddrPort(*target)
 	if err != nil {
 		return err
 	}
@@ -362,7 +351,7 @@ func runStreams(args []string) error {
 	timeout := fs.Duration("timeout", 5*time.Second, "bound on opening a stream, and on the last echoes at the end")
 	maxRun := fs.Duration("max", 10*time.Minute, "stop after this long if no signal came")
 	fs.Parse(args)
-	ap, err := loopback(*target)
+	ap, err := loopback.ParseAddrPort(*target)
 	if err != nil {
 		return err
 	}
@@ -530,7 +519,7 @@ func runUDP(args []string) error {
 	grace := fs.Duration("grace", time.Second, "wait for late replies after the last datagram")
 	maxRun := fs.Duration("max", 10*time.Minute, "stop after this long if no signal came")
 	fs.Parse(args)
-	ap, err := loopback(*target)
+	ap, err := loopback.ParseAddrPort(*target)
 	if err != nil {
 		return err
 	}

@@ -37,6 +37,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/l4lb/l4lb/internal/mmsg"
+
+	"github.com/l4lb/l4lb/internal/loopback"
 )
 
 func main() {
@@ -63,19 +65,6 @@ func usage() {
 	os.Exit(2)
 }
 
-// loopback parses an IP:port that must be on the loopback range: this tool
-// sends load, and load goes nowhere but this machine.
-func loopback(s string) (netip.AddrPort, error) {
-	ap, err := netip.ParseAddrPort(s)
-	if err != nil {
-		return ap, err
-	}
-	if !ap.Addr().Unmap().IsLoopback() {
-		return ap, fmt.Errorf("%s: only loopback addresses (127.0.0.0/8, ::1) are allowed", s)
-	}
-	return ap, nil
-}
-
 // ---------------------------------------------------------------- echo ---
 
 // echoBatch is how many datagrams the echo moves per recvmmsg/sendmmsg:
@@ -88,7 +77,7 @@ func runEcho(args []string) error {
 	listen := fs.String("listen", "", "IP:port to echo on (loopback)")
 	lifetime := fs.Duration("lifetime", 30*time.Minute, "exit after this long whatever happens")
 	fs.Parse(args)
-	ap, err := loopback(*listen)
+	ap, err := loopback.ParseAddrPort(*listen)
 	if err != nil {
 		return err
 	}
@@ -228,7 +217,7 @@ func runClient(args []string) error {
 	fs.Parse(args)
 	var to []netip.AddrPort
 	for _, s := range strings.Split(*targets, ",") {
-		ap, err := loopback(strings.TrimSpace(s))
+		ap, err := loopback.ParseAddrPort(strings.TrimSpace(s))
 		if err != nil {
 			return fmt.Errorf("-target: %w", err)
 		}
