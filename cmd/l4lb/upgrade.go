@@ -244,7 +244,19 @@ func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 	u.log.Info("upgrade: new process started; this one serves until it is ready", "pid", cmd.Process.Pid, "binary", u.path,
 		"listening_sockets", passed)
 	readyW.Close() // its end only: EOF then says that it exited
-	return cmd.Process.Pid, awaitReady(ctx, cmd, readyR)
+	if err := awaitReady(ctx, cmd, readyR); err != nil {
+		// It writes its pid just before it says it is ready, and may fail
+		// (or be stopped) after that: the pidfile must name the process
+		// that serves on, for `l4lb reload -pidfile` and `l4lb upgrade
+		// -pidfile` alike.
+		if u.pidfile != nil {
+			if werr := writePid(u.pidfile); werr != nil {
+				u.log.Warn("upgrade: cannot write this process's pid back into the pidfile", "error", werr)
+			}
+		}
+		return cmd.Process.Pid, err
+	}
+	return cmd.Process.Pid, nil
 }
 
 // awaitReady waits for the new process to say it is ready, to exit, for

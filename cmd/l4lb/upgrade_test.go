@@ -467,3 +467,54 @@ func TestSIGHUPDuringUpgradeReloadsTheNewProcess(t *testing.T) {
 	// the log's.
 	waitGone(t, run.cmd.Process.Pid, 10*time.Second)
 }
+
+// fakeSuccessor writes a shell script to start in place of l4lb by an
+// upgrade: $pidfd and $readyfd are the descriptors of the pidfile and of
+// the readiness pipe passed to it, and body does what it will with them.
+func fakeSuccessor(t *testing.T, body string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "l4lb")
+	script := `#!/bin/sh
+i=3
+IFS=,
+for role in $L4LB_UPGRADE_FDS; do
+	case $role in
+	pidfile) pidfd=$i ;;
+	ready) readyfd=$i ;;
+	esac
+	i=$((i+1))
+done
+unset IFS
+` + body + "\n"
+	if err := os.WriteFile(path, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// A new process that wrote its pid and then failed leaves the pidfile to
+// the process that serves on: `l4lb reload -pidfile` would otherwise
+// signal a dead process (or whatever reuses its number), and `l4lb
+// upgrade -pidfile` take the failure for a success.
+func TestFailedUpgradeRestoresPidfile(t *testing.T) {
+	pidfile, err := lockPidfile(filepath.Join(t.TempDir(), "l4lb.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pidfile.Close()
+	if err := writePid(pidfile); err != nil {
+		t.Fatal(err)
+	}
+	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: &admin{}, pidfile: pidfile,
+		path: fakeSuccessor(t, `echo $$ > /proc/self/fd/$pidfd; exit 1`)}
+	if _, err := up.run(context.Background()); err == nil {
+		t.Fatal("an upgrade whose new process failed succeeded")
+	}
+	b, err := os.ReadFile(pidfile.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(string(b)); got != strconv.Itoa(os.Getpid()) {
+		t.Errorf("after the failed upgrade the pidfile names %q, want this process, %d, which serves on", got, os.Getpid())
+	}
+}
