@@ -262,7 +262,8 @@ func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 // awaitReady waits for the new process to say it is ready, to exit, for
 // upgradeTimeout or for ctx to end, and stops it unless it serves.
 func awaitReady(ctx context.Context, cmd *exec.Cmd, ready *os.File) error {
-	ready.SetReadDeadline(time.Now().Add(upgradeTimeout))
+	deadline := time.Now().Add(upgradeTimeout)
+	ready.SetReadDeadline(deadline)
 	stopRead := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Now()) })
 	defer stopRead()
 	var b [1]byte
@@ -283,7 +284,24 @@ func awaitReady(ctx context.Context, cmd *exec.Cmd, ready *os.File) error {
 		return fmt.Errorf("the new process (pid %d) was not ready within %s; stopped it", pid, upgradeTimeout)
 	}
 	// EOF: it closed the pipe without a word, which it does by exiting.
-	if werr := cmd.Wait(); werr != nil {
+	// One that closed it and runs on (a wrapper, a binary that closes
+	// what it inherits) is waited for no longer than a silent one: the
+	// upgrade holds the reload lock, which a stop waits for.
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	timeout := time.NewTimer(time.Until(deadline))
+	defer timeout.Stop()
+	var werr error
+	select {
+	case werr = <-exited:
+	case <-timeout.C:
+		cmd.Process.Signal(syscall.SIGTERM)
+		return fmt.Errorf("the new process (pid %d) closed its readiness pipe and did not exit within %s; stopped it", pid, upgradeTimeout)
+	case <-ctx.Done():
+		cmd.Process.Signal(syscall.SIGTERM)
+		return fmt.Errorf("stopped the new process (pid %d): this one stops", pid)
+	}
+	if werr != nil {
 		return fmt.Errorf("the new process (pid %d) failed: %v (its log above says why)", pid, werr)
 	}
 	if err != io.EOF {

@@ -518,3 +518,28 @@ func TestFailedUpgradeRestoresPidfile(t *testing.T) {
 		t.Errorf("after the failed upgrade the pidfile names %q, want this process, %d, which serves on", got, os.Getpid())
 	}
 }
+
+// A new process that closed its readiness pipe without exiting (a
+// wrapper or a binary that closes what it inherited) is stopped once this
+// one stops, rather than waited for: the upgrade holds the reload lock,
+// which the stop waits for.
+func TestUpgradeStopsNewProcessThatClosedReadyPipe(t *testing.T) {
+	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: &admin{},
+		path: fakeSuccessor(t, `eval "exec $readyfd>&-"; exec sleep 20`)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, err := up.run(ctx)
+		done <- err
+	}()
+	time.Sleep(500 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("an upgrade whose new process said nothing succeeded")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the upgrade still waits for its new process 5 s after this one began to stop")
+	}
+}
