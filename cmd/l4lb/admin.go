@@ -90,7 +90,7 @@ func newAdmin(log hclog.Logger, srv *l4.Server, rl *reloader) *admin {
 		res := <-reply // every request taken is answered
 		out := upgradeJSON{OldPid: os.Getpid(), Pid: res.pid}
 		switch {
-		case errors.Is(res.err, errStopping):
+		case errors.Is(res.err, errStopping), errors.Is(res.err, errUpgradeCancelled):
 			out.Error = res.err.Error()
 			w.WriteHeader(http.StatusServiceUnavailable)
 		case res.err != nil:

@@ -197,7 +197,9 @@ func cmdReload(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, "SIGHUP sent; the result is in l4lb's log and `l4lb status`")
 		return 0
 	}
-	resp, err := adminClient.Post(adminURL(*addr, "/reload"), "", nil)
+	// A reload waits for an upgrade under way, up to upgradeTimeout.
+	client := &http.Client{Timeout: adminClient.Timeout + upgradeTimeout}
+	resp, err := client.Post(adminURL(*addr, "/reload"), "", nil)
 	if err != nil {
 		fmt.Fprintf(stderr, "l4lb reload: %v\n", err)
 		return 1

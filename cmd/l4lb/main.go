@@ -228,9 +228,14 @@ func cmdRun(args []string, stderr io.Writer) int {
 		}
 	}
 	var pidLock *os.File
+	// pidWritten: an upgrade passed the pidfile on, and the process that
+	// started this one writes this one's pid once it is ready.
+	pidWritten := false
 	if *pidfile != "" {
 		if pidLock, err = inherited.takePidfile(); err == nil && pidLock == nil {
 			pidLock, err = lockPidfile(*pidfile)
+		} else {
+			pidWritten = pidLock != nil
 		}
 		if err != nil {
 			fmt.Fprintf(stderr, "l4lb run: -pidfile: %v\n", err)
@@ -327,8 +332,10 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Error("cannot start", "error", err)
 		return 1
 	}
-	adm.commit(cfg.Admin.Listen, adminLn)
-	rl.admin = adm
+	if inherited == nil {
+		adm.commit(cfg.Admin.Listen, adminLn)
+		rl.admin = adm
+	}
 
 	// handedOver: an upgrade's new process serves now; this one drains.
 	handedOver := false
@@ -399,9 +406,11 @@ func cmdRun(args []string, stderr io.Writer) int {
 	// removing it at exit may then fail, as with other daemons that drop
 	// privileges, and a stale file names a dead process.
 	if pidLock != nil {
-		if err := writePid(pidLock); err != nil {
-			log.Error("cannot write pidfile", "error", err)
-			return 1
+		if !pidWritten {
+			if err := writePid(pidLock); err != nil {
+				log.Error("cannot write pidfile", "error", err)
+				return 1
+			}
 		}
 		defer func() {
 			if !handedOver { // the new process's pid is in it now
@@ -433,6 +442,13 @@ func cmdRun(args []string, stderr io.Writer) int {
 		// It hears of it when it waits no more, and keeps serving: both
 		// then serve from the same sockets.
 		log.Error("upgrade: cannot tell the process that started this one that it is ready", "error", err)
+	}
+	if inherited != nil {
+		// Only now, on the shared admin socket: a reload or an upgrade
+		// asked of this process before it was ready would be lost with
+		// it, should it fail.
+		adm.commit(cfg.Admin.Listen, adminLn)
+		rl.admin = adm
 	}
 	log.Info("ready", "version", buildVersion(), "config", *path, "config_version", 1, "hash", cfg.Hash[:12], "services", len(cfg.Services))
 	// After READY=1: a change made during start-up then reloads after it.
@@ -504,7 +520,7 @@ func serveUntilStop(log hclog.Logger, signals <-chan os.Signal, pending []os.Sig
 				if upgrading != nil {
 					upgrading.cancel()
 					for _, w := range upgradeWaiters {
-						w <- upgradeResult{err: errStopping}
+						w <- upgradeResult{err: errUpgradeCancelled}
 					}
 				}
 				return stop(sig)

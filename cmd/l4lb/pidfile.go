@@ -41,12 +41,16 @@ func lockPidfile(path string) (*os.File, error) {
 }
 
 // writePid writes this process's id into the locked pidfile f, in place
-// of what is there: an upgrade passes on the file with the old id in it.
-func writePid(f *os.File) error {
+// of what is there.
+func writePid(f *os.File) error { return writePidOf(f, os.Getpid()) }
+
+// writePidOf writes pid into the locked pidfile f, in place of what is
+// there: an upgrade writes the new process's.
+func writePidOf(f *os.File, pid int) error {
 	if err := f.Truncate(0); err != nil {
 		return err
 	}
-	_, err := f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	_, err := f.WriteAt([]byte(strconv.Itoa(pid)+"\n"), 0)
 	return err
 }
 

@@ -107,6 +107,8 @@ func (inh *inheritance) takeAdmin(addr string) net.Listener {
 
 // takePidfile returns the inherited pidfile, locked by this process too
 // (the lock belongs to the open file, which the upgrade shared), or nil.
+// The process that passed it writes this one's pid into it, once this
+// one has said it is ready.
 func (inh *inheritance) takePidfile() (*os.File, error) {
 	if inh == nil || inh.pidfile == nil {
 		return nil, nil
@@ -162,6 +164,10 @@ type upgradeResult struct {
 	pid int
 	err error
 }
+
+// errUpgradeCancelled answers the requests of an upgrade that l4lb's
+// stop cancelled.
+var errUpgradeCancelled = errors.New("l4lb is stopping: the upgrade was cancelled")
 
 // upgrade is one upgrade under way.
 type upgrade struct {
@@ -245,16 +251,24 @@ func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 		"listening_sockets", passed)
 	readyW.Close() // its end only: EOF then says that it exited
 	if err := awaitReady(ctx, cmd, readyR); err != nil {
-		// It writes its pid just before it says it is ready, and may fail
-		// (or be stopped) after that: the pidfile must name the process
-		// that serves on, for `l4lb reload -pidfile` and `l4lb upgrade
-		// -pidfile` alike.
+		// The pidfile must name the process that serves on, for `l4lb
+		// reload -pidfile` and `l4lb upgrade -pidfile` alike, whatever
+		// the failed one wrote into it (l4lb leaves that to this side,
+		// but a binary of another version may not).
 		if u.pidfile != nil {
 			if werr := writePid(u.pidfile); werr != nil {
 				u.log.Warn("upgrade: cannot write this process's pid back into the pidfile", "error", werr)
 			}
 		}
 		return cmd.Process.Pid, err
+	}
+	// This side writes the new pid, once the new process serves: written
+	// by the new process before it said so, the pidfile would name it
+	// for a moment even if it failed then.
+	if u.pidfile != nil {
+		if err := writePidOf(u.pidfile, cmd.Process.Pid); err != nil {
+			u.log.Warn("upgrade: cannot write the new process's pid into the pidfile", "error", err)
+		}
 	}
 	return cmd.Process.Pid, nil
 }

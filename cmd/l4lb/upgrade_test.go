@@ -543,3 +543,33 @@ func TestUpgradeStopsNewProcessThatClosedReadyPipe(t *testing.T) {
 		t.Fatal("the upgrade still waits for its new process 5 s after this one began to stop")
 	}
 }
+
+// The pidfile names the new process once it has said it is ready, and
+// this side writes it: the new process, which may still fail before it
+// says so, leaves the file alone.
+func TestUpgradeWritesNewPidOnceReady(t *testing.T) {
+	pidfile, err := lockPidfile(filepath.Join(t.TempDir(), "l4lb.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pidfile.Close()
+	if err := writePid(pidfile); err != nil {
+		t.Fatal(err)
+	}
+	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: &admin{}, pidfile: pidfile,
+		path: fakeSuccessor(t, `eval "printf x >&$readyfd"; exec sleep 20`)}
+	pid, err := up.run(context.Background())
+	if pid > 0 {
+		t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	}
+	if err != nil {
+		t.Fatalf("an upgrade whose new process said it was ready: %v", err)
+	}
+	b, err := os.ReadFile(pidfile.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(string(b)); got != strconv.Itoa(pid) {
+		t.Errorf("after the upgrade the pidfile names %q, want the new process, %d", got, pid)
+	}
+}
