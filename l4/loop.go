@@ -350,9 +350,11 @@ func (l *eventLoop) takeInbox() {
 }
 
 // epollWaitNow is epoll_wait with a zero timeout, so it never blocks: a
-// RawSyscall, for the reasons rawRead gives.
+// RawSyscall, for the reasons rawRead gives. It is made as epoll_pwait
+// without a signal mask, the same call, which every architecture has
+// (arm64 has no epoll_wait).
 func epollWaitNow(epfd int, events []unix.EpollEvent) (int, error) {
-	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(epfd), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
 	if errno != 0 {
 		return 0, errno
 	}
