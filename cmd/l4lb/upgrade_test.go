@@ -428,19 +428,27 @@ unset IFS
 	return path
 }
 
+// ownPidfile is a pidfile locked by this process, with its pid in it, as
+// l4lb run keeps one.
+func ownPidfile(t *testing.T) *os.File {
+	t.Helper()
+	pidfile, err := lockPidfile(filepath.Join(t.TempDir(), "l4lb.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pidfile.Close() })
+	if err := writePid(pidfile); err != nil {
+		t.Fatal(err)
+	}
+	return pidfile
+}
+
 // A new process that wrote its pid and then failed leaves the pidfile to
 // the process that serves on: `l4lb reload -pidfile` would otherwise
 // signal a dead process (or whatever reuses its number), and `l4lb
 // upgrade -pidfile` take the failure for a success.
 func TestFailedUpgradeRestoresPidfile(t *testing.T) {
-	pidfile, err := lockPidfile(filepath.Join(t.TempDir(), "l4lb.pid"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pidfile.Close()
-	if err := writePid(pidfile); err != nil {
-		t.Fatal(err)
-	}
+	pidfile := ownPidfile(t)
 	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: &admin{}, pidfile: pidfile,
 		path: fakeSuccessor(t, `echo $$ > /proc/self/fd/$pidfd; exit 1`)}
 	if _, err := up.run(context.Background()); err == nil {
@@ -484,14 +492,7 @@ func TestUpgradeStopsNewProcessThatClosedReadyPipe(t *testing.T) {
 // this side writes it: the new process, which may still fail before it
 // says so, leaves the file alone.
 func TestUpgradeWritesNewPidOnceReady(t *testing.T) {
-	pidfile, err := lockPidfile(filepath.Join(t.TempDir(), "l4lb.pid"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pidfile.Close()
-	if err := writePid(pidfile); err != nil {
-		t.Fatal(err)
-	}
+	pidfile := ownPidfile(t)
 	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: &admin{}, pidfile: pidfile,
 		path: fakeSuccessor(t, `eval "printf x >&$readyfd"; exec sleep 20`)}
 	pid, err := up.run(context.Background())
