@@ -518,9 +518,23 @@ func serveUntilStop(log hclog.Logger, signals <-chan os.Signal, pending []os.Sig
 		case sig := <-signals:
 			if handle(sig) {
 				if upgrading != nil {
+					// Its end comes at once (cancel ends its waits), or
+					// once a reload under way is done, which the stop
+					// would wait for anyway. It may have succeeded just
+					// before: then the new process serves, and the stop
+					// asked of l4lb is its to make.
 					upgrading.cancel()
+					res := <-upgradeDone
+					if res.err == nil {
+						for _, w := range upgradeWaiters {
+							w <- res
+						}
+						log.Info("upgrade: the new process is ready; passing on the stop signal that came with it", "pid", res.pid, "signal", sig.String())
+						syscall.Kill(res.pid, sig.(syscall.Signal))
+						return handOver()
+					}
 					for _, w := range upgradeWaiters {
-						w <- upgradeResult{err: errUpgradeCancelled}
+						w <- upgradeResult{pid: res.pid, err: errUpgradeCancelled}
 					}
 				}
 				return stop(sig)

@@ -199,6 +199,9 @@ func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 	if u.path == "" {
 		return 0, errors.New("this process's binary path is unknown")
 	}
+	if ctx.Err() != nil { // stopped while a reload held the upgrade back
+		return 0, errUpgradeCancelled
+	}
 	socks, err := u.srv.ListenSockets()
 	if err != nil {
 		return 0, err

@@ -510,3 +510,29 @@ func TestUpgradeWritesNewPidOnceReady(t *testing.T) {
 		t.Errorf("after the upgrade the pidfile names %q, want the new process, %d", got, pid)
 	}
 }
+
+// A stop signal while an upgrade's new process still waits for its first
+// checks cancels the upgrade: the new process is stopped, never said
+// ready, and the old one stops as asked.
+func TestStopDuringUpgradeStopsTheNewProcess(t *testing.T) {
+	silent, probed := silentBackend(t)
+	path, _ := awaitedCheckConfig(t, "", silent)
+	run := startRun(t, "-config", path)
+	awaitProbe(t, probed)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	pid := run.startUpgrade(t)
+	for end := time.Now().Add(10 * time.Second); len(run.entries("descriptor limit")) < 2; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("the new process did not start")
+		}
+	}
+	run.cmd.Process.Signal(syscall.SIGTERM)
+	waitGone(t, pid, 10*time.Second)
+	waitGone(t, run.cmd.Process.Pid, 10*time.Second)
+	if lines := run.entries("upgrade: the new process is ready"); len(lines) > 0 {
+		t.Errorf("the upgrade went on after the stop signal: %q", lines)
+	}
+	if len(run.entries("stopping: no new connections")) == 0 {
+		t.Error("the old process did not stop as a stop signal asks")
+	}
+}
