@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -296,4 +297,49 @@ func TestUpgradeAdoptsWhatTheConfigWants(t *testing.T) {
 			c.Close()
 		}
 	}
+}
+
+// TestStoppedAcceptorServesItsQueue stops a listening socket's acceptor
+// while clients wait in its queue, more than one round of accepts takes:
+// each is taken and served before the socket closes, rather than reset
+// by the kernel (or, with tcp_migrate_req, moved by it, which may fail
+// for a handshake completing as the socket closes).
+func TestStoppedAcceptorServesItsQueue(t *testing.T) {
+	echo := startEcho(t)
+	cfg := &config.Service{
+		Name: "queued", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
+		Balance: config.RoundRobin, Workers: 1, ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: 10 * time.Second,
+		Backends: []config.Backend{{Address: echo, Weight: 1}},
+	}
+	svc := NewService(cfg, hclog.NewNullLogger())
+	lns, err := listenTCP(context.Background(), cfg.Listen, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const queued = 3 * acceptBatch
+	var clients []net.Conn
+	for range queued {
+		c, err := net.Dial("tcp", lns[0].addr.String()) // the kernel completes it: nothing accepts yet
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		clients = append(clients, c)
+	}
+	var running sync.WaitGroup
+	acceptors := startAcceptors(loops(), svc, nil, lns, 0, &running)
+	closeListeners(acceptors)
+	running.Wait()
+	for i, c := range clients {
+		roundTrip(t, c, fmt.Sprintf("queued client %d", i))
+	}
+	c, err := net.Dial("tcp", lns[0].addr.String())
+	if err == nil {
+		c.Close()
+		t.Error("the stopped acceptor's socket still takes connections")
+	}
+	for _, c := range clients {
+		c.Close()
+	}
+	svc.Drain(time.Now().Add(5 * time.Second))
 }

@@ -631,6 +631,7 @@ func (l *eventLoop) startAcceptor(a *acceptor) {
 // stopAcceptor closes a's socket; on the loop.
 func (l *eventLoop) stopAcceptor(a *acceptor) {
 	if a.fd >= 0 {
+		a.takeQueued()
 		// Closing fd alone would leave it in the epoll set while another
 		// descriptor of the socket is open: the one an upgrade passed to
 		// the next l4lb, which keeps accepting from it.
@@ -671,6 +672,26 @@ func (l *eventLoop) resumeAccepts(more []*acceptor) {
 		a.accept()
 	}
 }
+
+// takeQueued takes and serves the clients waiting in the socket's queue,
+// before the socket closes: the kernel would reset them, or with
+// net.ipv4.tcp_migrate_req move them to another socket of the group,
+// which it may fail to do for one that completes its handshake as the
+// socket closes. On the loop.
+func (a *acceptor) takeQueued() {
+	// The queue holds at most the listen backlog (somaxconn).
+	for range maxQueuedBatches {
+		a.readable, a.more = true, false
+		a.acceptUntilStopped()
+		if !a.more {
+			return
+		}
+	}
+}
+
+// maxQueuedBatches bounds takeQueued: the largest backlog Linux allows
+// (somaxconn's cap, 65535) in acceptBatch clients at a time.
+const maxQueuedBatches = 65536/acceptBatch + 1
 
 // accept takes clients from the socket until it has none, it has taken
 // acceptBatch, the gate is full or accept fails.
