@@ -446,3 +446,20 @@ print_table_body() {
 		if [[ -n ${NOTE[$t]:-} ]]; then printf -- '- %s\n' "${NOTE[$t]}"; fi
 	done
 }
+
+# ensure_tw_reuse WHAT: tcp_tw_reuse on for the run (2, loopback only, is
+# enough), put back on exit. A connection per request leaves a TIME_WAIT
+# socket each, the proxy's to the backend too: without it the ephemeral
+# ports run out. WHAT names the workload that would run out, for the
+# warning where it cannot be set.
+ensure_tw_reuse() {
+	local tw
+	tw=$(cat /proc/sys/net/ipv4/tcp_tw_reuse 2>/dev/null || echo 2)
+	[[ $tw == 0 ]] || return 0
+	if ((EUID == 0)) && sysctl -q -w net.ipv4.tcp_tw_reuse=1 >/dev/null 2>&1; then
+		SYSCTL_RESTORE+=("net.ipv4.tcp_tw_reuse=0")
+		log "net.ipv4.tcp_tw_reuse set to 1 for this run (restored on exit)"
+	else
+		log "warning: net.ipv4.tcp_tw_reuse=0 and cannot change it; $1 may run out of ports"
+	fi
+}

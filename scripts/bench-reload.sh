@@ -664,19 +664,7 @@ for p in "${UDP_BACKENDS[@]##*:}" "${PORT[@]}"; do
 	! port_bound udp "$p" || die "UDP port $p is already in use: set RELOAD_PORT_BASE to a free block"
 done
 
-# The churn opens thousands of connections a second, each leaving a
-# TIME_WAIT socket: without tcp_tw_reuse the ephemeral ports run out.
-# Enable it for the run only (2, loopback only, is enough) and put the old
-# value back on exit.
-tw=$(cat /proc/sys/net/ipv4/tcp_tw_reuse 2>/dev/null || echo 2)
-if [[ $tw == 0 ]]; then
-	if ((EUID == 0)) && sysctl -q -w net.ipv4.tcp_tw_reuse=1 >/dev/null 2>&1; then
-		SYSCTL_RESTORE+=("net.ipv4.tcp_tw_reuse=0")
-		log "net.ipv4.tcp_tw_reuse set to 1 for this run (restored on exit)"
-	else
-		log "warning: net.ipv4.tcp_tw_reuse=0 and cannot change it; the churn may run out of ports"
-	fi
-fi
+ensure_tw_reuse "the churn"
 
 mark_start
 log "reloads=$RELOADS every ${RELOAD_EVERY}s; churn $CHURN_WORKERS workers, $STREAMS streams, $UDP_FLOWS UDP flows; targets: ${TARGET_LIST[*]}"

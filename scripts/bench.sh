@@ -553,19 +553,7 @@ for kind in "${BACKEND_KINDS[@]}"; do
 	done
 done
 
-# redis-benchmark -k 0 opens a connection per request, and a proxy a second
-# one to the backend: tens of thousands of TIME_WAIT sockets on loopback.
-# Without tcp_tw_reuse the ephemeral ports run out; enable it for the run only
-# (2 = loopback only is already enough) and put the old value back on exit.
-tw=$(cat /proc/sys/net/ipv4/tcp_tw_reuse 2>/dev/null || echo 2)
-if [[ $tw == 0 ]]; then
-	if ((EUID == 0)) && sysctl -q -w net.ipv4.tcp_tw_reuse=1 >/dev/null 2>&1; then
-		SYSCTL_RESTORE+=("net.ipv4.tcp_tw_reuse=0")
-		log "net.ipv4.tcp_tw_reuse set to 1 for this run (restored on exit)"
-	else
-		log "warning: net.ipv4.tcp_tw_reuse=0 and cannot change it; redis -k 0 may run out of ports"
-	fi
-fi
+ensure_tw_reuse "redis -k 0"
 
 mark_start
 log "rounds=$ROUNDS iperf3=${IPERF_TIME}s redis -n k1=$REDIS_N_K1 k0=$REDIS_N_K0 targets: ${TARGET_LIST[*]}"
