@@ -77,7 +77,9 @@ func waitGone(pid int, timeout time.Duration) bool {
 // as fast as it can, long connections stream, and UDP flows exchange
 // datagrams. Not one connection may fail, no accept queue may drop one,
 // every stream carries every byte through the process that accepted it,
-// every datagram gets its reply from the same backend, the pidfile and the
+// every datagram gets its reply from the same backend, which sees each
+// UDP flow come from the same port throughout (the flows, sockets and
+// all, pass to each new process), the pidfile and the
 // admin endpoint move to each new process, and each old process exits
 // once its last connection ends.
 func TestUpgrade(t *testing.T) {
@@ -184,8 +186,9 @@ func TestUpgrade(t *testing.T) {
 		for _, r := range replies {
 			if r.backend == "" {
 				lost++
-			} else if r.backend != replies[0].backend {
-				t.Errorf("UDP flow from %s: reply from %s, first ones from %s (hash_key source_ip)", lp.c.src, r.backend, replies[0].backend)
+			} else if r.backend != replies[0].backend || r.seen != replies[0].seen {
+				t.Errorf("UDP flow from %s: reply from %s, which saw the flow from %s; the first ones from %s, which saw it from %s",
+					lp.c.src, r.backend, r.seen, replies[0].backend, replies[0].seen)
 				break
 			}
 		}
@@ -205,6 +208,9 @@ func TestUpgrade(t *testing.T) {
 	}
 	if err := json.Unmarshal(out, &status); err != nil || status.Version != 1 || status.Stopping {
 		t.Errorf("status after the upgrades: %+v, %v; want the newest process's: version 1, not stopping\n%s", status, err, out)
+	}
+	if passed := l.entries("upgrade: UDP flows passed to the new process"); len(passed) != upgrades {
+		t.Errorf("%d log lines of UDP flows passed, want one per upgrade:\n%s", len(passed), strings.Join(passed, "\n"))
 	}
 	if errs := l.entries("[ERROR]"); len(errs) > 0 {
 		t.Errorf("l4lb logged errors: %s", strings.Join(errs, "\n"))

@@ -204,18 +204,3 @@ func (srv *Server) closeInherited() {
 	}
 	srv.inherited = nil
 }
-
-// HandOver makes the UDP services stop reading their listening sockets,
-// now shared with the l4lb that took over: every new datagram goes to
-// it. Their flows keep passing backends' replies to their clients until
-// they idle out, as in a drain. Call it just before Shutdown, which
-// drains the TCP connections and those flows.
-func (srv *Server) HandOver() {
-	srv.mu.Lock()
-	defer srv.mu.Unlock()
-	for _, rs := range srv.running {
-		if rs.udp != nil {
-			rs.udp.handOver()
-		}
-	}
-}

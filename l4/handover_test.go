@@ -105,7 +105,7 @@ address = %q
 
 	stopped := make(chan struct{})
 	go func() {
-		old.HandOver()
+		old.HandOver(nil)
 		old.Shutdown()
 		close(stopped)
 	}()
@@ -171,12 +171,7 @@ func TestUpgradeTakesOverUDPSockets(t *testing.T) {
 			backend.WriteToUDPAddrPort(reply, from)
 		}
 	}()
-	probe, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := probe.LocalAddr().(*net.UDPAddr).AddrPort()
-	probe.Close()
+	listen := freeLoopbackUDPPort(t)
 	cfg := parseConfig(t, fmt.Sprintf(`
 [services.game]
 listen = %q
@@ -218,7 +213,7 @@ drain_timeout = "10s"
 	}
 	time.Sleep(50 * time.Millisecond) // the old server forwards it first
 	oldStats, _ := old.Services()[0].UDPStats()
-	old.HandOver()
+	old.HandOver(nil)
 	stopped := make(chan struct{})
 	go func() {
 		old.Shutdown()
@@ -277,7 +272,7 @@ func TestUpgradeAdoptsWhatTheConfigWants(t *testing.T) {
 	if _, err := successor.Apply(context.Background(), parseConfig(t, service("grow", grow, 2)+service("shrink", shrink, 1))); err != nil {
 		t.Fatal(err)
 	}
-	old.HandOver()
+	old.HandOver(nil)
 	old.Shutdown()
 	for _, c := range []struct {
 		listen netip.AddrPort

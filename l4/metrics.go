@@ -61,7 +61,7 @@ func NewMetrics(srv *Server) *Metrics {
 		udpDatagrams:     d("udp_datagrams_total", "UDP datagrams forwarded, by direction.", append(svc, "direction")...),
 		udpBytes:         d("udp_bytes_total", "UDP payload bytes forwarded, by direction.", append(svc, "direction")...),
 		udpFlows:         d("udp_flows_active", "Open UDP flows.", svc...),
-		udpFlowEvents:    d("udp_flows_total", "UDP flow events: created, expired (idle), answered (replies_per_datagram), closed (drain, error), refused (max_flows).", append(svc, "event")...),
+		udpFlowEvents:    d("udp_flows_total", "UDP flow events: created, expired (idle), answered (replies_per_datagram), closed (drain, error), refused (max_flows), handed_over and taken_over (a binary upgrade passed the flow, socket and all).", append(svc, "event")...),
 		udpDrops:         d("udp_drops_total", "UDP datagrams dropped, by reason.", append(svc, "reason")...),
 		rejected:         d("connections_rejected_total", "TCP clients closed before reaching a backend by a limit, an access list or the PROXY protocol checks, by reason.", append(svc, "reason")...),
 		openConns:        d("open_connections", "TCP connections open over all services, against max_connections."),
@@ -147,6 +147,8 @@ func (m *Metrics) Collect(ch chan<- prometheus.Metric) {
 			counter(m.udpFlowEvents, u.FlowsAnswered, name, "answered")
 			counter(m.udpFlowEvents, u.FlowsClosed, name, "closed")
 			counter(m.udpFlowEvents, u.FlowsRefused, name, "refused")
+			counter(m.udpFlowEvents, u.FlowsHandedOver, name, "handed_over")
+			counter(m.udpFlowEvents, u.FlowsTakenOver, name, "taken_over")
 			for r := DropReason(0); r < NumDropReasons; r++ {
 				counter(m.udpDrops, u.Drops[r], name, r.String())
 			}

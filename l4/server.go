@@ -65,10 +65,14 @@ type Server struct {
 	// inherited holds the listening sockets passed by the l4lb this one
 	// took over from (Adopt), until the first Apply takes or closes them.
 	inherited map[socketKey][]int
-	current   *config.Config
-	version   uint64
-	loaded    time.Time
-	closed    bool
+	// udpHold, when not nil, holds the UDP services served from inherited
+	// sockets until the flows passed with them are in (HoldInheritedUDP).
+	udpHold     chan struct{}
+	udpHoldOnce sync.Once
+	current     *config.Config
+	version     uint64
+	loaded      time.Time
+	closed      bool
 }
 
 type socketKey struct {
@@ -169,6 +173,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 	fresh := make(map[socketKey][]boundSocket)
 	extra := make(map[socketKey][]boundSocket)
 	freshUDP := make(map[socketKey][]*net.UDPConn)
+	inheritedUDP := make(map[socketKey]bool)
 	// freshUID is the user that bound fresh sockets inherited from the
 	// l4lb this one took over from; the others are bound now, as geteuid.
 	freshUID := make(map[socketKey]int)
@@ -197,6 +202,7 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 				// service's are: the l4lb that passed them reads them no
 				// more, so one left out would lose what reaches it.
 				conns, err := srv.adoptUDP(key)
+				inheritedUDP[key] = len(conns) > 0
 				if err == nil && len(conns) == 0 {
 					conns, err = listener.ListenUDP(ctx, sc.Listen, sc.Workers)
 				} else if err == nil && len(conns) != sc.Workers {
@@ -290,6 +296,9 @@ func (srv *Server) Apply(ctx context.Context, cfg *config.Config) (Change, error
 		if conns, ok := freshUDP[key]; ok {
 			rs := &runningService{svc: srv.newService(sc), cfg: sc}
 			rs.udp = newUDPProxy(rs.svc, conns, srv.log.With("service", sc.Name))
+			if inheritedUDP[key] && srv.udpHold != nil {
+				rs.udp.held = srv.udpHold
+			}
 			srv.running[key] = rs
 			srv.setLive(rs, true)
 			starting = append(starting, startingService{rs, rs.udp.start, rs.udp.Close})

@@ -167,7 +167,11 @@ type UDPStats struct {
 	// FlowsRefused counts datagrams that would have opened a flow past
 	// max_flows; they are in Drops[DropMaxFlows] too.
 	FlowsRefused uint64
-	Drops        [NumDropReasons]uint64
+	// FlowsHandedOver went, socket and all, to the l4lb that took over at
+	// a binary upgrade; FlowsTakenOver came from the one this took over
+	// from (flowpass.go). Neither counts in FlowsCreated or the ends above.
+	FlowsHandedOver, FlowsTakenOver uint64
+	Drops                           [NumDropReasons]uint64
 }
 
 // UDPBackendStats is a point-in-time copy of one backend's UDP counters.
@@ -272,6 +276,9 @@ type udpFlow struct {
 	endedNext *udpFlow
 	// removed: the worker took the flow out of its table. Worker-owned.
 	removed bool
+	// handedOver: the l4lb that took over reads the flow's socket now
+	// (passFlows); the worker counts its removal as such.
+	handedOver atomic.Bool
 
 	// Timer wheel links, owned by w. slot is -1 while unlinked.
 	wPrev, wNext *udpFlow
@@ -553,6 +560,8 @@ type udpCounters struct {
 	flowsAnswered    atomic.Uint64
 	flowsClosed      atomic.Uint64
 	flowsRefused     atomic.Uint64
+	flowsHandedOver  atomic.Uint64
+	flowsTakenOver   atomic.Uint64
 	drops            [NumDropReasons]atomic.Uint64
 }
 
@@ -586,6 +595,10 @@ type udpWorker struct {
 	// ended is a stack of flows closed by their readers or a drain, for
 	// the worker to remove (udpFlow.end), linked by endedNext.
 	ended atomic.Pointer[udpFlow]
+	// parked is closed once the worker reads its socket no more, after
+	// handOver or at its end: its table is then passFlows's to read.
+	parked   chan struct{}
+	isParked bool // worker-owned: parked is closed
 
 	c       udpCounters
 	replies udpReplyCounters
@@ -614,6 +627,16 @@ type udpProxy struct {
 	// stopped is closed.
 	handedOver atomic.Bool
 	stopped    chan struct{}
+	// flowsPassed is closed once the flows went to the l4lb that took
+	// over, or stayed (Server.HandOver); the parked workers then expire
+	// the flows that stayed.
+	flowsPassed     chan struct{}
+	flowsPassedOnce sync.Once
+	// held, when not nil, keeps the workers from reading their sockets
+	// until it is closed: the sockets were inherited at an upgrade, and
+	// the flows of the l4lb that passed them must be in the tables
+	// before the first datagram is read (Server.TakeFlows).
+	held <-chan struct{}
 	// drainWake wakes Drain when active reaches 0 while draining, or when
 	// revive takes the proxy back; capacity 1, sends never block.
 	drainWake chan struct{}
@@ -658,7 +681,8 @@ func UDPSegmentation() (on bool, why string) {
 // newUDPProxy returns the proxy of svc over conns, a SO_REUSEPORT group,
 // and makes it svc's UDP side (Service.UDPStats). Call start to serve.
 func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy {
-	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1), stopped: make(chan struct{}), dial: dialUDP}
+	p := &udpProxy{svc: svc, log: log, drainWake: make(chan struct{}, 1), stopped: make(chan struct{}),
+		flowsPassed: make(chan struct{}), dial: dialUDP}
 	// The sockets of a group share their family; replies are addressed in it.
 	inet6 := len(conns) > 0 && isInet6(conns[0])
 	segment, _ := UDPSegmentation()
@@ -673,8 +697,9 @@ func newUDPProxy(svc *Service, conns []*net.UDPConn, log hclog.Logger) *udpProxy
 			in:      mmsg.NewBatch(udpBatch, udpBufSize, inet6),
 			inFlows: make([]*udpFlow, udpBatch),
 			// Its slots point into in's buffers (or forward's argument).
-			out:   newUDPSend(mmsg.NewBatch(udpBatch, 0, false), true, segment),
-			flows: make(map[netip.AddrPort]*udpFlow),
+			out:    newUDPSend(mmsg.NewBatch(udpBatch, 0, false), true, segment),
+			flows:  make(map[netip.AddrPort]*udpFlow),
+			parked: make(chan struct{}),
 		}
 		w.readFn = w.readBatches
 		p.workers = append(p.workers, w)
@@ -810,6 +835,8 @@ func (s *Service) UDPStats() (UDPStats, bool) {
 		st.FlowsAnswered += w.c.flowsAnswered.Load()
 		st.FlowsClosed += w.c.flowsClosed.Load()
 		st.FlowsRefused += w.c.flowsRefused.Load()
+		st.FlowsHandedOver += w.c.flowsHandedOver.Load()
+		st.FlowsTakenOver += w.c.flowsTakenOver.Load()
 		for i := range st.Drops {
 			st.Drops[i] += w.c.drops[i].Load() + w.replies.drops[i].Load()
 		}
@@ -819,8 +846,22 @@ func (s *Service) UDPStats() (UDPStats, bool) {
 
 func (w *udpWorker) run() {
 	defer w.p.running.Done()
+	defer w.park()
+	if w.p.held != nil {
+		select {
+		case <-w.p.held:
+		case <-w.p.stopped:
+			w.closeAll()
+			return
+		}
+	}
 	for {
 		if w.p.handedOver.Load() {
+			w.park()
+			select {
+			case <-w.p.flowsPassed:
+			case <-w.p.stopped:
+			}
 			w.expireHandedOver()
 			return
 		}
@@ -847,6 +888,14 @@ func (w *udpWorker) run() {
 		if now >= w.nextSweep {
 			w.sweep(now)
 		}
+	}
+}
+
+// park says that the worker reads its socket no more, once.
+func (w *udpWorker) park() {
+	if !w.isParked {
+		w.isParked = true
+		close(w.parked)
 	}
 }
 
@@ -1083,10 +1132,28 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, replies int, now
 		conn.Close()
 		return nil, err
 	}
-	f := &udpFlow{client: client, conn: conn, rc: rc, backend: be, w: w, slot: -1, replies: int64(replies)}
-	f.readFn = f.readReplies
+	f := w.newFlow(client, conn, rc, be, replies)
 	f.proxyHeader = w.flowProxyHeader(client)
 	f.lastSeen.Store(now)
+	if !w.install(f) {
+		return nil, errBackendRetired
+	}
+	be.total.Add(1)
+	w.c.flowsCreated.Add(1)
+	return f, nil
+}
+
+func (w *udpWorker) newFlow(client netip.AddrPort, conn *os.File, rc syscall.RawConn, be *Backend, replies int) *udpFlow {
+	f := &udpFlow{client: client, conn: conn, rc: rc, backend: be, w: w, slot: -1, replies: int64(replies)}
+	f.readFn = f.readReplies
+	return f
+}
+
+// install puts f, whose max_flows slot is held, into the worker's table
+// and wheel and starts its reader; false, with f closed, when its backend
+// takes no new flows.
+func (w *udpWorker) install(f *udpFlow) bool {
+	be := f.backend
 	be.active.Add(1)
 	be.udp.link(f)
 	if be.refusesNew() {
@@ -1097,20 +1164,18 @@ func (w *udpWorker) connect(client netip.AddrPort, be *Backend, replies int, now
 		// closeFlows sees the flow linked above, or this sees the flag.)
 		f.close()
 		be.udp.unlink(f)
-		w.p.active.Add(1) // close gave back the slot open holds for the client
-		return nil, errBackendRetired
+		w.p.active.Add(1) // close gave back the slot the caller holds for the client
+		return false
 	}
-	be.total.Add(1)
-	w.flows[client] = f
-	w.wheel.insert(f, (now+int64(w.p.svc.route.Load().cfg.IdleTimeout))/int64(udpTick))
-	w.c.flowsCreated.Add(1)
+	w.flows[f.client] = f
+	w.wheel.insert(f, (f.lastSeen.Load()+int64(w.p.svc.route.Load().cfg.IdleTimeout))/int64(udpTick))
 	if !w.deadline {
 		w.conn.SetReadDeadline(clockStart.Add(time.Duration(w.nextSweep)))
 		w.deadline = true
 	}
 	w.p.readers.Add(1)
-	go f.copyBackendToClient(rc)
-	return f, nil
+	go f.copyBackendToClient(f.rc)
+	return true
 }
 
 // dialUDP opens a non-blocking UDP socket connected to backend, on Go's
@@ -1159,6 +1224,8 @@ func (w *udpWorker) remove(f *udpFlow, expired bool) {
 	f.close()
 	f.backend.udp.unlink(f)
 	switch {
+	case f.handedOver.Load():
+		// Counted by passFlows.
 	case expired:
 		w.c.flowsExpired.Add(1)
 	case f.replies > 0 && f.owed.Load() <= flowAnswered/2:

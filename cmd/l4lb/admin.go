@@ -488,6 +488,8 @@ type udpJSON struct {
 	FlowsAnswered      uint64            `json:"flows_answered"`
 	FlowsClosed        uint64            `json:"flows_closed"`
 	FlowsRefused       uint64            `json:"flows_refused"`
+	FlowsHandedOver    uint64            `json:"flows_handed_over"`
+	FlowsTakenOver     uint64            `json:"flows_taken_over"`
 	Drops              map[string]uint64 `json:"drops"`
 }
 
@@ -499,7 +501,8 @@ func newUDPJSON(st *l4.UDPStats) *udpJSON {
 		DatagramsToBackend: st.DatagramsToBackend, BytesToBackend: st.BytesToBackend,
 		DatagramsToClient: st.DatagramsToClient, BytesToClient: st.BytesToClient,
 		FlowsActive: st.FlowsActive, FlowsCreated: st.FlowsCreated, FlowsExpired: st.FlowsExpired,
-		FlowsAnswered: st.FlowsAnswered, FlowsClosed: st.FlowsClosed, FlowsRefused: st.FlowsRefused, Drops: map[string]uint64{},
+		FlowsAnswered: st.FlowsAnswered, FlowsClosed: st.FlowsClosed, FlowsRefused: st.FlowsRefused,
+		FlowsHandedOver: st.FlowsHandedOver, FlowsTakenOver: st.FlowsTakenOver, Drops: map[string]uint64{},
 	}
 	for reason, n := range st.Drops {
 		u.Drops[l4.DropReason(reason).String()] = n

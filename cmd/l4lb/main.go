@@ -11,6 +11,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
@@ -287,6 +288,9 @@ func cmdRun(args []string, stderr io.Writer) int {
 	if inherited != nil {
 		srv.Adopt(inherited.sockets)
 	}
+	if inherited.holdsUDP() {
+		srv.HoldInheritedUDP()
+	}
 	// The shortfall last warned of: start and each reload share it (reloads
 	// run one at a time, after start).
 	var flowShortfall int64
@@ -338,7 +342,9 @@ func cmdRun(args []string, stderr io.Writer) int {
 	}
 
 	// handedOver: an upgrade's new process serves now; this one drains.
+	// flowsTo is the socket to pass it the UDP flows over.
 	handedOver := false
+	var flowsTo *net.UnixConn
 	// speaksForService: systemd takes this process's word for the unit's.
 	// One an upgrade started does not until it has named itself the main
 	// process: with NotifyAccess=all, a STOPPING=1 from it before that
@@ -358,7 +364,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 				pidLock.Close()
 			}
 			notify.quiet()
-			srv.HandOver()
+			handOverFlows(srv, flowsTo, log)
 		} else {
 			log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
 			// STOPPING=1 first: a reload under way sends no READY=1 after
@@ -443,6 +449,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		// then serve from the same sockets.
 		log.Error("upgrade: cannot tell the process that started this one that it is ready", "error", err)
 	}
+	inherited.takeFlows(srv, log)
 	if inherited != nil {
 		// Only now, on the shared admin socket: a reload or an upgrade
 		// asked of this process before it was ready would be lost with
@@ -464,8 +471,9 @@ func cmdRun(args []string, stderr io.Writer) int {
 	if binaryPathErr != nil {
 		up.path = ""
 	}
-	handOver := func() int {
+	handOver := func(res upgradeResult) int {
 		handedOver = true
+		flowsTo = res.flows
 		return stop(syscall.SIGUSR2)
 	}
 	return serveUntilStop(log, signals, pending, triggers, adm.upgrades, up, stop, handOver)
@@ -476,7 +484,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 // upgrades run an upgrade, any other signal stops l4lb. It returns
 // stop's exit code, or handOver's once an upgrade's new process serves.
 func serveUntilStop(log hclog.Logger, signals <-chan os.Signal, pending []os.Signal, triggers chan<- string,
-	upgrades <-chan chan<- upgradeResult, up *upgrader, stop func(os.Signal) int, handOver func() int) int {
+	upgrades <-chan chan<- upgradeResult, up *upgrader, stop func(os.Signal) int, handOver func(upgradeResult) int) int {
 	var upgrading *upgrade
 	var upgradeDone <-chan upgradeResult
 	// upgradeWaiters are the POST /upgrade requests of the upgrade under
@@ -531,7 +539,7 @@ func serveUntilStop(log hclog.Logger, signals <-chan os.Signal, pending []os.Sig
 						}
 						log.Info("upgrade: the new process is ready; passing on the stop signal that came with it", "pid", res.pid, "signal", sig.String())
 						syscall.Kill(res.pid, sig.(syscall.Signal))
-						return handOver()
+						return handOver(res)
 					}
 					for _, w := range upgradeWaiters {
 						w <- upgradeResult{pid: res.pid, err: errUpgradeCancelled}
@@ -558,7 +566,7 @@ func serveUntilStop(log hclog.Logger, signals <-chan os.Signal, pending []os.Sig
 				log.Info("upgrade: passing on the SIGHUP that came during it", "pid", res.pid)
 				syscall.Kill(res.pid, syscall.SIGHUP)
 			}
-			return handOver()
+			return handOver(res)
 		}
 	}
 }

@@ -33,7 +33,10 @@ import (
 // from 3 on are: a comma-separated role for each, in order: "listen" (a
 // service's listening socket, which describes itself), "admin=ADDR" (the
 // admin endpoint's socket, for admin.listen = ADDR), "pidfile" (the
-// pidfile, locked) and "ready" (a pipe to write one byte to once ready).
+// pidfile, locked) and "ready" (a SOCK_SEQPACKET socket: one byte says
+// that the new process is ready, and the old one then passes its UDP
+// flows over it, l4/flowpass.go; a pipe, from an l4lb that passes none,
+// takes the byte alone).
 const upgradeEnv = "L4LB_UPGRADE_FDS"
 
 // upgradeTimeout bounds the wait for the new process: it reads the config
@@ -49,6 +52,9 @@ type inheritance struct {
 	adminAddr string
 	pidfile   *os.File
 	ready     *os.File
+	// flows is ready as a socket, to take the UDP flows over; nil when
+	// ready is a pipe.
+	flows *net.UnixConn
 }
 
 // inheritedFromEnv reads what an upgrade passed (nil when this process
@@ -80,6 +86,21 @@ func inheritedFromEnv() (*inheritance, error) {
 			inh.pidfile = os.NewFile(uintptr(fd), "pidfile")
 		case "ready":
 			inh.ready = os.NewFile(uintptr(fd), "upgrade ready")
+			var st unix.Stat_t
+			if unix.Fstat(fd, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+				c, cerr := net.FileConn(inh.ready)
+				if cerr != nil {
+					err = cerr
+					break
+				}
+				inh.flows, _ = c.(*net.UnixConn)
+				inh.ready.Close()
+				inh.ready = nil
+				if inh.flows == nil {
+					c.Close()
+					err = errors.New("not a unix socket")
+				}
+			}
 		default:
 			err = fmt.Errorf("unknown role %q", role)
 		}
@@ -122,8 +143,17 @@ func (inh *inheritance) takePidfile() (*os.File, error) {
 	return f, nil
 }
 
+// holdsUDP says whether the process that started this one passes its
+// UDP flows once this one is ready: the UDP services then wait for them
+// (l4.Server.HoldInheritedUDP).
+func (inh *inheritance) holdsUDP() bool { return inh != nil && inh.flows != nil }
+
 // sayReady tells the process that started this one that it serves.
 func (inh *inheritance) sayReady() error {
+	if inh.holdsUDP() {
+		_, err := inh.flows.Write([]byte{'R'})
+		return err
+	}
 	if inh == nil || inh.ready == nil {
 		return nil
 	}
@@ -131,6 +161,44 @@ func (inh *inheritance) sayReady() error {
 	inh.ready.Close()
 	inh.ready = nil
 	return err
+}
+
+// takeFlows takes the UDP flows the process that started this one
+// passes, once sayReady has told it to, and lets the UDP services read
+// their sockets.
+func (inh *inheritance) takeFlows(srv *l4.Server, log hclog.Logger) {
+	if !inh.holdsUDP() {
+		return
+	}
+	began := time.Now()
+	taken, refused, err := srv.TakeFlows(inh.flows, l4.FlowPassTimeout)
+	inh.flows.Close()
+	inh.flows = nil
+	args := []any{"taken", taken, "left_to_it", refused, "took", time.Since(began).Round(time.Microsecond).String()}
+	if err != nil {
+		log.Warn("upgrade: UDP flows not all taken from the process that started this one", append(args, "error", err)...)
+		return
+	}
+	if taken+refused > 0 {
+		log.Info("upgrade: UDP flows taken from the process that started this one, sockets and all", args...)
+	}
+}
+
+// handOverFlows has the UDP services read their listening sockets no
+// more, and passes their flows over flows, the socket to the new process
+// that reads them now (nil: none, the flows stay here), then closes it.
+func handOverFlows(srv *l4.Server, flows *net.UnixConn, log hclog.Logger) {
+	began := time.Now()
+	passed, err := srv.HandOver(flows)
+	if flows != nil {
+		flows.Close()
+	}
+	args := []any{"passed", passed.Passed, "kept", passed.Kept, "took", time.Since(began).Round(time.Microsecond).String()}
+	if err != nil {
+		log.Warn("upgrade: UDP flows not all passed to the new process; the rest stay here until they idle out", append(args, "error", err)...)
+	} else if passed.Passed+passed.Kept > 0 {
+		log.Info("upgrade: UDP flows passed to the new process, sockets and all; those its config does not take stay here until they idle out", args...)
+	}
 }
 
 // ownPath is how this process was started, as a path to start it again:
@@ -163,6 +231,9 @@ type upgrader struct {
 type upgradeResult struct {
 	pid int
 	err error
+	// flows is the socket to the new process that serves, to pass it the
+	// UDP flows (l4.Server.HandOver); nil unless err is.
+	flows *net.UnixConn
 }
 
 // errUpgradeCancelled answers the requests of an upgrade that l4lb's
@@ -185,7 +256,7 @@ func (u *upgrader) start() *upgrade {
 	go func() {
 		var res upgradeResult
 		res.err = u.rl.handOver(func() error {
-			res.pid, res.err = u.run(ctx)
+			res.pid, res.flows, res.err = u.run(ctx)
 			return res.err
 		})
 		done <- res
@@ -194,17 +265,18 @@ func (u *upgrader) start() *upgrade {
 }
 
 // run starts the new process and waits until it serves, fails, or ctx
-// ends (this process stops).
-func (u *upgrader) run(ctx context.Context) (pid int, err error) {
+// ends (this process stops). Once it serves, flows is the socket to
+// pass it the UDP flows over.
+func (u *upgrader) run(ctx context.Context) (pid int, flows *net.UnixConn, err error) {
 	if u.path == "" {
-		return 0, errors.New("this process's binary path is unknown")
+		return 0, nil, errors.New("this process's binary path is unknown")
 	}
 	if ctx.Err() != nil { // stopped while a reload held the upgrade back
-		return 0, errUpgradeCancelled
+		return 0, nil, errUpgradeCancelled
 	}
 	socks, err := u.srv.ListenSockets()
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	// In a closure: socks is emptied below once files own the
 	// descriptors, and a second close would hit whatever reused them.
@@ -226,7 +298,7 @@ func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 	passed := len(socks)
 	socks = nil
 	if f, addr, err := u.adm.socketFile(); err != nil {
-		return 0, err
+		return 0, nil, err
 	} else if f != nil {
 		roles = append(roles, "admin="+addr)
 		files = append(files, f)
@@ -235,25 +307,29 @@ func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 		roles = append(roles, "pidfile")
 		files = append(files, u.pidfile)
 	}
-	readyR, readyW, err := os.Pipe()
+	ready, theirs, err := upgradeSocketPair()
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
-	defer readyR.Close()
+	defer func() {
+		if err != nil {
+			ready.Close()
+		}
+	}()
 	roles = append(roles, "ready")
-	files = append(files, readyW)
+	files = append(files, theirs)
 
 	cmd := exec.Command(u.path, u.args...)
 	cmd.Env = append(withoutEnv(os.Environ(), upgradeEnv), upgradeEnv+"="+strings.Join(roles, ","))
 	cmd.ExtraFiles = files
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	u.log.Info("upgrade: new process started; this one serves until it is ready", "pid", cmd.Process.Pid, "binary", u.path,
 		"listening_sockets", passed)
-	readyW.Close() // its end only: EOF then says that it exited
-	if err := awaitReady(ctx, cmd, readyR); err != nil {
+	theirs.Close() // its end only: EOF then says that it exited
+	if err = awaitReady(ctx, cmd, ready); err != nil {
 		// The pidfile must name the process that serves on, for `l4lb
 		// reload -pidfile` and `l4lb upgrade -pidfile` alike, whatever
 		// the failed one wrote into it (l4lb leaves that to this side,
@@ -263,7 +339,7 @@ func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 				u.log.Warn("upgrade: cannot write this process's pid back into the pidfile", "error", werr)
 			}
 		}
-		return cmd.Process.Pid, err
+		return cmd.Process.Pid, nil, err
 	}
 	// This side writes the new pid, once the new process serves: written
 	// by the new process before it said so, the pidfile would name it
@@ -273,12 +349,30 @@ func (u *upgrader) run(ctx context.Context) (pid int, err error) {
 			u.log.Warn("upgrade: cannot write the new process's pid into the pidfile", "error", err)
 		}
 	}
-	return cmd.Process.Pid, nil
+	ready.SetReadDeadline(time.Time{})
+	return cmd.Process.Pid, ready, nil
+}
+
+// upgradeSocketPair is the socket to the new process (ours, on the
+// netpoller) and its end, to pass.
+func upgradeSocketPair() (ours *net.UnixConn, theirs *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, os.NewSyscallError("socketpair", err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "upgrade")
+	c, err := net.FileConn(f) // a duplicate
+	f.Close()
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, nil, err
+	}
+	return c.(*net.UnixConn), os.NewFile(uintptr(fds[1]), "upgrade"), nil
 }
 
 // awaitReady waits for the new process to say it is ready, to exit, for
 // upgradeTimeout or for ctx to end, and stops it unless it serves.
-func awaitReady(ctx context.Context, cmd *exec.Cmd, ready *os.File) error {
+func awaitReady(ctx context.Context, cmd *exec.Cmd, ready *net.UnixConn) error {
 	deadline := time.Now().Add(upgradeTimeout)
 	ready.SetReadDeadline(deadline)
 	stopRead := context.AfterFunc(ctx, func() { ready.SetReadDeadline(time.Now()) })

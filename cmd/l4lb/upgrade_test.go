@@ -94,7 +94,7 @@ func TestUpgradeStartClosesEachDescriptorOnce(t *testing.T) {
 		}
 	}()
 	for range 300 {
-		if _, err := up.run(context.Background()); err == nil {
+		if _, _, err := up.run(context.Background()); err == nil {
 			t.Fatal("an upgrade to a binary that does not exist started")
 		}
 	}
@@ -119,7 +119,7 @@ func TestFailedUpgradeKeepsAdminSocketNonBlocking(t *testing.T) {
 	}
 	adm.commit(adminAddr, ln)
 	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: adm, path: "/nonexistent/l4lb"}
-	if _, err := up.run(context.Background()); err == nil {
+	if _, _, err := up.run(context.Background()); err == nil {
 		t.Fatal("an upgrade to a binary that does not exist started")
 	}
 	err = adm.ln.control(func(fd int) error {
@@ -451,7 +451,7 @@ func TestFailedUpgradeRestoresPidfile(t *testing.T) {
 	pidfile := ownPidfile(t)
 	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: &admin{}, pidfile: pidfile,
 		path: fakeSuccessor(t, `echo $$ > /proc/self/fd/$pidfd; exit 1`)}
-	if _, err := up.run(context.Background()); err == nil {
+	if _, _, err := up.run(context.Background()); err == nil {
 		t.Fatal("an upgrade whose new process failed succeeded")
 	}
 	b, err := os.ReadFile(pidfile.Name())
@@ -473,7 +473,7 @@ func TestUpgradeStopsNewProcessThatClosedReadyPipe(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		_, err := up.run(ctx)
+		_, _, err := up.run(ctx)
 		done <- err
 	}()
 	time.Sleep(500 * time.Millisecond)
@@ -495,13 +495,14 @@ func TestUpgradeWritesNewPidOnceReady(t *testing.T) {
 	pidfile := ownPidfile(t)
 	up := &upgrader{log: hclog.NewNullLogger(), srv: tcpServer(t, 1), adm: &admin{}, pidfile: pidfile,
 		path: fakeSuccessor(t, `eval "printf x >&$readyfd"; exec sleep 20`)}
-	pid, err := up.run(context.Background())
+	pid, flows, err := up.run(context.Background())
 	if pid > 0 {
 		t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
 	}
 	if err != nil {
 		t.Fatalf("an upgrade whose new process said it was ready: %v", err)
 	}
+	flows.Close()
 	b, err := os.ReadFile(pidfile.Name())
 	if err != nil {
 		t.Fatal(err)

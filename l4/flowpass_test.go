@@ -1,0 +1,328 @@
+package l4
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// peerReporter is a UDP backend that answers each datagram with
+// "NAME PEER BODY": PEER is the address the datagram came from, which
+// for a flow is the port its socket has. A body starting "slow" is
+// answered 300 ms later.
+func peerReporter(t *testing.T, name string) netip.AddrPort {
+	t.Helper()
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			reply := []byte(fmt.Sprintf("%s %s %s", name, from, buf[:n]))
+			if strings.HasPrefix(string(buf[:n]), "slow") {
+				time.AfterFunc(300*time.Millisecond, func() { c.WriteToUDPAddrPort(reply, from) })
+				continue
+			}
+			c.WriteToUDPAddrPort(reply, from)
+		}
+	}()
+	return c.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+// ask sends body from client to the service at to and returns the
+// backend's name and the flow's port it saw.
+func ask(t *testing.T, client *net.UDPConn, to netip.AddrPort, body string) (backend, peer string) {
+	t.Helper()
+	if _, err := client.WriteToUDPAddrPort([]byte(body), to); err != nil {
+		t.Fatal(err)
+	}
+	return answer(t, client, body)
+}
+
+func answer(t *testing.T, client *net.UDPConn, body string) (backend, peer string) {
+	t.Helper()
+	buf := make([]byte, 2048)
+	client.SetReadDeadline(time.Now().Add(2 * time.Second))
+	n, _, err := client.ReadFromUDPAddrPort(buf)
+	if err != nil {
+		t.Fatalf("%s: no answer to %q: %v", client.LocalAddr(), body, err)
+	}
+	fields := strings.SplitN(string(buf[:n]), " ", 3)
+	if len(fields) != 3 || fields[2] != body {
+		t.Fatalf("answer %q to %q", buf[:n], body)
+	}
+	return fields[0], fields[1]
+}
+
+// flowSocketPair is the upgrade's socket between the two processes.
+func flowSocketPair(t *testing.T) (old, successor *net.UnixConn) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conns := make([]*net.UnixConn, 2)
+	for i, fd := range fds {
+		f := os.NewFile(uintptr(fd), "flows")
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns[i] = c.(*net.UnixConn)
+		t.Cleanup(func() { c.Close() })
+	}
+	return conns[0], conns[1]
+}
+
+// TestUpgradePassesUDPFlows passes a UDP service's flows with its
+// sockets: each flow the successor's config takes keeps its socket, so
+// its backend sees the same port after the hand-over, and the old
+// server forwards nothing more; a flow whose backend the successor's
+// config dropped stays with the old server, which passes the reply it
+// still owes. Datagrams sent while the flows pass wait in the sockets.
+func TestUpgradePassesUDPFlows(t *testing.T) {
+	kept, dropped := peerReporter(t, "kept"), peerReporter(t, "dropped")
+	listen := freeLoopbackUDPPort(t)
+	service := func(backends ...netip.AddrPort) string {
+		s := fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\nidle_timeout = \"1s\"\n"+
+			"hash_key = \"source_ip_port\"\n[services.game.health]\nkind = \"none\"\n", listen)
+		for _, b := range backends {
+			s += fmt.Sprintf("[[services.game.backends]]\naddress = %q\n", b)
+		}
+		return s
+	}
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), parseConfig(t, service(kept, dropped))); err != nil {
+		t.Fatal(err)
+	}
+	type flow struct {
+		client  *net.UDPConn
+		backend string
+		peer    string
+	}
+	var flows []flow
+	onKept, onDropped := -1, -1
+	for i := range 40 {
+		c := newUDPClient(t, listen).conn
+		backend, peer := ask(t, c, listen, fmt.Sprintf("hello %d", i))
+		flows = append(flows, flow{c, backend, peer})
+		if backend == "dropped" {
+			onDropped = i
+		} else {
+			onKept = i
+		}
+	}
+	if onDropped < 0 || onKept < 0 {
+		t.Fatal("the clients' flows did not go to both backends")
+	}
+
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), parseConfig(t, service(kept))); err != nil {
+		t.Fatal(err)
+	}
+	// Owed by the old server's flow to the dropped backend, and answered
+	// after the hand-over.
+	slowClient := flows[onDropped].client
+	if _, err := slowClient.WriteToUDPAddrPort([]byte("slow reply"), listen); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the old server forwards it first
+	before, _ := old.Services()[0].UDPStats()
+
+	oldEnd, newEnd := flowSocketPair(t)
+	type takeResult struct {
+		taken, refused int
+		err            error
+	}
+	took := make(chan takeResult, 1)
+	go func() {
+		taken, refused, err := successor.TakeFlows(newEnd, FlowPassTimeout)
+		took <- takeResult{taken, refused, err}
+	}()
+	passed, err := old.HandOver(oldEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Sent while nobody reads the sockets: it waits there.
+	if _, err := flows[onKept].client.WriteToUDPAddrPort([]byte("during the hand-over"), listen); err != nil {
+		t.Fatal(err)
+	}
+	res := <-took
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	keptFlows := 0
+	for _, f := range flows {
+		if f.backend == "kept" {
+			keptFlows++
+		}
+	}
+	if passed.Passed != keptFlows || passed.Kept != len(flows)-keptFlows || res.taken != keptFlows || res.refused != len(flows)-keptFlows {
+		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, %d kept and refused",
+			passed, res.taken, res.refused, keptFlows, len(flows)-keptFlows)
+	}
+	stopped := make(chan struct{})
+	go func() {
+		old.Shutdown()
+		close(stopped)
+	}()
+
+	if backend, peer := answer(t, flows[onKept].client, "during the hand-over"); backend != "kept" || peer != flows[onKept].peer {
+		t.Errorf("the datagram sent during the hand-over reached %s from %s, before kept from %s", backend, peer, flows[onKept].peer)
+	}
+	if backend, _ := answer(t, slowClient, "slow reply"); backend != "dropped" {
+		t.Errorf("the reply owed by the old server's flow came from %s", backend)
+	}
+	for i, f := range flows {
+		backend, peer := ask(t, f.client, listen, fmt.Sprintf("after %d", i))
+		switch {
+		case backend != "kept":
+			t.Errorf("client %d reached %s after the hand-over", i, backend)
+		case f.backend == "kept" && peer != f.peer:
+			t.Errorf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i, peer, f.peer)
+		}
+	}
+	after, _ := old.Services()[0].UDPStats()
+	if after.DatagramsToBackend != before.DatagramsToBackend {
+		t.Errorf("the old server forwarded %d datagrams after the hand-over, want 0", after.DatagramsToBackend-before.DatagramsToBackend)
+	}
+	if after.FlowsHandedOver != uint64(keptFlows) {
+		t.Errorf("old server: flows_handed_over %d, want %d", after.FlowsHandedOver, keptFlows)
+	}
+	st, _ := successor.Services()[0].UDPStats()
+	if st.FlowsTakenOver != uint64(keptFlows) || st.FlowsCreated != uint64(len(flows)-keptFlows) {
+		t.Errorf("successor: flows_taken_over %d, flows_created %d; want %d and %d (a flow each for the clients of the dropped backend)",
+			st.FlowsTakenOver, st.FlowsCreated, keptFlows, len(flows)-keptFlows)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the old server did not stop once the flows it kept idled out (idle_timeout 1s)")
+	}
+}
+
+// TestTakeFlowsFromAPeerThatLeaves: a peer that closes the socket
+// without passing flows (an l4lb from before flows were passed, or one
+// that died) releases the held services at once, and they serve.
+func TestTakeFlowsFromAPeerThatLeaves(t *testing.T) {
+	backend := peerReporter(t, "b")
+	listen := freeLoopbackUDPPort(t)
+	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nidle_timeout = \"1s\"\n[services.game.health]\nkind = \"none\"\n"+
+		"[[services.game.backends]]\naddress = %q\n", listen, backend))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	old.HandOver(nil)
+	oldEnd, newEnd := flowSocketPair(t)
+	oldEnd.Close()
+	began := time.Now()
+	if _, _, err := successor.TakeFlows(newEnd, FlowPassTimeout); err == nil {
+		t.Error("TakeFlows from a peer that closed: no error")
+	}
+	if waited := time.Since(began); waited > FlowPassTimeout/2 {
+		t.Errorf("TakeFlows waited %s for a peer that had closed", waited)
+	}
+	for i := range 5 {
+		ask(t, newUDPClient(t, listen).conn, listen, fmt.Sprintf("served %d", i))
+	}
+}
+
+// TestHandOverToAPeerThatLeaves: when the new process is gone (or an
+// l4lb that passes no flows closes its end), every flow stays with the
+// old server, which keeps passing its replies.
+func TestHandOverToAPeerThatLeaves(t *testing.T) {
+	backend := peerReporter(t, "b")
+	listen := freeLoopbackUDPPort(t)
+	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nidle_timeout = \"1s\"\n[services.game.health]\nkind = \"none\"\n"+
+		"[[services.game.backends]]\naddress = %q\n", listen, backend))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	client := newUDPClient(t, listen).conn
+	ask(t, client, listen, "hello")
+	if _, err := client.WriteToUDPAddrPort([]byte("slow reply"), listen); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	oldEnd, newEnd := flowSocketPair(t)
+	newEnd.Close()
+	passed, err := old.HandOver(oldEnd)
+	if err == nil || passed.Passed != 0 || passed.Kept != 1 {
+		t.Errorf("hand-over to a closed peer: %+v, %v; want an error and the flow kept", passed, err)
+	}
+	if backend, _ := answer(t, client, "slow reply"); backend != "b" {
+		t.Errorf("the reply owed came from %s", backend)
+	}
+	if st, _ := old.Services()[0].UDPStats(); st.FlowsActive != 1 || st.FlowsHandedOver != 0 {
+		t.Errorf("old server after a failed hand-over: %d flows open, %d handed over; want 1 and 0", st.FlowsActive, st.FlowsHandedOver)
+	}
+}
+
+// TestFlowRecordRoundTrip: a record reads back as written, for both
+// address families.
+func TestFlowRecordRoundTrip(t *testing.T) {
+	for _, rec := range []flowRecord{
+		{listenCookie: 7, client: netip.MustParseAddrPort("127.0.0.1:4000"), backend: netip.MustParseAddrPort("10.1.2.3:53"),
+			idle: 1500 * time.Millisecond, owed: 3, replies: 1, proxyHeader: true},
+		{listenCookie: 1 << 60, client: netip.MustParseAddrPort("[2001:db8::1]:65535"), backend: netip.MustParseAddrPort("[::1]:1"),
+			owed: flowAnswered},
+		{client: netip.MustParseAddrPort("[::ffff:127.0.0.1]:9"), backend: netip.MustParseAddrPort("127.0.0.2:9")},
+	} {
+		b := rec.appendTo(nil)
+		if len(b) != flowRecordSize {
+			t.Fatalf("record of %d bytes, want %d", len(b), flowRecordSize)
+		}
+		if got := parseFlowRecord(b); got != rec {
+			t.Errorf("read back %+v, wrote %+v", got, rec)
+		}
+	}
+}
+
+// freeLoopbackUDPPort is a loopback UDP address nothing is bound to.
+func freeLoopbackUDPPort(t *testing.T) netip.AddrPort {
+	t.Helper()
+	probe, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	return probe.LocalAddr().(*net.UDPAddr).AddrPort()
+}
