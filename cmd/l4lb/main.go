@@ -355,6 +355,10 @@ func cmdRun(args []string, stderr io.Writer) int {
 	stop := func(sig os.Signal) int {
 		if handedOver {
 			log.Info("upgraded: the new process serves; this one no longer accepts, and its open connections may finish within drain_timeout")
+			// First: the new process reads no UDP datagram until its
+			// flows are in, and closing the admin endpoint below may
+			// wait for its requests in progress.
+			handOverFlows(srv, flowsTo, log)
 			// The endpoint is the new process's alone from now on.
 			adm.close()
 			// And the pidfile's lock: this one accepts no more, and an
@@ -364,7 +368,6 @@ func cmdRun(args []string, stderr io.Writer) int {
 				pidLock.Close()
 			}
 			notify.quiet()
-			handOverFlows(srv, flowsTo, log)
 		} else {
 			log.Info("stopping: no new connections; open ones may finish within drain_timeout", "signal", sig.String())
 			// STOPPING=1 first: a reload under way sends no READY=1 after
