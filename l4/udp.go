@@ -71,7 +71,8 @@ import (
 // table: idle (the worker's timer wheel finds them), closed (a drain closed
 // their socket, or the reader failed: the closed flag tells the worker at
 // the flow's next datagram or wheel visit), or the worker's socket closes
-// (shutdown).
+// (shutdown). At a binary upgrade a flow may also leave, socket and all,
+// for the new process (flowpass.go).
 
 const (
 	// udpBufSize is the buffer of one datagram in either direction. The
