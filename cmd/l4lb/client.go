@@ -296,18 +296,27 @@ func cmdUpgrade(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if *pidfile != "" {
+		var before time.Time
+		if st, err := os.Stat(*pidfile); err == nil {
+			before = st.ModTime()
+		}
 		old, err := signalPidfile(*pidfile, syscall.SIGUSR2)
 		if err != nil {
 			fmt.Fprintf(stderr, "l4lb upgrade: %v\n", err)
 			return 1
 		}
-		// The new process writes its pid there once it serves; a failed
-		// one leaves the old pid.
+		// The old process writes the new pid there once the new one
+		// serves; on a failure, its own again.
 		for end := time.Now().Add(upgradeTimeout + 5*time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
 			b, err := os.ReadFile(*pidfile)
-			if pid, _ := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 && pid != old {
+			pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+			if err == nil && pid > 0 && pid != old {
 				fmt.Fprintf(stdout, "upgraded: pid %d serves; pid %d drains its connections and exits\n", pid, old)
 				return 0
+			}
+			if st, serr := os.Stat(*pidfile); err == nil && pid == old && serr == nil && !st.ModTime().Equal(before) {
+				fmt.Fprintf(stderr, "upgrade failed, pid %d still serving: its log says why\n", old)
+				return 1
 			}
 		}
 		fmt.Fprintf(stderr, "l4lb upgrade: %s still names pid %d after %v: the upgrade failed, and pid %d serves on; its log says why\n",

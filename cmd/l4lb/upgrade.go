@@ -268,6 +268,19 @@ func (u *upgrader) start() *upgrade {
 // ends (this process stops). Once it serves, flows is the socket to
 // pass it the UDP flows over.
 func (u *upgrader) run(ctx context.Context) (pid int, flows *net.UnixConn, err error) {
+	defer func() {
+		// On every failure the pidfile is written again: it must name
+		// the process that serves on, for `l4lb reload -pidfile` and
+		// `l4lb upgrade -pidfile` alike, whatever a failed new process
+		// wrote into it (l4lb leaves that to this side, but a binary of
+		// another version may not), and `l4lb upgrade -pidfile` takes a
+		// write that leaves this pid as the sign of a failure.
+		if err != nil && u.pidfile != nil {
+			if werr := writePid(u.pidfile); werr != nil {
+				u.log.Warn("upgrade: cannot write this process's pid back into the pidfile", "error", werr)
+			}
+		}
+	}()
 	if u.path == "" {
 		return 0, nil, errors.New("this process's binary path is unknown")
 	}
@@ -330,15 +343,6 @@ func (u *upgrader) run(ctx context.Context) (pid int, flows *net.UnixConn, err e
 		"listening_sockets", passed)
 	theirs.Close() // its end only: EOF then says that it exited
 	if err = awaitReady(ctx, cmd, ready); err != nil {
-		// The pidfile must name the process that serves on, for `l4lb
-		// reload -pidfile` and `l4lb upgrade -pidfile` alike, whatever
-		// the failed one wrote into it (l4lb leaves that to this side,
-		// but a binary of another version may not).
-		if u.pidfile != nil {
-			if werr := writePid(u.pidfile); werr != nil {
-				u.log.Warn("upgrade: cannot write this process's pid back into the pidfile", "error", werr)
-			}
-		}
 		return cmd.Process.Pid, nil, err
 	}
 	// This side writes the new pid, once the new process serves: written

@@ -537,3 +537,28 @@ func TestStopDuringUpgradeStopsTheNewProcess(t *testing.T) {
 		t.Error("the old process did not stop as a stop signal asks")
 	}
 }
+
+// `l4lb upgrade -pidfile` has only the pidfile to go by. A failed
+// upgrade writes the old pid into it again, and that write is the
+// answer: the command reports the failure then, not when its wait for a
+// new pid runs out.
+func TestUpgradeWithPidfileReportsAFailure(t *testing.T) {
+	backend, _ := silentBackend(t)
+	path, _ := stopConfig(t, backend, "", "1m")
+	pidfile := filepath.Join(t.TempDir(), "l4lb.pid")
+	run := startRun(t, "-config", path, "-pidfile", pidfile)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	if err := os.WriteFile(path, []byte("[services.demo]\nlisten = \"not an address\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr strings.Builder
+	code := cmdUpgrade([]string{"-pidfile", pidfile}, &stdout, &stderr)
+	want := fmt.Sprintf("upgrade failed, pid %d still serving", run.cmd.Process.Pid)
+	if code != 1 || !strings.Contains(stderr.String(), want) {
+		t.Errorf("l4lb upgrade -pidfile with a broken config: exit %d, stdout %q, stderr %q; want 1 and %q",
+			code, stdout.String(), stderr.String(), want)
+	}
+	if lines := run.entries("upgrade failed: still serving"); len(lines) != 1 {
+		t.Errorf("the old process logged %d upgrade failures, want 1", len(lines))
+	}
+}
