@@ -326,3 +326,63 @@ func freeLoopbackUDPPort(t *testing.T) netip.AddrPort {
 	defer probe.Close()
 	return probe.LocalAddr().(*net.UDPAddr).AddrPort()
 }
+
+// TestUpgradePassesFlowsInSeveralMessages passes more flows than one
+// message carries, from three workers: every one is taken and keeps its
+// port, and the successor opens none.
+func TestUpgradePassesFlowsInSeveralMessages(t *testing.T) {
+	const clients = 2*flowsPerMessage + 50
+	backend := peerReporter(t, "b")
+	listen := freeLoopbackUDPPort(t)
+	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 3\nidle_timeout = \"1s\"\n"+
+		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	conns := make([]*net.UDPConn, clients)
+	peers := make([]string, clients)
+	for i := range conns {
+		conns[i] = newUDPClient(t, listen).conn
+		_, peers[i] = ask(t, conns[i], listen, fmt.Sprintf("hello %d", i))
+	}
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	oldEnd, newEnd := flowSocketPair(t)
+	took := make(chan error, 1)
+	var taken, refused int
+	go func() {
+		var err error
+		taken, refused, err = successor.TakeFlows(newEnd, FlowPassTimeout)
+		took <- err
+	}()
+	passed, err := old.HandOver(oldEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-took; err != nil {
+		t.Fatal(err)
+	}
+	if passed.Passed != clients || passed.Kept != 0 || taken != clients || refused != 0 {
+		t.Fatalf("passed %+v, taken %d, refused %d; want all %d passed and taken", passed, taken, refused, clients)
+	}
+	go old.Shutdown()
+	for i, c := range conns {
+		if _, peer := ask(t, c, listen, fmt.Sprintf("after %d", i)); peer != peers[i] {
+			t.Fatalf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i, peer, peers[i])
+		}
+	}
+	if st, _ := successor.Services()[0].UDPStats(); st.FlowsCreated != 0 || st.FlowsActive != clients {
+		t.Errorf("successor: %d flows created, %d open; want 0 and %d", st.FlowsCreated, st.FlowsActive, clients)
+	}
+}
