@@ -386,3 +386,40 @@ func TestUpgradePassesFlowsInSeveralMessages(t *testing.T) {
 		t.Errorf("successor: %d flows created, %d open; want 0 and %d", st.FlowsCreated, st.FlowsActive, clients)
 	}
 }
+
+// TestHandOverParksAWorkerThatResetItsDeadline: a hand-over that comes
+// while a worker forwards a batch, whose forwarding resets the worker's
+// read deadline (a flow installed, then removed, and the sweep that finds
+// the table empty clears the deadline), still parks the worker at once:
+// it does not wait in its read for a datagram that may never come, and
+// hold the hand-over until FlowPassTimeout.
+func TestHandOverParksAWorkerThatResetItsDeadline(t *testing.T) {
+	cfg := udpConfig(startUDPEcho(t, "a"))
+	cfg.Workers = 1
+	cfg.RepliesPerDatagram = 1
+	_, p := newUDPService(t, cfg)
+	p.dial = func(backend netip.AddrPort) (*os.File, error) {
+		f, err := dialUDP(backend)
+		if err != nil {
+			return nil, err
+		}
+		// Sends on the flow fail, so that the worker removes it as
+		// answered right away, and the hand-over comes now.
+		rc, _ := f.SyscallConn()
+		rc.Control(func(fd uintptr) { unix.Shutdown(int(fd), unix.SHUT_WR) })
+		p.handOver()
+		return f, nil
+	}
+	p.start()
+	// The worker sleeps in its read without a deadline, and its next
+	// sweep is due by the time the datagram comes.
+	time.Sleep(2 * udpTick)
+	if _, err := newUDPClient(t, cfg.Listen).conn.WriteToUDPAddrPort([]byte("x"), cfg.Listen); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.workers[0].parked:
+	case <-time.After(2 * time.Second):
+		t.Fatal("the worker still reads its socket 2s after the hand-over")
+	}
+}

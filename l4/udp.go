@@ -948,7 +948,10 @@ func (w *udpWorker) readBatches(fd uintptr) bool {
 		if now >= w.nextSweep {
 			w.sweep(now)
 		}
-		if n < w.in.Len() {
+		// A drained socket waits for more, unless handOver came meanwhile:
+		// forwarding the batch (install, sweep) may have reset the past
+		// deadline it set to wake the worker, which must park.
+		if n < w.in.Len() && !w.p.handedOver.Load() {
 			return false
 		}
 	}
