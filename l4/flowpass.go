@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -56,7 +57,8 @@ const (
 	// descriptors per message).
 	flowsPerMessage = 200
 	// flowRecordSize: listening socket cookie 8, client 16+2, backend
-	// 16+2, idle 8, owed 8, replies 4, flags 1, padding.
+	// 16+2, idle 8, owed 8, replies 4, flags 1, padding 3, client's
+	// zone (interface index) 4.
 	flowRecordSize = 72
 )
 
@@ -105,6 +107,9 @@ func (r *flowRecord) appendTo(b []byte) []byte {
 	le.PutUint64(rec[52:], uint64(r.owed))
 	le.PutUint32(rec[60:], uint32(r.replies))
 	rec[64] = flags
+	// A link-local client's zone: the worker keys its flow by the
+	// address with it (mmsg.Batch.Addr), and replies need it.
+	le.PutUint32(rec[68:], zoneIndex(r.client.Addr().Zone()))
 	return append(b, rec...)
 }
 
@@ -118,15 +123,34 @@ func parseFlowRecord(rec []byte) flowRecord {
 		return a
 	}
 	flags := rec[64]
+	client := addr(rec[8:24], flags&flowClient4 != 0)
+	if zone := le.Uint32(rec[68:]); zone != 0 && !client.Is4() {
+		client = client.WithZone(strconv.FormatUint(uint64(zone), 10))
+	}
 	return flowRecord{
 		listenCookie: le.Uint64(rec[0:]),
-		client:       netip.AddrPortFrom(addr(rec[8:24], flags&flowClient4 != 0), le.Uint16(rec[24:])),
+		client:       netip.AddrPortFrom(client, le.Uint16(rec[24:])),
 		backend:      netip.AddrPortFrom(addr(rec[26:42], flags&flowBackend4 != 0), le.Uint16(rec[42:])),
 		idle:         time.Duration(le.Uint64(rec[44:])),
 		owed:         int64(le.Uint64(rec[52:])),
 		replies:      int32(le.Uint32(rec[60:])),
 		proxyHeader:  flags&flowProxyHeader != 0,
 	}
+}
+
+// zoneIndex is the interface index of an IPv6 zone: mmsg.Batch.Addr
+// gives it as a number; a name is looked up. 0 for none.
+func zoneIndex(zone string) uint32 {
+	if zone == "" {
+		return 0
+	}
+	if i, err := strconv.ParseUint(zone, 10, 32); err == nil {
+		return uint32(i)
+	}
+	if ifi, err := net.InterfaceByName(zone); err == nil {
+		return uint32(ifi.Index)
+	}
+	return 0
 }
 
 // socketCookie is the kernel's identity of the socket fd refers to, the

@@ -305,6 +305,9 @@ func TestFlowRecordRoundTrip(t *testing.T) {
 		{listenCookie: 1 << 60, client: netip.MustParseAddrPort("[2001:db8::1]:65535"), backend: netip.MustParseAddrPort("[::1]:1"),
 			owed: flowAnswered},
 		{client: netip.MustParseAddrPort("[::ffff:127.0.0.1]:9"), backend: netip.MustParseAddrPort("127.0.0.2:9")},
+		// A link-local client, as mmsg.Batch.Addr gives it (the zone is
+		// the interface index), and as the flow table keys its flow.
+		{client: netip.MustParseAddrPort("[fe80::1%2]:5000"), backend: netip.MustParseAddrPort("[::1]:53")},
 	} {
 		b := rec.appendTo(nil)
 		if len(b) != flowRecordSize {
