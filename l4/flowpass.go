@@ -201,11 +201,11 @@ func (srv *Server) HandOver(flows *net.UnixConn) (FlowsPassed, error) {
 	var err error
 	for _, p := range proxies {
 		for _, w := range p.workers {
-			if err == nil {
-				err = w.awaitParked(deadline)
-			}
-			if err != nil {
+			if perr := w.awaitParked(deadline); perr != nil {
 				// Its table may still be the worker's: not read here.
+				if err == nil {
+					err = perr
+				}
 				continue
 			}
 			cookie, cerr := w.listenCookie()
@@ -236,6 +236,11 @@ func (srv *Server) HandOver(flows *net.UnixConn) (FlowsPassed, error) {
 
 // awaitParked waits until the worker reads its socket no more.
 func (w *udpWorker) awaitParked(deadline time.Time) error {
+	select {
+	case <-w.parked:
+		return nil // even once deadline has passed
+	default:
+	}
 	timer := time.NewTimer(time.Until(deadline))
 	defer timer.Stop()
 	select {

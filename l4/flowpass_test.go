@@ -426,3 +426,37 @@ func TestHandOverParksAWorkerThatResetItsDeadline(t *testing.T) {
 		t.Fatal("the worker still reads its socket 2s after the hand-over")
 	}
 }
+
+// TestHandOverCountsEveryFlowKept: when passing fails part of the way
+// (here the first full message, to a peer that has left), every flow not
+// passed counts as kept, those of the services and workers not reached
+// yet included.
+func TestHandOverCountsEveryFlowKept(t *testing.T) {
+	backend := peerReporter(t, "b")
+	var cfg string
+	var listens []netip.AddrPort
+	for _, name := range []string{"one", "two"} {
+		listen := freeLoopbackUDPPort(t)
+		listens = append(listens, listen)
+		cfg += fmt.Sprintf("[services.%s]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\ndrain_timeout = \"1s\"\n[services.%s.health]\nkind = \"none\"\n"+
+			"[[services.%s.backends]]\naddress = %q\n", name, listen, name, name, backend)
+	}
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), parseConfig(t, cfg)); err != nil {
+		t.Fatal(err)
+	}
+	// A full message's worth on each: the first flush fails, on
+	// whichever service comes first, and the other has every flow left.
+	for _, listen := range listens {
+		for i := range flowsPerMessage {
+			ask(t, newUDPClient(t, listen).conn, listen, fmt.Sprintf("hello %d", i))
+		}
+	}
+	oldEnd, newEnd := flowSocketPair(t)
+	newEnd.Close()
+	passed, err := old.HandOver(oldEnd)
+	if err == nil || passed.Passed != 0 || passed.Kept != 2*flowsPerMessage {
+		t.Errorf("hand-over to a closed peer: %+v, %v; want an error and all %d flows kept", passed, err, 2*flowsPerMessage)
+	}
+}
