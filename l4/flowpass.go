@@ -400,7 +400,7 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 			if n != 3+count*flowRecordSize || len(fds) != count || count > flowsPerMessage {
 				err = fmt.Errorf("malformed message of flows: %d bytes, %d sockets", n, len(fds))
 			}
-		} else if err == nil && !(msg[0] == flowMsgEnd && n == 1) {
+		} else if err == nil && !(msg[0] == flowMsgEnd && n == 1 && len(fds) == 0) {
 			err = fmt.Errorf("unexpected message %q", msg[:min(n, 8)])
 		}
 		if err != nil {

@@ -3,6 +3,7 @@ package l4
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -458,5 +459,28 @@ func TestHandOverCountsEveryFlowKept(t *testing.T) {
 	passed, err := old.HandOver(oldEnd)
 	if err == nil || passed.Passed != 0 || passed.Kept != 2*flowsPerMessage {
 		t.Errorf("hand-over to a closed peer: %+v, %v; want an error and all %d flows kept", passed, err, 2*flowsPerMessage)
+	}
+}
+
+// TestTakeFlowsClosesWhatAnEndCarries: descriptors sent with a message
+// that passes no flow (a malformed end) are closed, not leaked.
+func TestTakeFlowsClosesWhatAnEndCarries(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	oldEnd, newEnd := flowSocketPair(t)
+	_, _, err = oldEnd.WriteMsgUnix([]byte{flowMsgEnd}, unix.UnixRights(int(w.Fd())), nil)
+	w.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	NewServer(hclog.NewNullLogger()).TakeFlows(newEnd, time.Second)
+	// The pipe's write end was passed: only the copy TakeFlows received
+	// keeps it open.
+	r.SetReadDeadline(time.Now().Add(time.Second))
+	if _, err := r.Read(make([]byte, 1)); err != io.EOF {
+		t.Errorf("the descriptor passed with the end is still open: read %v, want EOF", err)
 	}
 }
