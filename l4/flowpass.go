@@ -23,20 +23,31 @@ import (
 // listening sockets (handover.go), but a flow socket it opened itself
 // would come from a new port, and the backend would see a stranger. So
 // the old process passes each flow, its socket and its state, over the
-// upgrade's readiness socket (a SOCK_SEQPACKET socketpair):
+// upgrade's readiness socket (a SOCK_SEQPACKET socketpair), in two
+// rounds:
 //
-//	new → old   'R'                       ready: stop reading the listening sockets
-//	old → new   'F' n records + n fds     up to flowsPerMessage flows (SCM_RIGHTS)
-//	new → old   'A' n bits                which of them it took
-//	            … more 'F'/'A' …
-//	old → new   'E'                       every flow passed
+//	new → old   'R'                          ready
+//	            the old one's workers still read the listening sockets:
+//	old → new   'P' n records + n sockets     every open flow, up to flowsPerMessage a message (SCM_RIGHTS)
+//	new → old   'A' n bits                   which of them it took
+//	            the old one's workers stop reading:
+//	old → new   'C' n × (id, idle, owed)     the flows of the first round still open, with their state now
+//	new → old   'A' n bits                   which of them it keeps
+//	old → new   'F' n records + n sockets    the flows opened since the first round
+//	new → old   'A' n bits
+//	old → new   'E'                          done: the new one's workers read
 //
 // The order makes it exact: the new process's workers on inherited
 // sockets do not read them until the flows are in their tables
 // (Server.HoldInheritedUDP, TakeFlows), and the old one's workers have
-// stopped reading them before their tables are read (Server.HandOver).
-// Datagrams that come in between wait in the sockets' receive queues,
-// for a few milliseconds. The kernel hashes a client to the same socket
+// stopped reading them before the second round reads their tables
+// (Server.HandOver). Datagrams that come in between wait in the sockets'
+// receive queues. The first round, a descriptor and a netpoller
+// registration per flow (about 20 µs each), runs while the old process
+// still serves, so that the wait is the second round's: a few bytes per
+// flow, and the sockets of flows opened meanwhile. The first round's
+// flows the second does not name ended in the old process meanwhile,
+// and the new one closes its copies. The kernel hashes a client to the same socket
 // of the group in either process, so each flow goes to the worker of the
 // socket it was on, named by the socket's cookie, which both processes
 // read from their own descriptors of it.
@@ -49,9 +60,11 @@ import (
 // out, as a reload's drain does.
 
 const (
-	flowMsgFlows = 'F'
-	flowMsgAck   = 'A'
-	flowMsgEnd   = 'E'
+	flowMsgEarly   = 'P'
+	flowMsgConfirm = 'C'
+	flowMsgFlows   = 'F'
+	flowMsgAck     = 'A'
+	flowMsgEnd     = 'E'
 
 	// flowsPerMessage stays below the kernel's SCM_MAX_FD (253
 	// descriptors per message).
@@ -60,6 +73,9 @@ const (
 	// 16+2, idle 8, owed 8, replies 4, flags 1, padding 3, client's
 	// zone (interface index) 4.
 	flowRecordSize = 72
+	// confirmsPerMessage: a confirm is id 4, idle 8, owed 8.
+	confirmsPerMessage = 2048
+	confirmSize        = 20
 )
 
 // A flow record's flags.
@@ -164,24 +180,27 @@ func socketCookie(fd int) (uint64, error) {
 // offered after an error).
 type FlowsPassed struct {
 	Passed, Kept int
+	// Paused is how long no process read the UDP listening sockets: from
+	// the old one's workers stopping to the end of the passing.
+	Paused time.Duration
 }
 
 // HandOver makes the UDP services stop reading their listening sockets,
 // now shared with the l4lb that took over: every new datagram goes to
 // it. With flows, the upgrade's socket to that l4lb (TakeFlows at its
-// end), it first passes it every open flow, socket and all, so that the
-// flows keep their backend-side ports. The flows not taken keep passing
-// their backends' replies to their clients until they idle out, as in a
-// drain. Call it just before Shutdown, which drains the TCP connections
-// and those flows. An error says why some flows were not offered; they
-// stay, as those not taken do.
+// end), it passes it every open flow, socket and all, so that the flows
+// keep their backend-side ports: first while the workers still read
+// (most of the work), then the rest once they have stopped. The flows
+// not taken keep passing their backends' replies to their clients until
+// they idle out, as in a drain. Call it just before Shutdown, which
+// drains the TCP connections and those flows. An error says why some
+// flows were not offered; they stay, as those not taken do.
 func (srv *Server) HandOver(flows *net.UnixConn) (FlowsPassed, error) {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
 	var proxies []*udpProxy
 	for _, rs := range srv.running {
 		if rs.udp != nil {
-			rs.udp.handOver()
 			proxies = append(proxies, rs.udp)
 		}
 	}
@@ -193,35 +212,91 @@ func (srv *Server) HandOver(flows *net.UnixConn) (FlowsPassed, error) {
 	}()
 	var res FlowsPassed
 	if flows == nil {
+		for _, p := range proxies {
+			p.handOver()
+		}
 		return res, nil
 	}
 	deadline := time.Now().Add(FlowPassTimeout)
 	flows.SetDeadline(deadline)
-	ps := flowPasser{conn: flows, res: &res}
+	ps := &flowPasser{conn: flows, early: make(map[*udpFlow]uint32)}
+	cookies := make(map[*udpWorker]uint64)
 	var err error
 	for _, p := range proxies {
 		for _, w := range p.workers {
+			cookie, cerr := w.listenCookie()
+			if cerr != nil {
+				// Closed under a stop: its flows are not passed.
+				continue
+			}
+			cookies[w] = cookie
+		}
+	}
+
+	// First round, while the workers serve.
+	ps.kind = flowMsgEarly
+	for _, p := range proxies {
+		for _, f := range p.openFlowsNow() {
+			if cookie, ok := cookies[f.w]; ok && err == nil {
+				err = ps.add(f, cookie)
+			}
+		}
+	}
+	if err == nil {
+		err = ps.flush()
+	}
+	// After a failure the second round counts what stays.
+	ps.batch = ps.batch[:0]
+	ps.closeFDs()
+
+	if srv.betweenFlowRounds != nil {
+		srv.betweenFlowRounds()
+	}
+
+	// Second round, once they have stopped.
+	paused := time.Now()
+	for _, p := range proxies {
+		p.handOver()
+	}
+	late := make(map[*udpWorker][]*udpFlow)
+	for _, p := range proxies {
+		for _, w := range p.workers {
 			if perr := w.awaitParked(deadline); perr != nil {
-				// Its table may still be the worker's: not read here.
+				// Its table may still be the worker's: not read here, and
+				// its flows, still its, are not counted.
 				if err == nil {
 					err = perr
 				}
 				continue
 			}
-			cookie, cerr := w.listenCookie()
 			for _, f := range w.flows {
 				if f.removed || f.closed.Load() {
 					continue
 				}
-				if err == nil && cerr != nil {
-					err = cerr
-				}
-				if err != nil {
+				id, taken := ps.early[f]
+				_, cookied := cookies[w]
+				switch {
+				case err != nil || ps.refused[f] || !cookied:
 					res.Kept++
-					continue
+				case taken:
+					err = ps.confirm(f, id)
+				default:
+					late[w] = append(late[w], f)
 				}
-				err = ps.add(f, cookie)
 			}
+		}
+	}
+	if err == nil {
+		err = ps.flushConfirms()
+	}
+	ps.kind = flowMsgFlows
+	for w, fs := range late {
+		for _, f := range fs {
+			if err != nil {
+				res.Kept++
+				continue
+			}
+			err = ps.add(f, cookies[w])
 		}
 	}
 	if err == nil {
@@ -230,8 +305,48 @@ func (srv *Server) HandOver(flows *net.UnixConn) (FlowsPassed, error) {
 	if err == nil {
 		_, err = flows.Write([]byte{flowMsgEnd})
 	}
-	res.Kept += len(ps.batch) // offered in a message that failed
+	res.Paused = time.Since(paused)
+	// Offered in a message that failed: whether the new process took
+	// them is unknown, so they stay here, and may run in both (either
+	// passes replies on).
+	res.Kept += len(ps.batch) + len(ps.confirms)
+	ps.closeFDs()
+	// The new process reads the sockets of those it acknowledged (it
+	// keeps them whatever comes after): this side's descriptors go, and
+	// the workers remove the flows at their next sweep.
+	for _, f := range ps.passed {
+		f.uncounted.Store(true)
+		f.end()
+		f.w.c.flowsHandedOver.Add(1)
+	}
+	res.Passed = len(ps.passed)
 	return res, err
+}
+
+// openFlowsNow returns the proxy's open flows, from its backends' lists:
+// its workers' tables are theirs while they run.
+func (p *udpProxy) openFlowsNow() []*udpFlow {
+	s := p.svc
+	s.mu.Lock()
+	backends := make([]*Backend, 0, len(s.backends)+len(s.draining))
+	for _, b := range s.backends {
+		backends = append(backends, b)
+	}
+	for _, b := range s.draining {
+		backends = append(backends, b)
+	}
+	s.mu.Unlock()
+	var flows []*udpFlow
+	for _, b := range backends {
+		b.udp.mu.Lock()
+		for f := b.udp.flows; f != nil; f = f.beNext {
+			if !f.closed.Load() {
+				flows = append(flows, f)
+			}
+		}
+		b.udp.mu.Unlock()
+	}
+	return flows
 }
 
 // awaitParked waits until the worker reads its socket no more.
@@ -260,16 +375,44 @@ func (w *udpWorker) listenCookie() (cookie uint64, err error) {
 
 // flowPasser sends flows to the new process a message at a time.
 type flowPasser struct {
-	conn  *net.UnixConn
+	conn *net.UnixConn
+	kind byte // of the flows' messages: flowMsgEarly or flowMsgFlows
+	// batch holds the flows of the message being built, msg the message,
+	// fds duplicates of their sockets.
 	batch []*udpFlow
 	msg   []byte
-	res   *FlowsPassed
+	fds   []int
+	// early numbers the first round's flows the new process took, in the
+	// order sent; refused holds those it did not.
+	early   map[*udpFlow]uint32
+	sent    uint32 // first-round flows sent, the next one's id
+	refused map[*udpFlow]bool
+	// confirms are the second round's first-round flows, not yet sent.
+	confirms    []*udpFlow
+	confirmIDs  []uint32
+	confirmsMsg []byte
+	// passed are the flows the new process keeps, for this side to let
+	// go once the passing is over.
+	passed []*udpFlow
 }
 
+// add puts f into the message being built, with a duplicate of its
+// socket: a reader may close the flow's descriptor meanwhile, and one
+// reused by then must not be sent in its place. A flow closed already is
+// left out.
 func (ps *flowPasser) add(f *udpFlow, listenCookie uint64) error {
-	if len(ps.batch) == 0 {
-		ps.msg = append(ps.msg[:0], flowMsgFlows, 0, 0)
+	dup := -1
+	var err error
+	if cerr := f.rc.Control(func(fd uintptr) { dup, err = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); cerr != nil {
+		return nil // closed: it ended
 	}
+	if err != nil {
+		return fmt.Errorf("duplicate the socket of the flow of %s: %w", f.client, err)
+	}
+	if len(ps.batch) == 0 {
+		ps.msg = append(ps.msg[:0], ps.kind, 0, 0)
+	}
+	ps.fds = append(ps.fds, dup)
 	rec := flowRecord{
 		listenCookie: listenCookie,
 		client:       f.client,
@@ -287,57 +430,101 @@ func (ps *flowPasser) add(f *udpFlow, listenCookie uint64) error {
 	return nil
 }
 
-// flush sends the batch with a duplicate of each flow's socket, and
-// closes the old process's side of those the new one took.
+// flush sends the batch with the flows' sockets, and notes which flows
+// the new process took.
 func (ps *flowPasser) flush() error {
 	if len(ps.batch) == 0 {
 		return nil
 	}
 	binary.LittleEndian.PutUint16(ps.msg[1:], uint16(len(ps.batch)))
-	// Duplicates: a reader may close a flow's descriptor meanwhile, and
-	// one reused by then must not be sent in its place.
-	fds := make([]int, 0, len(ps.batch))
-	defer func() {
-		for _, fd := range fds {
-			unix.Close(fd)
-		}
-	}()
-	for _, f := range ps.batch {
-		dup := -1
-		var err error
-		if cerr := f.rc.Control(func(fd uintptr) { dup, err = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0) }); cerr != nil {
-			err = cerr
-		}
-		if err != nil {
-			return fmt.Errorf("duplicate the socket of the flow of %s: %w", f.client, err)
-		}
-		fds = append(fds, dup)
-	}
-	if _, _, err := ps.conn.WriteMsgUnix(ps.msg, unix.UnixRights(fds...), nil); err != nil {
-		return err
-	}
-	ack := make([]byte, 3+flowsPerMessage/8+1)
-	n, err := ps.conn.Read(ack)
+	_, _, err := ps.conn.WriteMsgUnix(ps.msg, unix.UnixRights(ps.fds...), nil)
+	ps.closeFDs()
 	if err != nil {
 		return err
 	}
-	if n < 3 || ack[0] != flowMsgAck || int(binary.LittleEndian.Uint16(ack[1:])) != len(ps.batch) || n != 3+(len(ps.batch)+7)/8 {
-		return errors.New("malformed answer to the flows passed")
+	ack, err := ps.readAck(len(ps.batch))
+	if err != nil {
+		return err
 	}
 	for i, f := range ps.batch {
-		if ack[3+i/8]&(1<<(i%8)) == 0 {
-			ps.res.Kept++
-			continue
+		taken := ack[i/8]&(1<<(i%8)) != 0
+		switch {
+		case ps.kind == flowMsgFlows && taken:
+			ps.passed = append(ps.passed, f)
+		case ps.kind == flowMsgFlows:
+		case taken:
+			ps.early[f] = ps.sent
+		default:
+			if ps.refused == nil {
+				ps.refused = make(map[*udpFlow]bool)
+			}
+			ps.refused[f] = true
 		}
-		// The new process reads the socket now; this side's descriptor
-		// goes, and the worker removes the flow at its next sweep.
-		f.handedOver.Store(true)
-		f.end()
-		f.w.c.flowsHandedOver.Add(1)
-		ps.res.Passed++
+		if ps.kind == flowMsgEarly {
+			ps.sent++
+		}
 	}
 	ps.batch = ps.batch[:0]
 	return nil
+}
+
+func (ps *flowPasser) closeFDs() {
+	for _, fd := range ps.fds {
+		unix.Close(fd)
+	}
+	ps.fds = ps.fds[:0]
+}
+
+// confirm tells the new process that the first round's flow id is still
+// open, with its state now.
+func (ps *flowPasser) confirm(f *udpFlow, id uint32) error {
+	if len(ps.confirms) == 0 {
+		ps.confirmsMsg = append(ps.confirmsMsg[:0], flowMsgConfirm, 0, 0)
+	}
+	le := binary.LittleEndian
+	ps.confirmsMsg = le.AppendUint32(ps.confirmsMsg, id)
+	ps.confirmsMsg = le.AppendUint64(ps.confirmsMsg, uint64(max(0, monotonicNow()-f.lastSeen.Load())))
+	ps.confirmsMsg = le.AppendUint64(ps.confirmsMsg, uint64(f.owed.Load()))
+	ps.confirms = append(ps.confirms, f)
+	if len(ps.confirms) == confirmsPerMessage {
+		return ps.flushConfirms()
+	}
+	return nil
+}
+
+func (ps *flowPasser) flushConfirms() error {
+	if len(ps.confirms) == 0 {
+		return nil
+	}
+	binary.LittleEndian.PutUint16(ps.confirmsMsg[1:], uint16(len(ps.confirms)))
+	if _, err := ps.conn.Write(ps.confirmsMsg); err != nil {
+		return err
+	}
+	ack, err := ps.readAck(len(ps.confirms))
+	if err != nil {
+		return err
+	}
+	for i, f := range ps.confirms {
+		if ack[i/8]&(1<<(i%8)) != 0 {
+			ps.passed = append(ps.passed, f)
+		}
+	}
+	ps.confirms = ps.confirms[:0]
+	return nil
+}
+
+// readAck reads the new process's answer to a message of n flows: a bit
+// each, set for those it took.
+func (ps *flowPasser) readAck(n int) ([]byte, error) {
+	ack := make([]byte, 3+confirmsPerMessage/8)
+	got, err := ps.conn.Read(ack)
+	if err != nil {
+		return nil, err
+	}
+	if got < 3 || ack[0] != flowMsgAck || int(binary.LittleEndian.Uint16(ack[1:])) != n || got != 3+(n+7)/8 {
+		return nil, errors.New("malformed answer to the flows passed")
+	}
+	return ack[3:got], nil
 }
 
 // HoldInheritedUDP has the UDP services that the first Apply serves from
@@ -379,8 +566,19 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 			}
 		}
 	}
+	// early holds the first round's flows by id, nil for those refused;
+	// those the second round does not confirm ended in the old process
+	// meanwhile, or stay there, and go.
+	var early []*udpFlow
+	defer func() {
+		for _, f := range early {
+			if f != nil && !f.removed && f.uncounted.Load() {
+				f.w.remove(f, false)
+			}
+		}
+	}()
 	conn.SetDeadline(time.Now().Add(timeout))
-	msg := make([]byte, 3+flowsPerMessage*flowRecordSize)
+	msg := make([]byte, 3+max(flowsPerMessage*flowRecordSize, confirmsPerMessage*confirmSize))
 	oob := make([]byte, unix.CmsgSpace(flowsPerMessage*4))
 	for {
 		n, oobn, flags, _, err := conn.ReadMsgUnix(msg, oob)
@@ -395,12 +593,22 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 			err = errors.New("a message of flows was cut short")
 		}
 		count := 0
-		if err == nil && msg[0] == flowMsgFlows && n >= 3 {
+		if err == nil && n >= 3 {
 			count = int(binary.LittleEndian.Uint16(msg[1:]))
-			if n != 3+count*flowRecordSize || len(fds) != count || count > flowsPerMessage {
+		}
+		switch kind := msg[0]; {
+		case err != nil:
+		case (kind == flowMsgEarly || kind == flowMsgFlows) && n >= 3:
+			if n != 3+count*flowRecordSize || len(fds) != count || count == 0 || count > flowsPerMessage {
 				err = fmt.Errorf("malformed message of flows: %d bytes, %d sockets", n, len(fds))
 			}
-		} else if err == nil && !(msg[0] == flowMsgEnd && n == 1 && len(fds) == 0) {
+		case kind == flowMsgConfirm && n >= 3:
+			if n != 3+count*confirmSize || len(fds) != 0 || count == 0 || count > confirmsPerMessage {
+				err = fmt.Errorf("malformed message of flows confirmed: %d bytes, %d sockets", n, len(fds))
+			}
+		case kind == flowMsgEnd && n == 1 && len(fds) == 0:
+			return taken, refused, nil
+		default:
 			err = fmt.Errorf("unexpected message %q", msg[:min(n, 8)])
 		}
 		if err != nil {
@@ -409,24 +617,51 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 			}
 			return taken, refused, err
 		}
-		if count == 0 {
-			return taken, refused, nil
-		}
 		now := monotonicNow()
 		ack := make([]byte, 3+(count+7)/8)
 		ack[0] = flowMsgAck
 		binary.LittleEndian.PutUint16(ack[1:], uint16(count))
 		for i := range count {
-			rec := parseFlowRecord(msg[3+i*flowRecordSize:])
-			w := workers[rec.listenCookie]
-			if w != nil && w.adopt(rec, fds[i], now) {
-				ack[3+i/8] |= 1 << (i % 8)
-				taken++
-			} else {
-				if w == nil {
+			ok := false
+			switch msg[0] {
+			case flowMsgConfirm:
+				rec := msg[3+i*confirmSize:]
+				le := binary.LittleEndian
+				id := le.Uint32(rec)
+				if int(id) < len(early) && early[id] != nil && early[id].uncounted.Load() && !early[id].closed.Load() {
+					f := early[id]
+					f.lastSeen.Store(now - int64(le.Uint64(rec[4:])))
+					f.owed.Store(int64(le.Uint64(rec[12:])))
+					f.uncounted.Store(false)
+					f.w.c.flowsTakenOver.Add(1)
+					taken++
+					ok = true
+				}
+			default:
+				rec := parseFlowRecord(msg[3+i*flowRecordSize:])
+				var f *udpFlow
+				if w := workers[rec.listenCookie]; w != nil {
+					f = w.adopt(rec, fds[i], now)
+				} else {
 					unix.Close(fds[i])
 				}
-				refused++
+				ok = f != nil
+				switch {
+				case !ok:
+					refused++
+				case msg[0] == flowMsgEarly:
+					// This process's only once confirmed.
+					f.uncounted.Store(true)
+				default:
+					f.w.c.flowsTakenOver.Add(1)
+					taken++
+				}
+				if msg[0] == flowMsgEarly {
+					early = append(early, f)
+				}
+			}
+			if ok {
+				ack[3+i/8] |= 1 << (i % 8)
 			}
 		}
 		if _, err := conn.Write(ack); err != nil {
@@ -455,23 +690,23 @@ func receivedFDs(oob []byte) ([]int, error) {
 }
 
 // adopt installs the flow passed with fd, a socket connected to its
-// backend; false, with fd closed, when this l4lb does not take it: the
+// backend; nil, with fd closed, when this l4lb does not take it: the
 // client has a flow here already, the service stops, the config denies
 // the client, has no such backend or one that takes no new flows, or
 // max_flows is reached. Only before the worker runs (held).
-func (w *udpWorker) adopt(rec flowRecord, fd int, now int64) bool {
+func (w *udpWorker) adopt(rec flowRecord, fd int, now int64) *udpFlow {
 	p := w.p
 	be := p.svc.configuredBackend(rec.backend)
 	r := p.svc.route.Load()
 	if w.flows[rec.client] != nil || p.draining.Load() || be == nil || be.refusesNew() ||
 		!r.acl.admits(rec.client.Addr().Unmap()) || !connectedTo(fd, rec.backend) {
 		unix.Close(fd)
-		return false
+		return nil
 	}
 	if p.active.Add(1) > int64(r.cfg.MaxFlows) {
 		p.active.Add(-1)
 		unix.Close(fd)
-		return false
+		return nil
 	}
 	conn := os.NewFile(uintptr(fd), "udp flow to "+rec.backend.String())
 	rc, err := conn.SyscallConn()
@@ -482,7 +717,7 @@ func (w *udpWorker) adopt(rec flowRecord, fd int, now int64) bool {
 	if err != nil {
 		conn.Close()
 		p.active.Add(-1)
-		return false
+		return nil
 	}
 	f := w.newFlow(rec.client, conn, rc, be, int(rec.replies))
 	f.owed.Store(rec.owed)
@@ -493,10 +728,9 @@ func (w *udpWorker) adopt(rec flowRecord, fd int, now int64) bool {
 	f.lastSeen.Store(now - int64(rec.idle))
 	if !w.install(f) {
 		p.active.Add(-1)
-		return false
+		return nil
 	}
-	w.c.flowsTakenOver.Add(1)
-	return true
+	return f
 }
 
 // connectedTo says whether fd is a UDP socket connected to backend.

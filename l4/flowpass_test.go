@@ -13,6 +13,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+
+	"github.com/l4lb/l4lb/config"
 )
 
 // peerReporter is a UDP backend that answers each datagram with
@@ -482,5 +484,96 @@ func TestTakeFlowsClosesWhatAnEndCarries(t *testing.T) {
 	r.SetReadDeadline(time.Now().Add(time.Second))
 	if _, err := r.Read(make([]byte, 1)); err != io.EOF {
 		t.Errorf("the descriptor passed with the end is still open: read %v, want EOF", err)
+	}
+}
+
+// TestUpgradePassesFlowsOpenedAndEndedBetweenRounds: the first round
+// passes the flows open while the old workers still serve; a flow opened
+// after it goes in the second round, socket and all, and one that ended
+// in the old process meanwhile is dropped by the new one, not run twice.
+func TestUpgradePassesFlowsOpenedAndEndedBetweenRounds(t *testing.T) {
+	backend := peerReporter(t, "b")
+	listen := freeLoopbackUDPPort(t)
+	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\nidle_timeout = \"1s\"\n"+
+		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	const early = 30
+	conns := make([]*net.UDPConn, early)
+	peers := make([]string, early)
+	for i := range conns {
+		conns[i] = newUDPClient(t, listen).conn
+		_, peers[i] = ask(t, conns[i], listen, fmt.Sprintf("hello %d", i))
+	}
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	// Between the rounds the old server still serves: a new client gets
+	// a flow there, and the first client's flow ends there.
+	lateClient := newUDPClient(t, listen).conn
+	var latePeer string
+	var ended *udpFlow
+	old.betweenFlowRounds = func() {
+		_, latePeer = ask(t, lateClient, listen, "between the rounds")
+		// The workers own their tables: the backends' lists tell.
+		for _, f := range old.running[socketKey{config.UDP, listen}].udp.openFlowsNow() {
+			if f.client == conns[0].LocalAddr().(*net.UDPAddr).AddrPort() {
+				ended = f
+				f.end()
+			}
+		}
+	}
+	oldEnd, newEnd := flowSocketPair(t)
+	took := make(chan error, 1)
+	var taken, refused int
+	go func() {
+		var err error
+		taken, refused, err = successor.TakeFlows(newEnd, FlowPassTimeout)
+		took <- err
+	}()
+	passed, err := old.HandOver(oldEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-took; err != nil {
+		t.Fatal(err)
+	}
+	if ended == nil {
+		t.Fatal("the first client's flow was not found between the rounds")
+	}
+	// early−1 from the first round, and the late one.
+	if passed.Passed != early || passed.Kept != 0 || taken != early || refused != 0 {
+		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, none kept or refused", passed, taken, refused, early)
+	}
+	go old.Shutdown()
+	st, _ := successor.Services()[0].UDPStats()
+	if st.FlowsActive != early || st.FlowsTakenOver != early || st.FlowsClosed != 0 {
+		t.Errorf("successor: %d flows open, %d taken over, %d closed; want %d, %d, 0", st.FlowsActive, st.FlowsTakenOver, st.FlowsClosed, early, early)
+	}
+	if _, peer := ask(t, lateClient, listen, "after"); peer != latePeer {
+		t.Errorf("the flow opened between the rounds: the backend saw it from %s, and from %s before", peer, latePeer)
+	}
+	for i, c := range conns[1:] {
+		if _, peer := ask(t, c, listen, fmt.Sprintf("after %d", i+1)); peer != peers[i+1] {
+			t.Errorf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i+1, peer, peers[i+1])
+		}
+	}
+	// The flow that ended gets a new one, in the successor.
+	if _, peer := ask(t, conns[0], listen, "after its flow ended"); peer == peers[0] {
+		t.Errorf("the flow that ended between the rounds still runs, from %s", peer)
+	}
+	if st, _ := successor.Services()[0].UDPStats(); st.FlowsCreated != 1 {
+		t.Errorf("successor: %d flows created, want 1 (for the client whose flow ended)", st.FlowsCreated)
 	}
 }

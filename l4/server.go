@@ -69,10 +69,13 @@ type Server struct {
 	// sockets until the flows passed with them are in (HoldInheritedUDP).
 	udpHold     chan struct{}
 	udpHoldOnce sync.Once
-	current     *config.Config
-	version     uint64
-	loaded      time.Time
-	closed      bool
+	// betweenFlowRounds, for tests, runs in HandOver between its two
+	// rounds of passing flows.
+	betweenFlowRounds func()
+	current           *config.Config
+	version           uint64
+	loaded            time.Time
+	closed            bool
 }
 
 type socketKey struct {

@@ -277,9 +277,11 @@ type udpFlow struct {
 	endedNext *udpFlow
 	// removed: the worker took the flow out of its table. Worker-owned.
 	removed bool
-	// handedOver: the l4lb that took over reads the flow's socket now
-	// (passFlows); the worker counts its removal as such.
-	handedOver atomic.Bool
+	// uncounted: the flow's removal counts as no end: it went to the
+	// l4lb that took over (HandOver), or, in that l4lb, it was passed in
+	// the first round and ended in the old one before the second
+	// (TakeFlows).
+	uncounted atomic.Bool
 
 	// Timer wheel links, owned by w. slot is -1 while unlinked.
 	wPrev, wNext *udpFlow
@@ -1228,8 +1230,7 @@ func (w *udpWorker) remove(f *udpFlow, expired bool) {
 	f.close()
 	f.backend.udp.unlink(f)
 	switch {
-	case f.handedOver.Load():
-		// Counted by passFlows.
+	case f.uncounted.Load():
 	case expired:
 		w.c.flowsExpired.Add(1)
 	case f.replies > 0 && f.owed.Load() <= flowAnswered/2:

@@ -193,7 +193,8 @@ func handOverFlows(srv *l4.Server, flows *net.UnixConn, log hclog.Logger) {
 	if flows != nil {
 		flows.Close()
 	}
-	args := []any{"passed", passed.Passed, "kept", passed.Kept, "took", time.Since(began).Round(time.Microsecond).String()}
+	args := []any{"passed", passed.Passed, "kept", passed.Kept, "took", time.Since(began).Round(time.Microsecond).String(),
+		"udp_paused", passed.Paused.Round(time.Microsecond).String()}
 	if err != nil {
 		log.Warn("upgrade: UDP flows not all passed to the new process; the rest stay here until they idle out", append(args, "error", err)...)
 	} else if passed.Passed+passed.Kept > 0 {
