@@ -338,3 +338,43 @@ func TestStoppedAcceptorServesItsQueue(t *testing.T) {
 	}
 	svc.Drain(time.Now().Add(5 * time.Second))
 }
+
+// An acceptor at a full gate (max_connections) holds one client while it
+// waits for a slot; when its socket closes (a stop, workers lowered, an
+// upgrade's hand-over) that client is served past the bound, not reset.
+func TestStoppedAcceptorServesTheClientItHeld(t *testing.T) {
+	echo := startEcho(t)
+	cfg := &config.Service{
+		Name: "held", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
+		Balance: config.RoundRobin, Workers: 1, ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: 10 * time.Second,
+		Backends: []config.Backend{{Address: echo, Weight: 1}},
+	}
+	svc := NewService(cfg, hclog.NewNullLogger())
+	gate := newConnGate(1)
+	svc.gate = gate
+	lns, err := listenTCP(context.Background(), cfg.Listen, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var running sync.WaitGroup
+	acceptors := startAcceptors(loops(), svc, gate, lns, 0, &running)
+	first, err := net.Dial("tcp", lns[0].addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	roundTrip(t, first, "the one slot")
+	waiting, err := net.Dial("tcp", lns[0].addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer waiting.Close()
+	// Held by the acceptor now, or taken with the queue as the socket
+	// closes and held then: either way the one the gate turns away.
+	closeListeners(acceptors)
+	running.Wait()
+	roundTrip(t, waiting, "held at the full gate, then the socket closed")
+	first.Close()
+	waiting.Close()
+	svc.Drain(time.Now().Add(5 * time.Second))
+}

@@ -198,6 +198,9 @@ func (g *connGate) tryAcquire() bool {
 
 func (g *connGate) release() { g.open.Add(-1) }
 
+// force takes a slot past the bound.
+func (g *connGate) force() { g.open.Add(1) }
+
 // peer is who a client connection is from as l4lb routes, filters and
 // reports it: the socket's remote address, or, behind a trusted balancer,
 // the one its PROXY header carries.

@@ -641,8 +641,18 @@ func (l *eventLoop) stopAcceptor(a *acceptor) {
 		a.fd = -1
 	}
 	if a.held.FD >= 0 {
-		rawClose(a.held.FD)
+		// It waited for a slot under max_connections: served past the
+		// bound rather than reset, as the queue was. One client per
+		// acceptor at most, within the descriptors maxConnectionsFor
+		// keeps in reserve.
+		if a.gate != nil {
+			a.gate.force()
+		}
+		conn := a.held
 		a.held.FD = -1
+		if c := a.svc.admitClient(conn, l); c != nil {
+			c.begin()
+		}
 	}
 	l.acceptors[a.slot] = nil
 	a.retryAt = 0
