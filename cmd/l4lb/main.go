@@ -288,7 +288,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	if inherited != nil {
 		srv.Adopt(inherited.sockets)
 	}
-	if inherited.holdsUDP() {
+	if inherited.onSocket() {
 		srv.HoldInheritedUDP()
 	}
 	// The shortfall last warned of: start and each reload share it (reloads
@@ -346,10 +346,10 @@ func cmdRun(args []string, stderr io.Writer) int {
 	handedOver := false
 	var flowsTo *net.UnixConn
 	// speaksForService: systemd takes this process's word for the unit's.
-	// One an upgrade started does not until it has named itself the main
-	// process: with NotifyAccess=all, a STOPPING=1 from it before that
-	// (the old one stops it at upgradeTimeout, say) would stop the unit,
-	// and with it the old process that serves on.
+	// One an upgrade started does not until it is the main process: with
+	// NotifyAccess=all, a STOPPING=1 from it before that (the old one
+	// stops it at upgradeTimeout, say) would stop the unit, and with it
+	// the old process that serves on.
 	speaksForService := inherited == nil
 	// stop drains and exits; a second stop signal meanwhile exits at once.
 	stop := func(sig os.Signal) int {
@@ -438,11 +438,14 @@ func cmdRun(args []string, stderr io.Writer) int {
 
 	triggers := make(chan string, 8)
 	go rl.run(ctx, triggers)
-	if inherited != nil {
+	switch {
+	case inherited == nil:
+		err = notify.ready("serving")
+	case !inherited.onSocket():
+		// An l4lb that names no successor to systemd: this one names
+		// itself, and may be stopped by it at upgradeTimeout just then.
 		err = notify.readyAsMain("serving")
 		speaksForService = true
-	} else {
-		err = notify.ready("serving")
 	}
 	if err != nil {
 		log.Warn("cannot notify systemd", "error", err)
@@ -452,7 +455,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 		// then serve from the same sockets.
 		log.Error("upgrade: cannot tell the process that started this one that it is ready", "error", err)
 	}
-	inherited.takeFlows(srv, log)
+	// The old process names this one systemd's main process once it has
+	// read that it is ready, when it can no longer stop it, and then
+	// passes its UDP flows.
+	if inherited.takeFlows(srv, log) {
+		speaksForService = true
+	}
 	if inherited != nil {
 		// Only now, on the shared admin socket: a reload or an upgrade
 		// asked of this process before it was ready would be lost with
@@ -470,7 +478,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		go forwardChanges(watcher, srv, triggers)
 	}
 
-	up := &upgrader{log: log, srv: srv, adm: adm, rl: rl, path: binaryPath, args: os.Args[1:], pidfile: pidLock}
+	up := &upgrader{log: log, srv: srv, adm: adm, rl: rl, path: binaryPath, args: os.Args[1:], pidfile: pidLock, notify: notify}
 	if binaryPathErr != nil {
 		up.path = ""
 	}

@@ -69,6 +69,15 @@ func (n *notifier) readyAsMain(status string) error {
 	return n.send(fmt.Sprintf("MAINPID=%d", os.Getpid()), "READY=1", "STATUS="+status)
 }
 
+// handOverMain names pid, an upgrade's new process, the service's main
+// process, and sends nothing more: that process speaks for it now.
+func (n *notifier) handOverMain(pid int, status string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.stopped = true
+	return n.send(fmt.Sprintf("MAINPID=%d", pid), "READY=1", "STATUS="+status)
+}
+
 // quiet sends nothing more, as after stopping: an upgrade's new process
 // is systemd's main process now, and speaks for the service.
 func (n *notifier) quiet() {

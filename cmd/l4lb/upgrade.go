@@ -143,14 +143,15 @@ func (inh *inheritance) takePidfile() (*os.File, error) {
 	return f, nil
 }
 
-// holdsUDP says whether the process that started this one passes its
-// UDP flows once this one is ready: the UDP services then wait for them
+// onSocket says whether the process that started this one answers on a
+// socket once this one is ready: it then names this one systemd's main
+// process and passes its UDP flows, which the UDP services wait for
 // (l4.Server.HoldInheritedUDP).
-func (inh *inheritance) holdsUDP() bool { return inh != nil && inh.flows != nil }
+func (inh *inheritance) onSocket() bool { return inh != nil && inh.flows != nil }
 
 // sayReady tells the process that started this one that it serves.
 func (inh *inheritance) sayReady() error {
-	if inh.holdsUDP() {
+	if inh.onSocket() {
 		_, err := inh.flows.Write([]byte{'R'})
 		return err
 	}
@@ -165,10 +166,11 @@ func (inh *inheritance) sayReady() error {
 
 // takeFlows takes the UDP flows the process that started this one
 // passes, once sayReady has told it to, and lets the UDP services read
-// their sockets.
-func (inh *inheritance) takeFlows(srv *l4.Server, log hclog.Logger) {
-	if !inh.holdsUDP() {
-		return
+// their sockets. True once that process has said it is done: it serves
+// no more.
+func (inh *inheritance) takeFlows(srv *l4.Server, log hclog.Logger) (done bool) {
+	if !inh.onSocket() {
+		return false
 	}
 	began := time.Now()
 	taken, refused, err := srv.TakeFlows(inh.flows, l4.FlowPassTimeout)
@@ -177,11 +179,12 @@ func (inh *inheritance) takeFlows(srv *l4.Server, log hclog.Logger) {
 	args := []any{"taken", taken, "left_to_it", refused, "took", time.Since(began).Round(time.Microsecond).String()}
 	if err != nil {
 		log.Warn("upgrade: UDP flows not all taken from the process that started this one", append(args, "error", err)...)
-		return
+		return false
 	}
 	if taken+refused > 0 {
 		log.Info("upgrade: UDP flows taken from the process that started this one, sockets and all", args...)
 	}
+	return true
 }
 
 // handOverFlows has the UDP services read their listening sockets no
@@ -225,6 +228,7 @@ type upgrader struct {
 	path    string // ownPath at start; "" if unknown
 	args    []string
 	pidfile *os.File // locked; nil without -pidfile
+	notify  *notifier
 }
 
 // upgradeResult is how an upgrade ended: the new process's pid, and nil
@@ -352,6 +356,14 @@ func (u *upgrader) run(ctx context.Context) (pid int, flows *net.UnixConn, err e
 	if u.pidfile != nil {
 		if err := writePidOf(u.pidfile, cmd.Process.Pid); err != nil {
 			u.log.Warn("upgrade: cannot write the new process's pid into the pidfile", "error", err)
+		}
+	}
+	// And names it systemd's main process: from here on nothing stops it
+	// (named by itself, a timeout just then would stop the process
+	// systemd took for the service's).
+	if u.notify != nil {
+		if err := u.notify.handOverMain(cmd.Process.Pid, "serving (upgraded)"); err != nil {
+			u.log.Warn("cannot notify systemd", "error", err)
 		}
 	}
 	ready.SetReadDeadline(time.Time{})

@@ -562,3 +562,67 @@ func TestUpgradeWithPidfileReportsAFailure(t *testing.T) {
 		t.Errorf("the old process logged %d upgrade failures, want 1", len(lines))
 	}
 }
+
+// systemd learns of the new process as the service's main one from the
+// old process, once the old one has read that the new one is ready:
+// from then on nothing stops the new one, whereas one that named itself
+// could be stopped by the old one's timeout just after.
+func TestUpgradeOldProcessNamesTheNewOneMain(t *testing.T) {
+	sockPath := filepath.Join(t.TempDir(), "notify")
+	notifySock, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notifySock.Close()
+	rc, err := notifySock.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("NOTIFY_SOCKET", sockPath)
+	backend, _ := silentBackend(t)
+	path, _ := stopConfig(t, backend, "", "1m")
+	run := startRun(t, "-config", path)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	oldPid := run.cmd.Process.Pid
+	newPid := run.upgrade(t)
+
+	type message struct {
+		from int32
+		text string
+	}
+	var got []message
+	buf, oob := make([]byte, 4096), make([]byte, unix.CmsgSpace(unix.SizeofUcred))
+	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); {
+		notifySock.SetReadDeadline(end)
+		n, oobn, _, _, err := notifySock.ReadMsgUnix(buf, oob)
+		if err != nil {
+			break
+		}
+		m := message{text: string(buf[:n])}
+		if cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil && len(cmsgs) == 1 {
+			if cred, err := unix.ParseUnixCredentials(&cmsgs[0]); err == nil {
+				m.from = cred.Pid
+			}
+		}
+		got = append(got, m)
+		if strings.Contains(m.text, "MAINPID=") {
+			break
+		}
+	}
+	var mainFrom int32
+	for _, m := range got {
+		if strings.Contains(m.text, "MAINPID=") {
+			if !strings.Contains(m.text, fmt.Sprintf("MAINPID=%d\n", newPid)) {
+				t.Errorf("MAINPID names another process than the new one (pid %d): %q", newPid, m.text)
+			}
+			mainFrom = m.from
+		}
+	}
+	if mainFrom != int32(oldPid) {
+		t.Errorf("MAINPID came from pid %d, want the old process, %d; messages: %+v", mainFrom, oldPid, got)
+	}
+}
