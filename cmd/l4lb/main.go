@@ -405,6 +405,15 @@ func cmdRun(args []string, stderr io.Writer) int {
 			}
 		}
 	}
+	// failServing ends a start that failed after the services took their
+	// first clients: they drain as at a stop, rather than being reset by
+	// the exit.
+	failServing := func(msg string, err error) int {
+		log.Error(msg, "error", err)
+		inherited.abandon()
+		stop(syscall.SIGTERM)
+		return 1
+	}
 	if stopSignal != nil {
 		// Stopped while starting: the services that were still waiting
 		// for their first checks were dropped; the rest drain. Neither the
@@ -417,8 +426,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	if pidLock != nil {
 		if !pidWritten {
 			if err := writePid(pidLock); err != nil {
-				log.Error("cannot write pidfile", "error", err)
-				return 1
+				return failServing("cannot write pidfile", err)
 			}
 		}
 		defer func() {
@@ -428,8 +436,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		}()
 	}
 	if err := dropPrivileges(cfg.Process); err != nil {
-		log.Error("cannot start", "error", err)
-		return 1
+		return failServing("cannot start", err)
 	}
 	if cfg.Process.User != "" {
 		groups, _ := os.Getgroups()

@@ -149,6 +149,22 @@ func (inh *inheritance) takePidfile() (*os.File, error) {
 // (l4.Server.HoldInheritedUDP).
 func (inh *inheritance) onSocket() bool { return inh != nil && inh.flows != nil }
 
+// abandon tells the process that started this one, by closing the
+// socket or pipe it waits on, that this one will not serve.
+func (inh *inheritance) abandon() {
+	if inh == nil {
+		return
+	}
+	if inh.flows != nil {
+		inh.flows.Close()
+		inh.flows = nil
+	}
+	if inh.ready != nil {
+		inh.ready.Close()
+		inh.ready = nil
+	}
+}
+
 // sayReady tells the process that started this one that it serves.
 func (inh *inheritance) sayReady() error {
 	if inh.onSocket() {
