@@ -570,13 +570,15 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 	// those the second round does not confirm ended in the old process
 	// meanwhile, or stay there, and go.
 	var early []*udpFlow
-	defer func() {
+	dropUnconfirmed := func() {
 		for _, f := range early {
 			if f != nil && !f.removed && f.uncounted.Load() {
 				f.w.remove(f, false)
 			}
 		}
-	}()
+	}
+	defer dropUnconfirmed()
+	unconfirmedDropped := false
 	conn.SetDeadline(time.Now().Add(timeout))
 	msg := make([]byte, 3+max(flowsPerMessage*flowRecordSize, confirmsPerMessage*confirmSize))
 	oob := make([]byte, unix.CmsgSpace(flowsPerMessage*4))
@@ -616,6 +618,14 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 				unix.Close(fd)
 			}
 			return taken, refused, err
+		}
+		if msg[0] == flowMsgFlows && !unconfirmedDropped {
+			unconfirmedDropped = true
+			// Every confirm came before: the first round's flows not
+			// confirmed go now, so that their clients, who may have a
+			// flow among these (one that ended in the old process and
+			// opened again), and their max_flows slots are free.
+			dropUnconfirmed()
 		}
 		now := monotonicNow()
 		ack := make([]byte, 3+(count+7)/8)

@@ -577,3 +577,77 @@ func TestUpgradePassesFlowsOpenedAndEndedBetweenRounds(t *testing.T) {
 		t.Errorf("successor: %d flows created, want 1 (for the client whose flow ended)", st.FlowsCreated)
 	}
 }
+
+// TestUpgradePassesAFlowReopenedBetweenRounds: a client whose flow ends
+// in the old process between the rounds, and who gets a new flow there
+// at once (a DNS client's next query from the same port), has that new
+// flow passed in the second round, socket and all: the copy of its first
+// flow the successor took in the first round, not confirmed, does not
+// stand in the way.
+func TestUpgradePassesAFlowReopenedBetweenRounds(t *testing.T) {
+	backend := peerReporter(t, "b")
+	listen := freeLoopbackUDPPort(t)
+	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\nidle_timeout = \"1s\"\n"+
+		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	const early = 5
+	conns := make([]*net.UDPConn, early)
+	peers := make([]string, early)
+	for i := range conns {
+		conns[i] = newUDPClient(t, listen).conn
+		_, peers[i] = ask(t, conns[i], listen, fmt.Sprintf("hello %d", i))
+	}
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	first := conns[0].LocalAddr().(*net.UDPAddr).AddrPort()
+	var reopenedPeer string
+	old.betweenFlowRounds = func() {
+		for _, f := range old.running[socketKey{config.UDP, listen}].udp.openFlowsNow() {
+			if f.client == first {
+				f.end()
+			}
+		}
+		_, reopenedPeer = ask(t, conns[0], listen, "between the rounds")
+	}
+	oldEnd, newEnd := flowSocketPair(t)
+	took := make(chan error, 1)
+	var taken, refused int
+	go func() {
+		var err error
+		taken, refused, err = successor.TakeFlows(newEnd, FlowPassTimeout)
+		took <- err
+	}()
+	passed, err := old.HandOver(oldEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-took; err != nil {
+		t.Fatal(err)
+	}
+	go old.Shutdown()
+	if reopenedPeer == "" || reopenedPeer == peers[0] {
+		t.Fatalf("the flow reopened between the rounds came from %q, before from %s", reopenedPeer, peers[0])
+	}
+	if passed.Passed != early || passed.Kept != 0 || taken != early || refused != 0 {
+		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, none kept or refused", passed, taken, refused, early)
+	}
+	if _, peer := ask(t, conns[0], listen, "after"); peer != reopenedPeer {
+		t.Errorf("the flow reopened between the rounds: the backend saw it from %s after the hand-over, from %s before", peer, reopenedPeer)
+	}
+	if st, _ := successor.Services()[0].UDPStats(); st.FlowsCreated != 0 || st.FlowsTakenOver != early {
+		t.Errorf("successor: %d flows created, %d taken over; want 0 and %d", st.FlowsCreated, st.FlowsTakenOver, early)
+	}
+}
