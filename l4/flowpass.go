@@ -309,7 +309,7 @@ func (srv *Server) HandOver(flows *net.UnixConn) (FlowsPassed, error) {
 	// Offered in a message that failed: whether the new process took
 	// them is unknown, so they stay here, and may run in both (either
 	// passes replies on).
-	res.Kept += len(ps.batch) + len(ps.confirms)
+	res.Kept += len(ps.batch) + len(ps.confirms) + ps.kept
 	ps.closeFDs()
 	// The new process reads the sockets of those it acknowledged (it
 	// keeps them whatever comes after): this side's descriptors go, and
@@ -392,8 +392,10 @@ type flowPasser struct {
 	confirmIDs  []uint32
 	confirmsMsg []byte
 	// passed are the flows the new process keeps, for this side to let
-	// go once the passing is over.
+	// go once the passing is over; kept counts those of the second round
+	// it did not take.
 	passed []*udpFlow
+	kept   int
 }
 
 // add puts f into the message being built, with a duplicate of its
@@ -431,7 +433,8 @@ func (ps *flowPasser) add(f *udpFlow, listenCookie uint64) error {
 }
 
 // flush sends the batch with the flows' sockets, and notes which flows
-// the new process took.
+// the new process took; kept counts those of the second round it did
+// not take (the first round's are in refused).
 func (ps *flowPasser) flush() error {
 	if len(ps.batch) == 0 {
 		return nil
@@ -452,6 +455,7 @@ func (ps *flowPasser) flush() error {
 		case ps.kind == flowMsgFlows && taken:
 			ps.passed = append(ps.passed, f)
 		case ps.kind == flowMsgFlows:
+			ps.kept++
 		case taken:
 			ps.early[f] = ps.sent
 		default:
@@ -507,6 +511,9 @@ func (ps *flowPasser) flushConfirms() error {
 	for i, f := range ps.confirms {
 		if ack[i/8]&(1<<(i%8)) != 0 {
 			ps.passed = append(ps.passed, f)
+		} else {
+			// Its copy ended in the new process: it stays here.
+			ps.kept++
 		}
 	}
 	ps.confirms = ps.confirms[:0]
@@ -646,6 +653,9 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 					f.w.c.flowsTakenOver.Add(1)
 					taken++
 					ok = true
+				} else {
+					// Its copy here ended: it stays with the old one.
+					refused++
 				}
 			default:
 				rec := parseFlowRecord(msg[3+i*flowRecordSize:])

@@ -651,3 +651,98 @@ func TestUpgradePassesAFlowReopenedBetweenRounds(t *testing.T) {
 		t.Errorf("successor: %d flows created, %d taken over; want 0 and %d", st.FlowsCreated, st.FlowsTakenOver, early)
 	}
 }
+
+// TestUpgradeCountsEveryFlowOnceOverTwoRounds: a flow the successor does
+// not take in the second round stays with the old server, and counts as
+// kept there and refused in the successor, as one it does not take in
+// the first round does: one opened between the rounds to a backend the
+// successor's config dropped, and one of the first round whose copy
+// ended in the successor before it was confirmed.
+func TestUpgradeCountsEveryFlowOnceOverTwoRounds(t *testing.T) {
+	kept, dropped := peerReporter(t, "kept"), peerReporter(t, "dropped")
+	listen := freeLoopbackUDPPort(t)
+	service := func(backends ...netip.AddrPort) *config.Config {
+		s := fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\nidle_timeout = \"1s\"\n"+
+			"hash_key = \"source_ip_port\"\n[services.game.health]\nkind = \"none\"\n", listen)
+		for _, b := range backends {
+			s += fmt.Sprintf("[[services.game.backends]]\naddress = %q\n", b)
+		}
+		return parseConfig(t, s)
+	}
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), service(kept, dropped)); err != nil {
+		t.Fatal(err)
+	}
+	// Flows on the backend the successor keeps, and on the other.
+	want := map[string]int{}
+	var firstKept netip.AddrPort
+	for i := 0; want["kept"] == 0 || want["dropped"] == 0; i++ {
+		if i == 100 {
+			t.Fatal("the clients' flows did not go to both backends")
+		}
+		c := newUDPClient(t, listen).conn
+		backend, _ := ask(t, c, listen, fmt.Sprintf("hello %d", i))
+		if backend == "kept" && want["kept"] == 0 {
+			firstKept = c.LocalAddr().(*net.UDPAddr).AddrPort()
+		}
+		want[backend]++
+	}
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), service(kept)); err != nil {
+		t.Fatal(err)
+	}
+	successorProxy := successor.running[socketKey{config.UDP, listen}].udp
+	endedInSuccessor := false
+	old.betweenFlowRounds = func() {
+		late := map[string]int{}
+		for i := 0; late["dropped"] == 0; i++ {
+			if i == 100 {
+				t.Error("no flow opened between the rounds went to the dropped backend")
+				break
+			}
+			backend, _ := ask(t, newUDPClient(t, listen).conn, listen, fmt.Sprintf("between %d", i))
+			late[backend]++
+			want[backend]++
+		}
+		// The successor's copy of a first-round flow ends there (its
+		// reader failed): it does not take the confirm.
+		for _, f := range successorProxy.openFlowsNow() {
+			if f.client == firstKept {
+				f.end()
+				endedInSuccessor = true
+			}
+		}
+	}
+	oldEnd, newEnd := flowSocketPair(t)
+	took := make(chan error, 1)
+	var taken, refused int
+	go func() {
+		var err error
+		taken, refused, err = successor.TakeFlows(newEnd, FlowPassTimeout)
+		took <- err
+	}()
+	passed, err := old.HandOver(oldEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-took; err != nil {
+		t.Fatal(err)
+	}
+	go old.Shutdown()
+	if !endedInSuccessor {
+		t.Fatal("the successor's copy of the first-round flow was not found")
+	}
+	wantPassed, wantKept := want["kept"]-1, want["dropped"]+1
+	if passed.Passed != wantPassed || passed.Kept != wantKept || taken != wantPassed || refused != wantKept {
+		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, %d kept and refused",
+			passed, taken, refused, wantPassed, wantKept)
+	}
+}
