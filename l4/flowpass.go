@@ -297,6 +297,11 @@ func (srv *Server) HandOver(flows *net.UnixConn) (FlowsPassed, error) {
 				continue
 			}
 			err = ps.add(f, cookies[w])
+			if err != nil && (len(ps.batch) == 0 || ps.batch[len(ps.batch)-1] != f) {
+				// Its socket was not duplicated: not offered, it stays.
+				// (Those of a message that failed are counted below.)
+				res.Kept++
+			}
 		}
 	}
 	if err == nil {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -744,5 +745,89 @@ func TestUpgradeCountsEveryFlowOnceOverTwoRounds(t *testing.T) {
 	if passed.Passed != wantPassed || passed.Kept != wantKept || taken != wantPassed || refused != wantKept {
 		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, %d kept and refused",
 			passed, taken, refused, wantPassed, wantKept)
+	}
+}
+
+// TestHandOverCountsAFlowItCouldNotOffer: a flow opened between the
+// rounds whose socket the old server cannot duplicate (out of
+// descriptors) stays with it, and counts as kept.
+func TestHandOverCountsAFlowItCouldNotOffer(t *testing.T) {
+	backend := peerReporter(t, "b")
+	listen := freeLoopbackUDPPort(t)
+	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\nidle_timeout = \"1s\"\n"+
+		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	ask(t, newUDPClient(t, listen).conn, listen, "hello")
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	var limit unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &limit); err != nil {
+		t.Fatal(err)
+	}
+	var fillers []int
+	restore := func() {
+		unix.Setrlimit(unix.RLIMIT_NOFILE, &limit)
+		for _, fd := range fillers {
+			unix.Close(fd)
+		}
+		fillers = nil
+	}
+	defer restore()
+	old.betweenFlowRounds = func() {
+		ask(t, newUDPClient(t, listen).conn, listen, "between the rounds")
+		// No descriptor left: the late flow's socket is not duplicated.
+		entries, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		highest := 0
+		for _, e := range entries {
+			if fd, err := strconv.Atoi(e.Name()); err == nil {
+				highest = max(highest, fd)
+			}
+		}
+		low := limit
+		low.Cur = uint64(highest + 1)
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &low); err != nil {
+			t.Error(err)
+			return
+		}
+		for {
+			fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				break
+			}
+			fillers = append(fillers, fd)
+		}
+	}
+	oldEnd, newEnd := flowSocketPair(t)
+	took := make(chan error, 1)
+	go func() {
+		_, _, err := successor.TakeFlows(newEnd, FlowPassTimeout)
+		took <- err
+	}()
+	passed, err := old.HandOver(oldEnd)
+	restore()
+	oldEnd.Close()
+	<-took
+	if err == nil {
+		t.Fatal("the hand-over duplicated a socket with no descriptor left")
+	}
+	if passed.Passed != 1 || passed.Kept != 1 {
+		t.Errorf("passed %+v, %v; want the first-round flow passed and the late one kept", passed, err)
 	}
 }
