@@ -582,6 +582,7 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 	// those the second round does not confirm ended in the old process
 	// meanwhile, or stay there, and go.
 	var early []*udpFlow
+	var earlyOwed []int64 // the replies each owed as passed
 	dropUnconfirmed := func() {
 		for _, f := range early {
 			if f != nil && !f.removed && f.uncounted.Load() {
@@ -652,8 +653,12 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 				id := le.Uint32(rec)
 				if int(id) < len(early) && early[id] != nil && early[id].uncounted.Load() && !early[id].closed.Load() {
 					f := early[id]
-					f.lastSeen.Store(now - int64(le.Uint64(rec[4:])))
-					f.owed.Store(int64(le.Uint64(rec[12:])))
+					// Both processes read the flow's replies between the
+					// rounds, each datagram once: the replies owed are the
+					// old one's count less those read here since.
+					readHere := earlyOwed[id] - f.owed.Load()
+					f.owed.Store(int64(le.Uint64(rec[12:])) - readHere)
+					f.lastSeen.Store(max(f.lastSeen.Load(), now-int64(le.Uint64(rec[4:]))))
 					f.uncounted.Store(false)
 					f.w.c.flowsTakenOver.Add(1)
 					taken++
@@ -683,6 +688,7 @@ func (srv *Server) TakeFlows(conn *net.UnixConn, timeout time.Duration) (taken, 
 				}
 				if msg[0] == flowMsgEarly {
 					early = append(early, f)
+					earlyOwed = append(earlyOwed, rec.owed)
 				}
 			}
 			if ok {
