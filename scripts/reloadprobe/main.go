@@ -542,7 +542,10 @@ func runUDP(args []string) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			f.send(ctx, *every, answered.Done)
+			// Staggered over the period: flows that all send at the
+			// same instant make bursts that overflow a receive queue
+			// on the way, which would be counted as lost.
+			f.send(ctx, *every, time.Duration(f.id)*(*every)/time.Duration(len(fl)), answered.Done)
 		}()
 	}
 	go func() {
@@ -575,9 +578,16 @@ func runUDP(args []string) error {
 	return nil
 }
 
-// send sends "flow ID SEQ" every period until ctx is done; answered is
-// called once the flow has a first reply (at most once).
-func (f *flow) send(ctx context.Context, every time.Duration, answered func()) {
+// send sends "flow ID SEQ" every period, from offset on, until ctx is
+// done; answered is called once the flow has a first reply (at most
+// once).
+func (f *flow) send(ctx context.Context, every, offset time.Duration, answered func()) {
+	select {
+	case <-ctx.Done():
+		answered()
+		return
+	case <-time.After(offset):
+	}
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	var once sync.Once
