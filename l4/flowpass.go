@@ -85,8 +85,8 @@ const (
 	flowProxyHeader             // the flow prefixes a PROXY v2 header
 )
 
-// FlowPassTimeout bounds passing the flows at an upgrade, on either side:
-// a peer that stalls longer leaves the rest with the old process.
+// FlowPassTimeout bounds the old process's passing of the flows at an
+// upgrade: a new process that stalls longer leaves the rest with it.
 const FlowPassTimeout = 5 * time.Second
 
 // flowRecord is the state of one flow, as passed.

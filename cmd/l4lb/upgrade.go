@@ -189,7 +189,11 @@ func (inh *inheritance) takeFlows(srv *l4.Server, log hclog.Logger) (done bool) 
 		return false
 	}
 	began := time.Now()
-	taken, refused, err := srv.TakeFlows(inh.flows, l4.FlowPassTimeout)
+	// Twice the old process's bound, which starts later: should the
+	// passing stall, the old one gives up first and keeps what it has
+	// not passed, rather than this one reading the sockets while that
+	// one still passes flows.
+	taken, refused, err := srv.TakeFlows(inh.flows, 2*l4.FlowPassTimeout)
 	inh.flows.Close()
 	inh.flows = nil
 	args := []any{"taken", taken, "left_to_it", refused, "took", time.Since(began).Round(time.Microsecond).String()}
