@@ -24,7 +24,13 @@ import (
 // answered 300 ms later.
 func peerReporter(t *testing.T, name string) netip.AddrPort {
 	t.Helper()
-	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
+	return peerReporterOn(t, name, loopback)
+}
+
+// peerReporterOn is peerReporter on another loopback address.
+func peerReporterOn(t *testing.T, name string, addr netip.Addr) netip.AddrPort {
+	t.Helper()
+	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -829,5 +835,70 @@ func TestHandOverCountsAFlowItCouldNotOffer(t *testing.T) {
 	}
 	if passed.Passed != 1 || passed.Kept != 1 {
 		t.Errorf("passed %+v, %v; want the first-round flow passed and the late one kept", passed, err)
+	}
+}
+
+// TestUpgradePassesIPv6Flows: a service on ::1 passes its flows as one
+// on 127.0.0.1 does.
+func TestUpgradePassesIPv6Flows(t *testing.T) {
+	ipv6Loopback := netip.IPv6Loopback()
+	backend := peerReporterOn(t, "b", ipv6Loopback)
+	probe, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ipv6Loopback, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := probe.LocalAddr().(*net.UDPAddr).AddrPort()
+	probe.Close()
+	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\nidle_timeout = \"1s\"\n"+
+		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	const clients = 20
+	conns := make([]*net.UDPConn, clients)
+	peers := make([]string, clients)
+	for i := range conns {
+		c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ipv6Loopback, 0)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		conns[i] = c
+		_, peers[i] = ask(t, c, listen, fmt.Sprintf("hello %d", i))
+	}
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	oldEnd, newEnd := flowSocketPair(t)
+	took := make(chan error, 1)
+	go func() {
+		_, _, err := successor.TakeFlows(newEnd, FlowPassTimeout)
+		took <- err
+	}()
+	passed, err := old.HandOver(oldEnd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-took; err != nil {
+		t.Fatal(err)
+	}
+	if passed.Passed != clients {
+		t.Errorf("passed %+v, want all %d", passed, clients)
+	}
+	go old.Shutdown()
+	for i, c := range conns {
+		if _, peer := ask(t, c, listen, fmt.Sprintf("after %d", i)); peer != peers[i] {
+			t.Errorf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i, peer, peers[i])
+		}
 	}
 }
