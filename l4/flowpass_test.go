@@ -1,6 +1,7 @@
 package l4
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -30,6 +31,16 @@ func peerReporter(t *testing.T, name string) netip.AddrPort {
 // peerReporterOn is peerReporter on another loopback address.
 func peerReporterOn(t *testing.T, name string, addr netip.Addr) netip.AddrPort {
 	t.Helper()
+	return udpResponder(t, addr, func(from netip.AddrPort, body []byte) []byte {
+		return []byte(fmt.Sprintf("%s %s %s", name, from, body))
+	})
+}
+
+// udpResponder is a UDP backend on addr that answers each datagram with
+// reply(from, body), 300 ms late for a body starting "slow": a reply the
+// old server's flow still owes when it hands over.
+func udpResponder(t *testing.T, addr netip.Addr, reply func(from netip.AddrPort, body []byte) []byte) netip.AddrPort {
+	t.Helper()
 	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr, 0)))
 	if err != nil {
 		t.Fatal(err)
@@ -42,12 +53,12 @@ func peerReporterOn(t *testing.T, name string, addr netip.Addr) netip.AddrPort {
 			if err != nil {
 				return
 			}
-			reply := []byte(fmt.Sprintf("%s %s %s", name, from, buf[:n]))
+			answer := reply(from, buf[:n])
 			if strings.HasPrefix(string(buf[:n]), "slow") {
-				time.AfterFunc(300*time.Millisecond, func() { c.WriteToUDPAddrPort(reply, from) })
+				time.AfterFunc(300*time.Millisecond, func() { c.WriteToUDPAddrPort(answer, from) })
 				continue
 			}
-			c.WriteToUDPAddrPort(reply, from)
+			c.WriteToUDPAddrPort(answer, from)
 		}
 	}()
 	return c.LocalAddr().(*net.UDPAddr).AddrPort()
@@ -99,6 +110,180 @@ func flowSocketPair(t *testing.T) (old, successor *net.UnixConn) {
 	return conns[0], conns[1]
 }
 
+// udpService is the config text of a UDP service without health checks,
+// so that its backends take flows from the first datagram. Zero fields
+// leave l4lb's defaults.
+type udpService struct {
+	name         string // "game" when empty
+	listen       netip.AddrPort
+	workers      int
+	idleTimeout  time.Duration
+	drainTimeout time.Duration
+	// spreadPorts hashes the client's port too: every client is on the
+	// same loopback address, and would reach one backend.
+	spreadPorts bool
+	backends    []netip.AddrPort
+}
+
+func (s udpService) text() string {
+	name := cmp.Or(s.name, "game")
+	var b strings.Builder
+	fmt.Fprintf(&b, "[services.%s]\nlisten = %q\nprotocol = \"udp\"\n", name, s.listen)
+	if s.workers != 0 {
+		fmt.Fprintf(&b, "workers = %d\n", s.workers)
+	}
+	if s.idleTimeout != 0 {
+		fmt.Fprintf(&b, "idle_timeout = %q\n", s.idleTimeout)
+	}
+	if s.drainTimeout != 0 {
+		fmt.Fprintf(&b, "drain_timeout = %q\n", s.drainTimeout)
+	}
+	if s.spreadPorts {
+		b.WriteString("hash_key = \"source_ip_port\"\n")
+	}
+	fmt.Fprintf(&b, "[services.%s.health]\nkind = \"none\"\n", name)
+	for _, backend := range s.backends {
+		fmt.Fprintf(&b, "[[services.%s.backends]]\naddress = %q\n", name, backend)
+	}
+	return b.String()
+}
+
+func (s udpService) config(t *testing.T) *config.Config {
+	t.Helper()
+	return parseConfig(t, s.text())
+}
+
+// gameOnOneBackend is where a UDP service listens, on a free loopback
+// port, and its config: over a peerReporter "b", with flows that idle out
+// within a test's time, on workers sockets (0 for one per core).
+func gameOnOneBackend(t *testing.T, workers int) (netip.AddrPort, *config.Config) {
+	t.Helper()
+	backend := peerReporter(t, "b")
+	listen := freeLoopbackUDPPort(t)
+	return listen, udpService{listen: listen, workers: workers, idleTimeout: time.Second, backends: []netip.AddrPort{backend}}.config(t)
+}
+
+// startOldServer is the server an upgrade replaces, serving cfg until
+// cleanup.
+func startOldServer(t *testing.T, cfg *config.Config) *Server {
+	t.Helper()
+	old := NewServer(hclog.NewNullLogger())
+	t.Cleanup(old.Shutdown)
+	if _, err := old.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	return old
+}
+
+// startSuccessor is the new process's server, as the upgrade starts it:
+// on old's listening sockets, with its UDP services held until it has
+// taken old's flows.
+func startSuccessor(t *testing.T, old *Server, cfg *config.Config) *Server {
+	t.Helper()
+	socks, err := old.ListenSockets()
+	if err != nil {
+		t.Fatal(err)
+	}
+	successor := NewServer(hclog.NewNullLogger())
+	t.Cleanup(successor.Shutdown)
+	successor.Adopt(socks)
+	successor.HoldInheritedUDP()
+	if _, err := successor.Apply(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	return successor
+}
+
+// flowPass is how passing the flows went, on both sides.
+type flowPass struct {
+	passed         FlowsPassed
+	handOverErr    error
+	taken, refused int
+	takeErr        error
+}
+
+// mustSucceed stops the test unless both sides passed without error:
+// the counts of a failed pass say nothing.
+func (p flowPass) mustSucceed(t *testing.T) {
+	t.Helper()
+	if p.handOverErr != nil {
+		t.Fatal(p.handOverErr)
+	}
+	if p.takeErr != nil {
+		t.Fatal(p.takeErr)
+	}
+}
+
+// passFlows passes old's flows to successor, the two running at once
+// as the two processes of an upgrade do.
+func passFlows(t *testing.T, old, successor *Server) flowPass {
+	t.Helper()
+	return passFlowsThen(t, old, successor, func() {})
+}
+
+// passFlowsThen is passFlows that calls meanwhile once HandOver has
+// returned, while the successor may still be taking the flows. A failed
+// HandOver leaves its end open until then; it is closed after, so that
+// the successor does not wait out its timeout.
+func passFlowsThen(t *testing.T, old, successor *Server, meanwhile func()) flowPass {
+	t.Helper()
+	oldEnd, newEnd := flowSocketPair(t)
+	var p flowPass
+	took := make(chan struct{})
+	go func() {
+		defer close(took)
+		p.taken, p.refused, p.takeErr = successor.TakeFlows(newEnd, FlowPassTimeout)
+	}()
+	p.passed, p.handOverErr = old.HandOver(oldEnd)
+	meanwhile()
+	if p.handOverErr != nil {
+		oldEnd.Close()
+	}
+	<-took
+	return p
+}
+
+// flowClient is a client with a flow in the service, and what its first
+// datagram found: the backend, and the port the backend saw it from.
+type flowClient struct {
+	conn          *net.UDPConn
+	backend, peer string
+}
+
+// openFlows gives each of n new clients of the service at listen a flow,
+// from the loopback address of listen's family.
+func openFlows(t *testing.T, listen netip.AddrPort, n int) []flowClient {
+	t.Helper()
+	clients := make([]flowClient, n)
+	for i := range clients {
+		c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(listen.Addr(), 0)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		backend, peer := ask(t, c, listen, fmt.Sprintf("hello %d", i))
+		clients[i] = flowClient{c, backend, peer}
+	}
+	return clients
+}
+
+// freeLoopbackUDPPort is a loopback UDP address nothing is bound to.
+func freeLoopbackUDPPort(t *testing.T) netip.AddrPort {
+	t.Helper()
+	return freeUDPPortOn(t, loopback)
+}
+
+// freeUDPPortOn is freeLoopbackUDPPort on another loopback address.
+func freeUDPPortOn(t *testing.T, addr netip.Addr) netip.AddrPort {
+	t.Helper()
+	probe, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr, 0)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer probe.Close()
+	return probe.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
 // TestUpgradePassesUDPFlows passes a UDP service's flows with its
 // sockets: each flow the successor's config takes keeps its socket, so
 // its backend sees the same port after the hand-over, and the old
@@ -108,31 +293,12 @@ func flowSocketPair(t *testing.T) (old, successor *net.UnixConn) {
 func TestUpgradePassesUDPFlows(t *testing.T) {
 	kept, dropped := peerReporter(t, "kept"), peerReporter(t, "dropped")
 	listen := freeLoopbackUDPPort(t)
-	service := func(backends ...netip.AddrPort) string {
-		s := fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\nidle_timeout = \"1s\"\n"+
-			"hash_key = \"source_ip_port\"\n[services.game.health]\nkind = \"none\"\n", listen)
-		for _, b := range backends {
-			s += fmt.Sprintf("[[services.game.backends]]\naddress = %q\n", b)
-		}
-		return s
-	}
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), parseConfig(t, service(kept, dropped))); err != nil {
-		t.Fatal(err)
-	}
-	type flow struct {
-		client  *net.UDPConn
-		backend string
-		peer    string
-	}
-	var flows []flow
+	game := udpService{listen: listen, workers: 2, idleTimeout: time.Second, spreadPorts: true, backends: []netip.AddrPort{kept, dropped}}
+	old := startOldServer(t, game.config(t))
+	flows := openFlows(t, listen, 40)
 	onKept, onDropped := -1, -1
-	for i := range 40 {
-		c := newUDPClient(t, listen).conn
-		backend, peer := ask(t, c, listen, fmt.Sprintf("hello %d", i))
-		flows = append(flows, flow{c, backend, peer})
-		if backend == "dropped" {
+	for i, f := range flows {
+		if f.backend == "dropped" {
 			onDropped = i
 		} else {
 			onKept = i
@@ -142,57 +308,33 @@ func TestUpgradePassesUDPFlows(t *testing.T) {
 		t.Fatal("the clients' flows did not go to both backends")
 	}
 
-	socks, err := old.ListenSockets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	successor := NewServer(hclog.NewNullLogger())
-	t.Cleanup(successor.Shutdown)
-	successor.Adopt(socks)
-	successor.HoldInheritedUDP()
-	if _, err := successor.Apply(context.Background(), parseConfig(t, service(kept))); err != nil {
-		t.Fatal(err)
-	}
+	game.backends = []netip.AddrPort{kept}
+	successor := startSuccessor(t, old, game.config(t))
 	// Owed by the old server's flow to the dropped backend, and answered
 	// after the hand-over.
-	slowClient := flows[onDropped].client
+	slowClient := flows[onDropped].conn
 	if _, err := slowClient.WriteToUDPAddrPort([]byte("slow reply"), listen); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(50 * time.Millisecond) // the old server forwards it first
 	before, _ := old.Services()[0].UDPStats()
 
-	oldEnd, newEnd := flowSocketPair(t)
-	type takeResult struct {
-		taken, refused int
-		err            error
-	}
-	took := make(chan takeResult, 1)
-	go func() {
-		taken, refused, err := successor.TakeFlows(newEnd, FlowPassTimeout)
-		took <- takeResult{taken, refused, err}
-	}()
-	passed, err := old.HandOver(oldEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Sent while nobody reads the sockets: it waits there.
-	if _, err := flows[onKept].client.WriteToUDPAddrPort([]byte("during the hand-over"), listen); err != nil {
-		t.Fatal(err)
-	}
-	res := <-took
-	if res.err != nil {
-		t.Fatal(res.err)
-	}
+	res := passFlowsThen(t, old, successor, func() {
+		// Sent while nobody reads the sockets: it waits there.
+		if _, err := flows[onKept].conn.WriteToUDPAddrPort([]byte("during the hand-over"), listen); err != nil {
+			t.Fatal(err)
+		}
+	})
+	res.mustSucceed(t)
 	keptFlows := 0
 	for _, f := range flows {
 		if f.backend == "kept" {
 			keptFlows++
 		}
 	}
-	if passed.Passed != keptFlows || passed.Kept != len(flows)-keptFlows || res.taken != keptFlows || res.refused != len(flows)-keptFlows {
+	if res.passed.Passed != keptFlows || res.passed.Kept != len(flows)-keptFlows || res.taken != keptFlows || res.refused != len(flows)-keptFlows {
 		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, %d kept and refused",
-			passed, res.taken, res.refused, keptFlows, len(flows)-keptFlows)
+			res.passed, res.taken, res.refused, keptFlows, len(flows)-keptFlows)
 	}
 	stopped := make(chan struct{})
 	go func() {
@@ -200,14 +342,14 @@ func TestUpgradePassesUDPFlows(t *testing.T) {
 		close(stopped)
 	}()
 
-	if backend, peer := answer(t, flows[onKept].client, "during the hand-over"); backend != "kept" || peer != flows[onKept].peer {
+	if backend, peer := answer(t, flows[onKept].conn, "during the hand-over"); backend != "kept" || peer != flows[onKept].peer {
 		t.Errorf("the datagram sent during the hand-over reached %s from %s, before kept from %s", backend, peer, flows[onKept].peer)
 	}
 	if backend, _ := answer(t, slowClient, "slow reply"); backend != "dropped" {
 		t.Errorf("the reply owed by the old server's flow came from %s", backend)
 	}
 	for i, f := range flows {
-		backend, peer := ask(t, f.client, listen, fmt.Sprintf("after %d", i))
+		backend, peer := ask(t, f.conn, listen, fmt.Sprintf("after %d", i))
 		switch {
 		case backend != "kept":
 			t.Errorf("client %d reached %s after the hand-over", i, backend)
@@ -238,26 +380,9 @@ func TestUpgradePassesUDPFlows(t *testing.T) {
 // without passing flows (an l4lb from before flows were passed, or one
 // that died) releases the held services at once, and they serve.
 func TestTakeFlowsFromAPeerThatLeaves(t *testing.T) {
-	backend := peerReporter(t, "b")
-	listen := freeLoopbackUDPPort(t)
-	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nidle_timeout = \"1s\"\n[services.game.health]\nkind = \"none\"\n"+
-		"[[services.game.backends]]\naddress = %q\n", listen, backend))
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
-	socks, err := old.ListenSockets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	successor := NewServer(hclog.NewNullLogger())
-	t.Cleanup(successor.Shutdown)
-	successor.Adopt(socks)
-	successor.HoldInheritedUDP()
-	if _, err := successor.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	listen, cfg := gameOnOneBackend(t, 0)
+	old := startOldServer(t, cfg)
+	successor := startSuccessor(t, old, cfg)
 	old.HandOver(nil)
 	oldEnd, newEnd := flowSocketPair(t)
 	oldEnd.Close()
@@ -277,15 +402,8 @@ func TestTakeFlowsFromAPeerThatLeaves(t *testing.T) {
 // l4lb that passes no flows closes its end), every flow stays with the
 // old server, which keeps passing its replies.
 func TestHandOverToAPeerThatLeaves(t *testing.T) {
-	backend := peerReporter(t, "b")
-	listen := freeLoopbackUDPPort(t)
-	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nidle_timeout = \"1s\"\n[services.game.health]\nkind = \"none\"\n"+
-		"[[services.game.backends]]\naddress = %q\n", listen, backend))
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	listen, cfg := gameOnOneBackend(t, 0)
+	old := startOldServer(t, cfg)
 	client := newUDPClient(t, listen).conn
 	ask(t, client, listen, "hello")
 	if _, err := client.WriteToUDPAddrPort([]byte("slow reply"), listen); err != nil {
@@ -329,70 +447,24 @@ func TestFlowRecordRoundTrip(t *testing.T) {
 	}
 }
 
-// freeLoopbackUDPPort is a loopback UDP address nothing is bound to.
-func freeLoopbackUDPPort(t *testing.T) netip.AddrPort {
-	t.Helper()
-	probe, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer probe.Close()
-	return probe.LocalAddr().(*net.UDPAddr).AddrPort()
-}
-
 // TestUpgradePassesFlowsInSeveralMessages passes more flows than one
 // message carries, from three workers: every one is taken and keeps its
 // port, and the successor opens none.
 func TestUpgradePassesFlowsInSeveralMessages(t *testing.T) {
 	const clients = 2*flowsPerMessage + 50
-	backend := peerReporter(t, "b")
-	listen := freeLoopbackUDPPort(t)
-	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 3\nidle_timeout = \"1s\"\n"+
-		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
-	conns := make([]*net.UDPConn, clients)
-	peers := make([]string, clients)
-	for i := range conns {
-		conns[i] = newUDPClient(t, listen).conn
-		_, peers[i] = ask(t, conns[i], listen, fmt.Sprintf("hello %d", i))
-	}
-	socks, err := old.ListenSockets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	successor := NewServer(hclog.NewNullLogger())
-	t.Cleanup(successor.Shutdown)
-	successor.Adopt(socks)
-	successor.HoldInheritedUDP()
-	if _, err := successor.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
-	oldEnd, newEnd := flowSocketPair(t)
-	took := make(chan error, 1)
-	var taken, refused int
-	go func() {
-		var err error
-		taken, refused, err = successor.TakeFlows(newEnd, FlowPassTimeout)
-		took <- err
-	}()
-	passed, err := old.HandOver(oldEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := <-took; err != nil {
-		t.Fatal(err)
-	}
-	if passed.Passed != clients || passed.Kept != 0 || taken != clients || refused != 0 {
-		t.Fatalf("passed %+v, taken %d, refused %d; want all %d passed and taken", passed, taken, refused, clients)
+	listen, cfg := gameOnOneBackend(t, 3)
+	old := startOldServer(t, cfg)
+	flows := openFlows(t, listen, clients)
+	successor := startSuccessor(t, old, cfg)
+	res := passFlows(t, old, successor)
+	res.mustSucceed(t)
+	if res.passed.Passed != clients || res.passed.Kept != 0 || res.taken != clients || res.refused != 0 {
+		t.Fatalf("passed %+v, taken %d, refused %d; want all %d passed and taken", res.passed, res.taken, res.refused, clients)
 	}
 	go old.Shutdown()
-	for i, c := range conns {
-		if _, peer := ask(t, c, listen, fmt.Sprintf("after %d", i)); peer != peers[i] {
-			t.Fatalf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i, peer, peers[i])
+	for i, f := range flows {
+		if _, peer := ask(t, f.conn, listen, fmt.Sprintf("after %d", i)); peer != f.peer {
+			t.Fatalf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i, peer, f.peer)
 		}
 	}
 	if st, _ := successor.Services()[0].UDPStats(); st.FlowsCreated != 0 || st.FlowsActive != clients {
@@ -448,20 +520,13 @@ func TestHandOverCountsEveryFlowKept(t *testing.T) {
 	for _, name := range []string{"one", "two"} {
 		listen := freeLoopbackUDPPort(t)
 		listens = append(listens, listen)
-		cfg += fmt.Sprintf("[services.%s]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\ndrain_timeout = \"1s\"\n[services.%s.health]\nkind = \"none\"\n"+
-			"[[services.%s.backends]]\naddress = %q\n", name, listen, name, name, backend)
+		cfg += udpService{name: name, listen: listen, workers: 1, drainTimeout: time.Second, backends: []netip.AddrPort{backend}}.text()
 	}
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), parseConfig(t, cfg)); err != nil {
-		t.Fatal(err)
-	}
+	old := startOldServer(t, parseConfig(t, cfg))
 	// A full message's worth on each: the first flush fails, on
 	// whichever service comes first, and the other has every flow left.
 	for _, listen := range listens {
-		for i := range flowsPerMessage {
-			ask(t, newUDPClient(t, listen).conn, listen, fmt.Sprintf("hello %d", i))
-		}
+		openFlows(t, listen, flowsPerMessage)
 	}
 	oldEnd, newEnd := flowSocketPair(t)
 	newEnd.Close()
@@ -499,33 +564,11 @@ func TestTakeFlowsClosesWhatAnEndCarries(t *testing.T) {
 // after it goes in the second round, socket and all, and one that ended
 // in the old process meanwhile is dropped by the new one, not run twice.
 func TestUpgradePassesFlowsOpenedAndEndedBetweenRounds(t *testing.T) {
-	backend := peerReporter(t, "b")
-	listen := freeLoopbackUDPPort(t)
-	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\nidle_timeout = \"1s\"\n"+
-		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	listen, cfg := gameOnOneBackend(t, 2)
+	old := startOldServer(t, cfg)
 	const early = 30
-	conns := make([]*net.UDPConn, early)
-	peers := make([]string, early)
-	for i := range conns {
-		conns[i] = newUDPClient(t, listen).conn
-		_, peers[i] = ask(t, conns[i], listen, fmt.Sprintf("hello %d", i))
-	}
-	socks, err := old.ListenSockets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	successor := NewServer(hclog.NewNullLogger())
-	t.Cleanup(successor.Shutdown)
-	successor.Adopt(socks)
-	successor.HoldInheritedUDP()
-	if _, err := successor.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	flows := openFlows(t, listen, early)
+	successor := startSuccessor(t, old, cfg)
 	// Between the rounds the old server still serves: a new client gets
 	// a flow there, and the first client's flow ends there.
 	lateClient := newUDPClient(t, listen).conn
@@ -535,33 +578,20 @@ func TestUpgradePassesFlowsOpenedAndEndedBetweenRounds(t *testing.T) {
 		_, latePeer = ask(t, lateClient, listen, "between the rounds")
 		// The workers own their tables: the backends' lists tell.
 		for _, f := range old.running[socketKey{config.UDP, listen}].udp.openFlowsNow() {
-			if f.client == conns[0].LocalAddr().(*net.UDPAddr).AddrPort() {
+			if f.client == flows[0].conn.LocalAddr().(*net.UDPAddr).AddrPort() {
 				ended = f
 				f.end()
 			}
 		}
 	}
-	oldEnd, newEnd := flowSocketPair(t)
-	took := make(chan error, 1)
-	var taken, refused int
-	go func() {
-		var err error
-		taken, refused, err = successor.TakeFlows(newEnd, FlowPassTimeout)
-		took <- err
-	}()
-	passed, err := old.HandOver(oldEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := <-took; err != nil {
-		t.Fatal(err)
-	}
+	res := passFlows(t, old, successor)
+	res.mustSucceed(t)
 	if ended == nil {
 		t.Fatal("the first client's flow was not found between the rounds")
 	}
 	// early−1 from the first round, and the late one.
-	if passed.Passed != early || passed.Kept != 0 || taken != early || refused != 0 {
-		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, none kept or refused", passed, taken, refused, early)
+	if res.passed.Passed != early || res.passed.Kept != 0 || res.taken != early || res.refused != 0 {
+		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, none kept or refused", res.passed, res.taken, res.refused, early)
 	}
 	go old.Shutdown()
 	st, _ := successor.Services()[0].UDPStats()
@@ -571,13 +601,13 @@ func TestUpgradePassesFlowsOpenedAndEndedBetweenRounds(t *testing.T) {
 	if _, peer := ask(t, lateClient, listen, "after"); peer != latePeer {
 		t.Errorf("the flow opened between the rounds: the backend saw it from %s, and from %s before", peer, latePeer)
 	}
-	for i, c := range conns[1:] {
-		if _, peer := ask(t, c, listen, fmt.Sprintf("after %d", i+1)); peer != peers[i+1] {
-			t.Errorf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i+1, peer, peers[i+1])
+	for i, f := range flows[1:] {
+		if _, peer := ask(t, f.conn, listen, fmt.Sprintf("after %d", i+1)); peer != f.peer {
+			t.Errorf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i+1, peer, f.peer)
 		}
 	}
 	// The flow that ended gets a new one, in the successor.
-	if _, peer := ask(t, conns[0], listen, "after its flow ended"); peer == peers[0] {
+	if _, peer := ask(t, flows[0].conn, listen, "after its flow ended"); peer == flows[0].peer {
 		t.Errorf("the flow that ended between the rounds still runs, from %s", peer)
 	}
 	if st, _ := successor.Services()[0].UDPStats(); st.FlowsCreated != 1 {
@@ -592,34 +622,12 @@ func TestUpgradePassesFlowsOpenedAndEndedBetweenRounds(t *testing.T) {
 // flow the successor took in the first round, not confirmed, does not
 // stand in the way.
 func TestUpgradePassesAFlowReopenedBetweenRounds(t *testing.T) {
-	backend := peerReporter(t, "b")
-	listen := freeLoopbackUDPPort(t)
-	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\nidle_timeout = \"1s\"\n"+
-		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	listen, cfg := gameOnOneBackend(t, 1)
+	old := startOldServer(t, cfg)
 	const early = 5
-	conns := make([]*net.UDPConn, early)
-	peers := make([]string, early)
-	for i := range conns {
-		conns[i] = newUDPClient(t, listen).conn
-		_, peers[i] = ask(t, conns[i], listen, fmt.Sprintf("hello %d", i))
-	}
-	socks, err := old.ListenSockets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	successor := NewServer(hclog.NewNullLogger())
-	t.Cleanup(successor.Shutdown)
-	successor.Adopt(socks)
-	successor.HoldInheritedUDP()
-	if _, err := successor.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
-	first := conns[0].LocalAddr().(*net.UDPAddr).AddrPort()
+	flows := openFlows(t, listen, early)
+	successor := startSuccessor(t, old, cfg)
+	first := flows[0].conn.LocalAddr().(*net.UDPAddr).AddrPort()
 	var reopenedPeer string
 	old.betweenFlowRounds = func() {
 		for _, f := range old.running[socketKey{config.UDP, listen}].udp.openFlowsNow() {
@@ -627,31 +635,18 @@ func TestUpgradePassesAFlowReopenedBetweenRounds(t *testing.T) {
 				f.end()
 			}
 		}
-		_, reopenedPeer = ask(t, conns[0], listen, "between the rounds")
+		_, reopenedPeer = ask(t, flows[0].conn, listen, "between the rounds")
 	}
-	oldEnd, newEnd := flowSocketPair(t)
-	took := make(chan error, 1)
-	var taken, refused int
-	go func() {
-		var err error
-		taken, refused, err = successor.TakeFlows(newEnd, FlowPassTimeout)
-		took <- err
-	}()
-	passed, err := old.HandOver(oldEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := <-took; err != nil {
-		t.Fatal(err)
-	}
+	res := passFlows(t, old, successor)
+	res.mustSucceed(t)
 	go old.Shutdown()
-	if reopenedPeer == "" || reopenedPeer == peers[0] {
-		t.Fatalf("the flow reopened between the rounds came from %q, before from %s", reopenedPeer, peers[0])
+	if reopenedPeer == "" || reopenedPeer == flows[0].peer {
+		t.Fatalf("the flow reopened between the rounds came from %q, before from %s", reopenedPeer, flows[0].peer)
 	}
-	if passed.Passed != early || passed.Kept != 0 || taken != early || refused != 0 {
-		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, none kept or refused", passed, taken, refused, early)
+	if res.passed.Passed != early || res.passed.Kept != 0 || res.taken != early || res.refused != 0 {
+		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, none kept or refused", res.passed, res.taken, res.refused, early)
 	}
-	if _, peer := ask(t, conns[0], listen, "after"); peer != reopenedPeer {
+	if _, peer := ask(t, flows[0].conn, listen, "after"); peer != reopenedPeer {
 		t.Errorf("the flow reopened between the rounds: the backend saw it from %s after the hand-over, from %s before", peer, reopenedPeer)
 	}
 	if st, _ := successor.Services()[0].UDPStats(); st.FlowsCreated != 0 || st.FlowsTakenOver != early {
@@ -668,19 +663,8 @@ func TestUpgradePassesAFlowReopenedBetweenRounds(t *testing.T) {
 func TestUpgradeCountsEveryFlowOnceOverTwoRounds(t *testing.T) {
 	kept, dropped := peerReporter(t, "kept"), peerReporter(t, "dropped")
 	listen := freeLoopbackUDPPort(t)
-	service := func(backends ...netip.AddrPort) *config.Config {
-		s := fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\nidle_timeout = \"1s\"\n"+
-			"hash_key = \"source_ip_port\"\n[services.game.health]\nkind = \"none\"\n", listen)
-		for _, b := range backends {
-			s += fmt.Sprintf("[[services.game.backends]]\naddress = %q\n", b)
-		}
-		return parseConfig(t, s)
-	}
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), service(kept, dropped)); err != nil {
-		t.Fatal(err)
-	}
+	game := udpService{listen: listen, workers: 2, idleTimeout: time.Second, spreadPorts: true, backends: []netip.AddrPort{kept, dropped}}
+	old := startOldServer(t, game.config(t))
 	// Flows on the backend the successor keeps, and on the other.
 	want := map[string]int{}
 	var firstKept netip.AddrPort
@@ -695,17 +679,8 @@ func TestUpgradeCountsEveryFlowOnceOverTwoRounds(t *testing.T) {
 		}
 		want[backend]++
 	}
-	socks, err := old.ListenSockets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	successor := NewServer(hclog.NewNullLogger())
-	t.Cleanup(successor.Shutdown)
-	successor.Adopt(socks)
-	successor.HoldInheritedUDP()
-	if _, err := successor.Apply(context.Background(), service(kept)); err != nil {
-		t.Fatal(err)
-	}
+	game.backends = []netip.AddrPort{kept}
+	successor := startSuccessor(t, old, game.config(t))
 	successorProxy := successor.running[socketKey{config.UDP, listen}].udp
 	endedInSuccessor := false
 	old.betweenFlowRounds = func() {
@@ -728,29 +703,16 @@ func TestUpgradeCountsEveryFlowOnceOverTwoRounds(t *testing.T) {
 			}
 		}
 	}
-	oldEnd, newEnd := flowSocketPair(t)
-	took := make(chan error, 1)
-	var taken, refused int
-	go func() {
-		var err error
-		taken, refused, err = successor.TakeFlows(newEnd, FlowPassTimeout)
-		took <- err
-	}()
-	passed, err := old.HandOver(oldEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := <-took; err != nil {
-		t.Fatal(err)
-	}
+	res := passFlows(t, old, successor)
+	res.mustSucceed(t)
 	go old.Shutdown()
 	if !endedInSuccessor {
 		t.Fatal("the successor's copy of the first-round flow was not found")
 	}
 	wantPassed, wantKept := want["kept"]-1, want["dropped"]+1
-	if passed.Passed != wantPassed || passed.Kept != wantKept || taken != wantPassed || refused != wantKept {
+	if res.passed.Passed != wantPassed || res.passed.Kept != wantKept || res.taken != wantPassed || res.refused != wantKept {
 		t.Errorf("passed %+v, taken %d, refused %d; want %d passed and taken, %d kept and refused",
-			passed, taken, refused, wantPassed, wantKept)
+			res.passed, res.taken, res.refused, wantPassed, wantKept)
 	}
 }
 
@@ -758,27 +720,10 @@ func TestUpgradeCountsEveryFlowOnceOverTwoRounds(t *testing.T) {
 // rounds whose socket the old server cannot duplicate (out of
 // descriptors) stays with it, and counts as kept.
 func TestHandOverCountsAFlowItCouldNotOffer(t *testing.T) {
-	backend := peerReporter(t, "b")
-	listen := freeLoopbackUDPPort(t)
-	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 1\nidle_timeout = \"1s\"\n"+
-		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	listen, cfg := gameOnOneBackend(t, 1)
+	old := startOldServer(t, cfg)
 	ask(t, newUDPClient(t, listen).conn, listen, "hello")
-	socks, err := old.ListenSockets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	successor := NewServer(hclog.NewNullLogger())
-	t.Cleanup(successor.Shutdown)
-	successor.Adopt(socks)
-	successor.HoldInheritedUDP()
-	if _, err := successor.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	successor := startSuccessor(t, old, cfg)
 	var limit unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &limit); err != nil {
 		t.Fatal(err)
@@ -820,21 +765,14 @@ func TestHandOverCountsAFlowItCouldNotOffer(t *testing.T) {
 			fillers = append(fillers, fd)
 		}
 	}
-	oldEnd, newEnd := flowSocketPair(t)
-	took := make(chan error, 1)
-	go func() {
-		_, _, err := successor.TakeFlows(newEnd, FlowPassTimeout)
-		took <- err
-	}()
-	passed, err := old.HandOver(oldEnd)
-	restore()
-	oldEnd.Close()
-	<-took
-	if err == nil {
+	// The successor, in this process, takes what follows the failure
+	// with the descriptors back.
+	res := passFlowsThen(t, old, successor, restore)
+	if res.handOverErr == nil {
 		t.Fatal("the hand-over duplicated a socket with no descriptor left")
 	}
-	if passed.Passed != 1 || passed.Kept != 1 {
-		t.Errorf("passed %+v, %v; want the first-round flow passed and the late one kept", passed, err)
+	if res.passed.Passed != 1 || res.passed.Kept != 1 {
+		t.Errorf("passed %+v, %v; want the first-round flow passed and the late one kept", res.passed, res.handOverErr)
 	}
 }
 
@@ -843,62 +781,21 @@ func TestHandOverCountsAFlowItCouldNotOffer(t *testing.T) {
 func TestUpgradePassesIPv6Flows(t *testing.T) {
 	ipv6Loopback := netip.IPv6Loopback()
 	backend := peerReporterOn(t, "b", ipv6Loopback)
-	probe, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ipv6Loopback, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := probe.LocalAddr().(*net.UDPAddr).AddrPort()
-	probe.Close()
-	cfg := parseConfig(t, fmt.Sprintf("[services.game]\nlisten = %q\nprotocol = \"udp\"\nworkers = 2\nidle_timeout = \"1s\"\n"+
-		"[services.game.health]\nkind = \"none\"\n[[services.game.backends]]\naddress = %q\n", listen, backend))
-	old := NewServer(hclog.NewNullLogger())
-	t.Cleanup(old.Shutdown)
-	if _, err := old.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
+	listen := freeUDPPortOn(t, ipv6Loopback)
+	cfg := udpService{listen: listen, workers: 2, idleTimeout: time.Second, backends: []netip.AddrPort{backend}}.config(t)
+	old := startOldServer(t, cfg)
 	const clients = 20
-	conns := make([]*net.UDPConn, clients)
-	peers := make([]string, clients)
-	for i := range conns {
-		c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ipv6Loopback, 0)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		conns[i] = c
-		_, peers[i] = ask(t, c, listen, fmt.Sprintf("hello %d", i))
-	}
-	socks, err := old.ListenSockets()
-	if err != nil {
-		t.Fatal(err)
-	}
-	successor := NewServer(hclog.NewNullLogger())
-	t.Cleanup(successor.Shutdown)
-	successor.Adopt(socks)
-	successor.HoldInheritedUDP()
-	if _, err := successor.Apply(context.Background(), cfg); err != nil {
-		t.Fatal(err)
-	}
-	oldEnd, newEnd := flowSocketPair(t)
-	took := make(chan error, 1)
-	go func() {
-		_, _, err := successor.TakeFlows(newEnd, FlowPassTimeout)
-		took <- err
-	}()
-	passed, err := old.HandOver(oldEnd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := <-took; err != nil {
-		t.Fatal(err)
-	}
-	if passed.Passed != clients {
-		t.Errorf("passed %+v, want all %d", passed, clients)
+	flows := openFlows(t, listen, clients)
+	successor := startSuccessor(t, old, cfg)
+	res := passFlows(t, old, successor)
+	res.mustSucceed(t)
+	if res.passed.Passed != clients {
+		t.Errorf("passed %+v, want all %d", res.passed, clients)
 	}
 	go old.Shutdown()
-	for i, c := range conns {
-		if _, peer := ask(t, c, listen, fmt.Sprintf("after %d", i)); peer != peers[i] {
-			t.Errorf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i, peer, peers[i])
+	for i, f := range flows {
+		if _, peer := ask(t, f.conn, listen, fmt.Sprintf("after %d", i)); peer != f.peer {
+			t.Errorf("client %d: the backend saw its flow from %s, and from %s before the hand-over", i, peer, f.peer)
 		}
 	}
 }

@@ -148,29 +148,9 @@ address = %q
 // client; its flows then idle out and it stops, leaving the sockets to
 // the second.
 func TestUpgradeTakesOverUDPSockets(t *testing.T) {
-	backend, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(loopback, 0)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { backend.Close() })
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := backend.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			reply := append([]byte("b:"), buf[:n]...)
-			if strings.HasPrefix(string(buf[:n]), "slow") {
-				go func() {
-					time.Sleep(300 * time.Millisecond)
-					backend.WriteToUDPAddrPort(reply, from)
-				}()
-				continue
-			}
-			backend.WriteToUDPAddrPort(reply, from)
-		}
-	}()
+	backend := udpResponder(t, loopback, func(_ netip.AddrPort, body []byte) []byte {
+		return append([]byte("b:"), body...)
+	})
 	listen := freeLoopbackUDPPort(t)
 	cfg := parseConfig(t, fmt.Sprintf(`
 [services.game]
@@ -183,7 +163,7 @@ drain_timeout = "10s"
   kind = "none"
   [[services.game.backends]]
   address = %q
-`, listen, backend.LocalAddr()))
+`, listen, backend))
 	old := NewServer(hclog.NewNullLogger())
 	t.Cleanup(old.Shutdown)
 	if _, err := old.Apply(context.Background(), cfg); err != nil {
