@@ -784,8 +784,18 @@ func connectedTo(fd int, backend netip.AddrPort) bool {
 }
 
 // configuredBackend is the service's configured backend at addr, or nil.
+// A flow record carries no zone for the backend: a link-local backend
+// (fe80::1%eth0) is matched by address and port.
 func (s *Service) configuredBackend(addr netip.AddrPort) *Backend {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.backends[addr]
+	if b := s.backends[addr]; b != nil {
+		return b
+	}
+	for at, b := range s.backends {
+		if at.Addr().WithZone("") == addr.Addr() && at.Port() == addr.Port() {
+			return b
+		}
+	}
+	return nil
 }

@@ -799,3 +799,18 @@ func TestUpgradePassesIPv6Flows(t *testing.T) {
 		}
 	}
 }
+
+// A flow record names its backend without a zone: a link-local backend
+// configured with one (fe80::1%lo) is still found, and a backend at
+// another port is not.
+func TestConfiguredBackendMatchesALinkLocalBackendWithoutItsZone(t *testing.T) {
+	zoned := netip.MustParseAddrPort("[fe80::1%lo]:5353")
+	cfg := udpConfig(zoned)
+	svc := NewService(cfg, hclog.NewNullLogger())
+	if b := svc.configuredBackend(netip.MustParseAddrPort("[fe80::1]:5353")); b == nil || b.addr != zoned {
+		t.Errorf("configuredBackend of the zoned backend without its zone: %v", b)
+	}
+	if b := svc.configuredBackend(netip.MustParseAddrPort("[fe80::1]:5354")); b != nil {
+		t.Errorf("configuredBackend at another port: %v", b.addr)
+	}
+}
