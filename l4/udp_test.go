@@ -130,7 +130,13 @@ func newUDPService(t testing.TB, cfg *config.Service) (*Service, *udpProxy) {
 	}
 	svc := NewService(cfg, hclog.NewNullLogger())
 	p := newUDPProxy(svc, conns, hclog.NewNullLogger())
-	t.Cleanup(p.Close)
+	t.Cleanup(func() {
+		p.Close()
+		// Its health checks too: left running, they probe ports that
+		// later tests' sockets may get, and a stray probe's reply reaches
+		// one of their clients.
+		svc.Drain(time.Now())
+	})
 	return svc, p
 }
 
