@@ -280,17 +280,7 @@ func TestUpgradeAdoptsWhatTheConfigWants(t *testing.T) {
 // by the kernel (or, with tcp_migrate_req, moved by it, which may fail
 // for a handshake completing as the socket closes).
 func TestStoppedAcceptorServesItsQueue(t *testing.T) {
-	echo := startEcho(t)
-	cfg := &config.Service{
-		Name: "queued", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
-		Balance: config.RoundRobin, Workers: 1, ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: 10 * time.Second,
-		Backends: []config.Backend{{Address: echo, Weight: 1}},
-	}
-	svc := NewService(cfg, hclog.NewNullLogger())
-	lns, err := listenTCP(context.Background(), cfg.Listen, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc, lns := echoServiceOnOneSocket(t, "queued")
 	const queued = 3 * acceptBatch
 	var clients []net.Conn
 	for range queued {
@@ -323,19 +313,9 @@ func TestStoppedAcceptorServesItsQueue(t *testing.T) {
 // waits for a slot; when its socket closes (a stop, workers lowered, an
 // upgrade's hand-over) that client is served past the bound, not reset.
 func TestStoppedAcceptorServesTheClientItHeld(t *testing.T) {
-	echo := startEcho(t)
-	cfg := &config.Service{
-		Name: "held", Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
-		Balance: config.RoundRobin, Workers: 1, ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: 10 * time.Second,
-		Backends: []config.Backend{{Address: echo, Weight: 1}},
-	}
-	svc := NewService(cfg, hclog.NewNullLogger())
+	svc, lns := echoServiceOnOneSocket(t, "held")
 	gate := newConnGate(1)
 	svc.gate = gate
-	lns, err := listenTCP(context.Background(), cfg.Listen, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var running sync.WaitGroup
 	acceptors := startAcceptors(loops(), svc, gate, lns, 0, &running)
 	first, err := net.Dial("tcp", lns[0].addr.String())
@@ -357,4 +337,21 @@ func TestStoppedAcceptorServesTheClientItHeld(t *testing.T) {
 	first.Close()
 	waiting.Close()
 	svc.Drain(time.Now().Add(5 * time.Second))
+}
+
+// echoServiceOnOneSocket is a TCP service in front of an echo backend,
+// with one loopback listening socket bound for it and no acceptor yet.
+func echoServiceOnOneSocket(t *testing.T, name string) (*Service, []boundSocket) {
+	t.Helper()
+	cfg := &config.Service{
+		Name: name, Listen: netip.MustParseAddrPort("127.0.0.1:0"), Protocol: config.TCP,
+		Balance: config.RoundRobin, Workers: 1, ConnectTimeout: time.Second, IdleTimeout: time.Minute, DrainTimeout: 10 * time.Second,
+		Backends: []config.Backend{{Address: startEcho(t), Weight: 1}},
+	}
+	svc := NewService(cfg, hclog.NewNullLogger())
+	lns, err := listenTCP(context.Background(), cfg.Listen, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svc, lns
 }

@@ -233,10 +233,7 @@ func waitGone(t *testing.T, pid int, within time.Duration) {
 // its place for as long as the drain lasts, naming the dead process.
 func TestUpgradedProcessReleasesPidfileLock(t *testing.T) {
 	backend, accepted := silentBackend(t)
-	path, listen := stopConfig(t, backend, "", "1m")
-	pidfile := filepath.Join(t.TempDir(), "l4lb.pid")
-	run := startRun(t, "-config", path, "-pidfile", pidfile)
-	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	run, _, listen, pidfile := runWithPidfile(t, backend)
 	client := dialThrough(t, listen, accepted)
 	defer client.Close()
 	pid := run.upgrade(t)
@@ -544,10 +541,7 @@ func TestStopDuringUpgradeStopsTheNewProcess(t *testing.T) {
 // new pid runs out.
 func TestUpgradeWithPidfileReportsAFailure(t *testing.T) {
 	backend, _ := silentBackend(t)
-	path, _ := stopConfig(t, backend, "", "1m")
-	pidfile := filepath.Join(t.TempDir(), "l4lb.pid")
-	run := startRun(t, "-config", path, "-pidfile", pidfile)
-	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	run, path, _, pidfile := runWithPidfile(t, backend)
 	if err := os.WriteFile(path, []byte("[services.demo]\nlisten = \"not an address\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -625,4 +619,15 @@ func TestUpgradeOldProcessNamesTheNewOneMain(t *testing.T) {
 	if mainFrom != int32(oldPid) {
 		t.Errorf("MAINPID came from pid %d, want the old process, %d; messages: %+v", mainFrom, oldPid, got)
 	}
+}
+
+// runWithPidfile runs l4lb with a pidfile, one service in front of
+// backend, until it is ready.
+func runWithPidfile(t *testing.T, backend string) (run *runProc, path, listen, pidfile string) {
+	t.Helper()
+	path, listen = stopConfig(t, backend, "", "1m")
+	pidfile = filepath.Join(t.TempDir(), "l4lb.pid")
+	run = startRun(t, "-config", path, "-pidfile", pidfile)
+	run.waitLog(t, "l4lb: ready:", 10*time.Second)
+	return run, path, listen, pidfile
 }
