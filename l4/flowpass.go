@@ -773,14 +773,8 @@ func connectedTo(fd int, backend netip.AddrPort) bool {
 	if err != nil {
 		return false
 	}
-	var peer netip.AddrPort
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		peer = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		peer = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
-	}
-	return peer.Addr().Unmap() == backend.Addr().WithZone("").Unmap() && peer.Port() == backend.Port()
+	peer, _, ok := sockaddrAddrPort(sa)
+	return ok && peer.Addr().Unmap() == backend.Addr().WithZone("").Unmap() && peer.Port() == backend.Port()
 }
 
 // configuredBackend is the service's configured backend at addr, or nil.

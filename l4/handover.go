@@ -102,21 +102,15 @@ func InheritedSocket(fd int) (ListenSocket, error) {
 	if err != nil {
 		return ListenSocket{}, fmt.Errorf("descriptor %d: getsockname: %w", fd, err)
 	}
-	var addr netip.AddrPort
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		addr = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		ip := netip.AddrFrom16(sa.Addr)
-		if sa.ZoneId != 0 {
-			// The config names the zone (fe80::1%eth0): so must the key.
-			if ifi, err := net.InterfaceByIndex(int(sa.ZoneId)); err == nil {
-				ip = ip.WithZone(ifi.Name)
-			}
-		}
-		addr = netip.AddrPortFrom(ip, uint16(sa.Port))
-	default:
+	addr, zoneID, ok := sockaddrAddrPort(sa)
+	if !ok {
 		return ListenSocket{}, fmt.Errorf("descriptor %d: not an IP socket", fd)
+	}
+	if zoneID != 0 {
+		// The config names the zone (fe80::1%eth0): so must the key.
+		if ifi, err := net.InterfaceByIndex(int(zoneID)); err == nil {
+			addr = netip.AddrPortFrom(addr.Addr().WithZone(ifi.Name), addr.Port())
+		}
 	}
 	switch typ {
 	case unix.SOCK_STREAM:

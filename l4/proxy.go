@@ -408,13 +408,20 @@ func localAddrOf(fd int) netip.AddrPort {
 	if err != nil {
 		return netip.AddrPort{}
 	}
+	addr, _, _ := sockaddrAddrPort(sa)
+	return netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
+}
+
+// sockaddrAddrPort is an IP socket address as an AddrPort, without the
+// IPv6 zone, which is zoneID (0 for none); false for other families.
+func sockaddrAddrPort(sa unix.Sockaddr) (addr netip.AddrPort, zoneID uint32, ok bool) {
 	switch sa := sa.(type) {
 	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)), 0, true
 	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port)), sa.ZoneId, true
 	}
-	return netip.AddrPort{}
+	return netip.AddrPort{}, 0, false
 }
 
 // startConnect opens a non-blocking socket and starts its connect to addr.
