@@ -19,17 +19,17 @@ import (
 // symlink), which a watch on the file itself would miss after the first
 // time.
 //
-// Only events that name the file count, and those naming `..data`, the
-// symlink a Kubernetes ConfigMap volume swaps to publish new files; other
-// files of the directory (with /etc/l4lb.toml, all of /etc) are none of
-// its business. A file counts once written: when its writer closes it or
+// Only events that name the file, or a symlink on the way to it, count;
+// other files of the directory (with /etc/l4lb.toml, all of /etc) are
+// none of its business. A file counts once written: when its writer closes it or
 // when it is renamed into place, not when it is created (empty) by
 // `install`, `scp` or `curl -o`, whose writes would then be read half
 // done. A removal counts too, so that the reload finds the file missing.
 //
 // Symlinks on the way to the file count as the file: a release
-// directory swapped (/etc/l4lb/current -> releases/N), or a config that
-// is a symlink into another directory. Each symlink the path goes
+// directory swapped (/etc/l4lb/current -> releases/N), a config that is
+// a symlink into another directory, or the `..data` symlink a Kubernetes
+// ConfigMap or Secret volume swaps by rename to publish new files. Each symlink the path goes
 // through is watched in its own directory, and the file where the path
 // ends in its; after each change the path is resolved again and the
 // watches follow it. Not seen: a hard link made in place of the file:
@@ -65,10 +65,6 @@ type watchedDir struct {
 const watchMask = unix.IN_CLOSE_WRITE | unix.IN_MOVED_TO | unix.IN_CREATE | unix.IN_DELETE |
 	unix.IN_MOVED_FROM | unix.IN_ATTRIB
 
-// k8sData is the symlink in a Kubernetes ConfigMap or Secret volume that
-// the kubelet swaps (by rename) to publish a new version of every file.
-const k8sData = "..data"
-
 // NewWatcher starts watching the directory of path.
 func NewWatcher(path string) (*Watcher, error) {
 	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
@@ -102,7 +98,7 @@ func NewWatcher(path string) (*Watcher, error) {
 // path left. Best effort beyond the path's own directory: a directory
 // that cannot be watched leaves SIGHUP for what changes there.
 func (w *Watcher) follow() {
-	want := map[string]map[string]bool{w.dir: {w.base: true, k8sData: true}}
+	want := map[string]map[string]bool{w.dir: {w.base: true}}
 	for _, link := range pathLinks(w.path) {
 		if want[link.dir] == nil {
 			want[link.dir] = map[string]bool{}
@@ -250,8 +246,6 @@ func (w *Watcher) counts(wd int32, mask uint32, name string) bool {
 		return false
 	case !d.names[name]:
 		return false
-	case name == k8sData:
-		return mask&(unix.IN_MOVED_TO|unix.IN_CREATE) != 0
 	case mask&unix.IN_CREATE != 0:
 		// A regular file is created empty and counts once its writer
 		// closes it (IN_CLOSE_WRITE); a symlink is whole when made.
