@@ -297,11 +297,6 @@ func (srv *Server) HandOver(flows *net.UnixConn) (FlowsPassed, error) {
 				continue
 			}
 			err = ps.add(f, cookies[w])
-			if err != nil && (len(ps.batch) == 0 || ps.batch[len(ps.batch)-1] != f) {
-				// Its socket was not duplicated: not offered, it stays.
-				// (Those of a message that failed are counted below.)
-				res.Kept++
-			}
 		}
 	}
 	if err == nil {
@@ -394,7 +389,6 @@ type flowPasser struct {
 	refused map[*udpFlow]bool
 	// confirms are the second round's first-round flows, not yet sent.
 	confirms    []*udpFlow
-	confirmIDs  []uint32
 	confirmsMsg []byte
 	// passed are the flows the new process keeps, for this side to let
 	// go once the passing is over; kept counts those of the second round
@@ -414,6 +408,11 @@ func (ps *flowPasser) add(f *udpFlow, listenCookie uint64) error {
 		return nil // closed: it ended
 	}
 	if err != nil {
+		if ps.kind == flowMsgFlows {
+			// Not offered: it stays. (The second round's scan counts
+			// the first round's.)
+			ps.kept++
+		}
 		return fmt.Errorf("duplicate the socket of the flow of %s: %w", f.client, err)
 	}
 	if len(ps.batch) == 0 {

@@ -599,7 +599,7 @@ type udpWorker struct {
 	// the worker to remove (udpFlow.end), linked by endedNext.
 	ended atomic.Pointer[udpFlow]
 	// parked is closed once the worker reads its socket no more, after
-	// handOver or at its end: its table is then passFlows's to read.
+	// handOver or at its end: its table is then Server.HandOver's to read.
 	parked   chan struct{}
 	isParked bool // worker-owned: parked is closed
 
